@@ -1,0 +1,19 @@
+"""What every command shares: turning expected failures into one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from dlrm_cache.config import ConfigError
+
+EXIT_BAD_INPUT = 2
+
+
+def run_cli(name: str, job: Callable[[], None]) -> None:
+    """Run ``job``; a bad config or bad input ends the process with ``name: error: ...`` and exit 2."""
+    try:
+        job()
+    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)

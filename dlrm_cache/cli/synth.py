@@ -1,0 +1,41 @@
+"""``dlrm-synth``: write synthetic Criteo-format click logs.
+
+dlrm-synth rows=200000 out=data/synth/train.txt
+dlrm-synth rows=1000000 out=data/synth/train.txt.gz gzip=true zipf=1.1 cardinality_scale=0.01
+dlrm-synth rows=2400000 layout=terabyte days=24 gzip=true out=data/synth_1tb
+dlrm-synth labeled=false out=data/synth/test.txt          # the 39-field Kaggle test.txt layout
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from dlrm_cache.cli.common import run_cli
+from dlrm_cache.config import SynthConfig, register_configs, to_config
+from dlrm_cache.data.synthetic import generate
+
+register_configs()
+
+
+@hydra.main(config_path="pkg://dlrm_cache.configs", config_name="synth", version_base=None)
+def _main(cfg: DictConfig) -> None:
+    def job() -> None:
+        paths = generate(to_config(cfg, SynthConfig))
+        total = sum(p.stat().st_size for p in paths)
+        print(
+            f"dlrm-synth: wrote {len(paths)} file(s), {total / 1e6:.1f} MB: {paths[0]}"
+            + (" ..." if len(paths) > 1 else "")
+        )
+
+    run_cli("dlrm-synth", job)
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Typed configuration: dataclass schemas registered in Hydra's ConfigStore.
+
+Hydra checks key names and types when it composes a config; the values themselves are checked here,
+in ``__post_init__``, which runs when ``to_config`` turns the composed ``DictConfig`` into these
+dataclasses. Only the ``cli`` layer sees a ``DictConfig``; library code takes the dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value that is of the right type but not allowed."""
+
+
+def _require(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: expected {expected}")
+
+
+def _require_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, key, value, "one of " + ", ".join(choices))
+
+
+@dataclass
+class SynthConfig:
+    """``dlrm-synth``: write Criteo-format TSV with power-law ids and a learnable label."""
+
+    rows: int = 200_000
+    out: str = "data/synth/train.txt"
+    seed: int = 0
+    zipf: float = 1.05  # exponent s of P(rank k) ~ 1 / (k + 1)^s, per feature
+    cardinalities: list[int] | None = None  # None: the published Criteo Kaggle cardinalities
+    cardinality_scale: float = 1.0  # multiplies every cardinality (rounded, at least 1)
+    labeled: bool = True  # False: the 39-field unlabeled layout of Kaggle's test.txt
+    layout: str = "kaggle"  # kaggle: one file at `out`; terabyte: `out`/day_0 .. day_{days-1}
+    days: int = 24
+    gzip: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.rows > 0, "rows", self.rows, "a positive number of rows")
+        _require(bool(self.out), "out", self.out, "an output path")
+        _require(self.zipf > 0, "zipf", self.zipf, "an exponent > 0")
+        _require(self.cardinality_scale > 0, "cardinality_scale", self.cardinality_scale, "a factor > 0")
+        if self.cardinalities is not None:
+            _require(len(self.cardinalities) == 26, "cardinalities", self.cardinalities, "26 values")
+            for i, c in enumerate(self.cardinalities):
+                _require(c >= 1, f"cardinalities[{i}]", c, "a cardinality >= 1")
+        _require_choice("layout", self.layout, ("kaggle", "terabyte"))
+        _require(self.days >= 1, "days", self.days, "at least 1 day")
+        if self.layout == "terabyte":
+            _require(
+                self.rows >= self.days, "rows", self.rows, f"at least one row per day (days={self.days})"
+            )
+
+
+CACHE_POLICIES = ("none", "lru", "lfu", "freq", "lookahead")
+SPARSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
+DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
+
+
+@dataclass
+class CacheConfig:
+    """The embedding cache (``cache.*``)."""
+
+    policy: str = "lookahead"
+    ratio: float = 0.015  # share of each table's rows kept on the device
+    table_ratios: dict[str, float] = field(default_factory=dict)  # per-table override of `ratio`
+    full_table_rows: int = 10_000  # tables with at most this many rows live wholly on the device
+    lookahead: int = 4  # batches of future ids the trainer hands the cache (policy=lookahead)
+    warmup_ratio: float = 0.7  # share of each cache filled with the hottest rows before step 1
+    host: str = "memory"  # memory | mmap (file-backed host tier, for tables larger than RAM)
+    mmap_dir: str | None = None  # where host=mmap puts its files (default: a temporary folder)
+
+    def __post_init__(self) -> None:
+        _require_choice("cache.policy", self.policy, CACHE_POLICIES)
+        _require(0 < self.ratio <= 1, "cache.ratio", self.ratio, "a share in (0, 1]")
+        for name, r in self.table_ratios.items():
+            _require(0 < r <= 1, f"cache.table_ratios.{name}", r, "a share in (0, 1]")
+        _require(self.full_table_rows >= 0, "cache.full_table_rows", self.full_table_rows, ">= 0")
+        _require(self.lookahead >= 0, "cache.lookahead", self.lookahead, "a number of batches >= 0")
+        _require(0 <= self.warmup_ratio <= 1, "cache.warmup_ratio", self.warmup_ratio, "a share in [0, 1]")
+        _require_choice("cache.host", self.host, ("memory", "mmap"))
+
+
+@dataclass
+class OptimConfig:
+    """Optimizers (``optim.*``): the sparse one is fused into the cache, the dense one is torch's."""
+
+    sparse: str = "adagrad"
+    dense: str = "adagrad"
+    sparse_lr: float = 0.01
+    dense_lr: float = 0.01
+    eps: float = 1e-8
+    beta1: float = 0.9  # adam only
+    beta2: float = 0.999  # adam only
+
+    def __post_init__(self) -> None:
+        _require_choice("optim.sparse", self.sparse, SPARSE_OPTIMIZERS)
+        _require_choice("optim.dense", self.dense, DENSE_OPTIMIZERS)
+        _require(self.sparse_lr > 0, "optim.sparse_lr", self.sparse_lr, "a learning rate > 0")
+        _require(self.dense_lr > 0, "optim.dense_lr", self.dense_lr, "a learning rate > 0")
+        _require(self.eps > 0, "optim.eps", self.eps, "> 0")
+        _require(0 <= self.beta1 < 1, "optim.beta1", self.beta1, "a value in [0, 1)")
+        _require(0 <= self.beta2 < 1, "optim.beta2", self.beta2, "a value in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    """Training data (``data.*``): a dataset written by ``dlrm-preprocess``."""
+
+    path: str | None = None  # None: generate and preprocess a small synthetic dataset
+    shuffle: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """The model (``model=dlrm|dcn``): TorchRec's ``DLRM`` or ``DLRM_DCN`` over the cached tables."""
+
+    name: str = "dlrm"
+    embedding_dim: int = 16
+    dense_arch_layer_sizes: list[int] = field(default_factory=lambda: [512, 256, 16])
+    over_arch_layer_sizes: list[int] = field(default_factory=lambda: [512, 256, 1])
+    dcn_num_layers: int = 3  # dcn only
+    dcn_low_rank_dim: int = 512  # dcn only
+
+    def __post_init__(self) -> None:
+        _require_choice("model.name", self.name, ("dlrm", "dcn"))
+        _require(self.embedding_dim > 0, "model.embedding_dim", self.embedding_dim, "> 0")
+        last = self.dense_arch_layer_sizes[-1] if self.dense_arch_layer_sizes else None
+        _require(
+            last == self.embedding_dim,
+            "model.dense_arch_layer_sizes",
+            self.dense_arch_layer_sizes,
+            f"a list ending in model.embedding_dim ({self.embedding_dim}), as DLRM's interaction needs",
+        )
+        _require(
+            bool(self.over_arch_layer_sizes) and self.over_arch_layer_sizes[-1] == 1,
+            "model.over_arch_layer_sizes",
+            self.over_arch_layer_sizes,
+            "a list ending in 1 (one logit)",
+        )
+        _require(self.dcn_num_layers >= 1, "model.dcn_num_layers", self.dcn_num_layers, ">= 1")
+        _require(self.dcn_low_rank_dim >= 1, "model.dcn_low_rank_dim", self.dcn_low_rank_dim, ">= 1")
+
+
+@dataclass
+class TrainerConfig:
+    """Where training runs (``trainer=cpu|gpu``)."""
+
+    device: str = "cpu"
+    backend: str = "gloo"  # torch.distributed backend under torchrun
+
+    def __post_init__(self) -> None:
+        _require_choice("trainer.device", self.device, ("cpu", "cuda"))
+        _require_choice("trainer.backend", self.backend, ("gloo", "nccl"))
+
+
+@dataclass
+class TrainLoopConfig:
+    """The training loop (``train.*``)."""
+
+    epochs: int = 1
+    max_steps: int = 0  # 0: no limit beyond `epochs`
+    batch_size: int = 2048  # global, over all ranks
+    log_every: int = 50
+    eval_every: int = 0  # 0: evaluate only at the end
+    checkpoint_every: int = 0  # 0: checkpoint only at the end
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")
+        _require(self.max_steps >= 0, "train.max_steps", self.max_steps, ">= 0")
+        _require(self.batch_size >= 1, "train.batch_size", self.batch_size, ">= 1")
+        _require(self.log_every >= 1, "train.log_every", self.log_every, ">= 1")
+        _require(self.eval_every >= 0, "train.eval_every", self.eval_every, ">= 0")
+        _require(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every, ">= 0")
+
+
+@dataclass
+class TrainRunConfig:
+    """Everything ``dlrm-train`` reads (the root of ``configs/train.yaml``)."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+
+
+def register_configs() -> None:
+    """Register the schemas so that the YAML files in ``configs/`` are validated against them."""
+    cs = ConfigStore.instance()
+    cs.store(name="synth_schema", node=SynthConfig)
+    cs.store(name="train_schema", node=TrainRunConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="cache", name="cache_schema", node=CacheConfig)
+    cs.store(group="optim", name="optim_schema", node=OptimConfig)
+    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
+
+
+def to_config(cfg: DictConfig | dict, schema: type[T]) -> T:
+    """Turn a composed config into ``schema``, raising ``ConfigError`` with the key on any problem."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        return OmegaConf.to_object(merged)  # runs __post_init__
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}" if key else msg) from None

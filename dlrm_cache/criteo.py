@@ -1,0 +1,22 @@
+"""Facts about the Criteo click logs that every stage shares (layout, names, published sizes)."""
+
+from __future__ import annotations
+
+INT_FEATURE_COUNT = 13
+CAT_FEATURE_COUNT = 26
+INT_COLUMNS = [f"int_{i}" for i in range(INT_FEATURE_COUNT)]
+CAT_COLUMNS = [f"cat_{i}" for i in range(CAT_FEATURE_COUNT)]
+LABELED_COLUMNS = ["label", *INT_COLUMNS, *CAT_COLUMNS]  # 40 fields: Kaggle train.txt, 1TB day_N
+UNLABELED_COLUMNS = [*INT_COLUMNS, *CAT_COLUMNS]  # 39 fields: Kaggle test.txt
+
+# Distinct values per categorical feature in the Criteo Kaggle train.txt (as published with the DLRM
+# reference implementation; 33,762,577 rows in all).
+KAGGLE_CARDINALITIES = [
+    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
+    27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
+]  # fmt: skip
+
+
+def table_name(feature: str) -> str:
+    """TorchRec's DLRM convention: feature ``cat_3`` lives in table ``t_cat_3``."""
+    return f"t_{feature}"

@@ -1,0 +1,1 @@
+"""Data: the Criteo-format generator, preprocessing and loading."""

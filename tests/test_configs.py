@@ -1,0 +1,87 @@
+"""Every config group composes from the installed package and validates; bad values name their key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+
+from dlrm_cache.config import ConfigError, SynthConfig, TrainRunConfig, register_configs, to_config
+
+register_configs()
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _compose(name, overrides=()):
+    GlobalHydra.instance().clear()
+    with initialize_config_module("dlrm_cache.configs", version_base=None):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def _options(group):
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["data", "model", "cache", "optim", "trainer", "experiment"])
+def test_every_option_of_every_group_composes_and_validates(group):
+    options = _options(group)
+    assert options, f"configs/{group} has no options"
+    for option in options:
+        cfg = to_config(_compose("train", [f"{group}={option}"]), TrainRunConfig)
+        assert isinstance(cfg, TrainRunConfig)
+
+
+def test_group_choice_reaches_the_schema():
+    cfg = to_config(_compose("train", ["model=dcn", "optim=adam", "cache.ratio=0.02"]), TrainRunConfig)
+    assert (cfg.model.name, cfg.optim.sparse, cfg.optim.dense, cfg.cache.ratio) == (
+        "dcn",
+        "adam",
+        "adam",
+        0.02,
+    )
+    cfg = to_config(_compose("train", ["experiment=kaggle_dcn"]), TrainRunConfig)
+    assert (cfg.model.name, cfg.trainer.device, cfg.train.batch_size) == ("dcn", "cuda", 4096)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("cache.ratio=0", "cache.ratio"),
+        ("cache.ratio=1.5", "cache.ratio"),
+        ("cache.lookahead=-1", "cache.lookahead"),
+        ("cache.policy=fifo", "cache.policy"),
+        ("optim.sparse=rmsprop", "optim.sparse"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("model.embedding_dim=32", "model.dense_arch_layer_sizes"),
+    ],
+)
+def test_impossible_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        to_config(_compose("train", [override]), TrainRunConfig)
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(Exception, match="rows"):
+        _compose("synth", ["rows=abc"])
+    with pytest.raises(ConfigError, match="zipf"):
+        to_config({"zipf": "steep"}, SynthConfig)
+
+
+def test_unknown_key_is_refused():
+    with pytest.raises(Exception, match="colour"):
+        _compose("train", ["cache.colour=blue"])
+
+
+def test_installed_package_finds_its_configs_from_any_directory(tmp_path):
+    out = tmp_path / "t.txt"
+    r = subprocess.run(
+        [sys.executable, "-m", "dlrm_cache.cli.synth", "rows=10", f"out={out}", "progress=false"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    assert len(out.read_text().splitlines()) == 10
