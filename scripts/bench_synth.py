@@ -31,9 +31,10 @@ def main() -> None:
             generate(SynthConfig(rows=args.rows, out=str(out), gzip=gz, progress=False))
             dt = time.perf_counter() - t0
             mb = out.stat().st_size / 1e6
+            rate = args.rows / dt
+            kind = "gzip " if gz else "plain"
             print(
-                f"{'gzip ' if gz else 'plain'}: {args.rows:,} rows in {dt:.2f} s = {args.rows / dt:,.0f} rows/s "
-                f"= {args.rows / dt * 60 / 1e6:.1f}M rows/min, {mb:.0f} MB"
+                f"{kind}: {args.rows:,} rows in {dt:.2f} s = {rate:,.0f} rows/s = {rate * 60 / 1e6:.1f}M rows/min, {mb:.0f} MB"
             )
 
 
