@@ -33,9 +33,8 @@ def main() -> None:
             mb = out.stat().st_size / 1e6
             rate = args.rows / dt
             kind = "gzip " if gz else "plain"
-            print(
-                f"{kind}: {args.rows:,} rows in {dt:.2f} s = {rate:,.0f} rows/s = {rate * 60 / 1e6:.1f}M rows/min, {mb:.0f} MB"
-            )
+            print(f"{kind}: {args.rows:,} rows in {dt:.2f} s = {rate:,.0f} rows/s", end=" ")
+            print(f"= {rate * 60 / 1e6:.1f}M rows/min, {mb:.0f} MB")
 
 
 if __name__ == "__main__":
