@@ -1,0 +1,315 @@
+"""``CachedEmbeddingBagCollection``: TorchRec's ``EmbeddingBagCollection`` interface over the cache.
+
+    ebc = CachedEmbeddingBagCollection(tables, CacheConfig(ratio=0.015), SparseOptimizer("adagrad"))
+    model = torchrec.models.dlrm.DLRM(ebc, dense_in_features=13, ...)
+    for batch in loader:                    # the trainer hands over the ids of future batches:
+        ebc.enqueue(future_batch.sparse_features)   # `cache.lookahead` batches ahead, in order
+        loss = model(batch.dense_features, batch.sparse_features) ...
+        ebc.prefetch()                      # plan + load the next batch while this one computes
+        loss.backward()                     # the sparse update happens here (fused); no optimizer step
+
+Full tables and their optimizer state live on the host; only ``cache.ratio`` of each large table's rows
+live on ``device``. The sparse optimizer is fused into the backward pass, as in TorchRec's fused
+kernels: the embedding rows are not ``nn.Parameter``s and take no part in a dense optimizer.
+Ids are expected on the host (the loader's CPU tensors); ids on another device are copied to the host.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from itertools import islice
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from dlrm_cache.cache.group import PreparedBatch, StepPlan, TableGroup
+from dlrm_cache.cache.optim import SparseOptimizer
+from dlrm_cache.config import CacheConfig
+
+
+class _FusedLookup(torch.autograd.Function):
+    """Pooled embeddings of one group; its backward applies the fused sparse update."""
+
+    @staticmethod
+    def forward(ctx, trigger: torch.Tensor, group: TableGroup, plan: StepPlan) -> torch.Tensor:
+        ctx.group, ctx.plan = group, plan
+        return group.pool(plan, plan.rows)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        ctx.group.apply_gradients(ctx.plan, grad_out)
+        return None, None, None
+
+
+def table_capacity(cfg: EmbeddingBagConfig, cache: CacheConfig) -> int:
+    """Cache slots for a table: all its rows for ``policy=none`` or a small table, else its ratio."""
+    rows = cfg.num_embeddings
+    if cache.policy == "none" or rows <= cache.full_table_rows:
+        return rows
+    ratio = cache.table_ratios.get(cfg.name, cache.ratio)
+    return max(1, min(rows, int(round(ratio * rows))))
+
+
+class CachedEmbeddingBagCollection(nn.Module):
+    def __init__(
+        self,
+        tables: list[EmbeddingBagConfig],
+        cache: CacheConfig,
+        optimizer: SparseOptimizer,
+        device: torch.device | str | None = None,
+        row_frequencies: dict[str, torch.Tensor] | None = None,
+        seed: int = 0,
+    ):
+        """``row_frequencies``: train counts per row for the tables that have them (warm-up and the
+        ``freq`` / ``lookahead`` priorities). Without them, ids are taken to be ranked by frequency (as
+        ``dlrm-preprocess`` writes them): id 0 is the hottest row."""
+        super().__init__()
+        _check_tables(tables, cache)
+        self._configs = tables
+        self.cache_config = cache
+        self.optimizer = optimizer
+        self.device = torch.device(device or "cpu")
+        freqs = row_frequencies or {}
+        unknown = set(freqs) - {t.name for t in tables}
+        if unknown:
+            raise ValueError(f"row_frequencies names unknown tables: {sorted(unknown)}")
+        by_kind: dict[tuple[int, PoolingType], list[EmbeddingBagConfig]] = {}
+        for t in tables:
+            by_kind.setdefault((t.embedding_dim, t.pooling), []).append(t)
+        self.groups = [
+            TableGroup(
+                cfgs,
+                [table_capacity(c, cache) for c in cfgs],
+                cache.policy,
+                optimizer,
+                self.device,
+                host_kind=cache.host,
+                mmap_dir=cache.mmap_dir,
+                frequencies=[freqs.get(c.name) for c in cfgs],
+                warmup_ratio=cache.warmup_ratio,
+                seed=seed + g,
+            )
+            for g, cfgs in enumerate(by_kind.values())
+        ]
+        self._feature_names = [f for t in tables for f in t.feature_names]
+        self._dims = [t.embedding_dim for t in tables for _ in t.feature_names]
+        self._group_order = [f for g in self.groups for f in g.features]
+        self._queue: deque[tuple[tuple, list[PreparedBatch]]] = deque()
+        self._planned: list[StepPlan] | None = None
+        self._step = 0
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        return self._configs
+
+    # ---------------------------------------------------------------- the lookahead queue
+    def enqueue(self, features: KeyedJaggedTensor) -> None:
+        """Hand over a future training batch; ``forward`` must then receive the batches in this order."""
+        self._queue.append((_signature(features), self._prepare(features)))
+
+    def prefetch(self) -> None:
+        """Plan the next enqueued batch now and load its missing rows (call it while the current batch
+        computes). Rows the in-flight batch needs are never evicted; if that batch reads rows from the
+        host (overflow), planning waits for its update, so nothing is read stale."""
+        if self._planned is not None or not self._queue or any(g.in_flight_overflow() for g in self.groups):
+            return
+        self._planned = self._plan(self._queue[0][1], window_start=1)
+
+    def _plan(self, prepared: list[PreparedBatch], window_start: int) -> list[StepPlan]:
+        self._step += 1
+        lookahead = self.cache_config.lookahead
+        window = [p for _, p in islice(self._queue, window_start, window_start + lookahead)]
+        return [g.plan(prepared[i], [w[i] for w in window], self._step) for i, g in enumerate(self.groups)]
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        if not (self.training and torch.is_grad_enabled()):
+            prepared = self._prepare(features)
+            outs = [g.lookup_readonly(p) for g, p in zip(self.groups, prepared, strict=True)]
+            return self._keyed(outs)
+        if self._queue:
+            signature, prepared = self._queue[0]
+            if signature != _signature(features):
+                raise ValueError(
+                    "forward() got a batch other than the next one handed to enqueue(): enqueue every "
+                    "training batch, in the order forward() will see them"
+                )
+            plans = self._planned or self._plan(prepared, window_start=1)
+            self._queue.popleft()
+        else:
+            plans = self._plan(self._prepare(features), window_start=0)
+        self._planned = None
+        trigger = torch.empty(0, requires_grad=True)
+        outs = []
+        for g, plan in zip(self.groups, plans, strict=True):
+            g.begin_step(plan)
+            outs.append(_FusedLookup.apply(trigger, g, plan))
+        return self._keyed(outs)
+
+    def _keyed(self, outs: list[torch.Tensor]) -> KeyedTensor:
+        values = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        if self._group_order != self._feature_names:
+            per_feature = dict(zip(self._group_order, values.split(self._group_dims(), dim=1), strict=True))
+            values = torch.cat([per_feature[f] for f in self._feature_names], dim=1)
+        return KeyedTensor(keys=self._feature_names, length_per_key=self._dims, values=values, key_dim=1)
+
+    def _group_dims(self) -> list[int]:
+        return [g.dim for g in self.groups for _ in g.features]
+
+    def _prepare(self, kjt: KeyedJaggedTensor) -> list[PreparedBatch]:
+        """Global row ids per group, their unique set and bag offsets, in host memory."""
+        if kjt.values().device.type != "cpu":
+            kjt = kjt.to(torch.device("cpu"))
+        keys = kjt.keys()
+        index = {k: i for i, k in enumerate(keys)}
+        missing = [f for f in self._feature_names if f not in index]
+        if missing:
+            raise ValueError(f"the batch has no feature {missing[0]!r} (it has {keys})")
+        batch = kjt.stride()
+        lengths = kjt.lengths().view(len(keys), batch)
+        value_ends = torch.tensor(kjt.length_per_key()).cumsum(0).tolist()
+        values = kjt.values()
+        prepared = []
+        for g in self.groups:
+            per_feature = [index[f] for f in g.features]
+            lens = lengths[per_feature].to(torch.int64)  # (F, B)
+            ids = torch.cat([values[(value_ends[i - 1] if i else 0) : value_ends[i]] for i in per_feature])
+            counts = lens.sum(dim=1)
+            local = ids.to(torch.int64)
+            limit = torch.repeat_interleave(g.feature_rows, counts, output_size=len(local))
+            bad = (local < 0) | (local >= limit)
+            if bool(bad.any()):
+                pos = int(torch.nonzero(bad)[0])
+                f = int(torch.searchsorted(counts.cumsum(0), pos, right=True))
+                raise ValueError(
+                    f"feature {g.features[f]!r}: id {int(local[pos])} is outside its table "
+                    f"{g.configs[int(g.feature_table[f])].name!r} of {int(g.feature_rows[f])} rows"
+                )
+            global_ids = local + torch.repeat_interleave(g.feature_row_offset, counts, output_size=len(local))
+            offsets = torch.zeros(lens.numel() + 1, dtype=torch.int64)
+            torch.cumsum(lens.reshape(-1), 0, out=offsets[1:])
+            lookups = torch.zeros(len(g.configs), dtype=torch.int64).index_add_(0, g.feature_table, counts)
+            prepared.append(g.prepare(global_ids, offsets, batch, lookups))
+        return prepared
+
+    # ---------------------------------------------------------------- state
+    def flush(self) -> None:
+        for g in self.groups:
+            g.flush()
+
+    def stats(self) -> dict:
+        """Cache counters, per table and in total, as plain numbers (reading them never syncs)."""
+        tables, totals = (
+            {},
+            dict.fromkeys(
+                ["lookups", "rows_touched", "rows_loaded", "rows_written", "rows_overflow", "warmup_rows"], 0
+            ),
+        )
+        eval_lookups = eval_host = 0
+        bytes_h2d = bytes_d2h = 0
+        for g in self.groups:
+            s = g.stats
+            row_bytes = g.width * 4
+            for t, cfg in enumerate(g.configs):
+                entry = {
+                    "rows": g.rows[t],
+                    "capacity": g.capacities[t],
+                    "lookups": int(s.lookups[t]),
+                    "rows_touched": int(s.touched[t]),
+                    "rows_loaded": int(s.loaded[t]),
+                    "rows_written": int(s.written[t]),
+                    "rows_overflow": int(s.overflow[t]),
+                    "warmup_rows": int(s.warmup[t]),
+                }
+                entry["hit_rate_unique"] = _hit_rate(entry["rows_loaded"], entry["rows_touched"])
+                tables[cfg.name] = entry
+                for k in totals:
+                    totals[k] += entry[k]
+                bytes_h2d += (
+                    entry["rows_loaded"] + entry["rows_overflow"] + entry["warmup_rows"]
+                ) * row_bytes
+                bytes_d2h += entry["rows_written"] * row_bytes
+            eval_lookups += int(s.eval_lookups.sum())
+            eval_host += int(s.eval_host_rows.sum())
+        return {
+            "policy": self.cache_config.policy,
+            "ratio": self.cache_config.ratio,
+            **totals,
+            "hit_rate_unique": _hit_rate(totals["rows_loaded"], totals["rows_touched"]),
+            "bytes_h2d": bytes_h2d,
+            "bytes_d2h": bytes_d2h,
+            "bookkeeping_s": sum(g.stats.bookkeeping_s for g in self.groups),
+            "eval": {"lookups": eval_lookups, "rows_from_host": eval_host},
+            "tables": tables,
+        }
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        """Full, flushed tables and optimizer state in the host layout; weights under TorchRec's
+        ``embedding_bags.<table>.weight`` keys."""
+        self.flush()
+        for g in self.groups:
+            for t, cfg in enumerate(g.configs):
+                rows = g.table_rows(t)
+                destination[f"{prefix}embedding_bags.{cfg.name}.weight"] = rows[:, : g.dim].clone()
+                destination[f"{prefix}embedding_bags.{cfg.name}.optimizer_state"] = rows[:, g.dim :].clone()
+        destination[f"{prefix}optimizer_step"] = torch.tensor(self._step)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        expected = [f"{prefix}optimizer_step"]
+        for g in self.groups:
+            for t, cfg in enumerate(g.configs):
+                w_key = f"{prefix}embedding_bags.{cfg.name}.weight"
+                s_key = f"{prefix}embedding_bags.{cfg.name}.optimizer_state"
+                expected += [w_key, s_key]
+                if w_key not in state_dict or s_key not in state_dict:
+                    missing_keys.extend(k for k in (w_key, s_key) if k not in state_dict)
+                    continue
+                rows = torch.cat([state_dict[w_key], state_dict[s_key]], dim=1)
+                if tuple(rows.shape) != (g.rows[t], g.width):
+                    error_msgs.append(
+                        f"{w_key}: weight+state of shape {tuple(rows.shape)}, expected {(g.rows[t], g.width)}"
+                    )
+                    continue
+                g.load_table_rows(t, rows)
+        if f"{prefix}optimizer_step" in state_dict:
+            self._step = int(state_dict[f"{prefix}optimizer_step"])
+        else:
+            missing_keys.append(f"{prefix}optimizer_step")
+        if strict:
+            ours = set(expected)
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in ours)
+        self._planned = None
+        for g in self.groups:
+            g.rebuild()
+
+
+def _signature(kjt: KeyedJaggedTensor) -> tuple:
+    return tuple(kjt.keys()), kjt.stride(), tuple(kjt.length_per_key())
+
+
+def _hit_rate(loaded: int, touched: int) -> float:
+    return 1.0 - loaded / touched if touched else 1.0
+
+
+def _check_tables(tables: list[EmbeddingBagConfig], cache: CacheConfig) -> None:
+    if not tables:
+        raise ValueError("no embedding tables given")
+    names, features = set(), set()
+    for t in tables:
+        if t.name in names:
+            raise ValueError(f"Duplicate table name {t.name}")
+        names.add(t.name)
+        if t.num_embeddings < 1 or t.embedding_dim < 1:
+            raise ValueError(f"table {t.name}: num_embeddings and embedding_dim must be >= 1")
+        if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
+            raise ValueError(f"table {t.name}: pooling {t.pooling} is not supported (SUM or MEAN)")
+        for f in t.feature_names:
+            if f in features:
+                raise ValueError(f"feature {f} is in two tables")
+            features.add(f)
+    unknown = set(cache.table_ratios) - names
+    if unknown:
+        raise ValueError(f"cache.table_ratios names unknown tables: {sorted(unknown)}")

@@ -1,0 +1,439 @@
+"""One cache for the tables that share an embedding dim and a pooling mode.
+
+The tables of a group are laid end to end in one row space (global row = table's row offset + id) and
+one host array of rows ``[weight | optimizer state]``. The device holds ``cache``: the cached rows of
+every table, each table in its own slot range of fixed capacity. All bookkeeping (which row sits in
+which slot, dirty bits, eviction priorities) lives in host memory next to the ids, which come from the
+data loader on the host anyway: the device holds the cached rows and nothing of size O(table rows), and
+planning a step never waits for the device.
+
+A training step for one batch:
+1. ``prepare`` (at enqueue time): global ids, their unique set and the inverse map.
+2. ``plan`` (at prefetch or forward time): look the unique rows up; for each table with misses, take
+   free slots, then evict by policy among slots no in-flight batch needs (dirty victims are written
+   back to the host), and load the missing rows host -> device. Rows that cannot be admitted because a
+   batch needs more rows than a table's cache holds are served from the host for that step
+   (``overflow``), so training goes on exactly.
+3. ``gather`` + ``pool`` (forward): the step's unique rows, then ``embedding_bag`` over them.
+4. ``apply_gradients`` (backward): the summed gradient of each unique row, the fused optimizer update
+   of weight and state together, the rows written back to their slots (marked dirty) or, for overflow
+   rows, to the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+
+from dlrm_cache.cache import policy as pol
+from dlrm_cache.cache.host import HostTable
+from dlrm_cache.cache.optim import SparseOptimizer
+
+log = logging.getLogger(__name__)
+_PINNED_NEVER = -(1 << 62)
+_INT64_MIN = torch.iinfo(torch.int64).min
+
+
+@dataclass
+class PreparedBatch:
+    """A batch's ids for one group, in host memory."""
+
+    uniq: torch.Tensor  # (U,) sorted global rows
+    inverse: torch.Tensor  # (N,) position in `uniq` of every id
+    occurrences: torch.Tensor  # (U,) how often each unique row occurs
+    offsets: torch.Tensor  # (F * B + 1,) bag offsets, feature-major as in a KeyedJaggedTensor
+    batch_size: int
+    lookups: torch.Tensor  # (T,) ids looked up per table
+
+
+@dataclass
+class StepPlan:
+    """Where each unique row of a batch is for one step, and the rows gathered for it."""
+
+    batch: PreparedBatch
+    step: int
+    slots: torch.Tensor  # (U,) cache slot of each unique row, -1 for rows served from the host
+    overflow: torch.Tensor | None  # positions in `uniq` of the rows served from the host
+    rows: torch.Tensor | None = None  # (U, width) on the device, set by `gather`
+    device_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class GroupStats:
+    """Counters in host memory (no device sync to read them); one entry per table."""
+
+    lookups: torch.Tensor
+    touched: torch.Tensor
+    loaded: torch.Tensor
+    written: torch.Tensor
+    overflow: torch.Tensor
+    warmup: torch.Tensor
+    eval_lookups: torch.Tensor
+    eval_host_rows: torch.Tensor
+    bookkeeping_s: float = 0.0
+
+    @classmethod
+    def zeros(cls, tables: int) -> GroupStats:
+        z = [torch.zeros(tables, dtype=torch.int64) for _ in range(8)]
+        return cls(*z)
+
+
+class TableGroup:
+    def __init__(
+        self,
+        configs: list[EmbeddingBagConfig],
+        capacities: list[int],
+        policy: str,
+        optimizer: SparseOptimizer,
+        device: torch.device,
+        host_kind: str = "memory",
+        mmap_dir: str | None = None,
+        frequencies: list[torch.Tensor | None] | None = None,
+        warmup_ratio: float = 0.0,
+        seed: int = 0,
+    ):
+        self.configs = configs
+        self.features = [f for c in configs for f in c.feature_names]
+        self.dim = configs[0].embedding_dim
+        self.pooling = configs[0].pooling
+        self.optimizer = optimizer
+        self.width = self.dim + optimizer.state_width(self.dim)
+        self.device = device
+        self.policy = policy
+        self.warmup_ratio = warmup_ratio
+        self.rows = [c.num_embeddings for c in configs]
+        self.capacities = [min(c, r) for c, r in zip(capacities, self.rows, strict=True)]
+        self.row_offsets = [0]
+        for r in self.rows:
+            self.row_offsets.append(self.row_offsets[-1] + r)
+        self.slot_offsets = [0]
+        for c in self.capacities:
+            self.slot_offsets.append(self.slot_offsets[-1] + c)
+        self._row_ends = torch.tensor(self.row_offsets[1:], dtype=torch.int64)
+        feature_table = [t for t, c in enumerate(configs) for _ in c.feature_names]
+        self.feature_row_offset = torch.tensor(
+            [self.row_offsets[t] for t in feature_table], dtype=torch.int64
+        )
+        self.feature_rows = torch.tensor([self.rows[t] for t in feature_table], dtype=torch.int64)
+        self.feature_table = torch.tensor(feature_table, dtype=torch.int64)
+        self.resident = self.capacities == self.rows and policy == "none"
+        total_rows = self.row_offsets[-1]
+        pin = device.type == "cuda"
+        name = "_".join(c.name for c in configs)[:100]
+        host = HostTable(
+            total_rows, self.width, "memory" if self.resident else host_kind, mmap_dir, name, pin
+        )
+        host.initialize(configs, self.row_offsets, self.dim, seed)
+        self.stats = GroupStats.zeros(len(configs))
+        self._inflight: StepPlan | None = None
+        self._overflow_logged: set[int] = set()
+        if self.resident:
+            # The whole table lives on the device: the baseline (policy=none). The cache *is* the table.
+            self.host = None
+            self.cache = host.data.to(device)
+            return
+        self.host = host
+        self.cache = torch.zeros(self.slot_offsets[-1], self.width, device=device)
+        self._frequency = None
+        if frequencies is not None and any(f is not None for f in frequencies):
+            self._frequency = torch.cat(
+                [
+                    f.to(torch.int64) if f is not None else -torch.arange(r, dtype=torch.int64)
+                    for f, r in zip(frequencies, self.rows, strict=True)
+                ]
+            )
+        # LFU's counts cover every row and survive eviction and re-admission.
+        self.access_count = torch.zeros(total_rows, dtype=torch.int64) if policy == "lfu" else None
+        self._reset_cache()
+
+    # ---------------------------------------------------------------- bookkeeping state
+    def _reset_cache(self) -> None:
+        """Empty the cache (the host must hold every row), then warm it up with the hottest rows."""
+        total_rows, capacity = self.row_offsets[-1], self.slot_offsets[-1]
+        self.row_to_slot = torch.full((total_rows,), -1, dtype=torch.int32)
+        self.slot_to_row = torch.full((capacity,), -1, dtype=torch.int64)
+        self.filled = [0] * len(self.configs)
+        self.dirty = torch.zeros(capacity, dtype=torch.bool)
+        self.pin_until = torch.full((capacity,), _PINNED_NEVER, dtype=torch.int64)
+        self.last_used = torch.zeros(capacity, dtype=torch.int64) if self.policy == "lru" else None
+        if self.policy == "lookahead":
+            self.next_use = torch.full((capacity,), pol.NO_NEXT_USE, dtype=torch.int64)
+        self._inflight = None
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        for t, cap in enumerate(self.capacities):
+            k = cap if cap == self.rows[t] else int(self.warmup_ratio * cap)
+            if k == 0:
+                continue
+            lo = self.row_offsets[t]
+            if self._frequency is None:
+                rows = torch.arange(lo, lo + k, dtype=torch.int64)  # ids ranked by frequency: a prefix
+            else:
+                rows = torch.topk(self._frequency[lo : self.row_offsets[t + 1]], k).indices + lo
+            slots = torch.arange(self.slot_offsets[t], self.slot_offsets[t] + k, dtype=torch.int64)
+            self._load(rows, slots)
+            self.filled[t] = k
+            self.stats.warmup[t] += k
+
+    def _row_frequency(self, rows: torch.Tensor) -> torch.Tensor:
+        """Static train frequency of global rows (or, for frequency-ranked ids, minus the row)."""
+        return -rows if self._frequency is None else self._frequency[rows]
+
+    def table_of(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.searchsorted(self._row_ends, rows, right=True)
+
+    # ---------------------------------------------------------------- prepare and plan
+    def prepare(
+        self, global_ids: torch.Tensor, offsets: torch.Tensor, batch_size: int, lookups
+    ) -> PreparedBatch:
+        uniq, inverse, occurrences = torch.unique(
+            global_ids, sorted=True, return_inverse=True, return_counts=True
+        )
+        return PreparedBatch(uniq, inverse, occurrences, offsets, batch_size, lookups)
+
+    def plan(self, batch: PreparedBatch, window: list[PreparedBatch], step: int) -> StepPlan:
+        """Make every row of ``batch`` available for training step ``step`` (loads and evictions)."""
+        t0 = time.perf_counter()
+        uniq = batch.uniq
+        tables = self.table_of(uniq)
+        self.stats.lookups += batch.lookups
+        self.stats.touched += torch.bincount(tables, minlength=len(self.configs))
+        if self.resident:
+            plan = StepPlan(batch, step, uniq, None)
+        else:
+            plan = self._plan_cached(batch, tables, window, step)
+        self.stats.bookkeeping_s += time.perf_counter() - t0
+        return plan
+
+    def _plan_cached(self, batch: PreparedBatch, tables, window: list[PreparedBatch], step: int) -> StepPlan:
+        uniq = batch.uniq
+        slots = self.row_to_slot[uniq].to(torch.int64)
+        hit = slots >= 0
+        self.pin_until[slots[hit]] = step
+        pin_floor = step - 1 if self._inflight is not None else step
+        miss_pos = torch.nonzero(~hit).squeeze(1)
+        overflow = None
+        if miss_pos.numel():
+            miss_rows = uniq[miss_pos]
+            per_table = torch.bincount(tables[miss_pos], minlength=len(self.configs)).tolist()
+            if self.policy == "lookahead":
+                window_slots = self._mark_next_use(window)
+            assigned, victims = [], []
+            for t, n in enumerate(per_table):
+                if n == 0:
+                    continue
+                base, filled = self.slot_offsets[t], self.filled[t]
+                take = min(n, self.capacities[t] - filled)
+                new = torch.arange(base + filled, base + filled + take, dtype=torch.int64)
+                self.filled[t] += take
+                parts = [new]
+                if n > take:
+                    v = self._victims(t, base, base + filled, n - take, pin_floor)
+                    victims.append(v)
+                    parts.append(v)
+                    short = n - take - v.numel()
+                    if short:
+                        parts.append(torch.full((short,), -1, dtype=torch.int64))
+                        self._log_overflow(t, batch, n - take - v.numel())
+                assigned.append(torch.cat(parts))
+            if self.policy == "lookahead":
+                self.next_use[window_slots] = pol.NO_NEXT_USE
+            assigned = torch.cat(assigned)
+            if victims:
+                self._evict(torch.cat(victims))
+            admit = assigned >= 0
+            self._load(miss_rows[admit], assigned[admit])
+            self.pin_until[assigned[admit]] = step
+            slots[miss_pos] = assigned
+            self.stats.loaded += torch.bincount(tables[miss_pos[admit]], minlength=len(self.configs))
+            if not bool(admit.all()):
+                overflow = miss_pos[~admit]
+                self.stats.overflow += torch.bincount(tables[overflow], minlength=len(self.configs))
+        if self.last_used is not None:
+            self.last_used[slots[slots >= 0]] = step
+        if self.access_count is not None:
+            self.access_count[uniq] += batch.occurrences
+        return StepPlan(batch, step, slots, overflow)
+
+    def _mark_next_use(self, window: list[PreparedBatch]) -> torch.Tensor:
+        """Set ``next_use`` of every cached slot that a window batch needs; returns the slots set."""
+        touched = []
+        for j in range(len(window), 0, -1):  # farthest first, so the nearest use wins
+            s = self.row_to_slot[window[j - 1].uniq].to(torch.int64)
+            s = s[s >= 0]
+            self.next_use[s] = j
+            touched.append(s)
+        return torch.cat(touched) if touched else torch.empty(0, dtype=torch.int64)
+
+    def _victims(self, t: int, lo: int, hi: int, k: int, pin_floor: int) -> torch.Tensor:
+        """Up to ``k`` slots of table ``t`` (among ``[lo, hi)``) to evict, by policy; pinned slots never."""
+        if hi == lo:
+            return torch.empty(0, dtype=torch.int64)
+        rows = self.slot_to_row[lo:hi]
+        if self.policy == "lru":
+            key = pol.lru_key(self.last_used[lo:hi])
+        elif self.policy == "lfu":
+            key = pol.frequency_key(self.access_count[rows])
+        elif self.policy == "freq":
+            key = pol.frequency_key(self._row_frequency(rows))
+        else:
+            key = pol.lookahead_key(self.next_use[lo:hi], self._row_frequency(rows))
+        key = key.masked_fill(self.pin_until[lo:hi] >= pin_floor, _INT64_MIN)
+        values, idx = torch.topk(key, min(k, hi - lo))
+        return idx[values > _INT64_MIN] + lo
+
+    def _log_overflow(self, t: int, batch: PreparedBatch, short: int) -> None:
+        if t in self._overflow_logged:
+            return
+        self._overflow_logged.add(t)
+        need = int((self.table_of(batch.uniq) == t).sum())
+        log.warning(
+            "table %s: a batch needs %d distinct rows but its cache holds %d (%d rows served from the "
+            "host this step); a capacity of at least %d rows (ratio >= %.4g) avoids this. Logged once.",
+            self.configs[t].name, need, self.capacities[t], short, need, need / self.rows[t],
+        )  # fmt: skip
+
+    def _evict(self, victims: torch.Tensor) -> None:
+        rows = self.slot_to_row[victims]
+        dirty = self.dirty[victims]
+        if bool(dirty.any()):
+            self.host.data[rows[dirty]] = self.cache[victims[dirty]].to("cpu")
+            self.stats.written += torch.bincount(self.table_of(rows[dirty]), minlength=len(self.configs))
+        self.row_to_slot[rows] = -1
+        self.slot_to_row[victims] = -1
+
+    def _load(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        if rows.numel() == 0:
+            return
+        self.cache[slots] = self.host.data[rows].to(self.device, non_blocking=True)
+        self.row_to_slot[rows] = slots.to(torch.int32)
+        self.slot_to_row[slots] = rows
+        self.dirty[slots] = False
+
+    # ---------------------------------------------------------------- compute
+    def _dev(self, plan: StepPlan, name: str, t: torch.Tensor) -> torch.Tensor:
+        if name not in plan.device_tensors:
+            plan.device_tensors[name] = t.to(self.device, non_blocking=True)
+        return plan.device_tensors[name]
+
+    def gather(self, plan: StepPlan) -> torch.Tensor:
+        """The step's unique rows (U, width) on the device; overflow rows come from the host."""
+        slots = self._dev(plan, "slots", plan.slots)
+        if plan.overflow is None:
+            return self.cache.index_select(0, slots)
+        rows = torch.empty(len(plan.slots), self.width, device=self.device)
+        cached = torch.nonzero(plan.slots >= 0).squeeze(1)
+        rows[cached.to(self.device)] = self.cache[plan.slots[cached].to(self.device)]
+        host_rows = self.host.data[plan.batch.uniq[plan.overflow]]
+        rows[plan.overflow.to(self.device)] = host_rows.to(self.device)
+        return rows
+
+    def pool(self, plan: StepPlan, rows: torch.Tensor) -> torch.Tensor:
+        """Pooled embeddings (B, F * D) of the batch from its unique rows."""
+        b = plan.batch
+        weight = rows[:, : self.dim] if rows.shape[1] == self.dim else rows[:, : self.dim].contiguous()
+        mode = "mean" if self.pooling == PoolingType.MEAN else "sum"
+        pooled = F.embedding_bag(
+            self._dev(plan, "inverse", b.inverse),
+            weight,
+            self._dev(plan, "offsets", b.offsets),
+            mode=mode,
+            include_last_offset=True,
+        )  # (F * B, D)
+        return (
+            pooled.view(len(self.features), b.batch_size, self.dim).transpose(0, 1).reshape(b.batch_size, -1)
+        )
+
+    def begin_step(self, plan: StepPlan) -> None:
+        plan.rows = self.gather(plan)
+        self._inflight = plan
+
+    @torch.no_grad()
+    def apply_gradients(self, plan: StepPlan, grad_out: torch.Tensor) -> None:
+        """The fused update of the step's unique rows from the gradient of the pooled output."""
+        b, dim = plan.batch, self.dim
+        nf = len(self.features)
+        grad_bags = grad_out.reshape(b.batch_size, nf, dim).transpose(0, 1).reshape(nf * b.batch_size, dim)
+        offsets = self._dev(plan, "offsets", b.offsets)
+        lengths = offsets[1:] - offsets[:-1]
+        if self.pooling == PoolingType.MEAN:
+            grad_bags = grad_bags / lengths.clamp(min=1).unsqueeze(1)
+        per_id = grad_bags.repeat_interleave(lengths, dim=0, output_size=len(b.inverse))
+        grad_rows = torch.zeros(len(b.uniq), dim, device=self.device)
+        grad_rows.index_add_(0, self._dev(plan, "inverse", b.inverse), per_id)
+        rows = plan.rows
+        self.optimizer.update(rows, grad_rows, plan.step)
+        slots = self._dev(plan, "slots", plan.slots)
+        if plan.overflow is None:
+            self.cache.index_copy_(0, slots, rows)
+            if not self.resident:
+                self.dirty[plan.slots] = True
+        else:
+            cached = torch.nonzero(plan.slots >= 0).squeeze(1)
+            self.cache[plan.slots[cached].to(self.device)] = rows[cached.to(self.device)]
+            self.dirty[plan.slots[cached]] = True
+            host_rows = b.uniq[plan.overflow]
+            self.host.data[host_rows] = rows[plan.overflow.to(self.device)].to("cpu")
+            self.stats.written += torch.bincount(self.table_of(host_rows), minlength=len(self.configs))
+        plan.rows = None
+        if self._inflight is plan:
+            self._inflight = None
+
+    @torch.no_grad()
+    def lookup_readonly(self, batch: PreparedBatch) -> torch.Tensor:
+        """Evaluation: hits from the cache, misses straight from the host; nothing admitted or written."""
+        self.stats.eval_lookups += batch.lookups
+        if self.resident:
+            plan = StepPlan(batch, 0, batch.uniq, None)
+        else:
+            slots = self.row_to_slot[batch.uniq].to(torch.int64)
+            miss = torch.nonzero(slots < 0).squeeze(1)
+            plan = StepPlan(batch, 0, slots, miss if miss.numel() else None)
+            if miss.numel():
+                tables = self.table_of(batch.uniq[miss])
+                self.stats.eval_host_rows += torch.bincount(tables, minlength=len(self.configs))
+        return self.pool(plan, self.gather(plan))
+
+    # ---------------------------------------------------------------- state
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Write every dirty cached row back to the host (they stay cached, now clean)."""
+        if self.resident:
+            return
+        slots = torch.nonzero(self.dirty).squeeze(1)
+        if slots.numel():
+            rows = self.slot_to_row[slots]
+            self.host.data[rows] = self.cache[slots.to(self.device)].to("cpu")
+            self.stats.written += torch.bincount(self.table_of(rows), minlength=len(self.configs))
+            self.dirty[slots] = False
+
+    def table_rows(self, t: int) -> torch.Tensor:
+        """Table ``t``'s rows ``[weight | state]`` in the host layout (call ``flush`` first)."""
+        lo, hi = self.row_offsets[t], self.row_offsets[t + 1]
+        return (self.cache if self.resident else self.host.data)[lo:hi]
+
+    @torch.no_grad()
+    def load_table_rows(self, t: int, rows: torch.Tensor) -> None:
+        lo, hi = self.row_offsets[t], self.row_offsets[t + 1]
+        (self.cache if self.resident else self.host.data)[lo:hi] = rows.to(
+            self.cache.device if self.resident else "cpu"
+        )
+
+    def rebuild(self) -> None:
+        """After the host rows changed underneath: drop the cache and warm it up again."""
+        if not self.resident:
+            self._reset_cache()
+        self._inflight = None
+
+    def in_flight_overflow(self) -> bool:
+        return self._inflight is not None and self._inflight.overflow is not None
+
+    def close(self) -> None:
+        if self.host is not None:
+            self.host.close()

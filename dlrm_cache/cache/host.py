@@ -1,0 +1,55 @@
+"""The host tier: every row of a group of tables, weight and optimizer state side by side."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+_INIT_CHUNK_ROWS = 1 << 20  # initialise huge tables a chunk at a time (bounded extra memory)
+
+
+class HostTable:
+    """A (rows, width) float32 array in RAM (pinned when ``pin``) or in a file-backed memory map."""
+
+    def __init__(self, rows: int, width: int, kind: str, mmap_dir: str | None, name: str, pin: bool):
+        self._mmap = None
+        if kind == "mmap":
+            folder = Path(mmap_dir) if mmap_dir else Path(tempfile.mkdtemp(prefix="dlrm_cache_host_"))
+            folder.mkdir(parents=True, exist_ok=True)
+            self.path: Path | None = folder / f"{name}.f32"
+            self._mmap = np.memmap(self.path, dtype=np.float32, mode="w+", shape=(rows, width))
+            self.data = torch.from_numpy(self._mmap)
+        else:
+            self.path = None
+            self.data = torch.zeros(rows, width, dtype=torch.float32, pin_memory=pin)
+
+    def initialize(
+        self, configs: list[EmbeddingBagConfig], row_offsets: list[int], dim: int, seed: int
+    ) -> None:
+        """Each table's ``init_fn`` (TorchRec's default: uniform in ``[-sqrt(1/n), sqrt(1/n)]``), a chunk
+        at a time, from a seed of its own; optimizer state starts at zero."""
+        for t, cfg in enumerate(configs):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed * 1_000_003 + t)
+                for start in range(row_offsets[t], row_offsets[t + 1], _INIT_CHUNK_ROWS):
+                    stop = min(start + _INIT_CHUNK_ROWS, row_offsets[t + 1])
+                    w = torch.empty(stop - start, dim)
+                    if cfg.init_fn is not None:
+                        cfg.init_fn(w)
+                    else:
+                        w.uniform_(cfg.get_weight_init_min(), cfg.get_weight_init_max())
+                    self.data[start:stop, :dim] = w
+                    self.data[start:stop, dim:] = 0
+
+    def close(self) -> None:
+        if self._mmap is not None:
+            self._mmap.flush()
+            del self.data, self._mmap
+            self._mmap = None
+            if self.path is not None:
+                os.unlink(self.path)
