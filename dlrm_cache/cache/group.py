@@ -294,8 +294,9 @@ class TableGroup:
         self._overflow_logged.add(t)
         need = int((self.table_of(batch.uniq) == t).sum())
         log.warning(
-            "table %s: a batch needs %d distinct rows but its cache holds %d (%d rows served from the "
-            "host this step); a capacity of at least %d rows (ratio >= %.4g) avoids this. Logged once.",
+            "table %s: a batch needs %d distinct rows but its cache holds %d, less the rows of a batch still "
+            "in flight (%d rows served from the host this step); a capacity of at least %d rows "
+            "(ratio >= %.4g, twice that with prefetch) avoids this. Logged once.",
             self.configs[t].name, need, self.capacities[t], short, need, need / self.rows[t],
         )  # fmt: skip
 

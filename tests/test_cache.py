@@ -1,0 +1,363 @@
+"""The cached collection trains exactly like the tables held whole on the device, and like the
+references (nn.EmbeddingBag + torch.optim.SGD / SparseAdam, FBGEMM's row-wise Adagrad)."""
+
+import logging
+
+import pytest
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from dlrm_cache.cache.collection import CachedEmbeddingBagCollection
+from dlrm_cache.cache.optim import SparseOptimizer
+from dlrm_cache.config import CacheConfig, ConfigError
+
+ROWS = [40, 3000, 600]  # a small table (wholly on the device) and two cached ones
+POLICIES = ["lru", "lfu", "freq", "lookahead"]
+OPTIMIZERS = ["sgd", "adagrad", "adam"]
+
+
+def make_tables(dim=4, pooling=PoolingType.SUM, rows=ROWS):
+    return [
+        EmbeddingBagConfig(
+            num_embeddings=n, embedding_dim=dim, name=f"t{i}", feature_names=[f"f{i}"], pooling=pooling
+        )
+        for i, n in enumerate(rows)
+    ]
+
+
+def make_batches(steps, batch_size=16, seed=0, rows=ROWS, max_len=4):
+    """Power-law ids (low ids hot, as after frequency re-numbering), 0..max_len-1 ids per bag."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        lengths = torch.randint(0, max_len, (len(rows) * batch_size,), generator=g)
+        values = []
+        for i, n in enumerate(rows):
+            k = int(lengths[i * batch_size : (i + 1) * batch_size].sum())
+            values.append((torch.rand(k, generator=g) ** 3 * n).long())
+        out.append(
+            KeyedJaggedTensor(
+                keys=[f"f{i}" for i in range(len(rows))], values=torch.cat(values), lengths=lengths
+            )
+        )
+    return out
+
+
+def loss_of(pooled):
+    """A loss whose gradient differs per position, so every row gets its own update."""
+    weights = torch.arange(pooled.numel(), dtype=torch.float32).view_as(pooled).sin()
+    return (pooled * weights).sum()
+
+
+def train(ebc, batches, lookahead=0, prefetch=True):
+    """Train on `batches` the way the trainer will: enqueue ahead, prefetch during the step."""
+    outputs = []
+    for b in batches[:lookahead]:
+        ebc.enqueue(b)
+    for i, b in enumerate(batches):
+        if lookahead and i + lookahead < len(batches):
+            ebc.enqueue(batches[i + lookahead])
+        pooled = ebc(b).values()
+        outputs.append(pooled.detach().clone())
+        if prefetch:
+            ebc.prefetch()
+        loss_of(pooled).backward()
+    return outputs
+
+
+def cache_cfg(policy, ratio, **kw):
+    return CacheConfig(policy=policy, ratio=ratio, full_table_rows=50, warmup_ratio=0.5, **kw)
+
+
+def assert_same_state(a, b, atol=0.0):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], atol=atol, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("ratio", [0.002, 0.2], ids=["tiny-overflows", "normal"])
+def test_every_policy_trains_like_all_on_device(policy, optimizer, ratio, caplog):
+    opt = SparseOptimizer(optimizer, lr=0.05)
+    batches = make_batches(60)
+    reference = CachedEmbeddingBagCollection(make_tables(), CacheConfig(policy="none"), opt)
+    cached = CachedEmbeddingBagCollection(make_tables(), cache_cfg(policy, ratio, lookahead=3), opt)
+    with caplog.at_level(logging.WARNING):
+        expected = train(reference, batches)
+        got = train(cached, batches, lookahead=3)
+    for step, (e, g) in enumerate(zip(expected, got, strict=True)):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5, msg=f"step {step}")
+    assert_same_state(reference, cached, atol=1e-6)
+    stats = cached.stats()
+    assert stats["rows_loaded"] > 0 and stats["rows_written"] > 0
+    if ratio < 0.01:
+        assert stats["rows_overflow"] > 0, "the tiny cache must have overflowed"
+        overflow_logs = [r for r in caplog.records if "served from the host" in r.message]
+        assert 1 <= len(overflow_logs) <= 2, "logged once per table"
+    else:
+        assert stats["rows_overflow"] == 0
+
+
+@pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
+def test_sgd_matches_nn_embedding_bag_and_torch_sgd(pooling):
+    tables = make_tables(dim=8, pooling=pooling)
+    batches = make_batches(30)
+    ebc = CachedEmbeddingBagCollection(
+        tables, cache_cfg("lookahead", 0.02, lookahead=2), SparseOptimizer("sgd", lr=0.1)
+    )
+    init = ebc.state_dict()
+    mode = "sum" if pooling == PoolingType.SUM else "mean"
+    bags = [torch.nn.EmbeddingBag(t.num_embeddings, 8, mode=mode) for t in tables]
+    for i, bag in enumerate(bags):
+        bag.weight.data.copy_(init[f"embedding_bags.t{i}.weight"])
+    sgd = torch.optim.SGD([b.weight for b in bags], lr=0.1)
+    got = train(ebc, batches, lookahead=2)
+    for step, b in enumerate(batches):
+        per_feature = b.to_dict()
+        pooled = torch.cat(
+            [
+                bag(per_feature[f"f{i}"].values(), per_feature[f"f{i}"].offsets()[:-1])
+                for i, bag in enumerate(bags)
+            ],
+            dim=1,
+        )
+        torch.testing.assert_close(got[step], pooled.detach(), atol=1e-6, rtol=1e-5)
+        sgd.zero_grad()
+        loss_of(pooled).backward()
+        sgd.step()
+    final = ebc.state_dict()
+    for i, bag in enumerate(bags):
+        torch.testing.assert_close(
+            final[f"embedding_bags.t{i}.weight"], bag.weight.detach(), atol=1e-6, rtol=1e-5
+        )
+
+
+def test_adam_matches_torch_sparse_adam():
+    tables = make_tables(dim=4)
+    batches = make_batches(25)
+    ebc = CachedEmbeddingBagCollection(tables, cache_cfg("lru", 0.02), SparseOptimizer("adam", lr=0.01))
+    init = ebc.state_dict()
+    bags = [torch.nn.EmbeddingBag(t.num_embeddings, 4, mode="sum", sparse=True) for t in tables]
+    for i, bag in enumerate(bags):
+        bag.weight.data.copy_(init[f"embedding_bags.t{i}.weight"])
+    adam = torch.optim.SparseAdam([b.weight for b in bags], lr=0.01)
+    train(ebc, batches)
+    for b in batches:
+        per_feature = b.to_dict()
+        pooled = torch.cat(
+            [
+                bag(per_feature[f"f{i}"].values(), per_feature[f"f{i}"].offsets()[:-1])
+                for i, bag in enumerate(bags)
+            ],
+            dim=1,
+        )
+        adam.zero_grad()
+        loss_of(pooled).backward()
+        adam.step()
+    final = ebc.state_dict()
+    for i, bag in enumerate(bags):
+        torch.testing.assert_close(
+            final[f"embedding_bags.t{i}.weight"], bag.weight.detach(), atol=1e-6, rtol=1e-5
+        )
+
+
+def test_adagrad_matches_fbgemm_exact_rowwise_adagrad():
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice,
+        EmbeddingLocation,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
+
+    tables = make_tables(dim=8)
+    batches = make_batches(25)
+    ebc = CachedEmbeddingBagCollection(
+        tables, cache_cfg("freq", 0.02), SparseOptimizer("adagrad", lr=0.1, eps=1e-8)
+    )
+    init = ebc.state_dict()
+    tbe = SplitTableBatchedEmbeddingBagsCodegen(
+        embedding_specs=[(t.num_embeddings, 8, EmbeddingLocation.HOST, ComputeDevice.CPU) for t in tables],
+        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+        learning_rate=0.1,
+        eps=1e-8,
+    )
+    for i, w in enumerate(tbe.split_embedding_weights()):
+        w.data.copy_(init[f"embedding_bags.t{i}.weight"])
+    train(ebc, batches)
+    for b in batches:
+        out = tbe(b.values(), b.offsets())
+        loss_of(out).backward()
+    final = ebc.state_dict()
+    for i, (w, (momentum,)) in enumerate(
+        zip(tbe.split_embedding_weights(), tbe.split_optimizer_states(), strict=True)
+    ):
+        torch.testing.assert_close(final[f"embedding_bags.t{i}.weight"], w, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            final[f"embedding_bags.t{i}.optimizer_state"][:, 0], momentum, atol=1e-6, rtol=1e-5
+        )
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_state_dict_round_trip_mid_training_continues_identically(optimizer):
+    opt = SparseOptimizer(optimizer, lr=0.05)
+    batches = make_batches(40)
+    straight = CachedEmbeddingBagCollection(make_tables(), cache_cfg("lookahead", 0.02, lookahead=2), opt)
+    train(straight, batches, lookahead=2)
+
+    first = CachedEmbeddingBagCollection(make_tables(), cache_cfg("lookahead", 0.02, lookahead=2), opt)
+    train(first, batches[:17], lookahead=2, prefetch=False)
+    saved = first.state_dict()
+    resumed = CachedEmbeddingBagCollection(
+        make_tables(), cache_cfg("lookahead", 0.02, lookahead=2), opt, seed=99
+    )
+    resumed.load_state_dict(saved)
+    train(resumed, batches[17:], lookahead=2)
+    assert_same_state(straight, resumed, atol=1e-6)
+
+
+def test_only_dirty_rows_are_written_back():
+    ebc = CachedEmbeddingBagCollection(make_tables(), cache_cfg("lru", 0.05), SparseOptimizer("sgd"))
+    stats = ebc.stats()
+    assert stats["warmup_rows"] > 0 and stats["rows_written"] == 0
+    ebc.flush()
+    assert ebc.stats()["rows_written"] == 0, "warm-up rows are clean: flushing them writes nothing"
+    train(ebc, make_batches(5))
+    ebc.flush()
+    written = ebc.stats()["rows_written"]
+    # Every row touched in training is dirty once; nothing else is ever written.
+    assert 0 < written <= ebc.stats()["rows_touched"]
+    ebc.flush()
+    assert ebc.stats()["rows_written"] == written, "a second flush finds nothing dirty"
+
+
+def test_evaluation_writes_nothing_back_and_admits_nothing():
+    ebc = CachedEmbeddingBagCollection(
+        make_tables(), cache_cfg("lookahead", 0.05), SparseOptimizer("adagrad")
+    )
+    train(ebc, make_batches(5))
+    before = ebc.stats()
+    host_before = [g.host.data.clone() for g in ebc.groups if g.host is not None]
+    ebc.eval()
+    with torch.no_grad():
+        for b in make_batches(5, seed=1):
+            ebc(b)
+    after = ebc.stats()
+    for key in ("rows_written", "rows_loaded", "rows_touched", "lookups"):
+        assert after[key] == before[key], key
+    assert after["eval"]["lookups"] > 0 and after["eval"]["rows_from_host"] > 0
+    for g, h in zip([g for g in ebc.groups if g.host is not None], host_before, strict=True):
+        assert torch.equal(g.host.data, h)
+
+
+def test_eval_reads_the_latest_trained_values():
+    opt = SparseOptimizer("adagrad", lr=0.05)
+    reference = CachedEmbeddingBagCollection(make_tables(), CacheConfig(policy="none"), opt)
+    cached = CachedEmbeddingBagCollection(make_tables(), cache_cfg("lru", 0.02), opt)
+    for m in (reference, cached):
+        train(m, make_batches(10))
+        m.eval()
+    with torch.no_grad():
+        for b in make_batches(5, seed=7):
+            torch.testing.assert_close(cached(b).values(), reference(b).values(), atol=1e-6, rtol=1e-5)
+
+
+def test_mmap_host_tier_trains_a_table_larger_than_its_cache(tmp_path):
+    rows = [200_000]
+    opt = SparseOptimizer("adagrad", lr=0.05)
+    cfg = CacheConfig(policy="lookahead", ratio=0.001, host="mmap", mmap_dir=str(tmp_path), warmup_ratio=0.5)
+    cached = CachedEmbeddingBagCollection(make_tables(dim=16, rows=rows), cfg, opt)
+    reference = CachedEmbeddingBagCollection(make_tables(dim=16, rows=rows), CacheConfig(policy="none"), opt)
+    (file,) = tmp_path.iterdir()
+    cache_bytes = cached.groups[0].cache.numel() * 4
+    assert file.stat().st_size == 200_000 * 17 * 4 > 100 * cache_bytes
+    batches = make_batches(20, batch_size=64, rows=rows)
+    for e, g in zip(train(reference, batches), train(cached, batches, lookahead=2), strict=True):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
+    assert_same_state(reference, cached, atol=1e-6)
+
+
+def test_drops_into_torchrec_dlrm():
+    from torchrec.models.dlrm import DLRM
+
+    tables = make_tables(dim=8)
+    ebc = CachedEmbeddingBagCollection(tables, cache_cfg("lookahead", 0.05), SparseOptimizer("adagrad"))
+    model = DLRM(
+        embedding_bag_collection=ebc,
+        dense_in_features=13,
+        dense_arch_layer_sizes=[16, 8],
+        over_arch_layer_sizes=[8, 1],
+    )
+    b = make_batches(1)[0]
+    logits = model(torch.randn(16, 13), b)
+    assert logits.shape == (16, 1)
+    logits.sum().backward()
+    assert ebc.stats()["rows_touched"] > 0
+
+
+def test_tables_of_different_dims_and_poolings_keep_feature_order():
+    tables = [
+        EmbeddingBagConfig(num_embeddings=100, embedding_dim=4, name="a", feature_names=["f0"]),
+        EmbeddingBagConfig(num_embeddings=3000, embedding_dim=8, name="b", feature_names=["f1"]),
+        EmbeddingBagConfig(
+            num_embeddings=600, embedding_dim=4, name="c", feature_names=["f2"], pooling=PoolingType.MEAN
+        ),
+    ]
+    opt = SparseOptimizer("sgd", lr=0.1)
+    ebc = CachedEmbeddingBagCollection(tables, cache_cfg("lru", 0.02), opt)
+    ref = CachedEmbeddingBagCollection(tables, CacheConfig(policy="none"), opt)
+    b = make_batches(1)[0]
+    out = ebc(b)
+    assert out.keys() == ["f0", "f1", "f2"] and out.length_per_key() == [4, 8, 4]
+    torch.testing.assert_close(out.values(), ref(b).values())
+    per_feature = b.to_dict()
+    w = ebc.state_dict()["embedding_bags.c.weight"]
+    jt = per_feature["f2"]
+    expected = torch.nn.functional.embedding_bag(jt.values(), w, jt.offsets()[:-1], mode="mean")
+    torch.testing.assert_close(out.to_dict()["f2"], expected)
+
+
+def test_out_of_range_id_names_the_feature():
+    ebc = CachedEmbeddingBagCollection(make_tables(), cache_cfg("lru", 0.05), SparseOptimizer("sgd"))
+    bad = KeyedJaggedTensor(
+        keys=["f0", "f1", "f2"], values=torch.tensor([1, 3000, 2]), lengths=torch.tensor([1, 1, 1])
+    )
+    with pytest.raises(ValueError, match=r"feature 'f1': id 3000 is outside its table 't1' of 3000 rows"):
+        ebc(bad)
+
+
+def test_forward_must_follow_the_enqueued_order():
+    ebc = CachedEmbeddingBagCollection(make_tables(), cache_cfg("lookahead", 0.05), SparseOptimizer("sgd"))
+    a, b = make_batches(2, seed=3)
+    ebc.enqueue(a)
+    with pytest.raises(ValueError, match="enqueue"):
+        ebc(b)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"ratio": 0.0}, "cache.ratio"),
+        ({"ratio": 1.5}, "cache.ratio"),
+        ({"lookahead": -1}, "cache.lookahead"),
+        ({"policy": "fifo"}, "cache.policy"),
+        ({"warmup_ratio": 2.0}, "cache.warmup_ratio"),
+        ({"host": "disk"}, "cache.host"),
+    ],
+)
+def test_bad_cache_config_names_the_key(kwargs, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        CacheConfig(**kwargs)
+
+
+def test_bad_optimizer_and_tables_are_refused():
+    with pytest.raises(ValueError, match="optim.sparse='rmsprop'"):
+        SparseOptimizer("rmsprop")
+    with pytest.raises(ValueError, match="Duplicate table name t0"):
+        CachedEmbeddingBagCollection(make_tables() + make_tables()[:1], CacheConfig(), SparseOptimizer())
+    with pytest.raises(ValueError, match="cache.table_ratios names unknown tables"):
+        CachedEmbeddingBagCollection(
+            make_tables(), CacheConfig(table_ratios={"nope": 0.1}), SparseOptimizer()
+        )
