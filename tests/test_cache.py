@@ -94,11 +94,13 @@ def test_every_policy_trains_like_all_on_device(policy, optimizer, ratio, caplog
     stats = cached.stats()
     assert stats["rows_loaded"] > 0 and stats["rows_written"] > 0
     if ratio < 0.01:
-        assert stats["rows_overflow"] > 0, "the tiny cache must have overflowed"
+        assert stats["rows_from_host"] > 0, "the tiny cache must have overflowed"
         overflow_logs = [r for r in caplog.records if "served from the host" in r.message]
         assert 1 <= len(overflow_logs) <= 2, "logged once per table"
     else:
-        assert stats["rows_overflow"] == 0
+        assert not [r for r in caplog.records if "served from the host" in r.message], "no overflow"
+        if policy != "lookahead":  # lookahead may also serve a cold miss from the host (bypass)
+            assert stats["rows_from_host"] == 0
 
 
 @pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])

@@ -1,5 +1,6 @@
 """Property: with policy=lookahead, a row needed inside the window is never evicted while the
-window fits in the cache (Belady's rule inside the window)."""
+window fits in the cache (Belady's rule inside the window). Rows of the current batch may be served
+from the host instead of admitted (bypass), so admission is not asserted here."""
 
 import torch
 from hypothesis import given, settings
@@ -39,7 +40,6 @@ def test_rows_needed_in_the_window_stay_cached(batches, lookahead):
         cached_before = set(group.slot_to_row[group.slot_to_row >= 0].tolist())
         ebc(kjt).values().sum().backward()
         cached_after = set(group.slot_to_row[group.slot_to_row >= 0].tolist())
-        assert set(batches[i]) <= cached_after
         if len(needed) <= CAPACITY:
             evicted = cached_before - cached_after
             assert not (evicted & window), f"step {i}: evicted {evicted & window}, needed within the window"

@@ -203,7 +203,7 @@ class CachedEmbeddingBagCollection(nn.Module):
         tables, totals = (
             {},
             dict.fromkeys(
-                ["lookups", "rows_touched", "rows_loaded", "rows_written", "rows_overflow", "warmup_rows"], 0
+                ["lookups", "rows_touched", "rows_loaded", "rows_written", "rows_from_host", "warmup_rows"], 0
             ),
         )
         eval_lookups = eval_host = 0
@@ -219,16 +219,14 @@ class CachedEmbeddingBagCollection(nn.Module):
                     "rows_touched": int(s.touched[t]),
                     "rows_loaded": int(s.loaded[t]),
                     "rows_written": int(s.written[t]),
-                    "rows_overflow": int(s.overflow[t]),
+                    "rows_from_host": int(s.overflow[t]),
                     "warmup_rows": int(s.warmup[t]),
                 }
                 entry["hit_rate_unique"] = _hit_rate(entry["rows_loaded"], entry["rows_touched"])
                 tables[cfg.name] = entry
                 for k in totals:
                     totals[k] += entry[k]
-                bytes_h2d += (
-                    entry["rows_loaded"] + entry["rows_overflow"] + entry["warmup_rows"]
-                ) * row_bytes
+                bytes_h2d += (entry["rows_loaded"] + entry["warmup_rows"]) * row_bytes
                 bytes_d2h += entry["rows_written"] * row_bytes
             eval_lookups += int(s.eval_lookups.sum())
             eval_host += int(s.eval_host_rows.sum())

@@ -222,26 +222,38 @@ class TableGroup:
         if miss_pos.numel():
             miss_rows = uniq[miss_pos]
             per_table = torch.bincount(tables[miss_pos], minlength=len(self.configs)).tolist()
-            if self.policy == "lookahead":
+            lookahead = self.policy == "lookahead"
+            if lookahead:
                 window_slots = self._mark_next_use(window)
-            assigned, victims = [], []
+                miss_key = pol.lookahead_key(_next_use_in(miss_rows, window), self._row_frequency(miss_rows))
+            assigned, victims, start = [], [], 0
             for t, n in enumerate(per_table):
                 if n == 0:
                     continue
+                # Misses in admission order: for lookahead the most valuable first (nearest next use,
+                # then most frequent), so that when slots run short the cheap rows are left out.
+                order = torch.argsort(miss_key[start : start + n], stable=True) if lookahead else None
                 base, filled = self.slot_offsets[t], self.filled[t]
                 take = min(n, self.capacities[t] - filled)
-                new = torch.arange(base + filled, base + filled + take, dtype=torch.int64)
+                parts = [torch.arange(base + filled, base + filled + take, dtype=torch.int64)]
                 self.filled[t] += take
-                parts = [new]
                 if n > take:
-                    v = self._victims(t, base, base + filled, n - take, pin_floor)
-                    victims.append(v)
-                    parts.append(v)
+                    v, v_key = self._victims(t, base, base + filled, n - take, pin_floor)
                     short = n - take - v.numel()
                     if short:
-                        parts.append(torch.full((short,), -1, dtype=torch.int64))
-                        self._log_overflow(t, batch, n - take - v.numel())
-                assigned.append(torch.cat(parts))
+                        self._log_overflow(t, batch, short)
+                    if lookahead:
+                        # Belady with bypass: a miss displaces a cached row only if that row is worth
+                        # less (used later, or colder); otherwise it is served from the host this step.
+                        worth = v_key > miss_key[start : start + n][order[take : take + v.numel()]]
+                        v = v[worth]
+                    victims.append(v)
+                    parts += [v, torch.full((n - take - v.numel(),), -1, dtype=torch.int64)]
+                in_order = torch.cat(parts)
+                if order is not None:
+                    in_order = torch.empty_like(in_order).index_copy_(0, order, in_order)
+                assigned.append(in_order)
+                start += n
             if self.policy == "lookahead":
                 self.next_use[window_slots] = pol.NO_NEXT_USE
             assigned = torch.cat(assigned)
@@ -251,7 +263,7 @@ class TableGroup:
             self._load(miss_rows[admit], assigned[admit])
             self.pin_until[assigned[admit]] = step
             slots[miss_pos] = assigned
-            self.stats.loaded += torch.bincount(tables[miss_pos[admit]], minlength=len(self.configs))
+            self.stats.loaded += torch.bincount(tables[miss_pos], minlength=len(self.configs))
             if not bool(admit.all()):
                 overflow = miss_pos[~admit]
                 self.stats.overflow += torch.bincount(tables[overflow], minlength=len(self.configs))
@@ -271,10 +283,11 @@ class TableGroup:
             touched.append(s)
         return torch.cat(touched) if touched else torch.empty(0, dtype=torch.int64)
 
-    def _victims(self, t: int, lo: int, hi: int, k: int, pin_floor: int) -> torch.Tensor:
-        """Up to ``k`` slots of table ``t`` (among ``[lo, hi)``) to evict, by policy; pinned slots never."""
+    def _victims(self, t: int, lo: int, hi: int, k: int, pin_floor: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Up to ``k`` slots of table ``t`` (among ``[lo, hi)``) to evict, by policy, and their keys,
+        most evictable first; pinned slots never."""
         if hi == lo:
-            return torch.empty(0, dtype=torch.int64)
+            return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
         rows = self.slot_to_row[lo:hi]
         if self.policy == "lru":
             key = pol.lru_key(self.last_used[lo:hi])
@@ -286,7 +299,8 @@ class TableGroup:
             key = pol.lookahead_key(self.next_use[lo:hi], self._row_frequency(rows))
         key = key.masked_fill(self.pin_until[lo:hi] >= pin_floor, _INT64_MIN)
         values, idx = torch.topk(key, min(k, hi - lo))
-        return idx[values > _INT64_MIN] + lo
+        ok = values > _INT64_MIN
+        return idx[ok] + lo, values[ok]
 
     def _log_overflow(self, t: int, batch: PreparedBatch, short: int) -> None:
         if t in self._overflow_logged:
@@ -438,3 +452,11 @@ class TableGroup:
     def close(self) -> None:
         if self.host is not None:
             self.host.close()
+
+
+def _next_use_in(rows: torch.Tensor, window: list[PreparedBatch]) -> torch.Tensor:
+    """For each row, the window position (1 = next batch) of its first use, or NO_NEXT_USE."""
+    out = torch.full(rows.shape, pol.NO_NEXT_USE, dtype=torch.int64)
+    for j in range(len(window), 0, -1):
+        out[torch.isin(rows, window[j - 1].uniq)] = j
+    return out
