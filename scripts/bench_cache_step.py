@@ -18,8 +18,8 @@ import platform
 import time
 
 import torch
-
 from cache_trace import kaggle_tables, to_kjt, zipf_trace
+
 from dlrm_cache.cache.collection import CachedEmbeddingBagCollection
 from dlrm_cache.cache.optim import SparseOptimizer
 from dlrm_cache.config import CacheConfig
@@ -56,7 +56,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     tables = kaggle_tables(args.dim, args.scale)
-    kjts = [to_kjt(ids, tables) for ids in zipf_trace(tables, args.warm + args.steps, args.batch, 1.05, seed=1)]
+    kjts = [
+        to_kjt(ids, tables) for ids in zipf_trace(tables, args.warm + args.steps, args.batch, 1.05, seed=1)
+    ]
     opt = SparseOptimizer("adagrad", lr=0.01)
     print(f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; {sum(t.num_embeddings for t in tables):,} rows, "
           f"dim {args.dim}, batch {args.batch}, {args.steps} timed steps")  # fmt: skip
@@ -66,7 +68,9 @@ def main() -> None:
     del ebc
     gc.collect()
     for ratio in [float(r) for r in args.ratios.split(",")]:
-        ebc = CachedEmbeddingBagCollection(tables, CacheConfig(policy="lookahead", ratio=ratio, lookahead=args.lookahead), opt)
+        ebc = CachedEmbeddingBagCollection(
+            tables, CacheConfig(policy="lookahead", ratio=ratio, lookahead=args.lookahead), opt
+        )
         before = ebc.stats()
         step = time_steps(ebc, kjts, args.warm, args.lookahead)
         s = ebc.stats()

@@ -20,7 +20,9 @@ def kaggle_tables(dim: int, scale: float = 1.0) -> list[EmbeddingBagConfig]:
     ]
 
 
-def zipf_trace(tables: list[EmbeddingBagConfig], steps: int, batch: int, zipf: float, seed: int) -> list[np.ndarray]:
+def zipf_trace(
+    tables: list[EmbeddingBagConfig], steps: int, batch: int, zipf: float, seed: int
+) -> list[np.ndarray]:
     """``steps`` arrays of shape (tables, batch): one id per sample and feature, frequency-ranked
     (id 0 is the hottest), as ``dlrm-preprocess`` writes them."""
     rng = np.random.default_rng(seed)

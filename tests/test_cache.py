@@ -26,12 +26,15 @@ def make_tables(dim=4, pooling=PoolingType.SUM, rows=ROWS):
     ]
 
 
-def make_batches(steps, batch_size=16, seed=0, rows=ROWS, max_len=4):
-    """Power-law ids (low ids hot, as after frequency re-numbering), 0..max_len-1 ids per bag."""
+def make_batches(steps, batch_size=16, seed=0, rows=ROWS, one_hot=False):
+    """Power-law ids (low ids hot, as after frequency re-numbering); 0..3 ids per bag, or exactly one."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(steps):
-        lengths = torch.randint(0, max_len, (len(rows) * batch_size,), generator=g)
+        if one_hot:
+            lengths = torch.ones(len(rows) * batch_size, dtype=torch.int64)
+        else:
+            lengths = torch.randint(0, 4, (len(rows) * batch_size,), generator=g)
         values = []
         for i, n in enumerate(rows):
             k = int(lengths[i * batch_size : (i + 1) * batch_size].sum())
@@ -103,10 +106,11 @@ def test_every_policy_trains_like_all_on_device(policy, optimizer, ratio, caplog
             assert stats["rows_from_host"] == 0
 
 
+@pytest.mark.parametrize("one_hot", [False, True], ids=["multi-hot", "one-hot"])
 @pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
-def test_sgd_matches_nn_embedding_bag_and_torch_sgd(pooling):
+def test_sgd_matches_nn_embedding_bag_and_torch_sgd(pooling, one_hot):
     tables = make_tables(dim=8, pooling=pooling)
-    batches = make_batches(30)
+    batches = make_batches(30, one_hot=one_hot)
     ebc = CachedEmbeddingBagCollection(
         tables, cache_cfg("lookahead", 0.02, lookahead=2), SparseOptimizer("sgd", lr=0.1)
     )

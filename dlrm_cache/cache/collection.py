@@ -187,8 +187,9 @@ class CachedEmbeddingBagCollection(nn.Module):
                     f"{g.configs[int(g.feature_table[f])].name!r} of {int(g.feature_rows[f])} rows"
                 )
             global_ids = local + torch.repeat_interleave(g.feature_row_offset, counts, output_size=len(local))
+            global_ids, lengths_sm = _to_sample_major(global_ids, lens)
             offsets = torch.zeros(lens.numel() + 1, dtype=torch.int64)
-            torch.cumsum(lens.reshape(-1), 0, out=offsets[1:])
+            torch.cumsum(lengths_sm, 0, out=offsets[1:])
             lookups = torch.zeros(len(g.configs), dtype=torch.int64).index_add_(0, g.feature_table, counts)
             prepared.append(g.prepare(global_ids, offsets, batch, lookups))
         return prepared
@@ -282,6 +283,20 @@ class CachedEmbeddingBagCollection(nn.Module):
         self._planned = None
         for g in self.groups:
             g.rebuild()
+
+
+def _to_sample_major(ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reorder ids from a KeyedJaggedTensor's feature-major bags (F, B) to sample-major bags (B, F), so
+    that the pooled (B * F, D) output is already the (B, F * D) layout DLRM wants, with no copy."""
+    nf, batch = lengths.shape
+    lengths_sm = lengths.t().reshape(-1)
+    if len(ids) == nf * batch and bool((lengths == 1).all()):  # one id per bag (Criteo): a transpose
+        return ids.view(nf, batch).t().reshape(-1), lengths_sm
+    bag_fm = torch.repeat_interleave(torch.arange(nf * batch), lengths.reshape(-1), output_size=len(ids))
+    start_fm = torch.cumsum(lengths.reshape(-1), 0) - lengths.reshape(-1)
+    start_sm = (torch.cumsum(lengths_sm, 0) - lengths_sm).view(batch, nf).t().reshape(-1)
+    new_pos = start_sm[bag_fm] + (torch.arange(len(ids)) - start_fm[bag_fm])
+    return torch.empty_like(ids).index_copy_(0, new_pos, ids), lengths_sm
 
 
 def _signature(kjt: KeyedJaggedTensor) -> tuple:

@@ -46,9 +46,10 @@ class PreparedBatch:
     uniq: torch.Tensor  # (U,) sorted global rows
     inverse: torch.Tensor  # (N,) position in `uniq` of every id
     occurrences: torch.Tensor  # (U,) how often each unique row occurs
-    offsets: torch.Tensor  # (F * B + 1,) bag offsets, feature-major as in a KeyedJaggedTensor
+    offsets: torch.Tensor  # (B * F + 1,) bag offsets, sample-major: bag b * F + f is sample b, feature f
     batch_size: int
     lookups: torch.Tensor  # (T,) ids looked up per table
+    bag_of_id: torch.Tensor | None  # (N,) the bag of every id; None when every bag holds one id
 
 
 @dataclass
@@ -192,10 +193,14 @@ class TableGroup:
     def prepare(
         self, global_ids: torch.Tensor, offsets: torch.Tensor, batch_size: int, lookups
     ) -> PreparedBatch:
+        """``global_ids`` in sample-major bag order, ``offsets`` their (B * F + 1) bag offsets."""
         uniq, inverse, occurrences = torch.unique(
             global_ids, sorted=True, return_inverse=True, return_counts=True
         )
-        return PreparedBatch(uniq, inverse, occurrences, offsets, batch_size, lookups)
+        lengths = offsets[1:] - offsets[:-1]
+        one_hot = len(global_ids) == len(lengths) and bool((lengths == 1).all())
+        bag_of_id = None if one_hot else torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+        return PreparedBatch(uniq, inverse, occurrences, offsets, batch_size, lookups, bag_of_id)
 
     def plan(self, batch: PreparedBatch, window: list[PreparedBatch], step: int) -> StepPlan:
         """Make every row of ``batch`` available for training step ``step`` (loads and evictions)."""
@@ -318,7 +323,9 @@ class TableGroup:
         rows = self.slot_to_row[victims]
         dirty = self.dirty[victims]
         if bool(dirty.any()):
-            self.host.data[rows[dirty]] = self.cache[victims[dirty]].to("cpu")
+            self.host.data.index_copy_(
+                0, rows[dirty], self.cache.index_select(0, victims[dirty].to(self.device)).cpu()
+            )
             self.stats.written += torch.bincount(self.table_of(rows[dirty]), minlength=len(self.configs))
         self.row_to_slot[rows] = -1
         self.slot_to_row[victims] = -1
@@ -326,7 +333,7 @@ class TableGroup:
     def _load(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
         if rows.numel() == 0:
             return
-        self.cache[slots] = self.host.data[rows].to(self.device, non_blocking=True)
+        self.cache.index_copy_(0, slots.to(self.device), self.host.data.index_select(0, rows).to(self.device))
         self.row_to_slot[rows] = slots.to(torch.int32)
         self.slot_to_row[slots] = rows
         self.dirty[slots] = False
@@ -350,7 +357,7 @@ class TableGroup:
         return rows
 
     def pool(self, plan: StepPlan, rows: torch.Tensor) -> torch.Tensor:
-        """Pooled embeddings (B, F * D) of the batch from its unique rows."""
+        """Pooled embeddings (B, F * D) of the batch from its unique rows (sample-major bags: no copy)."""
         b = plan.batch
         weight = rows[:, : self.dim] if rows.shape[1] == self.dim else rows[:, : self.dim].contiguous()
         mode = "mean" if self.pooling == PoolingType.MEAN else "sum"
@@ -360,10 +367,8 @@ class TableGroup:
             self._dev(plan, "offsets", b.offsets),
             mode=mode,
             include_last_offset=True,
-        )  # (F * B, D)
-        return (
-            pooled.view(len(self.features), b.batch_size, self.dim).transpose(0, 1).reshape(b.batch_size, -1)
-        )
+        )  # (B * F, D)
+        return pooled.view(b.batch_size, -1)
 
     def begin_step(self, plan: StepPlan) -> None:
         plan.rows = self.gather(plan)
@@ -373,13 +378,15 @@ class TableGroup:
     def apply_gradients(self, plan: StepPlan, grad_out: torch.Tensor) -> None:
         """The fused update of the step's unique rows from the gradient of the pooled output."""
         b, dim = plan.batch, self.dim
-        nf = len(self.features)
-        grad_bags = grad_out.reshape(b.batch_size, nf, dim).transpose(0, 1).reshape(nf * b.batch_size, dim)
-        offsets = self._dev(plan, "offsets", b.offsets)
-        lengths = offsets[1:] - offsets[:-1]
+        grad_bags = grad_out.reshape(-1, dim)  # (B * F, D): a view, bags are sample-major
         if self.pooling == PoolingType.MEAN:
-            grad_bags = grad_bags / lengths.clamp(min=1).unsqueeze(1)
-        per_id = grad_bags.repeat_interleave(lengths, dim=0, output_size=len(b.inverse))
+            offsets = self._dev(plan, "offsets", b.offsets)
+            grad_bags = grad_bags / (offsets[1:] - offsets[:-1]).clamp(min=1).unsqueeze(1)
+        per_id = (
+            grad_bags
+            if b.bag_of_id is None
+            else grad_bags.index_select(0, self._dev(plan, "bags", b.bag_of_id))
+        )
         grad_rows = torch.zeros(len(b.uniq), dim, device=self.device)
         grad_rows.index_add_(0, self._dev(plan, "inverse", b.inverse), per_id)
         rows = plan.rows
