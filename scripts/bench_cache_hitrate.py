@@ -121,9 +121,8 @@ def main() -> None:
         cap = table_capacity(table, cfg)
         if cap < table.num_embeddings:
             belady += belady_loads(trace, t, table.num_embeddings, cap, int(args.warmup * cap))
-    print(
-        f"{args.steps} steps x {args.batch} samples, ratio {args.ratio}, warm-up {args.warmup}, lookahead {args.lookahead}"
-    )
+    print(f"{args.steps} steps x {args.batch} samples, ratio {args.ratio}, warm-up {args.warmup}", end=", ")
+    print(f"lookahead {args.lookahead}")
     print(f"{'policy':10s} {'rows loaded/step':>17s} {'x Belady':>9s} {'seconds':>8s}")
     print(f"{'belady':10s} {belady / args.steps:17.1f} {1.0:9.3f} {time.perf_counter() - t0:8.1f}")
     for policy in args.policies.split(","):

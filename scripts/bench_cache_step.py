@@ -60,8 +60,9 @@ def main() -> None:
         to_kjt(ids, tables) for ids in zipf_trace(tables, args.warm + args.steps, args.batch, 1.05, seed=1)
     ]
     opt = SparseOptimizer("adagrad", lr=0.01)
-    print(f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; {sum(t.num_embeddings for t in tables):,} rows, "
-          f"dim {args.dim}, batch {args.batch}, {args.steps} timed steps")  # fmt: skip
+    rows = sum(t.num_embeddings for t in tables)
+    print(f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; {rows:,} rows", end=", ")
+    print(f"dim {args.dim}, batch {args.batch}, {args.steps} timed steps")
     ebc = CachedEmbeddingBagCollection(tables, CacheConfig(policy="none"), opt)
     base = time_steps(ebc, kjts, args.warm, args.lookahead)
     print(f"policy=none          {base * 1e3:8.2f} ms/step")
@@ -77,10 +78,9 @@ def main() -> None:
         steps = args.warm + args.steps
         loaded = (s["rows_loaded"] - before["rows_loaded"]) / steps
         book = s["bookkeeping_s"] / steps
-        print(
-            f"lookahead ratio={ratio:<6} {step * 1e3:8.2f} ms/step = {step / base:.3f}x none; bookkeeping "
-            f"{book * 1e3:.2f} ms/step, {loaded:,.0f} rows loaded/step, {book / max(loaded, 1) * 1e6:.2f} us/loaded row"
-        )
+        print(f"lookahead ratio={ratio:<6} {step * 1e3:8.2f} ms/step = {step / base:.3f}x none", end="; ")
+        print(f"bookkeeping {book * 1e3:.2f} ms/step, {loaded:,.0f} rows loaded/step", end=", ")
+        print(f"{book / max(loaded, 1) * 1e6:.2f} us/loaded row")
         del ebc
         gc.collect()
 
