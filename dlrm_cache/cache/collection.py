@@ -17,7 +17,6 @@ Ids are expected on the host (the loader's CPU tensors); ids on another device a
 from __future__ import annotations
 
 from collections import deque
-from itertools import islice
 
 import torch
 from torch import nn
@@ -106,7 +105,10 @@ class CachedEmbeddingBagCollection(nn.Module):
     # ---------------------------------------------------------------- the lookahead queue
     def enqueue(self, features: KeyedJaggedTensor) -> None:
         """Hand over a future training batch; ``forward`` must then receive the batches in this order."""
-        self._queue.append((_signature(features), self._prepare(features)))
+        prepared = self._prepare(features)
+        for g, p in zip(self.groups, prepared, strict=True):
+            g.register_future(p)
+        self._queue.append((_signature(features), prepared))
 
     def prefetch(self) -> None:
         """Plan the next enqueued batch now and load its missing rows (call it while the current batch
@@ -114,13 +116,11 @@ class CachedEmbeddingBagCollection(nn.Module):
         host (overflow), planning waits for its update, so nothing is read stale."""
         if self._planned is not None or not self._queue or any(g.in_flight_overflow() for g in self.groups):
             return
-        self._planned = self._plan(self._queue[0][1], window_start=1)
+        self._planned = self._plan(self._queue[0][1])
 
-    def _plan(self, prepared: list[PreparedBatch], window_start: int) -> list[StepPlan]:
+    def _plan(self, prepared: list[PreparedBatch]) -> list[StepPlan]:
         self._step += 1
-        lookahead = self.cache_config.lookahead
-        window = [p for _, p in islice(self._queue, window_start, window_start + lookahead)]
-        return [g.plan(prepared[i], [w[i] for w in window], self._step) for i, g in enumerate(self.groups)]
+        return [g.plan(p, self._step) for g, p in zip(self.groups, prepared, strict=True)]
 
     # ---------------------------------------------------------------- forward
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
@@ -135,10 +135,10 @@ class CachedEmbeddingBagCollection(nn.Module):
                     "forward() got a batch other than the next one handed to enqueue(): enqueue every "
                     "training batch, in the order forward() will see them"
                 )
-            plans = self._planned or self._plan(prepared, window_start=1)
+            plans = self._planned or self._plan(prepared)
             self._queue.popleft()
         else:
-            plans = self._plan(self._prepare(features), window_start=0)
+            plans = self._plan(self._prepare(features))
         self._planned = None
         trigger = torch.empty(0, requires_grad=True)
         outs = []
@@ -281,8 +281,9 @@ class CachedEmbeddingBagCollection(nn.Module):
             ours = set(expected)
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in ours)
         self._planned = None
-        for g in self.groups:
-            g.rebuild()
+        queued = [prepared for _, prepared in self._queue]
+        for i, g in enumerate(self.groups):
+            g.rebuild([p[i] for p in queued])
 
 
 def _to_sample_major(ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

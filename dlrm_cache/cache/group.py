@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
 from dlrm_cache.cache import policy as pol
+from dlrm_cache.cache.future import FutureIndex
 from dlrm_cache.cache.host import HostTable
 from dlrm_cache.cache.optim import SparseOptimizer
 
@@ -50,6 +51,9 @@ class PreparedBatch:
     batch_size: int
     lookups: torch.Tensor  # (T,) ids looked up per table
     bag_of_id: torch.Tensor | None  # (N,) the bag of every id; None when every bag holds one id
+    seq: int | None = None  # lookahead: sequence number and arena position, set by register_future
+    arena_base: int | None = None
+    next_use: torch.Tensor | None = None  # (U,) each row's next use after this batch, once planned
 
 
 @dataclass
@@ -140,21 +144,25 @@ class TableGroup:
             return
         self.host = host
         self.cache = torch.zeros(self.slot_offsets[-1], self.width, device=device)
-        self._frequency = None
+        # Coldness of each row for warm-up, `freq` and `lookahead`: from train counts where given,
+        # else the id itself (ids re-numbered by frequency: id 0 is the hottest).
+        self._coldness_table = None
         if frequencies is not None and any(f is not None for f in frequencies):
-            self._frequency = torch.cat(
+            self._coldness_table = torch.cat(
                 [
-                    f.to(torch.int64) if f is not None else -torch.arange(r, dtype=torch.int64)
+                    pol.coldness_from_counts(f.to(torch.int64)) if f is not None else torch.arange(r)
                     for f, r in zip(frequencies, self.rows, strict=True)
                 ]
             )
+        self.future = FutureIndex(total_rows) if policy == "lookahead" else None
         # LFU's counts cover every row and survive eviction and re-admission.
         self.access_count = torch.zeros(total_rows, dtype=torch.int64) if policy == "lfu" else None
-        self._reset_cache()
+        self._reset_cache([])
 
     # ---------------------------------------------------------------- bookkeeping state
-    def _reset_cache(self) -> None:
-        """Empty the cache (the host must hold every row), then warm it up with the hottest rows."""
+    def _reset_cache(self, queued: list[PreparedBatch]) -> None:
+        """Empty the cache (the host must hold every row), then warm it up with the hottest rows;
+        ``queued``: the enqueued batches not yet consumed, whose uses the lookahead policy needs."""
         total_rows, capacity = self.row_offsets[-1], self.slot_offsets[-1]
         self.row_to_slot = torch.full((total_rows,), -1, dtype=torch.int32)
         self.slot_to_row = torch.full((capacity,), -1, dtype=torch.int64)
@@ -166,6 +174,10 @@ class TableGroup:
             self.next_use = torch.full((capacity,), pol.NO_NEXT_USE, dtype=torch.int64)
         self._inflight = None
         self._warm_up()
+        for p in reversed(queued):  # nearest use last, so it wins
+            if p.seq is not None:
+                s = self.row_to_slot[p.uniq].to(torch.int64)
+                self.next_use[s[s >= 0]] = p.seq
 
     def _warm_up(self) -> None:
         for t, cap in enumerate(self.capacities):
@@ -173,18 +185,19 @@ class TableGroup:
             if k == 0:
                 continue
             lo = self.row_offsets[t]
-            if self._frequency is None:
+            if self._coldness_table is None:
                 rows = torch.arange(lo, lo + k, dtype=torch.int64)  # ids ranked by frequency: a prefix
             else:
-                rows = torch.topk(self._frequency[lo : self.row_offsets[t + 1]], k).indices + lo
+                coldness = self._coldness_table[lo : self.row_offsets[t + 1]]
+                rows = torch.topk(coldness, k, largest=False).indices + lo
             slots = torch.arange(self.slot_offsets[t], self.slot_offsets[t] + k, dtype=torch.int64)
             self._load(rows, slots)
             self.filled[t] = k
             self.stats.warmup[t] += k
 
-    def _row_frequency(self, rows: torch.Tensor) -> torch.Tensor:
-        """Static train frequency of global rows (or, for frequency-ranked ids, minus the row)."""
-        return -rows if self._frequency is None else self._frequency[rows]
+    def _coldness(self, rows: torch.Tensor) -> torch.Tensor:
+        """Static coldness of global rows: from train counts, or the row itself for ranked ids."""
+        return rows if self._coldness_table is None else self._coldness_table[rows]
 
     def table_of(self, rows: torch.Tensor) -> torch.Tensor:
         return torch.searchsorted(self._row_ends, rows, right=True)
@@ -202,21 +215,27 @@ class TableGroup:
         bag_of_id = None if one_hot else torch.repeat_interleave(torch.arange(len(lengths)), lengths)
         return PreparedBatch(uniq, inverse, occurrences, offsets, batch_size, lookups, bag_of_id)
 
-    def plan(self, batch: PreparedBatch, window: list[PreparedBatch], step: int) -> StepPlan:
+    def register_future(self, batch: PreparedBatch) -> None:
+        """A batch the trainer will train on later (lookahead): record its rows' uses."""
+        if self.future is None or self.resident:
+            return
+        batch.seq, batch.arena_base = self.future.add(batch.uniq)
+        s = self.row_to_slot[batch.uniq].to(torch.int64)
+        s = s[s >= 0]
+        self.next_use[s] = torch.minimum(self.next_use[s], torch.tensor(batch.seq))
+
+    def plan(self, batch: PreparedBatch, step: int) -> StepPlan:
         """Make every row of ``batch`` available for training step ``step`` (loads and evictions)."""
         t0 = time.perf_counter()
         uniq = batch.uniq
         tables = self.table_of(uniq)
         self.stats.lookups += batch.lookups
         self.stats.touched += torch.bincount(tables, minlength=len(self.configs))
-        if self.resident:
-            plan = StepPlan(batch, step, uniq, None)
-        else:
-            plan = self._plan_cached(batch, tables, window, step)
+        plan = StepPlan(batch, step, uniq, None) if self.resident else self._plan_cached(batch, tables, step)
         self.stats.bookkeeping_s += time.perf_counter() - t0
         return plan
 
-    def _plan_cached(self, batch: PreparedBatch, tables, window: list[PreparedBatch], step: int) -> StepPlan:
+    def _plan_cached(self, batch: PreparedBatch, tables, step: int) -> StepPlan:
         uniq = batch.uniq
         slots = self.row_to_slot[uniq].to(torch.int64)
         hit = slots >= 0
@@ -224,13 +243,20 @@ class TableGroup:
         pin_floor = step - 1 if self._inflight is not None else step
         miss_pos = torch.nonzero(~hit).squeeze(1)
         overflow = None
+        lookahead = self.future is not None
+        if lookahead:  # each row's next use after this batch (kept: a batch may be planned again)
+            if batch.next_use is None:
+                batch.next_use = (
+                    torch.full((len(uniq),), pol.NO_NEXT_USE, dtype=torch.int64)
+                    if batch.arena_base is None
+                    else self.future.consume(batch.arena_base, len(uniq))
+                )
+            next_use = batch.next_use
         if miss_pos.numel():
             miss_rows = uniq[miss_pos]
             per_table = torch.bincount(tables[miss_pos], minlength=len(self.configs)).tolist()
-            lookahead = self.policy == "lookahead"
             if lookahead:
-                window_slots = self._mark_next_use(window)
-                miss_key = pol.lookahead_key(_next_use_in(miss_rows, window), self._row_frequency(miss_rows))
+                miss_key = pol.lookahead_key(next_use[miss_pos], self._coldness(miss_rows))
             assigned, victims, start = [], [], 0
             for t, n in enumerate(per_table):
                 if n == 0:
@@ -259,8 +285,6 @@ class TableGroup:
                     in_order = torch.empty_like(in_order).index_copy_(0, order, in_order)
                 assigned.append(in_order)
                 start += n
-            if self.policy == "lookahead":
-                self.next_use[window_slots] = pol.NO_NEXT_USE
             assigned = torch.cat(assigned)
             if victims:
                 self._evict(torch.cat(victims))
@@ -272,21 +296,14 @@ class TableGroup:
             if not bool(admit.all()):
                 overflow = miss_pos[~admit]
                 self.stats.overflow += torch.bincount(tables[overflow], minlength=len(self.configs))
+        cached = slots >= 0
+        if lookahead:
+            self.next_use[slots[cached]] = next_use[cached]
         if self.last_used is not None:
-            self.last_used[slots[slots >= 0]] = step
+            self.last_used[slots[cached]] = step
         if self.access_count is not None:
             self.access_count[uniq] += batch.occurrences
         return StepPlan(batch, step, slots, overflow)
-
-    def _mark_next_use(self, window: list[PreparedBatch]) -> torch.Tensor:
-        """Set ``next_use`` of every cached slot that a window batch needs; returns the slots set."""
-        touched = []
-        for j in range(len(window), 0, -1):  # farthest first, so the nearest use wins
-            s = self.row_to_slot[window[j - 1].uniq].to(torch.int64)
-            s = s[s >= 0]
-            self.next_use[s] = j
-            touched.append(s)
-        return torch.cat(touched) if touched else torch.empty(0, dtype=torch.int64)
 
     def _victims(self, t: int, lo: int, hi: int, k: int, pin_floor: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Up to ``k`` slots of table ``t`` (among ``[lo, hi)``) to evict, by policy, and their keys,
@@ -297,11 +314,11 @@ class TableGroup:
         if self.policy == "lru":
             key = pol.lru_key(self.last_used[lo:hi])
         elif self.policy == "lfu":
-            key = pol.frequency_key(self.access_count[rows])
+            key = pol.coldness_from_counts(self.access_count[rows])
         elif self.policy == "freq":
-            key = pol.frequency_key(self._row_frequency(rows))
+            key = self._coldness(rows)
         else:
-            key = pol.lookahead_key(self.next_use[lo:hi], self._row_frequency(rows))
+            key = pol.lookahead_key(self.next_use[lo:hi], self._coldness(rows))
         key = key.masked_fill(self.pin_until[lo:hi] >= pin_floor, _INT64_MIN)
         values, idx = torch.topk(key, min(k, hi - lo))
         ok = values > _INT64_MIN
@@ -447,10 +464,10 @@ class TableGroup:
             self.cache.device if self.resident else "cpu"
         )
 
-    def rebuild(self) -> None:
+    def rebuild(self, queued: list[PreparedBatch]) -> None:
         """After the host rows changed underneath: drop the cache and warm it up again."""
         if not self.resident:
-            self._reset_cache()
+            self._reset_cache(queued)
         self._inflight = None
 
     def in_flight_overflow(self) -> bool:
@@ -459,11 +476,3 @@ class TableGroup:
     def close(self) -> None:
         if self.host is not None:
             self.host.close()
-
-
-def _next_use_in(rows: torch.Tensor, window: list[PreparedBatch]) -> torch.Tensor:
-    """For each row, the window position (1 = next batch) of its first use, or NO_NEXT_USE."""
-    out = torch.full(rows.shape, pol.NO_NEXT_USE, dtype=torch.int64)
-    for j in range(len(window), 0, -1):
-        out[torch.isin(rows, window[j - 1].uniq)] = j
-    return out
