@@ -77,7 +77,7 @@ class CacheConfig:
     ratio: float = 0.015  # share of each table's rows kept on the device
     table_ratios: dict[str, float] = field(default_factory=dict)  # per-table override of `ratio`
     full_table_rows: int = 10_000  # tables with at most this many rows live wholly on the device
-    lookahead: int = 4  # batches of future ids the trainer hands the cache (policy=lookahead)
+    lookahead: int = 256  # future batches whose ids the trainer hands the cache (policy=lookahead)
     warmup_ratio: float = 0.7  # share of each cache filled with the hottest rows before step 1
     host: str = "memory"  # memory | mmap (file-backed host tier, for tables larger than RAM)
     mmap_dir: str | None = None  # where host=mmap puts its files (default: a temporary folder)

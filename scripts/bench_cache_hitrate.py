@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2048)
     ap.add_argument("--ratio", type=float, default=0.015)
     ap.add_argument("--warmup", type=float, default=0.7)
-    ap.add_argument("--lookahead", type=int, default=4)
+    ap.add_argument("--lookahead", type=int, default=256)
     ap.add_argument("--zipf", type=float, default=1.05)
     ap.add_argument("--full-table-rows", type=int, default=10_000)
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies every cardinality")

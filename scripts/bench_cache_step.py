@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--warm", type=int, default=20)
-    ap.add_argument("--lookahead", type=int, default=4)
+    ap.add_argument("--lookahead", type=int, default=256)
     ap.add_argument("--ratios", default="0.015,0.03")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)

@@ -89,7 +89,7 @@ def test_every_policy_trains_like_all_on_device(policy, optimizer, ratio, caplog
     reference = CachedEmbeddingBagCollection(make_tables(), CacheConfig(policy="none"), opt)
     cached = CachedEmbeddingBagCollection(make_tables(), cache_cfg(policy, ratio, lookahead=3), opt)
     with caplog.at_level(logging.WARNING):
-        expected = train(reference, batches)
+        expected = train(reference, batches, lookahead=3)
         got = train(cached, batches, lookahead=3)
     for step, (e, g) in enumerate(zip(expected, got, strict=True)):
         torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5, msg=f"step {step}")

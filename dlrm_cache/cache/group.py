@@ -38,6 +38,10 @@ from dlrm_cache.cache.optim import SparseOptimizer
 log = logging.getLogger(__name__)
 _PINNED_NEVER = -(1 << 62)
 _INT64_MIN = torch.iinfo(torch.int64).min
+_INT64_MAX = torch.iinfo(torch.int64).max
+_POOL_MIN = 4096  # eviction candidates kept per table, at least
+_POOL_FACTOR = 16  # ... and at least this many times the evictions asked for
+_POOL_REBUILD = 4  # rebuild a pool that has grown to this many times its target size
 
 
 @dataclass
@@ -120,6 +124,8 @@ class TableGroup:
         for c in self.capacities:
             self.slot_offsets.append(self.slot_offsets[-1] + c)
         self._row_ends = torch.tensor(self.row_offsets[1:], dtype=torch.int64)
+        self._row_bounds = torch.tensor(self.row_offsets, dtype=torch.int64)
+        self._slot_ends = torch.tensor(self.slot_offsets[1:], dtype=torch.int64)
         feature_table = [t for t, c in enumerate(configs) for _ in c.feature_names]
         self.feature_row_offset = torch.tensor(
             [self.row_offsets[t] for t in feature_table], dtype=torch.int64
@@ -137,6 +143,7 @@ class TableGroup:
         self.stats = GroupStats.zeros(len(configs))
         self._inflight: StepPlan | None = None
         self._overflow_logged: set[int] = set()
+        self.future: FutureIndex | None = None
         if self.resident:
             # The whole table lives on the device: the baseline (policy=none). The cache *is* the table.
             self.host = None
@@ -154,7 +161,8 @@ class TableGroup:
                     for f, r in zip(frequencies, self.rows, strict=True)
                 ]
             )
-        self.future = FutureIndex(total_rows) if policy == "lookahead" else None
+        if policy == "lookahead":
+            self.future = FutureIndex(total_rows)
         # LFU's counts cover every row and survive eviction and re-admission.
         self.access_count = torch.zeros(total_rows, dtype=torch.int64) if policy == "lfu" else None
         self._reset_cache([])
@@ -169,6 +177,10 @@ class TableGroup:
         self.filled = [0] * len(self.configs)
         self.dirty = torch.zeros(capacity, dtype=torch.bool)
         self.pin_until = torch.full((capacity,), _PINNED_NEVER, dtype=torch.int64)
+        # Eviction candidates per table (see _victims); an empty pool with the top floor knows nothing.
+        self._pool = [torch.empty(0, dtype=torch.int64) for _ in self.configs]
+        self._pool_floor = torch.full((len(self.configs),), _INT64_MAX, dtype=torch.int64)
+        self._in_pool = torch.zeros(capacity, dtype=torch.bool)
         self.last_used = torch.zeros(capacity, dtype=torch.int64) if self.policy == "lru" else None
         if self.policy == "lookahead":
             self.next_use = torch.full((capacity,), pol.NO_NEXT_USE, dtype=torch.int64)
@@ -202,6 +214,10 @@ class TableGroup:
     def table_of(self, rows: torch.Tensor) -> torch.Tensor:
         return torch.searchsorted(self._row_ends, rows, right=True)
 
+    def count_per_table(self, sorted_rows: torch.Tensor) -> torch.Tensor:
+        """How many of ``sorted_rows`` (ascending global rows) fall in each table: O(T log n)."""
+        return torch.searchsorted(sorted_rows, self._row_bounds).diff()
+
     # ---------------------------------------------------------------- prepare and plan
     def prepare(
         self, global_ids: torch.Tensor, offsets: torch.Tensor, batch_size: int, lookups
@@ -217,7 +233,7 @@ class TableGroup:
 
     def register_future(self, batch: PreparedBatch) -> None:
         """A batch the trainer will train on later (lookahead): record its rows' uses."""
-        if self.future is None or self.resident:
+        if self.future is None:
             return
         batch.seq, batch.arena_base = self.future.add(batch.uniq)
         s = self.row_to_slot[batch.uniq].to(torch.int64)
@@ -228,14 +244,13 @@ class TableGroup:
         """Make every row of ``batch`` available for training step ``step`` (loads and evictions)."""
         t0 = time.perf_counter()
         uniq = batch.uniq
-        tables = self.table_of(uniq)
         self.stats.lookups += batch.lookups
-        self.stats.touched += torch.bincount(tables, minlength=len(self.configs))
-        plan = StepPlan(batch, step, uniq, None) if self.resident else self._plan_cached(batch, tables, step)
+        self.stats.touched += self.count_per_table(uniq)
+        plan = StepPlan(batch, step, uniq, None) if self.resident else self._plan_cached(batch, step)
         self.stats.bookkeeping_s += time.perf_counter() - t0
         return plan
 
-    def _plan_cached(self, batch: PreparedBatch, tables, step: int) -> StepPlan:
+    def _plan_cached(self, batch: PreparedBatch, step: int) -> StepPlan:
         uniq = batch.uniq
         slots = self.row_to_slot[uniq].to(torch.int64)
         hit = slots >= 0
@@ -254,7 +269,8 @@ class TableGroup:
             next_use = batch.next_use
         if miss_pos.numel():
             miss_rows = uniq[miss_pos]
-            per_table = torch.bincount(tables[miss_pos], minlength=len(self.configs)).tolist()
+            per_table_t = self.count_per_table(miss_rows)
+            per_table = per_table_t.tolist()
             if lookahead:
                 miss_key = pol.lookahead_key(next_use[miss_pos], self._coldness(miss_rows))
             assigned, victims, start = [], [], 0
@@ -292,10 +308,10 @@ class TableGroup:
             self._load(miss_rows[admit], assigned[admit])
             self.pin_until[assigned[admit]] = step
             slots[miss_pos] = assigned
-            self.stats.loaded += torch.bincount(tables[miss_pos], minlength=len(self.configs))
+            self.stats.loaded += per_table_t
             if not bool(admit.all()):
                 overflow = miss_pos[~admit]
-                self.stats.overflow += torch.bincount(tables[overflow], minlength=len(self.configs))
+                self.stats.overflow += self.count_per_table(uniq[overflow])
         cached = slots >= 0
         if lookahead:
             self.next_use[slots[cached]] = next_use[cached]
@@ -303,26 +319,60 @@ class TableGroup:
             self.last_used[slots[cached]] = step
         if self.access_count is not None:
             self.access_count[uniq] += batch.occurrences
+        self._track_pool(slots[cached])
         return StepPlan(batch, step, slots, overflow)
+
+    def _slot_keys(self, slots: torch.Tensor) -> torch.Tensor:
+        """Current eviction keys of filled slots (largest = evict first)."""
+        if self.policy == "lru":
+            return pol.lru_key(self.last_used[slots])
+        rows = self.slot_to_row[slots]
+        if self.policy == "lfu":
+            return pol.coldness_from_counts(self.access_count[rows])
+        if self.policy == "freq":
+            return self._coldness(rows)
+        return pol.lookahead_key(self.next_use[slots], self._coldness(rows))
 
     def _victims(self, t: int, lo: int, hi: int, k: int, pin_floor: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Up to ``k`` slots of table ``t`` (among ``[lo, hi)``) to evict, by policy, and their keys,
-        most evictable first; pinned slots never."""
+        most evictable first; pinned slots never.
+
+        The choice is exact but costs O(misses), not O(cache): candidates come from a pool holding
+        every slot whose key may be >= ``pool_floor[t]`` (all others are known to be below it). Keys
+        only rise for rows a step touches, and those are re-checked against the floor in
+        ``_track_pool``; the pool is rebuilt from a full scan only when its members above the floor
+        run short of ``k``."""
         if hi == lo:
             return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
-        rows = self.slot_to_row[lo:hi]
-        if self.policy == "lru":
-            key = pol.lru_key(self.last_used[lo:hi])
-        elif self.policy == "lfu":
-            key = pol.coldness_from_counts(self.access_count[rows])
-        elif self.policy == "freq":
-            key = self._coldness(rows)
-        else:
-            key = pol.lookahead_key(self.next_use[lo:hi], self._coldness(rows))
-        key = key.masked_fill(self.pin_until[lo:hi] >= pin_floor, _INT64_MIN)
-        values, idx = torch.topk(key, min(k, hi - lo))
-        ok = values > _INT64_MIN
-        return idx[ok] + lo, values[ok]
+        pool = self._pool[t]
+        keys = self._slot_keys(pool)
+        usable = (keys >= self._pool_floor[t]) & (self.pin_until[pool] < pin_floor)
+        if int(usable.sum()) < k or len(pool) > _POOL_REBUILD * max(_POOL_MIN, _POOL_FACTOR * k):
+            full = self._slot_keys(torch.arange(lo, hi, dtype=torch.int64))
+            m = min(hi - lo, max(_POOL_MIN, _POOL_FACTOR * k))
+            keys, idx = torch.topk(full, m)
+            self._in_pool[pool] = False
+            pool = idx + lo
+            self._in_pool[pool] = True
+            self._pool[t] = pool
+            self._pool_floor[t] = int(keys[-1]) if m < hi - lo else _INT64_MIN
+            usable = self.pin_until[pool] < pin_floor
+        cand, cand_keys = pool[usable], keys[usable]
+        values, idx = torch.topk(cand_keys, min(k, len(cand)))
+        return cand[idx], values
+
+    def _track_pool(self, slots: torch.Tensor) -> None:
+        """Slots whose keys may have risen this step (the rows it touched or admitted) join their
+        table's pool if they reach its floor, keeping every slot outside a pool below its floor."""
+        keys = self._slot_keys(slots)
+        tables = torch.searchsorted(self._slot_ends, slots, right=True)
+        join = (keys >= self._pool_floor[tables]) & ~self._in_pool[slots]
+        if not bool(join.any()):
+            return
+        slots, tables = slots[join], tables[join]
+        self._in_pool[slots] = True
+        for t in torch.unique(tables).tolist():
+            self._pool[t] = torch.cat([self._pool[t], slots[tables == t]])
 
     def _log_overflow(self, t: int, batch: PreparedBatch, short: int) -> None:
         if t in self._overflow_logged:
