@@ -10,8 +10,9 @@ help:  ## list the targets
 setup:  ## create .venv with torch/fbgemm/torchrec and dlrm_cache (DLRM_DEVICE=cpu|cuda to force)
 	scripts/setup.sh
 
-demo:  ## the main job on the built-in default (synthetic Criteo data, CPU)
+demo:  ## the main job on the built-in default: synthetic Criteo data -> Parquet (CPU)
 	$(VENV)/bin/dlrm-synth rows=200000 out=data/synth/train.txt overwrite=true
+	$(VENV)/bin/dlrm-preprocess input=data/synth/train.txt output_dir=data/synth_pq overwrite=true
 
 test:  ## the whole test suite (CPU; gpu tests skip without CUDA)
 	$(PY) -m pytest -q
@@ -29,3 +30,6 @@ format:  ## apply ruff's fixes and formatting
 
 bench:  ## the CPU benchmarks whose figures go in docs/benchmarks.md
 	$(PY) scripts/bench_synth.py
+	$(PY) scripts/bench_preprocess.py
+	$(PY) scripts/bench_cache_hitrate.py
+	$(PY) scripts/bench_cache_step.py

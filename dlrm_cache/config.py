@@ -64,6 +64,66 @@ class SynthConfig:
             )
 
 
+@dataclass
+class DatasetConfig:
+    """How a dataset's rows split into train / val / test (``dataset=criteo_kaggle|criteo_1tb``).
+
+    ``split=fraction``: the inputs' lines in order; the first ``train_fraction`` train, the rest halved
+    into val then test (the DLRM reference's 7 "days" of Kaggle: 6/7). ``split=last_file``: every input
+    but the last is train, the last is halved into val then test (Criteo 1TB: days 0-22, then day 23).
+    """
+
+    name: str = "criteo_kaggle"
+    split: str = "fraction"
+    train_fraction: float = 6 / 7
+
+    def __post_init__(self) -> None:
+        _require_choice("dataset.split", self.split, ("fraction", "last_file"))
+        _require(
+            0 < self.train_fraction < 1, "dataset.train_fraction", self.train_fraction, "a share in (0, 1)"
+        )
+
+
+@dataclass
+class PreprocessOptions:
+    """``preprocess.*``: the knobs of ``dlrm-preprocess``."""
+
+    min_count: int = 1  # values seen fewer times in train share the "rare" id
+    on_bad_lines: str = "error"  # error | skip (skipped lines are counted in the metadata)
+    chunk_mb: int = 32  # bytes of TSV parsed at a time: bounds memory
+    row_group_rows: int = 131_072
+    max_file_rows: int = 4_000_000  # start a new part file after this many rows
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.min_count >= 1, "preprocess.min_count", self.min_count, ">= 1")
+        _require_choice("preprocess.on_bad_lines", self.on_bad_lines, ("error", "skip"))
+        _require(self.chunk_mb >= 1, "preprocess.chunk_mb", self.chunk_mb, ">= 1")
+        _require(self.row_group_rows >= 1, "preprocess.row_group_rows", self.row_group_rows, ">= 1")
+        _require(self.max_file_rows >= self.row_group_rows, "preprocess.max_file_rows", self.max_file_rows,
+                 f">= preprocess.row_group_rows ({self.row_group_rows})")  # fmt: skip
+
+
+@dataclass
+class PreprocessRunConfig:
+    """Everything ``dlrm-preprocess`` reads (the root of ``configs/preprocess.yaml``)."""
+
+    input: Any = None  # a path, a glob, or a list of them
+    output_dir: str = ""
+    overwrite: bool = False
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    preprocess: PreprocessOptions = field(default_factory=PreprocessOptions)
+
+    def __post_init__(self) -> None:
+        inputs = self.input if isinstance(self.input, list | tuple) else [self.input]
+        _require(
+            bool(inputs) and all(isinstance(i, str) and i for i in inputs),
+            "input", self.input, "a path, a glob or a list of them",
+        )  # fmt: skip
+        self.input = list(inputs)
+        _require(bool(self.output_dir), "output_dir", self.output_dir, "an output folder")
+
+
 CACHE_POLICIES = ("none", "lru", "lfu", "freq", "lookahead")
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
@@ -205,6 +265,8 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="synth_schema", node=SynthConfig)
     cs.store(name="train_schema", node=TrainRunConfig)
+    cs.store(name="preprocess_schema", node=PreprocessRunConfig)
+    cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="cache", name="cache_schema", node=CacheConfig)

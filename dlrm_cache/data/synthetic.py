@@ -31,9 +31,9 @@ from tqdm import tqdm
 
 from dlrm_cache.config import SynthConfig
 from dlrm_cache.criteo import (
+    CAT_COLUMNS,
     CAT_FEATURE_COUNT,
     INT_COLUMNS,
-    CAT_COLUMNS,
     INT_FEATURE_COUNT,
     KAGGLE_CARDINALITIES,
 )

@@ -1,0 +1,211 @@
+"""Reading Criteo TSV (plain or gzip) in bounded-memory chunks, with every field checked.
+
+All 40 (or 39) fields are read as strings by pyarrow's streaming CSV reader, then validated and
+converted with vectorized kernels: labels must be 0/1, integer fields optional signed integers,
+categorical fields empty or 8 hex digits (turned into uint32 without a Python loop per value). A line
+that breaks the layout raises ``CriteoFormatError`` with file, line and field, or, with
+``on_bad_lines="skip"``, is dropped and counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from dlrm_cache.criteo import CAT_COLUMNS, INT_COLUMNS, LABELED_COLUMNS, UNLABELED_COLUMNS
+
+MISSING = -1  # the raw value of an empty categorical field (hashes are 0 .. 2^32 - 1)
+_HEX_VALUE = np.full(256, 255, dtype=np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _HEX_VALUE[_c] = _i
+for _i, _c in enumerate(b"ABCDEF"):
+    _HEX_VALUE[_c] = 10 + _i
+
+
+class CriteoFormatError(ValueError):
+    """A line that is not Criteo TSV; the message names file, line and field."""
+
+
+@dataclass
+class Chunk:
+    """The valid rows of one block of lines."""
+
+    label: np.ndarray | None  # (n,) int8, None for the unlabeled layout
+    ints: np.ndarray  # (n, 13) int64, missing -> 0
+    cats: np.ndarray  # (n, 26) int64 raw hashes, missing -> MISSING
+    lines: np.ndarray  # (n,) int64 1-based line number of each row in its file
+
+
+@dataclass
+class BadLines:
+    """Lines dropped with ``on_bad_lines=skip``: how many, why, and the first few line numbers."""
+
+    count: int = 0
+    first: list[str] = field(default_factory=list)
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def add(self, path: Path, line: int, reason: str) -> None:
+        self.count += 1
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        if len(self.first) < 10:
+            self.first.append(f"{path}:{line}")
+
+
+def detect_columns(path: Path) -> list[str]:
+    """The layout of ``path`` from its first line: 40 fields (labeled) or 39 (Kaggle's test.txt)."""
+    raw, stream = open_input(path)
+    try:
+        head = stream.read(1 << 16)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise CriteoFormatError(f"{path}: unreadable (truncated or corrupt?): {e}") from None
+    finally:
+        raw.close()
+    if not head:
+        raise CriteoFormatError(f"{path}: the file is empty")
+    fields = head.split(b"\n", 1)[0].rstrip(b"\r").split(b"\t")
+    if len(fields) == 40:
+        return LABELED_COLUMNS
+    if len(fields) == 39:
+        return UNLABELED_COLUMNS
+    raise CriteoFormatError(
+        f"{path}:1: {len(fields)} tab-separated fields, expected 40 (label, 13 integer, 26 categorical) "
+        "or 39 (no label)"
+    )
+
+
+def open_input(path: Path) -> tuple[pa.NativeFile, pa.NativeFile]:
+    """(the raw file, the stream to read): ``raw.tell()`` is the progress in file bytes."""
+    raw = pa.OSFile(str(path), "rb")
+    if path.suffix == ".gz":
+        return raw, pa.CompressedInputStream(raw, "gzip")
+    return raw, raw
+
+
+def read_chunks(
+    path: Path, columns: list[str], chunk_bytes: int, on_bad_lines: str, bad: BadLines, on_progress=None
+) -> Iterator[Chunk]:
+    """Validated chunks of ``path`` in file order; ``on_progress(bytes)`` gets file bytes consumed."""
+    parse_skipped: list[int] = []  # physical line numbers the parser dropped (sorted)
+    first_bad: list[tuple[int, str]] = []
+
+    def on_invalid(row: pacsv.InvalidRow) -> str:
+        reason = f"{row.actual_columns} fields, expected {row.expected_columns}"
+        if on_bad_lines == "error" and not first_bad:
+            first_bad.append((row.number, reason))
+        parse_skipped.append(row.number)
+        bad.add(path, row.number, "wrong number of fields")
+        return "skip"
+
+    raw, stream = open_input(path)
+    reader = pacsv.open_csv(
+        stream,
+        read_options=pacsv.ReadOptions(column_names=columns, block_size=chunk_bytes, use_threads=False),
+        parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False, invalid_row_handler=on_invalid),
+        convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}, strings_can_be_null=False),
+    )
+    rows_before = 0  # rows the parser accepted before this batch
+    while True:
+        try:
+            batch = reader.read_next_batch()
+        except StopIteration:
+            break
+        except (OSError, pa.ArrowInvalid) as e:
+            raise CriteoFormatError(
+                f"{path}: unreadable after line {rows_before + len(parse_skipped)} (truncated or corrupt?): {e}"
+            ) from None
+        if first_bad:
+            line, reason = first_bad[0]
+            raise CriteoFormatError(f"{path}:{line}: {reason}")
+
+        lines = _physical_lines(rows_before + np.arange(1, batch.num_rows + 1), parse_skipped)
+        rows_before += batch.num_rows
+        if on_progress is not None:
+            on_progress(raw.tell())
+        yield _convert(batch, path, lines, on_bad_lines, bad)
+    raw.close()
+    if rows_before == 0 and not parse_skipped:
+        raise CriteoFormatError(f"{path}: the file is empty")
+
+
+def _physical_lines(accepted: np.ndarray, skipped: list[int]) -> np.ndarray:
+    """Line numbers of the rows the parser accepted, given the lines it dropped (sorted)."""
+    if not skipped:
+        return accepted
+    dropped = np.asarray(skipped)
+    lines = accepted
+    while True:  # line = accepted + (dropped lines at or before it): a fixed point, found in a few steps
+        nxt = accepted + np.searchsorted(dropped, lines, side="right")
+        if np.array_equal(nxt, lines):
+            return lines
+        lines = nxt
+
+
+def _convert(batch: pa.RecordBatch, path: Path, lines: np.ndarray, on_bad_lines: str, bad: BadLines) -> Chunk:
+    n = batch.num_rows
+    ok = np.ones(n, dtype=bool)
+    problems: list[tuple[int, str, str]] = []  # (row, field, what)
+
+    def check(valid: np.ndarray, name: str, what: str) -> None:
+        wrong = np.nonzero(~valid & ok)[0]
+        if len(wrong):
+            problems.append((int(wrong[0]), name, what))
+            ok[wrong] = False
+
+    labeled = "label" in batch.schema.names
+    if labeled:
+        lab = batch.column("label")
+        check(pc.is_in(lab, pa.array(["0", "1"])).to_numpy(zero_copy_only=False), "label", "0 or 1")
+    int_cols = []
+    for name in INT_COLUMNS:
+        col = batch.column(name)
+        check(pc.match_substring_regex(col, r"^-?[0-9]{1,18}$|^$").to_numpy(zero_copy_only=False), name, "an integer or nothing")
+        int_cols.append(col)
+    cat_cols = []
+    for name in CAT_COLUMNS:
+        col = batch.column(name)
+        check(pc.match_substring_regex(col, r"^[0-9a-fA-F]{8}$|^$").to_numpy(zero_copy_only=False), name, "8 hex digits or nothing")
+        cat_cols.append(col)
+    if problems:
+        row, name, what = min(problems)
+        if on_bad_lines == "error":
+            value = batch.column(name)[row].as_py()
+            raise CriteoFormatError(f"{path}:{lines[row]}: field {name} is {value!r}, expected {what}")
+        for r in np.nonzero(~ok)[0]:
+            bad.add(path, int(lines[r]), "bad field value")
+    keep = None if ok.all() else pa.array(ok)
+
+    def take(col):
+        return col if keep is None else pc.filter(col, keep)
+
+    label = np.asarray(pc.cast(take(lab), pa.int8())) if labeled else None
+    ints = np.empty((int(ok.sum()), len(INT_COLUMNS)), dtype=np.int64)
+    for j, col in enumerate(int_cols):
+        col = take(col)
+        ints[:, j] = pc.cast(pc.if_else(pc.equal(col, ""), "0", col), pa.int64()).to_numpy()
+    cats = np.empty((len(ints), len(CAT_COLUMNS)), dtype=np.int64)
+    for j, col in enumerate(cat_cols):
+        cats[:, j] = hex_to_int(take(col))
+    return Chunk(label, ints, cats, lines[ok])
+
+
+def hex_to_int(col: pa.Array) -> np.ndarray:
+    """A string column of 8-hex-digit values (or empty) -> int64, empty -> MISSING; vectorized."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    lengths = pc.utf8_length(col).to_numpy(zero_copy_only=False)
+    out = np.full(len(col), MISSING, dtype=np.int64)
+    present = lengths == 8
+    if present.any():
+        full = pc.filter(col, pa.array(present))
+        offsets = np.frombuffer(full.buffers()[1], dtype=np.int32, count=len(full) + 1, offset=full.offset * 4)
+        data = np.frombuffer(full.buffers()[2], dtype=np.uint8)
+        idx = offsets[:-1, None] + np.arange(8)
+        digits = _HEX_VALUE[data[idx]].astype(np.int64)  # (m, 8)
+        out[present] = (digits << np.arange(28, -4, -4, dtype=np.int64)).sum(axis=1)
+    return out

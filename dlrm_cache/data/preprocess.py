@@ -1,0 +1,325 @@
+"""``dlrm-preprocess``: Criteo TSV -> Parquet splits, id frequencies, ids re-numbered by frequency.
+
+Streaming, in bounded memory (one chunk of ``preprocess.chunk_mb`` of TSV at a time):
+
+0. (``split=fraction`` only) count the inputs' lines, to place the split boundaries.
+1. Read every input, validate every field, count categorical values over the **train** lines only.
+2. Rank each feature's values by train count (``vocab.Vocabulary``): the hottest value gets id 0.
+3. Read again, re-number ids (values rare in train or unseen there share the "rare" id), transform
+   integers with ``log1p(max(x, 0))`` as float32 (the DLRM reference's transform; missing -> 0), and
+   write ``{train,val,test}/part-*.parquet`` with one fixed schema.
+4. Write ``vocab/cat_*.parquet``, the skew report (``stats/skew.json``, ``stats/skew.png``) and
+   ``metadata.json``.
+
+Everything is written into a temporary folder beside ``output_dir`` and renamed into place at the
+end, so a failure leaves nothing half-written. A finished output with the same inputs and config is
+left alone (a no-op) unless ``overwrite=true``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from dlrm_cache.config import PreprocessRunConfig
+from dlrm_cache.criteo import CAT_COLUMNS, INT_COLUMNS
+from dlrm_cache.data.criteo_tsv import BadLines, CriteoFormatError, detect_columns, read_chunks
+from dlrm_cache.data.vocab import ValueCounter, Vocabulary
+
+SCHEMA_VERSION = 1
+SPLITS = ("train", "val", "test")
+SKEW_POINTS = [0.001, 0.005, 0.01, 0.015, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]  # shares of rows
+log = logging.getLogger(__name__)
+
+
+def resolve_inputs(patterns: list[str]) -> list[Path]:
+    """Paths and globs -> files, each glob's matches in natural order (day_2 before day_10)."""
+    files: list[Path] = []
+    for pattern in patterns:
+        if any(ch in pattern for ch in "*?["):
+            matches = sorted(glob.glob(pattern), key=_natural_key)
+            if not matches:
+                raise FileNotFoundError(f"input={pattern!r} matches no file")
+            files += [Path(m) for m in matches]
+        else:
+            path = Path(pattern)
+            if not path.is_file():
+                raise FileNotFoundError(f"input {pattern}: no such file")
+            files.append(path)
+    return files
+
+
+def _natural_key(s: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def count_lines(path: Path) -> int:
+    from dlrm_cache.data.criteo_tsv import open_input
+
+    raw, stream = open_input(path)
+    lines, last = 0, b"\n"
+    try:
+        while block := stream.read(1 << 24):
+            lines += block.count(b"\n")
+            last = block[-1:]
+    except (OSError, pa.ArrowInvalid) as e:
+        raise CriteoFormatError(f"{path}: unreadable (truncated or corrupt?): {e}") from None
+    finally:
+        raw.close()
+    return lines + (last != b"\n")
+
+
+def split_bounds(cfg: PreprocessRunConfig, files: list[Path]) -> list[tuple[int, int]]:
+    """Per file, the last line (1-based, inclusive) of train and of val; test is the rest."""
+    if cfg.dataset.split == "last_file":
+        if len(files) < 2:
+            raise ValueError("dataset.split=last_file needs at least two inputs (train days, then the last day)")
+        last = count_lines(files[-1])
+        big = np.iinfo(np.int64).max
+        return [(big, big)] * (len(files) - 1) + [(0, last // 2)]
+    counts = [count_lines(f) for f in files]
+    total = sum(counts)
+    train_end = int(total * cfg.dataset.train_fraction)
+    val_end = train_end + (total - train_end) // 2
+    bounds, start = [], 0
+    for n in counts:
+        bounds.append((train_end - start, val_end - start))
+        start += n
+    return bounds
+
+
+def _fingerprint(cfg: PreprocessRunConfig, files: list[Path]) -> dict:
+    return {
+        "dataset": asdict(cfg.dataset),
+        "inputs": [{"path": str(f.resolve()), "size": f.stat().st_size, "mtime": f.stat().st_mtime} for f in files],
+        "preprocess": {k: v for k, v in asdict(cfg.preprocess).items() if k != "progress"},
+    }
+
+
+def preprocess(cfg: PreprocessRunConfig) -> Path:
+    """Run the pipeline; returns the output folder. Raises ``CriteoFormatError`` (bad lines),
+    ``FileNotFoundError`` (missing input), ``FileExistsError`` (output holds something else)."""
+    files = resolve_inputs(cfg.input)
+    out = Path(cfg.output_dir)
+    fingerprint = _fingerprint(cfg, files)
+    if out.exists():
+        meta = out / "metadata.json"
+        same = meta.is_file() and _same_run(json.loads(meta.read_text()), fingerprint)
+        if same and not cfg.overwrite:
+            log.info("%s already holds this dataset; nothing to do (overwrite=true redoes it)", out)
+            return out
+        if not cfg.overwrite:
+            what = "a different dataset" if meta.is_file() else "files that are not a preprocessed dataset"
+            raise FileExistsError(f"output_dir {out} already holds {what}; pass overwrite=true to replace it")
+    layouts = [detect_columns(f) for f in files]
+    bounds = split_bounds(cfg, files)
+    opts = cfg.preprocess
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        bad = BadLines()
+        counters = [ValueCounter() for _ in CAT_COLUMNS]
+        rows = {s: 0 for s in SPLITS}
+        total_bytes = sum(f.stat().st_size for f in files)
+        with _progress("count", total_bytes, opts.progress) as bar:
+            for f, cols, (train_end, _) in zip(files, layouts, bounds, strict=True):
+                for chunk in read_chunks(f, cols, opts.chunk_mb << 20, opts.on_bad_lines, bad, bar.at(f)):
+                    train = chunk.lines <= train_end
+                    for j, counter in enumerate(counters):
+                        counter.add(chunk.cats[train, j])
+        vocabs = [Vocabulary.fit(*c.result(), opts.min_count) for c in counters]
+        id_type = pa.int32() if max(len(v) for v in vocabs) < 2**31 else pa.int64()
+        schema = pa.schema(
+            [("label", pa.int8())] + [(c, pa.float32()) for c in INT_COLUMNS] + [(c, id_type) for c in CAT_COLUMNS]
+        )
+        writers = {s: _SplitWriter(tmp / s, schema, opts.row_group_rows, opts.max_file_rows) for s in SPLITS}
+        bad_second = BadLines()  # the same lines again: counted once, in `bad`
+        with _progress("write", total_bytes, opts.progress) as bar:
+            for f, cols, (train_end, val_end) in zip(files, layouts, bounds, strict=True):
+                for chunk in read_chunks(f, cols, opts.chunk_mb << 20, opts.on_bad_lines, bad_second, bar.at(f)):
+                    table = _transform(chunk, vocabs, schema)
+                    split = np.where(chunk.lines <= train_end, 0, np.where(chunk.lines <= val_end, 1, 2))
+                    for k, s in enumerate(SPLITS):
+                        mask = split == k
+                        if mask.any():
+                            writers[s].write(table.filter(pa.array(mask)))
+                            rows[s] += int(mask.sum())
+        for w in writers.values():
+            w.close()
+        _write_vocab(tmp / "vocab", vocabs)
+        skew = skew_report(vocabs)
+        _write_skew(tmp / "stats", skew, vocabs)
+        metadata = {
+            "schema_version": SCHEMA_VERSION,
+            **fingerprint,
+            "dataset_name": cfg.dataset.name,
+            "labeled": [cols[0] == "label" for cols in layouts],
+            "rows": rows,
+            "split_lines": [
+                {"file": str(f), "train_last_line": min(t, 2**62), "val_last_line": min(v, 2**62)}
+                for f, (t, v) in zip(files, bounds, strict=True)
+            ],
+            "vocab_sizes": {c: len(v) for c, v in zip(CAT_COLUMNS, vocabs, strict=True)},
+            "rare_ids": {c: v.rare_id for c, v in zip(CAT_COLUMNS, vocabs, strict=True)},
+            "dense_transform": "log1p(max(x, 0)) as float32; missing -> 0",
+            "skipped_lines": {"count": bad.count, "reasons": bad.reasons, "first": bad.first},
+            "skew": skew,
+        }
+        (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2))
+        if bad.count:
+            log.warning("skipped %d bad lines (first: %s)", bad.count, ", ".join(bad.first))
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _same_run(meta: dict, fingerprint: dict) -> bool:
+    return meta.get("schema_version") == SCHEMA_VERSION and all(meta.get(k) == v for k, v in fingerprint.items())
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+
+
+def _transform(chunk, vocabs: list[Vocabulary], schema: pa.Schema) -> pa.Table:
+    n = len(chunk.lines)
+    label = chunk.label if chunk.label is not None else np.full(n, -1, dtype=np.int8)
+    dense = np.log1p(np.maximum(chunk.ints, 0)).astype(np.float32)
+    cols = [pa.array(label)]
+    cols += [pa.array(dense[:, j]) for j in range(len(INT_COLUMNS))]
+    id_type = schema.field(CAT_COLUMNS[0]).type
+    cols += [pa.array(v.transform(chunk.cats[:, j]), type=id_type) for j, v in enumerate(vocabs)]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+class _SplitWriter:
+    """``part-00000.parquet``, ``part-00001.parquet``, ... of at most ``max_rows`` rows each."""
+
+    def __init__(self, folder: Path, schema: pa.Schema, row_group_rows: int, max_rows: int):
+        self.folder, self.schema = folder, schema
+        self.row_group_rows, self.max_rows = row_group_rows, max_rows
+        self.writer: pq.ParquetWriter | None = None
+        self.parts = self.in_part = 0
+        folder.mkdir(parents=True)
+
+    def write(self, table: pa.Table) -> None:
+        while table.num_rows:
+            if self.writer is None or self.in_part == self.max_rows:
+                self._next_part()
+            take = min(table.num_rows, self.max_rows - self.in_part)
+            self.writer.write_table(table.slice(0, take), row_group_size=self.row_group_rows)
+            self.in_part += take
+            table = table.slice(take)
+
+    def _next_part(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.writer = pq.ParquetWriter(self.folder / f"part-{self.parts:05d}.parquet", self.schema)
+        self.parts += 1
+        self.in_part = 0
+
+    def close(self) -> None:
+        if self.writer is None:  # an empty split still gets one (empty) file with the schema
+            self._next_part()
+        self.writer.close()
+
+
+def _write_vocab(folder: Path, vocabs: list[Vocabulary]) -> None:
+    folder.mkdir()
+    for name, v in zip(CAT_COLUMNS, vocabs, strict=True):
+        is_rare = np.arange(len(v)) == v.rare_id
+        raw = np.where(is_rare, 0, v.raw)
+        hexes = [None if r or x < 0 else f"{x:08x}" for r, x in zip(is_rare, raw, strict=True)]
+        table = pa.table(
+            {
+                "id": pa.array(np.arange(len(v)), pa.int64()),
+                "raw": pa.array(hexes, pa.string()),  # null: the empty value, or the rare bucket
+                "is_rare": pa.array(is_rare),
+                "train_count": pa.array(v.count),
+            }
+        )
+        pq.write_table(table, folder / f"{name}.parquet")
+
+
+def skew_report(vocabs: list[Vocabulary]) -> dict:
+    """Share of train accesses covered by the hottest x of rows, per feature and over all tables."""
+
+    def curve(counts: np.ndarray) -> list[float]:
+        c = np.sort(counts)[::-1]
+        total = c.sum()
+        cum = np.cumsum(c)
+        return [float(cum[max(1, int(np.ceil(x * len(c)))) - 1] / total) if total else 0.0 for x in SKEW_POINTS]
+
+    report = {"row_share": SKEW_POINTS, "features": {n: curve(v.count) for n, v in zip(CAT_COLUMNS, vocabs, strict=True)}}
+    report["overall"] = curve(np.concatenate([v.count for v in vocabs]))
+    return report
+
+
+def _write_skew(folder: Path, skew: dict, vocabs: list[Vocabulary]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir()
+    (folder / "skew.json").write_text(json.dumps(skew, indent=2))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, v in zip(CAT_COLUMNS, vocabs, strict=True):
+        c = np.sort(v.count)[::-1]
+        if c.sum() == 0 or len(c) < 2:
+            continue
+        ax.plot(np.arange(1, len(c) + 1) / len(c), np.cumsum(c) / c.sum(), lw=0.8, alpha=0.6, label=name)
+    overall = np.sort(np.concatenate([v.count for v in vocabs]))[::-1]
+    if overall.sum():
+        ax.plot(np.arange(1, len(overall) + 1) / len(overall), np.cumsum(overall) / overall.sum(), "k", lw=2, label="all")
+    ax.set_xscale("log")
+    ax.set_xlabel("hottest share of rows (cache.ratio)")
+    ax.set_ylabel("share of train lookups covered")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6, ncol=3)
+    fig.tight_layout()
+    fig.savefig(folder / "skew.png", dpi=100)
+    plt.close(fig)
+
+
+class _progress:
+    """A tqdm bar in input bytes (MB/s) over several files."""
+
+    def __init__(self, desc: str, total: int, enabled: bool):
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"dlrm-preprocess {desc}", disable=not enabled)
+        self.done_files = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+    def at(self, path: Path):
+        base = self.done_files
+        self.done_files += path.stat().st_size
+
+        def update(pos: int) -> None:
+            self.bar.update(base + pos - self.bar.n)
+
+        return update

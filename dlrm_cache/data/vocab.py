@@ -1,0 +1,86 @@
+"""Id frequencies and the frequency-ranked re-numbering (NVTabular's Categorify: fit -> finalize ->
+transform).
+
+``ValueCounter`` counts raw values of one feature over chunks in bounded work: per-chunk counts are
+kept as sorted runs and merged when the runs outgrow the merged table (an LSM-style amortized merge),
+and two counters merge the same way, so counting can run one file per process. ``Vocabulary`` ranks
+values by descending train count (ties by raw value, the empty value ranked like any other); values
+seen fewer than ``min_count`` times, and values never seen in train, share one "rare" id ranked by its
+total train count. The hottest k rows are then ids 0..k-1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class ValueCounter:
+    def __init__(self) -> None:
+        self.values = np.empty(0, dtype=np.int64)  # sorted, unique
+        self.counts = np.empty(0, dtype=np.int64)
+        self._runs: list[tuple[np.ndarray, np.ndarray]] = []
+        self._run_size = 0
+
+    def add(self, raw: np.ndarray) -> None:
+        v, c = np.unique(raw, return_counts=True)
+        self._runs.append((v, c.astype(np.int64)))
+        self._run_size += len(v)
+        if self._run_size > max(1 << 20, len(self.values)):
+            self._compact()
+
+    def merge(self, other: ValueCounter) -> None:
+        other._compact()
+        self._runs.append((other.values, other.counts))
+        self._compact()
+
+    def _compact(self) -> None:
+        if not self._runs:
+            return
+        v = np.concatenate([self.values, *(r[0] for r in self._runs)])
+        c = np.concatenate([self.counts, *(r[1] for r in self._runs)])
+        self.values, inverse = np.unique(v, return_inverse=True)
+        self.counts = np.bincount(inverse, weights=c, minlength=len(self.values)).astype(np.int64)
+        self._runs, self._run_size = [], 0
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        self._compact()
+        return self.values, self.counts
+
+
+@dataclass
+class Vocabulary:
+    """The re-numbering of one feature: ``raw[i]`` and ``count[i]`` of new id ``i``; ``rare_id`` is
+    the shared id of rare and unseen values (its ``raw`` entry is meaningless)."""
+
+    raw: np.ndarray  # (V,) int64 raw value per new id
+    count: np.ndarray  # (V,) int64 train count per new id
+    rare_id: int
+    _sorted_raw: np.ndarray  # kept values, sorted, for lookups
+    _sorted_id: np.ndarray
+
+    @classmethod
+    def fit(cls, values: np.ndarray, counts: np.ndarray, min_count: int) -> Vocabulary:
+        keep = counts >= min_count
+        kept_v, kept_c = values[keep], counts[keep]
+        rare_count = int(counts[~keep].sum())
+        # Rank: descending count, ties by raw value; the rare bucket sorts as the value "+inf".
+        raw = np.concatenate([kept_v, [np.iinfo(np.int64).max]])
+        cnt = np.concatenate([kept_c, [rare_count]])
+        order = np.lexsort((raw, -cnt))
+        raw, cnt = raw[order], cnt[order]
+        rare_id = int(np.nonzero(order == len(kept_v))[0][0])
+        ids = np.delete(np.arange(len(raw)), rare_id)
+        sorter = np.argsort(raw[ids], kind="stable")
+        return cls(raw, cnt, rare_id, raw[ids][sorter], ids[sorter])
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def transform(self, raw: np.ndarray) -> np.ndarray:
+        """Raw values -> new ids; values not kept map to ``rare_id``."""
+        pos = np.searchsorted(self._sorted_raw, raw)
+        pos = np.minimum(pos, len(self._sorted_raw) - 1) if len(self._sorted_raw) else pos
+        found = self._sorted_raw[pos] == raw if len(self._sorted_raw) else np.zeros(len(raw), dtype=bool)
+        return np.where(found, self._sorted_id[pos] if len(self._sorted_id) else 0, self.rare_id)

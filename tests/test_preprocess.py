@@ -1,0 +1,261 @@
+"""dlrm-preprocess against an independent, slow, line-by-line reference parse."""
+
+import gzip
+import json
+import math
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from dlrm_cache.config import DatasetConfig, PreprocessOptions, PreprocessRunConfig, SynthConfig
+from dlrm_cache.data.criteo_tsv import CriteoFormatError
+from dlrm_cache.data.preprocess import preprocess
+from dlrm_cache.data.synthetic import generate
+
+EXCERPT = Path(__file__).resolve().parents[2] / "shared" / "data" / "criteo_excerpt_100.tsv"
+
+
+def synth(path, rows=3000, **kw):
+    generate(SynthConfig(rows=rows, out=str(path), cardinality_scale=0.0005, progress=False, **kw))
+    return path
+
+
+def run(inputs, out, dataset=None, **opts):
+    cfg = PreprocessRunConfig(
+        input=[str(i) for i in inputs],
+        output_dir=str(out),
+        dataset=dataset or DatasetConfig(),
+        preprocess=PreprocessOptions(progress=False, **opts),
+    )
+    return preprocess(cfg)
+
+
+def read_split(out, split):
+    return pq.read_table(sorted((out / split).glob("part-*.parquet"))).to_pylist()
+
+
+def reference(lines, train_end, min_count=1):
+    """The slow oracle: split by line, rank raw strings by train count (ties by hex value, the
+    empty value as -1), rare bucket as +inf, and map every row."""
+    rows = [line.split("\t") for line in lines]
+    counters = [Counter(r[14 + j] for r in rows[:train_end]) for j in range(26)]
+    vocabs = []
+    for c in counters:
+        kept = {v: n for v, n in c.items() if n >= min_count}
+        rare = sum(n for n in c.values() if n < min_count)
+        entries = [(-n, int(v, 16) if v else -1, v) for v, n in kept.items()] + [(-rare, math.inf, None)]
+        entries.sort(key=lambda e: (e[0], e[1]))
+        vocabs.append({e[2]: i for i, e in enumerate(entries)})
+    mapped = []
+    for r in rows:
+        mapped.append(
+            {
+                "label": int(r[0]),
+                **{
+                    f"int_{j}": float(np.float32(math.log1p(max(int(r[1 + j]) if r[1 + j] else 0, 0))))
+                    for j in range(13)
+                },
+                **{f"cat_{j}": vocabs[j].get(r[14 + j], vocabs[j][None]) for j in range(26)},
+            }
+        )
+    return mapped, vocabs
+
+
+def assert_rows_equal(got, expected):
+    assert len(got) == len(expected)
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+        for k, v in e.items():
+            if k.startswith("int_"):
+                assert g[k] == pytest.approx(v, rel=1e-6), (i, k)
+            else:
+                assert g[k] == v, (i, k, g[k], v)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("min_count", [1, 3])
+def test_matches_an_independent_parse(tmp_path, gz, min_count):
+    src = synth(tmp_path / ("train.txt.gz" if gz else "train.txt"), gzip=gz)
+    out = run([src], tmp_path / "out", min_count=min_count, chunk_mb=1)
+    with gzip.open(src, "rt") if gz else open(src) as f:
+        lines = f.read().splitlines()
+    train_end = int(len(lines) * 6 / 7)
+    val_end = train_end + (len(lines) - train_end) // 2
+    expected, vocabs = reference(lines, train_end, min_count)
+    assert_rows_equal(read_split(out, "train"), expected[:train_end])
+    assert_rows_equal(read_split(out, "val"), expected[train_end:val_end])
+    assert_rows_equal(read_split(out, "test"), expected[val_end:])
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["rows"] == {"train": train_end, "val": val_end - train_end, "test": len(lines) - val_end}
+    assert meta["vocab_sizes"] == {f"cat_{j}": len(v) for j, v in enumerate(vocabs)}
+    assert meta["rare_ids"] == {f"cat_{j}": v[None] for j, v in enumerate(vocabs)}
+    # the vocabulary files: id -> raw value and train count, hottest first
+    vocab = pq.read_table(out / "vocab" / "cat_2.parquet").to_pydict()
+    assert vocab["id"] == list(range(len(vocabs[2])))
+    counts = vocab["train_count"]
+    assert all(a >= b for a, b in zip(counts, counts[1:], strict=False)), (
+        "ranked by count, rare bucket included"
+    )
+    for raw, new_id in vocabs[2].items():
+        if raw:
+            assert vocab["raw"][new_id] == raw
+    assert pq.read_schema(out / "train" / "part-00000.parquet").field("cat_0").type == "int32"
+
+
+def test_val_test_values_unseen_in_train_map_to_the_rare_id(tmp_path):
+    src = synth(tmp_path / "train.txt", rows=2000)
+    out = run([src], tmp_path / "out")
+    meta = json.loads((out / "metadata.json").read_text())
+    vocab = pq.read_table(out / "vocab" / "cat_2.parquet").to_pydict()
+    seen = {r for r, rare in zip(vocab["raw"], vocab["is_rare"], strict=True) if not rare}
+    lines = src.read_text().splitlines()
+    tail = [line.split("\t")[16] for line in lines[int(len(lines) * 6 / 7) :]]
+    unseen = [i for i, v in enumerate(tail) if v and v not in seen]
+    assert unseen, "the generated data has val/test values unseen in train"
+    ids = [r["cat_2"] for r in read_split(out, "val") + read_split(out, "test")]
+    assert {ids[i] for i in unseen} == {meta["rare_ids"]["cat_2"]}
+
+
+def test_terabyte_days_split_by_file_and_skew_report(tmp_path):
+    days = generate(
+        SynthConfig(
+            rows=900,
+            out=str(tmp_path / "tb"),
+            layout="terabyte",
+            days=3,
+            gzip=True,
+            cardinality_scale=0.0005,
+            progress=False,
+        )
+    )
+    out = run(
+        [str(tmp_path / "tb" / "day_*.gz")],
+        tmp_path / "out",
+        dataset=DatasetConfig(name="criteo_1tb", split="last_file"),
+    )
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["rows"] == {"train": 600, "val": 150, "test": 150}
+    assert [Path(i["path"]).name for i in meta["inputs"]] == [d.name for d in days]
+    skew = meta["skew"]
+    assert skew["overall"][-1] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(skew["overall"], skew["overall"][1:], strict=False))
+    assert (out / "stats" / "skew.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(not EXCERPT.is_file(), reason="the shared real-data excerpt is not beside the repository")
+def test_real_criteo_excerpt_parses_like_the_reference(tmp_path):
+    out = run([EXCERPT], tmp_path / "out")  # read in place: its licence forbids copying it
+    lines = EXCERPT.read_text().splitlines()
+    train_end = int(len(lines) * 6 / 7)
+    expected, _ = reference(lines, train_end)
+    assert_rows_equal(read_split(out, "train") + read_split(out, "val") + read_split(out, "test"), expected)
+
+
+def test_unlabeled_test_file_is_accepted_and_marked(tmp_path):
+    src = synth(tmp_path / "test.txt", rows=700, labeled=False)
+    out = run([src], tmp_path / "out")
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["labeled"] == [False]
+    assert {r["label"] for r in read_split(out, "train")} == {-1}
+
+
+def _lines_with(tmp_path, line_no, field, value, rows=300):
+    src = synth(tmp_path / "src.txt", rows=rows)
+    lines = src.read_text().splitlines()
+    parts = lines[line_no - 1].split("\t")
+    if field is None:
+        parts = parts[:-1]  # a field short
+    else:
+        parts[field] = value
+    lines[line_no - 1] = "\t".join(parts)
+    bad = tmp_path / "bad.txt"
+    bad.write_text("\n".join(lines) + "\n")
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("line_no", "field", "value", "message"),
+    [
+        (137, None, None, r"bad.txt:137: 39 fields, expected 40"),
+        (52, 3, "12x", r"bad.txt:52: field int_2 is '12x', expected an integer or nothing"),
+        (250, 20, "zz00aa11", r"bad.txt:250: field cat_6 is 'zz00aa11', expected 8 hex digits or nothing"),
+        (9, 0, "2", r"bad.txt:9: field label is '2', expected 0 or 1"),
+    ],
+)
+def test_bad_line_names_file_line_and_field_and_writes_nothing(tmp_path, line_no, field, value, message):
+    bad = _lines_with(tmp_path, line_no, field, value)
+    with pytest.raises(CriteoFormatError, match=message):
+        run([bad], tmp_path / "out", chunk_mb=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt", "src.txt"], "nothing half-written"
+
+
+def test_skip_mode_drops_and_reports_bad_lines(tmp_path):
+    bad = _lines_with(tmp_path, 137, None, None)
+    out = run([bad], tmp_path / "out", on_bad_lines="skip")
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["skipped_lines"]["count"] == 1
+    assert meta["skipped_lines"]["first"] == [f"{bad}:137"]
+    assert sum(meta["rows"].values()) == 299
+
+
+def test_empty_truncated_and_missing_inputs(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(CriteoFormatError, match="empty.txt: the file is empty"):
+        run([empty], tmp_path / "out")
+    gz = synth(tmp_path / "t.txt.gz", rows=5000, gzip=True)
+    truncated = tmp_path / "cut.txt.gz"
+    truncated.write_bytes(gz.read_bytes()[: gz.stat().st_size // 2])
+    with pytest.raises(CriteoFormatError, match="cut.txt.gz: unreadable"):
+        run([truncated], tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="nope.txt: no such file"):
+        run([tmp_path / "nope.txt"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_rerun_is_a_no_op_and_a_different_dataset_is_refused(tmp_path):
+    a = synth(tmp_path / "a.txt", rows=400)
+    b = synth(tmp_path / "b.txt", rows=500, seed=1)
+    out = run([a], tmp_path / "out")
+    stamp = (out / "metadata.json").stat().st_mtime_ns
+    run([a], tmp_path / "out")
+    assert (out / "metadata.json").stat().st_mtime_ns == stamp, "the same run again does nothing"
+    with pytest.raises(FileExistsError, match="already holds a different dataset; pass overwrite=true"):
+        run([b], tmp_path / "out")
+    cfg = PreprocessRunConfig(
+        input=[str(b)], output_dir=str(out), overwrite=True, preprocess=PreprocessOptions(progress=False)
+    )
+    preprocess(cfg)
+    assert json.loads((out / "metadata.json").read_text())["rows"]["train"] == int(500 * 6 / 7)
+
+
+def test_cli_errors_exit_non_zero_with_the_location(tmp_path):
+    bad = _lines_with(tmp_path, 52, 3, "12x")
+    r = subprocess.run(
+        [sys.executable, "-m", "dlrm_cache.cli.preprocess", f"input={bad}", f"output_dir={tmp_path / 'out'}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 2
+    assert "bad.txt:52: field int_2" in r.stderr
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dlrm_cache.cli.preprocess",
+            f"input={bad}",
+            f"output_dir={tmp_path / 'o'}",
+            "preprocess.min_count=0",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 2 and "preprocess.min_count=0" in r.stderr
+    shutil.rmtree(tmp_path / "out", ignore_errors=True)
