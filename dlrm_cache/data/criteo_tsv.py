@@ -96,32 +96,46 @@ def read_chunks(
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
         reason = f"{row.actual_columns} fields, expected {row.expected_columns}"
-        if on_bad_lines == "error" and not first_bad:
+        if on_bad_lines == "error":
             first_bad.append((row.number, reason))
+            return "error"
         parse_skipped.append(row.number)
         bad.add(path, row.number, "wrong number of fields")
         return "skip"
 
+    # Parsing in parallel loses the line numbers of bad lines: only worth it when they stop the run
+    # (the line is then found again by a plain scan).
+    threads = on_bad_lines == "error"
+
     raw, stream = open_input(path)
-    reader = pacsv.open_csv(
+    rows_before = 0  # rows the parser accepted before this batch
+
+    def failure(e: Exception) -> CriteoFormatError:
+        if first_bad:
+            line, reason = first_bad[0]
+            line = line or _first_line_with_wrong_field_count(path, len(columns))
+            return CriteoFormatError(f"{path}:{line}: {reason}")
+        where = rows_before + len(parse_skipped)
+        return CriteoFormatError(f"{path}: unreadable after line {where} (truncated or corrupt?): {e}")
+
+    try:
+        reader = pacsv.open_csv(
         stream,
-        read_options=pacsv.ReadOptions(column_names=columns, block_size=chunk_bytes, use_threads=False),
+        read_options=pacsv.ReadOptions(column_names=columns, block_size=chunk_bytes, use_threads=threads),
         parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False, invalid_row_handler=on_invalid),
         convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}, strings_can_be_null=False),
     )
-    rows_before = 0  # rows the parser accepted before this batch
+    except (OSError, pa.ArrowInvalid) as e:
+        raw.close()
+        raise failure(e) from None
     while True:
         try:
             batch = reader.read_next_batch()
         except StopIteration:
             break
         except (OSError, pa.ArrowInvalid) as e:
-            raise CriteoFormatError(
-                f"{path}: unreadable after line {rows_before + len(parse_skipped)} (truncated or corrupt?): {e}"
-            ) from None
-        if first_bad:
-            line, reason = first_bad[0]
-            raise CriteoFormatError(f"{path}:{line}: {reason}")
+            raw.close()
+            raise failure(e) from None
 
         lines = _physical_lines(rows_before + np.arange(1, batch.num_rows + 1), parse_skipped)
         rows_before += batch.num_rows
@@ -131,6 +145,23 @@ def read_chunks(
     raw.close()
     if rows_before == 0 and not parse_skipped:
         raise CriteoFormatError(f"{path}: the file is empty")
+
+
+def _first_line_with_wrong_field_count(path: Path, fields: int) -> int | str:
+    """A plain scan for the first line without ``fields`` fields (only run when a run has failed)."""
+    raw, stream = open_input(path)
+    number, rest = 0, b""
+    try:
+        while block := stream.read(1 << 24):
+            lines = (rest + block).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                number += 1
+                if line.count(b"\t") != fields - 1:
+                    return number
+    finally:
+        raw.close()
+    return number + 1 if rest and rest.count(b"\t") != fields - 1 else "?"
 
 
 def _physical_lines(accepted: np.ndarray, skipped: list[int]) -> np.ndarray:
@@ -194,18 +225,32 @@ def _convert(batch: pa.RecordBatch, path: Path, lines: np.ndarray, on_bad_lines:
     return Chunk(label, ints, cats, lines[ok])
 
 
+_LOW_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
+_LETTER_BITS = np.uint64(0x0101010101010101)
+
+
 def hex_to_int(col: pa.Array) -> np.ndarray:
-    """A string column of 8-hex-digit values (or empty) -> int64, empty -> MISSING; vectorized."""
+    """A string column of 8-hex-digit values (or empty) -> int64, empty -> MISSING; vectorized.
+
+    Eight ASCII hex digits are read as one big-endian 64-bit word and turned into their 32-bit value
+    with a few word-wide operations (SWAR): no loop per value, no loop per digit."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
-    lengths = pc.utf8_length(col).to_numpy(zero_copy_only=False)
     out = np.full(len(col), MISSING, dtype=np.int64)
+    lengths = pc.utf8_length(col).to_numpy(zero_copy_only=False)
     present = lengths == 8
-    if present.any():
-        full = pc.filter(col, pa.array(present))
-        offsets = np.frombuffer(full.buffers()[1], dtype=np.int32, count=len(full) + 1, offset=full.offset * 4)
-        data = np.frombuffer(full.buffers()[2], dtype=np.uint8)
-        idx = offsets[:-1, None] + np.arange(8)
-        digits = _HEX_VALUE[data[idx]].astype(np.int64)  # (m, 8)
-        out[present] = (digits << np.arange(28, -4, -4, dtype=np.int64)).sum(axis=1)
+    if not present.any():
+        return out
+    full = col if present.all() else pc.filter(col, pa.array(present))
+    offsets = np.frombuffer(full.buffers()[1], dtype=np.int32, count=len(full) + 1, offset=full.offset * 4)
+    data = np.frombuffer(full.buffers()[2], dtype=np.uint8)
+    if offsets[-1] - offsets[0] == 8 * len(full):  # values back to back: view them in place
+        words = data[offsets[0] : offsets[-1]].view(">u8").astype(np.uint64)
+    else:
+        words = data[offsets[:-1, None] + np.arange(8)].copy().view(">u8").ravel().astype(np.uint64)
+    x = (words & _LOW_NIBBLES) + np.uint64(9) * ((words >> np.uint64(6)) & _LETTER_BITS)  # byte -> digit
+    x = (x | (x >> np.uint64(4))) & np.uint64(0x00FF00FF00FF00FF)
+    x = (x | (x >> np.uint64(8))) & np.uint64(0x0000FFFF0000FFFF)
+    x = (x | (x >> np.uint64(16))) & np.uint64(0x00000000FFFFFFFF)
+    out[present] = x.astype(np.int64)
     return out

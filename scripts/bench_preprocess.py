@@ -1,0 +1,111 @@
+"""dlrm-preprocess against the floor (a bare pyarrow.csv read of the same file) and against TorchRec's
+own tool (``BinaryCriteoUtils.tsv_to_npys`` + ``sparse_to_contiguous``), side by side on one input;
+then peak memory for growing inputs at a fixed chunk size.
+
+    .venv/bin/python scripts/bench_preprocess.py [--rows 500000] [--torchrec-rows 100000]
+
+TorchRec's tool parses line by line in Python, so it runs on the first ``--torchrec-rows`` rows of the
+same file (rows/s is what is compared). Peak memory is each run's max RSS, in a fresh process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from dlrm_cache.config import PreprocessOptions, PreprocessRunConfig, SynthConfig
+from dlrm_cache.criteo import LABELED_COLUMNS
+from dlrm_cache.data.preprocess import preprocess
+from dlrm_cache.data.synthetic import generate
+
+
+def bare_read(path: Path) -> float:
+    t0 = time.perf_counter()
+    pacsv.read_csv(
+        path,
+        read_options=pacsv.ReadOptions(column_names=LABELED_COLUMNS),
+        parse_options=pacsv.ParseOptions(delimiter="\t"),
+    )
+    return time.perf_counter() - t0
+
+
+def pipeline(path: Path, out: Path, chunk_mb: int = 32) -> float:
+    cfg = PreprocessRunConfig(
+        input=[str(path)],
+        output_dir=str(out),
+        overwrite=True,
+        preprocess=PreprocessOptions(chunk_mb=chunk_mb, progress=False),
+    )
+    t0 = time.perf_counter()
+    preprocess(cfg)
+    return time.perf_counter() - t0
+
+
+def torchrec_tool(path: Path, rows: int, tmp: Path) -> float:
+    from torchrec.datasets.criteo import BinaryCriteoUtils
+
+    head = tmp / "day_0"
+    with open(path) as src, open(head, "w") as dst:
+        for _ in range(rows):
+            dst.write(src.readline())
+    t0 = time.perf_counter()
+    BinaryCriteoUtils.tsv_to_npys(
+        str(head), str(tmp / "d.npy"), str(tmp / "day_0_sparse.npy"), str(tmp / "l.npy")
+    )
+    BinaryCriteoUtils.sparse_to_contiguous([str(tmp / "day_0_sparse.npy")], str(tmp), frequency_threshold=0)
+    return time.perf_counter() - t0
+
+
+def peak_rss_mb(path: Path, out: Path, chunk_mb: int) -> float:
+    code = (
+        "import resource, sys; sys.path.insert(0, 'scripts'); from bench_preprocess import pipeline; "
+        f"from pathlib import Path; pipeline(Path({str(path)!r}), Path({str(out)!r}), {chunk_mb}); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(r.stdout.split()[-1]) / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=500_000)
+    ap.add_argument("--torchrec-rows", type=int, default=100_000)
+    ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True)
+    args = ap.parse_args()
+    print(f"{platform.machine()}, {os.cpu_count()} cores, pyarrow {pa.__version__}")
+    with tempfile.TemporaryDirectory() as tmp_:
+        tmp = Path(tmp_)
+        src = tmp / "train.txt"
+        generate(SynthConfig(rows=args.rows, out=str(src), progress=False))
+        mb = src.stat().st_size / 1e6
+        print(f"input: {args.rows:,} rows, {mb:.0f} MB (dlrm-synth, full Kaggle cardinalities)")
+        floor = bare_read(src)
+        ours = pipeline(src, tmp / "out")
+        (tmp / "tr").mkdir()
+        theirs = torchrec_tool(src, args.torchrec_rows, tmp / "tr")
+        rows = {"bare pyarrow.csv read": (args.rows, floor), "dlrm-preprocess": (args.rows, ours),
+                "torchrec tsv_to_npys + sparse_to_contiguous": (args.torchrec_rows, theirs)}  # fmt: skip
+        for name, (n, secs) in rows.items():
+            print(
+                f"{name:45s} {secs:7.2f} s {n / secs:>12,.0f} rows/s {secs / floor * args.rows / n:6.2f}x floor"
+            )
+        if args.memory:
+            print("peak RSS of dlrm-preprocess, chunk_mb=8:")
+            for n in (args.rows // 4, args.rows, 2 * args.rows):
+                path = tmp / f"m{n}.txt"
+                generate(SynthConfig(rows=n, out=str(path), progress=False))
+                print(f"  {n:>10,} rows: {peak_rss_mb(path, tmp / f'mo{n}', 8):7.0f} MB")
+                path.unlink()
+
+
+if __name__ == "__main__":
+    main()
