@@ -95,9 +95,8 @@ def main() -> None:
         rows = {"bare pyarrow.csv read": (args.rows, floor), "dlrm-preprocess": (args.rows, ours),
                 "torchrec tsv_to_npys + sparse_to_contiguous": (args.torchrec_rows, theirs)}  # fmt: skip
         for name, (n, secs) in rows.items():
-            print(
-                f"{name:45s} {secs:7.2f} s {n / secs:>12,.0f} rows/s {secs / floor * args.rows / n:6.2f}x floor"
-            )
+            rel = secs / floor * args.rows / n
+            print(f"{name:45s} {secs:7.2f} s {n / secs:>12,.0f} rows/s {rel:6.2f}x floor")
         if args.memory:
             print("peak RSS of dlrm-preprocess, chunk_mb=8:")
             for n in (args.rows // 4, args.rows, 2 * args.rows):

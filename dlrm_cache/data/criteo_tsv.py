@@ -177,7 +177,12 @@ def _physical_lines(accepted: np.ndarray, skipped: list[int]) -> np.ndarray:
         lines = nxt
 
 
+_INT_PATTERN = r"^-?[0-9]{1,18}$|^$"
+
+
 def _convert(batch: pa.RecordBatch, path: Path, lines: np.ndarray, on_bad_lines: str, bad: BadLines) -> Chunk:
+    """Check and convert one block. The fast path converts directly; a failing integer cast is
+    located with a regex, bad hex with a byte table, so errors name the exact row and field."""
     n = batch.num_rows
     ok = np.ones(n, dtype=bool)
     problems: list[tuple[int, str, str]] = []  # (row, field, what)
@@ -189,19 +194,26 @@ def _convert(batch: pa.RecordBatch, path: Path, lines: np.ndarray, on_bad_lines:
             ok[wrong] = False
 
     labeled = "label" in batch.schema.names
+    label = None
     if labeled:
         lab = batch.column("label")
         check(pc.is_in(lab, pa.array(["0", "1"])).to_numpy(zero_copy_only=False), "label", "0 or 1")
-    int_cols = []
-    for name in INT_COLUMNS:
+        label = np.asarray(pc.equal(lab, "1")).astype(np.int8)
+    ints = np.zeros((n, len(INT_COLUMNS)), dtype=np.int64)
+    for j, name in enumerate(INT_COLUMNS):
         col = batch.column(name)
-        check(pc.match_substring_regex(col, r"^-?[0-9]{1,18}$|^$").to_numpy(zero_copy_only=False), name, "an integer or nothing")
-        int_cols.append(col)
-    cat_cols = []
-    for name in CAT_COLUMNS:
-        col = batch.column(name)
-        check(pc.match_substring_regex(col, r"^[0-9a-fA-F]{8}$|^$").to_numpy(zero_copy_only=False), name, "8 hex digits or nothing")
-        cat_cols.append(col)
+        filled = pc.if_else(pc.equal(col, ""), "0", col)
+        try:
+            ints[:, j] = pc.cast(filled, pa.int64()).to_numpy()
+        except pa.ArrowInvalid:
+            valid = pc.match_substring_regex(col, _INT_PATTERN).to_numpy(zero_copy_only=False)
+            check(valid, name, "an integer or nothing")
+            safe = pc.if_else(pa.array(valid), filled, "0")
+            ints[:, j] = pc.cast(safe, pa.int64()).to_numpy()
+    cats = np.empty((n, len(CAT_COLUMNS)), dtype=np.int64)
+    for j, name in enumerate(CAT_COLUMNS):
+        cats[:, j], valid = hex_to_int(batch.column(name))
+        check(valid, name, "8 hex digits or nothing")
     if problems:
         row, name, what = min(problems)
         if on_bad_lines == "error":
@@ -209,48 +221,42 @@ def _convert(batch: pa.RecordBatch, path: Path, lines: np.ndarray, on_bad_lines:
             raise CriteoFormatError(f"{path}:{lines[row]}: field {name} is {value!r}, expected {what}")
         for r in np.nonzero(~ok)[0]:
             bad.add(path, int(lines[r]), "bad field value")
-    keep = None if ok.all() else pa.array(ok)
-
-    def take(col):
-        return col if keep is None else pc.filter(col, keep)
-
-    label = np.asarray(pc.cast(take(lab), pa.int8())) if labeled else None
-    ints = np.empty((int(ok.sum()), len(INT_COLUMNS)), dtype=np.int64)
-    for j, col in enumerate(int_cols):
-        col = take(col)
-        ints[:, j] = pc.cast(pc.if_else(pc.equal(col, ""), "0", col), pa.int64()).to_numpy()
-    cats = np.empty((len(ints), len(CAT_COLUMNS)), dtype=np.int64)
-    for j, col in enumerate(cat_cols):
-        cats[:, j] = hex_to_int(take(col))
-    return Chunk(label, ints, cats, lines[ok])
+        return Chunk(None if label is None else label[ok], ints[ok], cats[ok], lines[ok])
+    return Chunk(label, ints, cats, lines)
 
 
 _LOW_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
 _LETTER_BITS = np.uint64(0x0101010101010101)
 
 
-def hex_to_int(col: pa.Array) -> np.ndarray:
-    """A string column of 8-hex-digit values (or empty) -> int64, empty -> MISSING; vectorized.
+def hex_to_int(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A string column of 8-hex-digit values (or empty) -> (int64 values, empty -> MISSING; validity).
 
     Eight ASCII hex digits are read as one big-endian 64-bit word and turned into their 32-bit value
-    with a few word-wide operations (SWAR): no loop per value, no loop per digit."""
+    with a few word-wide operations (SWAR): no loop per value, no loop per digit. A value is valid if
+    it is empty, or 8 characters that are all hex digits."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     out = np.full(len(col), MISSING, dtype=np.int64)
     lengths = pc.utf8_length(col).to_numpy(zero_copy_only=False)
+    valid = (lengths == 0) | (lengths == 8)
     present = lengths == 8
     if not present.any():
-        return out
+        return out, valid
     full = col if present.all() else pc.filter(col, pa.array(present))
     offsets = np.frombuffer(full.buffers()[1], dtype=np.int32, count=len(full) + 1, offset=full.offset * 4)
     data = np.frombuffer(full.buffers()[2], dtype=np.uint8)
     if offsets[-1] - offsets[0] == 8 * len(full):  # values back to back: view them in place
-        words = data[offsets[0] : offsets[-1]].view(">u8").astype(np.uint64)
+        chars = data[offsets[0] : offsets[-1]].reshape(-1, 8)
     else:
-        words = data[offsets[:-1, None] + np.arange(8)].copy().view(">u8").ravel().astype(np.uint64)
+        chars = data[offsets[:-1, None] + np.arange(8)]
+    hexdigit = (_HEX_VALUE[chars] != 255).all(axis=1)
+    if not hexdigit.all():
+        valid[np.nonzero(present)[0][~hexdigit]] = False
+    words = np.ascontiguousarray(chars).view(">u8").ravel().astype(np.uint64)
     x = (words & _LOW_NIBBLES) + np.uint64(9) * ((words >> np.uint64(6)) & _LETTER_BITS)  # byte -> digit
     x = (x | (x >> np.uint64(4))) & np.uint64(0x00FF00FF00FF00FF)
     x = (x | (x >> np.uint64(8))) & np.uint64(0x0000FFFF0000FFFF)
     x = (x | (x >> np.uint64(16))) & np.uint64(0x00000000FFFFFFFF)
     out[present] = x.astype(np.int64)
-    return out
+    return out, valid

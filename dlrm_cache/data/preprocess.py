@@ -3,11 +3,13 @@
 Streaming, in bounded memory (one chunk of ``preprocess.chunk_mb`` of TSV at a time):
 
 0. (``split=fraction`` only) count the inputs' lines, to place the split boundaries.
-1. Read every input, validate every field, count categorical values over the **train** lines only.
+1. Parse every input once, validate every field, transform integers with ``log1p(max(x, 0))`` as
+   float32 (the DLRM reference's transform; missing -> 0), count categorical values over the
+   **train** lines only, and spill the parsed rows to an uncompressed Arrow stream in the temporary
+   folder (reading it back costs a fraction of parsing TSV again).
 2. Rank each feature's values by train count (``vocab.Vocabulary``): the hottest value gets id 0.
-3. Read again, re-number ids (values rare in train or unseen there share the "rare" id), transform
-   integers with ``log1p(max(x, 0))`` as float32 (the DLRM reference's transform; missing -> 0), and
-   write ``{train,val,test}/part-*.parquet`` with one fixed schema.
+3. Read the spilled rows, re-number ids (values rare in train or unseen there share the "rare" id),
+   and write ``{train,val,test}/part-*.parquet`` with one fixed schema.
 4. Write ``vocab/cat_*.parquet``, the skew report (``stats/skew.json``, ``stats/skew.png``) and
    ``metadata.json``.
 
@@ -35,7 +37,8 @@ from tqdm import tqdm
 
 from dlrm_cache.config import PreprocessRunConfig
 from dlrm_cache.criteo import CAT_COLUMNS, INT_COLUMNS
-from dlrm_cache.data.criteo_tsv import BadLines, CriteoFormatError, detect_columns, read_chunks
+from dlrm_cache.data.criteo_tsv import BadLines, CriteoFormatError, detect_columns, open_input, read_chunks
+from dlrm_cache.data.synthetic import hash_to_hex
 from dlrm_cache.data.vocab import ValueCounter, Vocabulary
 
 SCHEMA_VERSION = 1
@@ -66,8 +69,6 @@ def _natural_key(s: str) -> list:
 
 
 def count_lines(path: Path) -> int:
-    from dlrm_cache.data.criteo_tsv import open_input
-
     raw, stream = open_input(path)
     lines, last = 0, b"\n"
     try:
@@ -131,31 +132,40 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
     try:
         bad = BadLines()
         counters = [ValueCounter() for _ in CAT_COLUMNS]
-        rows = {s: 0 for s in SPLITS}
+        spills = []
         total_bytes = sum(f.stat().st_size for f in files)
-        with _progress("count", total_bytes, opts.progress) as bar:
-            for f, cols, (train_end, _) in zip(files, layouts, bounds, strict=True):
-                for chunk in read_chunks(f, cols, opts.chunk_mb << 20, opts.on_bad_lines, bad, bar.at(f)):
-                    train = chunk.lines <= train_end
-                    for j, counter in enumerate(counters):
-                        counter.add(chunk.cats[train, j])
+        with _progress("parse", total_bytes, opts.progress) as bar:
+            for n, (f, cols, (train_end, val_end)) in enumerate(zip(files, layouts, bounds, strict=True)):
+                spills.append(tmp / f"_parsed-{n}.arrow")
+                with pa.OSFile(str(spills[-1]), "wb") as sink, pa.ipc.new_stream(sink, _PARSED) as spill:
+                    for chunk in read_chunks(f, cols, opts.chunk_mb << 20, opts.on_bad_lines, bad, bar.at(f)):
+                        split = np.where(chunk.lines <= train_end, 0, np.where(chunk.lines <= val_end, 1, 2))
+                        train = split == 0
+                        for j, counter in enumerate(counters):
+                            counter.add(chunk.cats[train, j])
+                        spill.write_table(_parsed_table(chunk, split))
         vocabs = [Vocabulary.fit(*c.result(), opts.min_count) for c in counters]
         id_type = pa.int32() if max(len(v) for v in vocabs) < 2**31 else pa.int64()
         schema = pa.schema(
             [("label", pa.int8())] + [(c, pa.float32()) for c in INT_COLUMNS] + [(c, id_type) for c in CAT_COLUMNS]
         )
         writers = {s: _SplitWriter(tmp / s, schema, opts.row_group_rows, opts.max_file_rows) for s in SPLITS}
-        bad_second = BadLines()  # the same lines again: counted once, in `bad`
-        with _progress("write", total_bytes, opts.progress) as bar:
-            for f, cols, (train_end, val_end) in zip(files, layouts, bounds, strict=True):
-                for chunk in read_chunks(f, cols, opts.chunk_mb << 20, opts.on_bad_lines, bad_second, bar.at(f)):
-                    table = _transform(chunk, vocabs, schema)
-                    split = np.where(chunk.lines <= train_end, 0, np.where(chunk.lines <= val_end, 1, 2))
-                    for k, s in enumerate(SPLITS):
-                        mask = split == k
-                        if mask.any():
-                            writers[s].write(table.filter(pa.array(mask)))
-                            rows[s] += int(mask.sum())
+        rows = dict.fromkeys(SPLITS, 0)
+        spill_bytes = sum(s.stat().st_size for s in spills)
+        with _progress("write", spill_bytes, opts.progress) as bar:
+            for spill_path in spills:
+                on_progress = bar.at(spill_path)
+                with pa.memory_map(str(spill_path)) as source:
+                    for batch in pa.ipc.open_stream(source):
+                        split = batch.column("split").to_numpy()
+                        table = _renumbered(batch, vocabs, schema)
+                        for k, s in enumerate(SPLITS):
+                            mask = split == k
+                            if mask.any():
+                                writers[s].write(table.filter(pa.array(mask)))
+                                rows[s] += int(mask.sum())
+                        on_progress(source.tell())
+                spill_path.unlink()
         for w in writers.values():
             w.close()
         _write_vocab(tmp / "vocab", vocabs)
@@ -201,14 +211,30 @@ def _replace(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
-def _transform(chunk, vocabs: list[Vocabulary], schema: pa.Schema) -> pa.Table:
+# The rows as parsed: dense values already transformed, categorical values still raw hashes.
+_PARSED = pa.schema(
+    [("label", pa.int8())]
+    + [(c, pa.float32()) for c in INT_COLUMNS]
+    + [(c, pa.int64()) for c in CAT_COLUMNS]
+    + [("split", pa.int8())]
+)
+
+
+def _parsed_table(chunk, split: np.ndarray) -> pa.Table:
     n = len(chunk.lines)
     label = chunk.label if chunk.label is not None else np.full(n, -1, dtype=np.int8)
     dense = np.log1p(np.maximum(chunk.ints, 0)).astype(np.float32)
     cols = [pa.array(label)]
     cols += [pa.array(dense[:, j]) for j in range(len(INT_COLUMNS))]
+    cols += [pa.array(chunk.cats[:, j]) for j in range(len(CAT_COLUMNS))]
+    cols.append(pa.array(split.astype(np.int8)))
+    return pa.Table.from_arrays(cols, schema=_PARSED)
+
+
+def _renumbered(batch: pa.RecordBatch, vocabs: list[Vocabulary], schema: pa.Schema) -> pa.Table:
     id_type = schema.field(CAT_COLUMNS[0]).type
-    cols += [pa.array(v.transform(chunk.cats[:, j]), type=id_type) for j, v in enumerate(vocabs)]
+    cols = [batch.column("label")] + [batch.column(c) for c in INT_COLUMNS]
+    cols += [pa.array(v.transform(batch.column(c).to_numpy()), type=id_type) for c, v in zip(CAT_COLUMNS, vocabs, strict=True)]
     return pa.Table.from_arrays(cols, schema=schema)
 
 
@@ -248,12 +274,12 @@ def _write_vocab(folder: Path, vocabs: list[Vocabulary]) -> None:
     folder.mkdir()
     for name, v in zip(CAT_COLUMNS, vocabs, strict=True):
         is_rare = np.arange(len(v)) == v.rare_id
-        raw = np.where(is_rare, 0, v.raw)
-        hexes = [None if r or x < 0 else f"{x:08x}" for r, x in zip(is_rare, raw, strict=True)]
+        null = is_rare | (v.raw < 0)
+        hexes = pa.array(hash_to_hex(np.where(null, 0, v.raw)), pa.binary(), mask=null).cast(pa.string())
         table = pa.table(
             {
                 "id": pa.array(np.arange(len(v)), pa.int64()),
-                "raw": pa.array(hexes, pa.string()),  # null: the empty value, or the rare bucket
+                "raw": hexes,  # null: the empty value, or the rare bucket
                 "is_rare": pa.array(is_rare),
                 "train_count": pa.array(v.count),
             }
@@ -284,14 +310,16 @@ def _write_skew(folder: Path, skew: dict, vocabs: list[Vocabulary]) -> None:
     folder.mkdir()
     (folder / "skew.json").write_text(json.dumps(skew, indent=2))
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name, v in zip(CAT_COLUMNS, vocabs, strict=True):
-        c = np.sort(v.count)[::-1]
+    def plot(counts: np.ndarray, **style) -> None:
+        c = np.sort(counts)[::-1]
         if c.sum() == 0 or len(c) < 2:
-            continue
-        ax.plot(np.arange(1, len(c) + 1) / len(c), np.cumsum(c) / c.sum(), lw=0.8, alpha=0.6, label=name)
-    overall = np.sort(np.concatenate([v.count for v in vocabs]))[::-1]
-    if overall.sum():
-        ax.plot(np.arange(1, len(overall) + 1) / len(overall), np.cumsum(overall) / overall.sum(), "k", lw=2, label="all")
+            return
+        at = np.unique(np.geomspace(1, len(c), num=400).astype(np.int64))  # a few hundred points
+        ax.plot(at / len(c), np.cumsum(c)[at - 1] / c.sum(), **style)
+
+    for name, v in zip(CAT_COLUMNS, vocabs, strict=True):
+        plot(v.count, lw=0.8, alpha=0.6, label=name)
+    plot(np.concatenate([v.count for v in vocabs]), color="k", lw=2, label="all")
     ax.set_xscale("log")
     ax.set_xlabel("hottest share of rows (cache.ratio)")
     ax.set_ylabel("share of train lookups covered")
