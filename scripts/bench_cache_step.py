@@ -53,8 +53,9 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=20)
     ap.add_argument("--lookahead", type=int, default=256)
     ap.add_argument("--ratios", default="0.015,0.03")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     tables = kaggle_tables(args.dim, args.scale)
     kjts = [
         to_kjt(ids, tables) for ids in zipf_trace(tables, args.warm + args.steps, args.batch, 1.05, seed=1)

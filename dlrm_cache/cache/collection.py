@@ -17,6 +17,7 @@ Ids are expected on the host (the loader's CPU tensors); ids on another device a
 from __future__ import annotations
 
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -95,8 +96,9 @@ class CachedEmbeddingBagCollection(nn.Module):
         self._feature_names = [f for t in tables for f in t.feature_names]
         self._dims = [t.embedding_dim for t in tables for _ in t.feature_names]
         self._group_order = [f for g in self.groups for f in g.features]
-        self._queue: deque[tuple[tuple, list[PreparedBatch]]] = deque()
-        self._planned: list[StepPlan] | None = None
+        self._queue: deque[tuple[tuple, Future]] = deque()  # (signature, prepared batch per group)
+        self._planned: Future | None = None  # the plan of the queue's head, made by prefetch()
+        self._worker: ThreadPoolExecutor | None = None  # the bookkeeping thread
         self._step = 0
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
@@ -104,27 +106,52 @@ class CachedEmbeddingBagCollection(nn.Module):
 
     # ---------------------------------------------------------------- the lookahead queue
     def enqueue(self, features: KeyedJaggedTensor) -> None:
-        """Hand over a future training batch; ``forward`` must then receive the batches in this order."""
+        """Hand over a future training batch; ``forward`` must then receive the batches in this order.
+        Its ids are prepared in the background."""
+        self._queue.append((_signature(features), self._submit(self._prepare_future, features)))
+
+    def prefetch(self) -> None:
+        """Plan the next enqueued batch and load its missing rows, in the background, while the current
+        batch computes. Rows the in-flight batch needs are never evicted, and rows it updates on the
+        host (overflow) are read from the host at the next forward, after that update: nothing is read
+        stale."""
+        if self._planned is not None or not self._queue:
+            return
+        self._planned = self._submit_plan(self._queue[0][1])
+
+    def _prepare_future(self, features: KeyedJaggedTensor) -> list[PreparedBatch]:
         prepared = self._prepare(features)
         for g, p in zip(self.groups, prepared, strict=True):
             g.register_future(p)
-        self._queue.append((_signature(features), prepared))
+        return prepared
 
-    def prefetch(self) -> None:
-        """Plan the next enqueued batch now and load its missing rows (call it while the current batch
-        computes). Rows the in-flight batch needs are never evicted; if that batch reads rows from the
-        host (overflow), planning waits for its update, so nothing is read stale."""
-        if self._planned is not None or not self._queue or any(g.in_flight_overflow() for g in self.groups):
-            return
-        self._planned = self._plan(self._queue[0][1])
-
-    def _plan(self, prepared: list[PreparedBatch]) -> list[StepPlan]:
+    def _submit_plan(self, prepared: Future) -> Future:
         self._step += 1
-        return [g.plan(p, self._step) for g, p in zip(self.groups, prepared, strict=True)]
+        step = self._step
+        # Read here: the batch in flight (`_inflight`) belongs to this thread.
+        inflight = [(g.pin_floor(step), g.inflight_host_rows()) for g in self.groups]
+
+        def plan() -> list[StepPlan]:
+            batches = prepared.result()
+            return [g.plan(p, step, *f) for g, p, f in zip(self.groups, batches, inflight, strict=True)]
+
+        return self._submit(plan)
+
+    def _submit(self, fn, *args) -> Future:
+        """Run ``fn`` on the bookkeeping thread, after everything submitted before it (in order)."""
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlrm-cache")
+        return self._worker.submit(fn, *args)
+
+    def _drain(self) -> None:
+        """Wait until the bookkeeping thread has done everything submitted so far."""
+        if self._worker is not None:
+            self._worker.submit(lambda: None).result()
 
     # ---------------------------------------------------------------- forward
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if not (self.training and torch.is_grad_enabled()):
+            self._drain()
             prepared = self._prepare(features)
             outs = [g.lookup_readonly(p) for g, p in zip(self.groups, prepared, strict=True)]
             return self._keyed(outs)
@@ -135,11 +162,14 @@ class CachedEmbeddingBagCollection(nn.Module):
                     "forward() got a batch other than the next one handed to enqueue(): enqueue every "
                     "training batch, in the order forward() will see them"
                 )
-            plans = self._planned or self._plan(prepared)
+            planned = self._planned or self._submit_plan(prepared)
             self._queue.popleft()
         else:
-            plans = self._plan(self._prepare(features))
+            done: Future = Future()
+            done.set_result(self._prepare(features))
+            planned = self._submit_plan(done)
         self._planned = None
+        plans = planned.result()
         trigger = torch.empty(0, requires_grad=True)
         outs = []
         for g, plan in zip(self.groups, plans, strict=True):
@@ -196,11 +226,14 @@ class CachedEmbeddingBagCollection(nn.Module):
 
     # ---------------------------------------------------------------- state
     def flush(self) -> None:
+        self._drain()
         for g in self.groups:
             g.flush()
 
     def stats(self) -> dict:
-        """Cache counters, per table and in total, as plain numbers (reading them never syncs)."""
+        """Cache counters, per table and in total, as plain numbers (reading them never syncs with the
+        device; it waits for the bookkeeping thread)."""
+        self._drain()
         tables, totals = (
             {},
             dict.fromkeys(
@@ -281,7 +314,8 @@ class CachedEmbeddingBagCollection(nn.Module):
             ours = set(expected)
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in ours)
         self._planned = None
-        queued = [prepared for _, prepared in self._queue]
+        self._drain()
+        queued = [prepared.result() for _, prepared in self._queue]
         for i, g in enumerate(self.groups):
             g.rebuild([p[i] for p in queued])
 

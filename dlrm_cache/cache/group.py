@@ -240,24 +240,43 @@ class TableGroup:
         s = s[s >= 0]
         self.next_use[s] = torch.minimum(self.next_use[s], torch.tensor(batch.seq))
 
-    def plan(self, batch: PreparedBatch, step: int) -> StepPlan:
-        """Make every row of ``batch`` available for training step ``step`` (loads and evictions)."""
+    def pin_floor(self, step: int) -> int:
+        """Slots used at or after this step stay: those of ``step`` and of a batch still in flight."""
+        return step - 1 if self._inflight is not None else step
+
+    def inflight_host_rows(self) -> torch.Tensor | None:
+        """Rows the batch in flight reads from the host and will update there (sorted), if any."""
+        p = self._inflight
+        return None if p is None or p.overflow is None else p.batch.uniq[p.overflow]
+
+    def plan(
+        self, batch: PreparedBatch, step: int, pin_floor: int, host_rows: torch.Tensor | None = None
+    ) -> StepPlan:
+        """Make every row of ``batch`` available for training step ``step`` (loads and evictions).
+        ``host_rows``: rows the batch in flight updates on the host; loading them now would read them
+        stale, so this batch reads them from the host too, at its forward, after that update."""
         t0 = time.perf_counter()
         uniq = batch.uniq
         self.stats.lookups += batch.lookups
         self.stats.touched += self.count_per_table(uniq)
-        plan = StepPlan(batch, step, uniq, None) if self.resident else self._plan_cached(batch, step)
+        if self.resident:
+            plan = StepPlan(batch, step, uniq, None)
+        else:
+            plan = self._plan_cached(batch, step, pin_floor, host_rows)
         self.stats.bookkeeping_s += time.perf_counter() - t0
         return plan
 
-    def _plan_cached(self, batch: PreparedBatch, step: int) -> StepPlan:
+    def _plan_cached(self, batch: PreparedBatch, step: int, pin_floor: int, host_rows) -> StepPlan:
         uniq = batch.uniq
         slots = self.row_to_slot[uniq].to(torch.int64)
         hit = slots >= 0
         self.pin_until[slots[hit]] = step
-        pin_floor = step - 1 if self._inflight is not None else step
         miss_pos = torch.nonzero(~hit).squeeze(1)
-        overflow = None
+        overflow = held_pos = None
+        if host_rows is not None and miss_pos.numel():
+            held = torch.isin(uniq[miss_pos], host_rows)
+            if bool(held.any()):
+                held_pos, miss_pos = miss_pos[held], miss_pos[~held]
         lookahead = self.future is not None
         if lookahead:  # each row's next use after this batch (kept: a batch may be planned again)
             if batch.next_use is None:
@@ -312,6 +331,11 @@ class TableGroup:
             if not bool(admit.all()):
                 overflow = miss_pos[~admit]
                 self.stats.overflow += self.count_per_table(uniq[overflow])
+        if held_pos is not None:
+            held_per_table = self.count_per_table(uniq[held_pos])
+            self.stats.loaded += held_per_table
+            self.stats.overflow += held_per_table
+            overflow = held_pos if overflow is None else torch.sort(torch.cat([overflow, held_pos])).values
         cached = slots >= 0
         if lookahead:
             self.next_use[slots[cached]] = next_use[cached]
@@ -519,9 +543,6 @@ class TableGroup:
         if not self.resident:
             self._reset_cache(queued)
         self._inflight = None
-
-    def in_flight_overflow(self) -> bool:
-        return self._inflight is not None and self._inflight.overflow is not None
 
     def close(self) -> None:
         if self.host is not None:
