@@ -367,3 +367,37 @@ def test_bad_optimizer_and_tables_are_refused():
         CachedEmbeddingBagCollection(
             make_tables(), CacheConfig(table_ratios={"nope": 0.1}), SparseOptimizer()
         )
+
+
+def test_evaluation_between_prefetched_steps_sees_the_trained_values():
+    """An eval lookup while the next step's plan runs in the background waits for it, and reads
+    every row at its latest value."""
+    opt = SparseOptimizer("adagrad", lr=0.05)
+    reference = CachedEmbeddingBagCollection(make_tables(), CacheConfig(policy="none"), opt)
+    cached = CachedEmbeddingBagCollection(make_tables(), cache_cfg("lookahead", 0.01, lookahead=2), opt)
+    batches, probes = make_batches(12), make_batches(12, seed=5)
+    for m in (reference, cached):
+        for b in batches[:2]:
+            m.enqueue(b)
+    for i, b in enumerate(batches):
+        for m in (reference, cached):
+            if i + 2 < len(batches):
+                m.enqueue(batches[i + 2])
+            pooled = m(b).values()
+            m.prefetch()
+            loss_of(pooled).backward()
+            m.eval()
+            with torch.no_grad():
+                m.probe = m(probes[i]).values()
+            m.train()
+        torch.testing.assert_close(cached.probe, reference.probe, atol=1e-6, rtol=1e-5)
+
+
+def test_a_bad_id_in_an_enqueued_batch_fails_at_its_forward():
+    ebc = CachedEmbeddingBagCollection(make_tables(), cache_cfg("lookahead", 0.05), SparseOptimizer("sgd"))
+    bad = KeyedJaggedTensor(
+        keys=["f0", "f1", "f2"], values=torch.tensor([1, -4, 2]), lengths=torch.tensor([1, 1, 1])
+    )
+    ebc.enqueue(bad)
+    with pytest.raises(ValueError, match=r"feature 'f1': id -4 is outside its table 't1'"):
+        ebc(bad)
