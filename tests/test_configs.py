@@ -8,7 +8,14 @@ import pytest
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
-from dlrm_cache.config import ConfigError, SynthConfig, TrainRunConfig, register_configs, to_config
+from dlrm_cache.config import (
+    ConfigError,
+    PreprocessRunConfig,
+    SynthConfig,
+    TrainRunConfig,
+    register_configs,
+    to_config,
+)
 
 register_configs()
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -31,6 +38,18 @@ def test_every_option_of_every_group_composes_and_validates(group):
     for option in options:
         cfg = to_config(_compose("train", [f"{group}={option}"]), TrainRunConfig)
         assert isinstance(cfg, TrainRunConfig)
+
+
+@pytest.mark.parametrize("dataset", _options("dataset"))
+def test_every_dataset_composes_into_the_preprocess_schema(dataset):
+    cfg = _compose("preprocess", [f"dataset={dataset}", "input=a.txt", "output_dir=out"])
+    run = to_config(cfg, PreprocessRunConfig)
+    assert run.dataset.name == dataset and run.input == ["a.txt"]
+
+
+def test_preprocess_requires_input_and_output():
+    with pytest.raises(ConfigError, match="input"):
+        to_config(_compose("preprocess", ["output_dir=out"]), PreprocessRunConfig)
 
 
 def test_group_choice_reaches_the_schema():
