@@ -93,6 +93,7 @@ class PreprocessOptions:
     chunk_mb: int = 32  # bytes of TSV parsed at a time: bounds memory
     row_group_rows: int = 131_072
     max_file_rows: int = 4_000_000  # start a new part file after this many rows
+    workers: int = 0  # processes parsing input files in parallel (one file each); 0: one per core
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -100,6 +101,7 @@ class PreprocessOptions:
         _require_choice("preprocess.on_bad_lines", self.on_bad_lines, ("error", "skip"))
         _require(self.chunk_mb >= 1, "preprocess.chunk_mb", self.chunk_mb, ">= 1")
         _require(self.row_group_rows >= 1, "preprocess.row_group_rows", self.row_group_rows, ">= 1")
+        _require(self.workers >= 0, "preprocess.workers", self.workers, ">= 0 (0: one per core)")
         _require(self.max_file_rows >= self.row_group_rows, "preprocess.max_file_rows", self.max_file_rows,
                  f">= preprocess.row_group_rows ({self.row_group_rows})")  # fmt: skip
 

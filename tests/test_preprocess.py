@@ -145,6 +145,16 @@ def test_terabyte_days_split_by_file_and_skew_report(tmp_path):
     assert skew["overall"][-1] == pytest.approx(1.0)
     assert all(a <= b for a, b in zip(skew["overall"], skew["overall"][1:], strict=False))
     assert (out / "stats" / "skew.png").stat().st_size > 1000
+    # one process per day file gives exactly what one process gives
+    single = run(
+        [str(tmp_path / "tb" / "day_*.gz")],
+        tmp_path / "one",
+        dataset=DatasetConfig(split="last_file"),
+        workers=1,
+    )
+    for split in ("train", "val", "test"):
+        assert read_split(single, split) == read_split(out, split)
+    assert json.loads((single / "metadata.json").read_text())["vocab_sizes"] == meta["vocab_sizes"]
 
 
 @pytest.mark.skipif(not EXCERPT.is_file(), reason="the shared real-data excerpt is not beside the repository")

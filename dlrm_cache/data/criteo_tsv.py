@@ -50,6 +50,12 @@ class BadLines:
     first: list[str] = field(default_factory=list)
     reasons: dict[str, int] = field(default_factory=dict)
 
+    def extend(self, other: BadLines) -> None:
+        self.count += other.count
+        for reason, n in other.reasons.items():
+            self.reasons[reason] = self.reasons.get(reason, 0) + n
+        self.first = (self.first + other.first)[:10]
+
     def add(self, path: Path, line: int, reason: str) -> None:
         self.count += 1
         self.reasons[reason] = self.reasons.get(reason, 0) + 1

@@ -23,11 +23,13 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import multiprocessing
 import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +107,7 @@ def _fingerprint(cfg: PreprocessRunConfig, files: list[Path]) -> dict:
     return {
         "dataset": asdict(cfg.dataset),
         "inputs": [{"path": str(f.resolve()), "size": f.stat().st_size, "mtime": f.stat().st_mtime} for f in files],
-        "preprocess": {k: v for k, v in asdict(cfg.preprocess).items() if k != "progress"},
+        "preprocess": {k: v for k, v in asdict(cfg.preprocess).items() if k not in ("progress", "workers")},
     }
 
 
@@ -130,20 +132,12 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        bad = BadLines()
-        counters = [ValueCounter() for _ in CAT_COLUMNS]
-        spills = []
-        total_bytes = sum(f.stat().st_size for f in files)
-        with _progress("parse", total_bytes, opts.progress) as bar:
-            for n, (f, cols, (train_end, val_end)) in enumerate(zip(files, layouts, bounds, strict=True)):
-                spills.append(tmp / f"_parsed-{n}.arrow")
-                with pa.OSFile(str(spills[-1]), "wb") as sink, pa.ipc.new_stream(sink, _PARSED) as spill:
-                    for chunk in read_chunks(f, cols, opts.chunk_mb << 20, opts.on_bad_lines, bad, bar.at(f)):
-                        split = np.where(chunk.lines <= train_end, 0, np.where(chunk.lines <= val_end, 1, 2))
-                        train = split == 0
-                        for j, counter in enumerate(counters):
-                            counter.add(chunk.cats[train, j])
-                        spill.write_table(_parsed_table(chunk, split))
+        spills = [tmp / f"_parsed-{n}.arrow" for n in range(len(files))]
+        jobs = [
+            _ParseJob(f, cols, bound, spill, opts.chunk_mb << 20, opts.on_bad_lines)
+            for f, cols, bound, spill in zip(files, layouts, bounds, spills, strict=True)
+        ]
+        counters, bad = _parse_all(jobs, opts.workers or os.cpu_count() or 1, opts.progress)
         vocabs = [Vocabulary.fit(*c.result(), opts.min_count) for c in counters]
         id_type = pa.int32() if max(len(v) for v in vocabs) < 2**31 else pa.int64()
         schema = pa.schema(
@@ -209,6 +203,56 @@ def _replace(tmp: Path, out: Path) -> None:
         shutil.rmtree(old)
     else:
         tmp.rename(out)
+
+
+@dataclass
+class _ParseJob:
+    """Parse one input: spill its rows to ``spill``, count its train values."""
+
+    path: Path
+    columns: list[str]
+    bounds: tuple[int, int]  # last train line, last val line
+    spill: Path
+    chunk_bytes: int
+    on_bad_lines: str
+
+    def run(self, on_progress=None) -> tuple[list[ValueCounter], BadLines]:
+        bad = BadLines()
+        counters = [ValueCounter() for _ in CAT_COLUMNS]
+        train_end, val_end = self.bounds
+        with pa.OSFile(str(self.spill), "wb") as sink, pa.ipc.new_stream(sink, _PARSED) as spill:
+            for chunk in read_chunks(self.path, self.columns, self.chunk_bytes, self.on_bad_lines, bad, on_progress):
+                split = np.where(chunk.lines <= train_end, 0, np.where(chunk.lines <= val_end, 1, 2))
+                train = split == 0
+                for j, counter in enumerate(counters):
+                    counter.add(chunk.cats[train, j])
+                spill.write_table(_parsed_table(chunk, split))
+        for c in counters:
+            c.result()  # compact before crossing a process boundary
+        return counters, bad
+
+
+def _parse_all(jobs: list[_ParseJob], workers: int, progress: bool) -> tuple[list[ValueCounter], BadLines]:
+    """Run the parse jobs, one input file per process when there are several, and merge their counts
+    (in input order, so the result does not depend on the scheduling)."""
+    total = sum(j.path.stat().st_size for j in jobs)
+    with _progress("parse", total, progress) as bar:
+        if len(jobs) == 1 or workers == 1:
+            results = [job.run(bar.at(job.path)) for job in jobs]
+        else:
+            ctx = multiprocessing.get_context("spawn")  # pyarrow's thread pools do not survive fork
+            with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
+                futures = [pool.submit(job.run) for job in jobs]
+                for job, future in zip(jobs, futures, strict=True):
+                    future.result()
+                    bar.at(job.path)(job.path.stat().st_size)
+                results = [f.result() for f in futures]
+    counters, bad = results[0]
+    for more, more_bad in results[1:]:
+        for c, m in zip(counters, more, strict=True):
+            c.merge(m)
+        bad.extend(more_bad)
+    return counters, bad
 
 
 # The rows as parsed: dense values already transformed, categorical values still raw hashes.
