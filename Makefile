@@ -10,9 +10,8 @@ help:  ## list the targets
 setup:  ## create .venv with torch/fbgemm/torchrec and dlrm_cache (DLRM_DEVICE=cpu|cuda to force)
 	scripts/setup.sh
 
-demo:  ## the main job on the built-in default: synthetic Criteo data -> Parquet (CPU)
-	$(VENV)/bin/dlrm-synth rows=200000 out=data/synth/train.txt overwrite=true
-	$(VENV)/bin/dlrm-preprocess input=data/synth/train.txt output_dir=data/synth_pq overwrite=true
+demo:  ## the main job on the built-in default: dlrm-train on synthetic Criteo data (CPU)
+	$(VENV)/bin/dlrm-train
 
 test:  ## the whole test suite (CPU; gpu tests skip without CUDA)
 	$(PY) -m pytest -q

@@ -166,8 +166,16 @@ class OptimConfig:
     eps: float = 1e-8
     beta1: float = 0.9  # adam only
     beta2: float = 0.999  # adam only
+    # The DLRM reference's schedule: linear warm-up over `warmup_steps`, then from `decay_start` a
+    # polynomial (power 2) decay to 0 over `decay_steps`; 0 turns each part off. Dense and sparse alike.
+    warmup_steps: int = 0
+    decay_start: int = 0
+    decay_steps: int = 0
 
     def __post_init__(self) -> None:
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
+        _require(self.decay_start >= 0, "optim.decay_start", self.decay_start, ">= 0")
+        _require(self.decay_steps >= 0, "optim.decay_steps", self.decay_steps, ">= 0")
         _require_choice("optim.sparse", self.sparse, SPARSE_OPTIMIZERS)
         _require_choice("optim.dense", self.dense, DENSE_OPTIMIZERS)
         _require(self.sparse_lr > 0, "optim.sparse_lr", self.sparse_lr, "a learning rate > 0")
@@ -181,8 +189,16 @@ class OptimConfig:
 class DataConfig:
     """Training data (``data.*``): a dataset written by ``dlrm-preprocess``."""
 
-    path: str | None = None  # None: generate and preprocess a small synthetic dataset
-    shuffle: bool = False
+    path: str | None = None  # None: generate and preprocess a small synthetic dataset (below)
+    shuffle: bool = False  # shuffle row groups, and rows within each, per epoch (seeded)
+    synthetic_dir: str = "data/default"  # where the built-in default dataset is made (once)
+    synthetic_rows: int = 200_000
+    synthetic_cardinality_scale: float = 0.01
+
+    def __post_init__(self) -> None:
+        _require(self.synthetic_rows >= 1000, "data.synthetic_rows", self.synthetic_rows, ">= 1000")
+        _require(self.synthetic_cardinality_scale > 0, "data.synthetic_cardinality_scale",
+                 self.synthetic_cardinality_scale, "> 0")  # fmt: skip
 
 
 @dataclass

@@ -208,19 +208,32 @@ def test_adagrad_matches_fbgemm_exact_rowwise_adagrad():
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_state_dict_round_trip_mid_training_continues_identically(optimizer):
+    """Saved while the next batch is already planned (prefetched) and more are enqueued."""
     opt = SparseOptimizer(optimizer, lr=0.05)
     batches = make_batches(40)
     straight = CachedEmbeddingBagCollection(make_tables(), cache_cfg("lookahead", 0.02, lookahead=2), opt)
     train(straight, batches, lookahead=2)
 
+    def steps(ebc, start, stop):
+        for i in range(start, stop):
+            if i + 2 < len(batches):
+                ebc.enqueue(batches[i + 2])
+            pooled = ebc(batches[i]).values()
+            ebc.prefetch()
+            loss_of(pooled).backward()
+
     first = CachedEmbeddingBagCollection(make_tables(), cache_cfg("lookahead", 0.02, lookahead=2), opt)
-    train(first, batches[:17], lookahead=2, prefetch=False)
+    for b in batches[:2]:
+        first.enqueue(b)
+    steps(first, 0, 17)
     saved = first.state_dict()
     resumed = CachedEmbeddingBagCollection(
         make_tables(), cache_cfg("lookahead", 0.02, lookahead=2), opt, seed=99
     )
     resumed.load_state_dict(saved)
-    train(resumed, batches[17:], lookahead=2)
+    for b in batches[17:19]:
+        resumed.enqueue(b)
+    steps(resumed, 17, 40)
     assert_same_state(straight, resumed, atol=1e-6)
 
 

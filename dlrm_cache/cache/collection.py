@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -225,6 +226,13 @@ class CachedEmbeddingBagCollection(nn.Module):
         return prepared
 
     # ---------------------------------------------------------------- state
+    def set_learning_rate(self, lr: float) -> None:
+        """The sparse optimizer's learning rate from the next update on (for LR schedules)."""
+        self._drain()
+        self.optimizer = replace(self.optimizer, lr=lr)
+        for g in self.groups:
+            g.optimizer = self.optimizer
+
     def flush(self) -> None:
         self._drain()
         for g in self.groups:
@@ -285,7 +293,9 @@ class CachedEmbeddingBagCollection(nn.Module):
                 rows = g.table_rows(t)
                 destination[f"{prefix}embedding_bags.{cfg.name}.weight"] = rows[:, : g.dim].clone()
                 destination[f"{prefix}embedding_bags.{cfg.name}.optimizer_state"] = rows[:, g.dim :].clone()
-        destination[f"{prefix}optimizer_step"] = torch.tensor(self._step)
+        # Updates applied so far: a batch planned ahead by prefetch() has not been trained on yet.
+        applied = self._step - (1 if self._planned is not None else 0)
+        destination[f"{prefix}optimizer_step"] = torch.tensor(applied)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

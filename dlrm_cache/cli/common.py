@@ -6,6 +6,7 @@ import sys
 from collections.abc import Callable
 
 from dlrm_cache.config import ConfigError
+from dlrm_cache.train.trainer import TrainingError
 
 EXIT_BAD_INPUT = 2
 
@@ -14,6 +15,6 @@ def run_cli(name: str, job: Callable[[], None]) -> None:
     """Run ``job``; a bad config or bad input ends the process with ``name: error: ...`` and exit 2."""
     try:
         job()
-    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileExistsError, FileNotFoundError, ValueError, TrainingError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)

@@ -1,0 +1,49 @@
+"""``dlrm-train``: train DLRM / DCN on a ``dlrm-preprocess`` output, with the embedding cache.
+
+    dlrm-train                                   # built-in default: synthetic data, CPU, one epoch
+    dlrm-train data.path=/data/criteo_pq model=dcn cache.ratio=0.015 optim.sparse=adagrad \
+        train.batch_size=4096
+    dlrm-train hydra.run.dir=runs/a train.checkpoint_every=1000 train.resume=true
+
+Outputs (metrics.jsonl, summary.json, checkpoint.pt) go to Hydra's run dir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from dlrm_cache.cli.common import run_cli
+from dlrm_cache.config import TrainRunConfig, register_configs, to_config
+from dlrm_cache.train.trainer import train
+
+register_configs()
+
+
+@hydra.main(config_path="pkg://dlrm_cache.configs", config_name="train", version_base=None)
+def _main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+
+    def job() -> None:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        summary = train(to_config(cfg, TrainRunConfig), run_dir)
+        shown = {k: v for k, v in summary.items() if k != "cache"}
+        shown["cache_hit_rate_unique"] = summary["cache"]["hit_rate_unique"]
+        print(json.dumps(shown, indent=2))
+        print(f"dlrm-train: outputs in {run_dir}")
+
+    run_cli("dlrm-train", job)
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training: the loop that ties loader, model, cache, evaluation and checkpoints together."""

@@ -1,0 +1,168 @@
+"""dlrm-train end to end on small generated data."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from dlrm_cache.config import (
+    CacheConfig,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    PreprocessOptions,
+    PreprocessRunConfig,
+    SynthConfig,
+    TrainLoopConfig,
+    TrainRunConfig,
+)
+from dlrm_cache.data.loader import ParquetBatches
+from dlrm_cache.data.preprocess import preprocess
+from dlrm_cache.data.synthetic import generate
+from dlrm_cache.train.trainer import CHECKPOINT, TrainingError, train
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    generate(SynthConfig(rows=40_000, out=str(root / "train.txt"), cardinality_scale=0.002, progress=False))
+    cfg = PreprocessRunConfig(
+        input=[str(root / "train.txt")],
+        output_dir=str(root / "pq"),
+        preprocess=PreprocessOptions(progress=False, row_group_rows=4096),
+    )
+    return preprocess(cfg)
+
+
+def config(path, **kw) -> TrainRunConfig:
+    small = ModelConfig(embedding_dim=8, dense_arch_layer_sizes=[32, 8], over_arch_layer_sizes=[32, 1])
+    base = TrainRunConfig(
+        data=DataConfig(path=str(path)),
+        model=small,
+        cache=CacheConfig(policy="lookahead", ratio=0.02, lookahead=8, full_table_rows=100),
+        optim=OptimConfig(sparse="adagrad", dense="adagrad", sparse_lr=0.05, dense_lr=0.05),
+        train=TrainLoopConfig(batch_size=512, log_every=1, max_steps=25),
+    )
+    return replace(base, **kw)
+
+
+def losses(run_dir):
+    return [
+        r["loss"]
+        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if "loss" in r
+    ]
+
+
+@pytest.mark.parametrize("sparse", ["sgd", "adagrad", "adam"])
+def test_cached_training_matches_all_on_device_step_by_step(dataset, tmp_path, sparse):
+    optim = OptimConfig(
+        sparse=sparse, dense="sgd", sparse_lr=0.05 if sparse != "adam" else 0.005, dense_lr=0.05
+    )
+    cached = train(config(dataset, optim=optim), tmp_path / "cached")
+    plain = train(config(dataset, optim=optim, cache=CacheConfig(policy="none")), tmp_path / "none")
+    np.testing.assert_allclose(losses(tmp_path / "cached"), losses(tmp_path / "none"), rtol=1e-5, atol=1e-6)
+    assert cached["test_auc"] == pytest.approx(plain["test_auc"], abs=1e-5)
+    assert cached["cache"]["rows_loaded"] > 0 and plain["cache"]["rows_loaded"] == 0
+
+
+def test_learns_clearly_better_than_chance_and_dense_only(dataset, tmp_path):
+    summary = train(
+        config(dataset, train=TrainLoopConfig(batch_size=256, log_every=50, epochs=2)), tmp_path / "run"
+    )
+
+    # the dense-only reference: logistic regression on the 13 dense features of the same splits
+    def arrays(split):
+        b = list(ParquetBatches(dataset, split, 1024, drop_last=False).batches(0))
+        return torch.cat([x.dense_features for x in b]), torch.cat([x.labels for x in b])
+
+    x, y = arrays("train")
+    lin = torch.nn.Linear(13, 1)
+    opt = torch.optim.Adam(lin.parameters(), lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(lin(x).squeeze(1), y).backward()
+        opt.step()
+    xt, yt = arrays("test")
+    from torchmetrics.functional.classification import binary_auroc
+
+    dense_only = float(binary_auroc(torch.sigmoid(lin(xt).squeeze(1)).detach(), yt.long()))
+    assert summary["test_auc"] > 0.70
+    assert summary["test_auc"] > dense_only + 0.1
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    for key in ("val_auc", "test_auc", "test_logloss", "train_samples_per_s", "steps", "world_size"):
+        assert key in s
+    assert set(s["cache"]["tables"]) == {f"t_cat_{i}" for i in range(26)}
+    for key in (
+        "policy",
+        "ratio",
+        "hit_rate_unique",
+        "rows_loaded",
+        "rows_touched",
+        "bytes_h2d",
+        "bytes_d2h",
+    ):
+        assert key in s["cache"]
+
+
+def test_a_killed_run_resumes_to_the_same_parameters(dataset, tmp_path):
+    args = [
+        sys.executable, "-m", "dlrm_cache.cli.train", f"data.path={dataset}", "model.embedding_dim=8",
+        "model.dense_arch_layer_sizes=[32,8]", "model.over_arch_layer_sizes=[32,1]", "train.batch_size=256",
+        "train.max_steps=120", "train.checkpoint_every=10", "cache.ratio=0.02", "cache.lookahead=8",
+    ]  # fmt: skip
+    straight = tmp_path / "straight"
+    subprocess.run([*args, f"hydra.run.dir={straight}"], check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*args, f"hydra.run.dir={killed}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while not (killed / CHECKPOINT).exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step_at_kill = torch.load(killed / CHECKPOINT, weights_only=False)["step"]
+    assert 0 < step_at_kill < 120, "killed mid-run"
+    subprocess.run([*args, f"hydra.run.dir={killed}", "train.resume=true"], check=True, capture_output=True)
+    a = torch.load(straight / CHECKPOINT, weights_only=False)
+    b = torch.load(killed / CHECKPOINT, weights_only=False)
+    assert a["step"] == b["step"] == 120
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_bad_data_path_and_schema_version(dataset, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        train(config(tmp_path / "nope"), tmp_path / "r")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a dlrm-preprocess output"):
+        train(config(tmp_path / "empty"), tmp_path / "r")
+    fake = tmp_path / "future"
+    fake.mkdir()
+    (fake / "metadata.json").write_text(json.dumps({"schema_version": 99}))
+    with pytest.raises(ValueError, match="schema_version 99"):
+        train(config(fake), tmp_path / "r")
+
+
+def test_resume_with_another_config_is_refused(dataset, tmp_path):
+    train(config(dataset, train=TrainLoopConfig(batch_size=512, max_steps=3)), tmp_path / "r")
+    other = config(dataset, train=TrainLoopConfig(batch_size=256, max_steps=6, resume=True))
+    with pytest.raises(TrainingError, match="another config"):
+        train(other, tmp_path / "r")
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(dataset, tmp_path):
+    optim = OptimConfig(sparse="sgd", dense="sgd", sparse_lr=1e30, dense_lr=1e30)
+    cfg = config(
+        dataset, optim=optim, train=TrainLoopConfig(batch_size=512, max_steps=20, checkpoint_every=1)
+    )
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf) at step \d+; last good checkpoint kept"):
+        train(cfg, tmp_path / "r")
+    assert (tmp_path / "r" / CHECKPOINT).exists()
