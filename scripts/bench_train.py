@@ -60,8 +60,9 @@ def main() -> None:
         ]:
             s = train(replace(base, cache=cache), tmp / name.replace(" ", "_"))
             rate = s["train_samples_per_s"]
-            print(f"{name:20s}  {rate:>10,.0f} samples/s  loader/train {loader_rate / rate:5.1f}x  "
-                  f"test AUC {s['test_auc']:.4f}  unique hit rate {s['cache']['hit_rate_unique']:.3f}")  # fmt: skip
+            hit = s["cache"]["hit_rate_unique"]
+            print(f"{name:20s}  {rate:>10,.0f} samples/s  loader/train {loader_rate / rate:5.1f}x", end="  ")
+            print(f"test AUC {s['test_auc']:.4f}  unique hit rate {hit:.3f}")
 
 
 if __name__ == "__main__":
