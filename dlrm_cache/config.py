@@ -237,11 +237,9 @@ class TrainerConfig:
     """Where training runs (``trainer=cpu|gpu``)."""
 
     device: str = "cpu"
-    backend: str = "gloo"  # torch.distributed backend under torchrun
 
     def __post_init__(self) -> None:
         _require_choice("trainer.device", self.device, ("cpu", "cuda"))
-        _require_choice("trainer.backend", self.backend, ("gloo", "nccl"))
 
 
 @dataclass

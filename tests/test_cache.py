@@ -73,6 +73,36 @@ def cache_cfg(policy, ratio, **kw):
     return CacheConfig(policy=policy, ratio=ratio, full_table_rows=50, warmup_ratio=0.5, **kw)
 
 
+def reference_bags(ebc, mode="sum", sparse=False):
+    """nn.EmbeddingBag copies of the collection's tables, starting from its weights."""
+    init = ebc.state_dict()
+    bags = []
+    for i, t in enumerate(ebc.embedding_bag_configs()):
+        bag = torch.nn.EmbeddingBag(t.num_embeddings, t.embedding_dim, mode=mode, sparse=sparse)
+        bag.weight.data.copy_(init[f"embedding_bags.t{i}.weight"])
+        bags.append(bag)
+    return bags
+
+
+def pooled_by(bags, kjt):
+    per_feature = kjt.to_dict()
+    return torch.cat(
+        [
+            bag(per_feature[f"f{i}"].values(), per_feature[f"f{i}"].offsets()[:-1])
+            for i, bag in enumerate(bags)
+        ],
+        dim=1,
+    )
+
+
+def assert_same_weights(ebc, bags):
+    final = ebc.state_dict()
+    for i, bag in enumerate(bags):
+        torch.testing.assert_close(
+            final[f"embedding_bags.t{i}.weight"], bag.weight.detach(), atol=1e-6, rtol=1e-5
+        )
+
+
 def assert_same_state(a, b, atol=0.0):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -114,60 +144,31 @@ def test_sgd_matches_nn_embedding_bag_and_torch_sgd(pooling, one_hot):
     ebc = CachedEmbeddingBagCollection(
         tables, cache_cfg("lookahead", 0.02, lookahead=2), SparseOptimizer("sgd", lr=0.1)
     )
-    init = ebc.state_dict()
-    mode = "sum" if pooling == PoolingType.SUM else "mean"
-    bags = [torch.nn.EmbeddingBag(t.num_embeddings, 8, mode=mode) for t in tables]
-    for i, bag in enumerate(bags):
-        bag.weight.data.copy_(init[f"embedding_bags.t{i}.weight"])
+    bags = reference_bags(ebc, mode="sum" if pooling == PoolingType.SUM else "mean")
     sgd = torch.optim.SGD([b.weight for b in bags], lr=0.1)
     got = train(ebc, batches, lookahead=2)
     for step, b in enumerate(batches):
-        per_feature = b.to_dict()
-        pooled = torch.cat(
-            [
-                bag(per_feature[f"f{i}"].values(), per_feature[f"f{i}"].offsets()[:-1])
-                for i, bag in enumerate(bags)
-            ],
-            dim=1,
-        )
+        pooled = pooled_by(bags, b)
         torch.testing.assert_close(got[step], pooled.detach(), atol=1e-6, rtol=1e-5)
         sgd.zero_grad()
         loss_of(pooled).backward()
         sgd.step()
-    final = ebc.state_dict()
-    for i, bag in enumerate(bags):
-        torch.testing.assert_close(
-            final[f"embedding_bags.t{i}.weight"], bag.weight.detach(), atol=1e-6, rtol=1e-5
-        )
+    assert_same_weights(ebc, bags)
 
 
 def test_adam_matches_torch_sparse_adam():
     tables = make_tables(dim=4)
     batches = make_batches(25)
     ebc = CachedEmbeddingBagCollection(tables, cache_cfg("lru", 0.02), SparseOptimizer("adam", lr=0.01))
-    init = ebc.state_dict()
-    bags = [torch.nn.EmbeddingBag(t.num_embeddings, 4, mode="sum", sparse=True) for t in tables]
-    for i, bag in enumerate(bags):
-        bag.weight.data.copy_(init[f"embedding_bags.t{i}.weight"])
+    bags = reference_bags(ebc, sparse=True)
     adam = torch.optim.SparseAdam([b.weight for b in bags], lr=0.01)
     train(ebc, batches)
     for b in batches:
-        per_feature = b.to_dict()
-        pooled = torch.cat(
-            [
-                bag(per_feature[f"f{i}"].values(), per_feature[f"f{i}"].offsets()[:-1])
-                for i, bag in enumerate(bags)
-            ],
-            dim=1,
-        )
+        pooled = pooled_by(bags, b)
         adam.zero_grad()
         loss_of(pooled).backward()
         adam.step()
-    final = ebc.state_dict()
-    for i, bag in enumerate(bags):
-        torch.testing.assert_close(
-            final[f"embedding_bags.t{i}.weight"], bag.weight.detach(), atol=1e-6, rtol=1e-5
-        )
+    assert_same_weights(ebc, bags)
 
 
 def test_adagrad_matches_fbgemm_exact_rowwise_adagrad():
