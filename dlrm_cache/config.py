@@ -14,6 +14,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dlrm_cache.cache.optim import SPARSE_OPTIMIZERS
+
 T = TypeVar("T")
 
 
@@ -127,7 +129,6 @@ class PreprocessRunConfig:
 
 
 CACHE_POLICIES = ("none", "lru", "lfu", "freq", "lookahead")
-SPARSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 
 

@@ -8,7 +8,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm_cache.criteo import CAT_COLUMNS, KAGGLE_CARDINALITIES, table_name
-from dlrm_cache.data.synthetic import ZipfSampler
+from dlrm_cache.data.zipf import ZipfSampler
 
 
 def kaggle_tables(dim: int, scale: float = 1.0) -> list[EmbeddingBagConfig]:

@@ -25,15 +25,18 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
 from dlrm_cache.cache import policy as pol
 from dlrm_cache.cache.future import FutureIndex
 from dlrm_cache.cache.host import HostTable
 from dlrm_cache.cache.optim import SparseOptimizer
+
+if TYPE_CHECKING:  # the cache core runs without torchrec (and so without fbgemm): plain PyTorch
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 log = logging.getLogger(__name__)
 _PINNED_NEVER = -(1 << 62)
@@ -109,7 +112,8 @@ class TableGroup:
         self.configs = configs
         self.features = [f for c in configs for f in c.feature_names]
         self.dim = configs[0].embedding_dim
-        self.pooling = configs[0].pooling
+        # SUM or MEAN, by name: a torchrec PoolingType, or any object with the same fields
+        self.mean = getattr(configs[0].pooling, "name", str(configs[0].pooling)).upper() == "MEAN"
         self.optimizer = optimizer
         self.width = self.dim + optimizer.state_width(self.dim)
         self.device = device
@@ -451,7 +455,7 @@ class TableGroup:
         """Pooled embeddings (B, F * D) of the batch from its unique rows (sample-major bags: no copy)."""
         b = plan.batch
         weight = rows[:, : self.dim] if rows.shape[1] == self.dim else rows[:, : self.dim].contiguous()
-        mode = "mean" if self.pooling == PoolingType.MEAN else "sum"
+        mode = "mean" if self.mean else "sum"
         pooled = F.embedding_bag(
             self._dev(plan, "inverse", b.inverse),
             weight,
@@ -470,7 +474,7 @@ class TableGroup:
         """The fused update of the step's unique rows from the gradient of the pooled output."""
         b, dim = plan.batch, self.dim
         grad_bags = grad_out.reshape(-1, dim)  # (B * F, D): a view, bags are sample-major
-        if self.pooling == PoolingType.MEAN:
+        if self.mean:
             offsets = self._dev(plan, "offsets", b.offsets)
             grad_bags = grad_bags / (offsets[1:] - offsets[:-1]).clamp(min=1).unsqueeze(1)
         per_id = (

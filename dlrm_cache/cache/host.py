@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+if TYPE_CHECKING:
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 _INIT_CHUNK_ROWS = 1 << 20  # initialise huge tables a chunk at a time (bounded extra memory)
 
@@ -31,18 +34,19 @@ class HostTable:
     def initialize(
         self, configs: list[EmbeddingBagConfig], row_offsets: list[int], dim: int, seed: int
     ) -> None:
-        """Each table's ``init_fn`` (TorchRec's default: uniform in ``[-sqrt(1/n), sqrt(1/n)]``), a chunk
-        at a time, from a seed of its own; optimizer state starts at zero."""
+        """Each table's ``init_fn`` (TorchRec's default: uniform in ``[-sqrt(1/n), sqrt(1/n)]``, also used
+        for configs without one), a chunk at a time, from a seed of its own; optimizer state starts at 0."""
         for t, cfg in enumerate(configs):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed * 1_000_003 + t)
                 for start in range(row_offsets[t], row_offsets[t + 1], _INIT_CHUNK_ROWS):
                     stop = min(start + _INIT_CHUNK_ROWS, row_offsets[t + 1])
                     w = torch.empty(stop - start, dim)
-                    if cfg.init_fn is not None:
+                    if getattr(cfg, "init_fn", None) is not None:
                         cfg.init_fn(w)
-                    else:
-                        w.uniform_(cfg.get_weight_init_min(), cfg.get_weight_init_max())
+                    else:  # TorchRec's default bounds
+                        bound = (1 / cfg.num_embeddings) ** 0.5
+                        w.uniform_(-bound, bound)
                     self.data[start:stop, :dim] = w
                     self.data[start:stop, dim:] = 0
 

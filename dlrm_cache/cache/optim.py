@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dlrm_cache.config import SPARSE_OPTIMIZERS
+SPARSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 
 
 @dataclass(frozen=True)
