@@ -130,6 +130,8 @@ class TableGroup:
         self._row_ends = torch.tensor(self.row_offsets[1:], dtype=torch.int64)
         self._row_bounds = torch.tensor(self.row_offsets, dtype=torch.int64)
         self._slot_ends = torch.tensor(self.slot_offsets[1:], dtype=torch.int64)
+        self._slot_starts = torch.tensor(self.slot_offsets[:-1], dtype=torch.int64)
+        self._capacity_t = torch.tensor(self.capacities, dtype=torch.int64)
         feature_table = [t for t, c in enumerate(configs) for _ in c.feature_names]
         self.feature_row_offset = torch.tensor(
             [self.row_offsets[t] for t in feature_table], dtype=torch.int64
@@ -178,7 +180,7 @@ class TableGroup:
         total_rows, capacity = self.row_offsets[-1], self.slot_offsets[-1]
         self.row_to_slot = torch.full((total_rows,), -1, dtype=torch.int32)
         self.slot_to_row = torch.full((capacity,), -1, dtype=torch.int64)
-        self.filled = [0] * len(self.configs)
+        self.filled = torch.zeros(len(self.configs), dtype=torch.int64)  # slots in use per table
         self.dirty = torch.zeros(capacity, dtype=torch.bool)
         self.pin_until = torch.full((capacity,), _PINNED_NEVER, dtype=torch.int64)
         # Eviction candidates per table (see _victims); an empty pool with the top floor knows nothing.
@@ -293,40 +295,13 @@ class TableGroup:
         if miss_pos.numel():
             miss_rows = uniq[miss_pos]
             per_table_t = self.count_per_table(miss_rows)
-            per_table = per_table_t.tolist()
             if lookahead:
                 miss_key = pol.lookahead_key(next_use[miss_pos], self._coldness(miss_rows))
-            assigned, victims, start = [], [], 0
-            for t, n in enumerate(per_table):
-                if n == 0:
-                    continue
-                # Misses in admission order: for lookahead the most valuable first (nearest next use,
-                # then most frequent), so that when slots run short the cheap rows are left out.
-                order = torch.argsort(miss_key[start : start + n], stable=True) if lookahead else None
-                base, filled = self.slot_offsets[t], self.filled[t]
-                take = min(n, self.capacities[t] - filled)
-                parts = [torch.arange(base + filled, base + filled + take, dtype=torch.int64)]
-                self.filled[t] += take
-                if n > take:
-                    v, v_key = self._victims(t, base, base + filled, n - take, pin_floor)
-                    short = n - take - v.numel()
-                    if short:
-                        self._log_overflow(t, batch, short)
-                    if lookahead:
-                        # Belady with bypass: a miss displaces a cached row only if that row is worth
-                        # less (used later, or colder); otherwise it is served from the host this step.
-                        worth = v_key > miss_key[start : start + n][order[take : take + v.numel()]]
-                        v = v[worth]
-                    victims.append(v)
-                    parts += [v, torch.full((n - take - v.numel(),), -1, dtype=torch.int64)]
-                in_order = torch.cat(parts)
-                if order is not None:
-                    in_order = torch.empty_like(in_order).index_copy_(0, order, in_order)
-                assigned.append(in_order)
-                start += n
-            assigned = torch.cat(assigned)
-            if victims:
-                self._evict(torch.cat(victims))
+            assigned, victims = self._assign_slots(
+                batch, miss_rows, per_table_t, miss_key if lookahead else None, pin_floor
+            )
+            if victims.numel():
+                self._evict(victims)
             admit = assigned >= 0
             self._load(miss_rows[admit], assigned[admit])
             self.pin_until[assigned[admit]] = step
@@ -361,33 +336,109 @@ class TableGroup:
             return self._coldness(rows)
         return pol.lookahead_key(self.next_use[slots], self._coldness(rows))
 
-    def _victims(self, t: int, lo: int, hi: int, k: int, pin_floor: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Up to ``k`` slots of table ``t`` (among ``[lo, hi)``) to evict, by policy, and their keys,
-        most evictable first; pinned slots never.
+    def _assign_slots(
+        self, batch, miss_rows, per_table, miss_key, pin_floor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A slot for each miss (-1: served from the host this step) and the victims to evict, for all
+        tables at once: free slots first, then victims by policy, most evictable first, never pinned.
 
-        The choice is exact but costs O(misses), not O(cache): candidates come from a pool holding
-        every slot whose key may be >= ``pool_floor[t]`` (all others are known to be below it). Keys
-        only rise for rows a step touches, and those are re-checked against the floor in
-        ``_track_pool``; the pool is rebuilt from a full scan only when its members above the floor
-        run short of ``k``."""
+        Misses are admitted in order of value (``miss_key`` ascending: nearest next use, then hottest)
+        and, with ``miss_key`` (lookahead), a miss displaces a cached row only if that row is worth
+        less (Belady with bypass). Victim choice is exact but costs O(misses), not O(cache): each
+        table's candidates come from a pool holding every slot whose key may be >= its floor (all
+        others are known to be below it); see ``_track_pool``."""
+        n_miss = len(miss_rows)
+        tables = torch.repeat_interleave(torch.arange(len(self.configs)), per_table, output_size=n_miss)
+        first_miss = torch.cumsum(per_table, 0) - per_table
+        take = torch.minimum(per_table, self._capacity_t - self.filled)  # free slots used
+        need = per_table - take  # victims wanted
+        old_filled = self.filled.clone()
+        self.filled += take
+        # Candidates: the pools of the tables that need victims (rebuilt where they run short).
+        needy = torch.nonzero(need > 0).squeeze(1).tolist()
+        cand, cand_keys, avail = self._best_candidates(needy, need, old_filled, pin_floor)
+        first_cand = torch.cumsum(avail, 0) - avail
+        for t in torch.nonzero(avail < need).squeeze(1).tolist():
+            self._log_overflow(t, batch, int(need[t] - avail[t]))
+        # Misses in admission order within each table, and their rank there.
+        if miss_key is None:
+            admit_order = torch.arange(n_miss)
+        else:
+            admit_order = torch.argsort(miss_key, stable=True)
+            admit_order = admit_order[torch.argsort(tables[admit_order], stable=True)]
+        t_of = tables[admit_order]
+        rank = torch.arange(n_miss) - first_miss[t_of]
+        assigned_in_order = torch.full((n_miss,), -1, dtype=torch.int64)
+        free = rank < take[t_of]
+        assigned_in_order[free] = self._slot_starts[t_of[free]] + old_filled[t_of[free]] + rank[free]
+        j = rank - take[t_of]  # victim index within the table
+        use = (j >= 0) & (j < avail[t_of])
+        victim_at = first_cand[t_of[use]] + j[use]
+        if miss_key is not None:
+            worth = cand_keys[victim_at] > miss_key[admit_order[use]]
+            use[use.clone()] = worth
+            victim_at = victim_at[worth]
+        assigned_in_order[use] = cand[victim_at]
+        assigned = torch.empty_like(assigned_in_order).index_copy_(0, admit_order, assigned_in_order)
+        return assigned, cand[victim_at]
+
+    def _best_candidates(self, needy: list[int], need, filled, pin_floor) -> tuple[torch.Tensor, ...]:
+        """For the ``needy`` tables, up to ``need[t]`` victims each: (slots, keys), grouped by table in
+        table order, most evictable first, and how many each table got. Candidates are the unpinned
+        pool members at or above their table's floor; a pool that cannot cover its table's need is
+        rebuilt from a full scan first."""
+        empty = torch.empty(0, dtype=torch.int64)
+        got = torch.zeros(len(self.configs), dtype=torch.int64)
+        if not needy:
+            return empty, empty, got
+        for attempt in range(2):
+            pools = [self._pool[t] for t in needy]
+            sizes = torch.tensor([len(p) for p in pools], dtype=torch.int64)
+            cand = torch.cat(pools)
+            row = torch.repeat_interleave(torch.arange(len(needy)), sizes, output_size=len(cand))
+            tab = torch.tensor(needy, dtype=torch.int64)[row]
+            keys = self._slot_keys(cand)
+            usable = (keys >= self._pool_floor[tab]) & (self.pin_until[cand] < pin_floor)
+            count = torch.zeros(len(needy), dtype=torch.int64).index_add_(0, row, usable.to(torch.int64))
+            short = [
+                t
+                for r, t in enumerate(needy)
+                if count[r] < need[t] or len(self._pool[t]) > _pool_limit(int(need[t]))
+            ]
+            if not short or attempt:
+                break
+            for t in short:
+                self._refresh_pool(t, int(need[t]), int(filled[t]))
+        if not bool(usable.any()):
+            return empty, empty, got
+        # One top-k over a (tables, pool) matrix instead of one per table.
+        col = torch.arange(len(cand)) - (torch.cumsum(sizes, 0) - sizes)[row]
+        matrix = torch.full((len(needy), int(sizes.max())), _INT64_MIN, dtype=torch.int64)
+        matrix[row[usable], col[usable]] = keys[usable]
+        want = need[needy]
+        values, idx = torch.topk(matrix, min(int(want.max()), matrix.shape[1]), dim=1)
+        keep = (torch.arange(values.shape[1]) < want.unsqueeze(1)) & (values > _INT64_MIN)
+        slots = torch.full_like(matrix, -1)
+        slots[row, col] = cand
+        chosen = torch.gather(slots, 1, idx)
+        got[needy] = keep.sum(dim=1)
+        return chosen[keep], values[keep], got
+
+    def _refresh_pool(self, t: int, k: int, filled: int) -> None:
+        """Rebuild table ``t``'s pool from a full scan: its top ``max(_POOL_MIN, _POOL_FACTOR * k)`` keys."""
+        lo = self.slot_offsets[t]
+        hi = lo + filled
+        self._in_pool[self._pool[t]] = False
         if hi == lo:
-            return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
-        pool = self._pool[t]
-        keys = self._slot_keys(pool)
-        usable = (keys >= self._pool_floor[t]) & (self.pin_until[pool] < pin_floor)
-        if int(usable.sum()) < k or len(pool) > _POOL_REBUILD * max(_POOL_MIN, _POOL_FACTOR * k):
-            full = self._slot_keys(torch.arange(lo, hi, dtype=torch.int64))
-            m = min(hi - lo, max(_POOL_MIN, _POOL_FACTOR * k))
-            keys, idx = torch.topk(full, m)
-            self._in_pool[pool] = False
-            pool = idx + lo
-            self._in_pool[pool] = True
-            self._pool[t] = pool
-            self._pool_floor[t] = int(keys[-1]) if m < hi - lo else _INT64_MIN
-            usable = self.pin_until[pool] < pin_floor
-        cand, cand_keys = pool[usable], keys[usable]
-        values, idx = torch.topk(cand_keys, min(k, len(cand)))
-        return cand[idx], values
+            self._pool[t] = torch.empty(0, dtype=torch.int64)
+            self._pool_floor[t] = _INT64_MIN
+            return
+        full = self._slot_keys(torch.arange(lo, hi, dtype=torch.int64))
+        m = min(hi - lo, max(_POOL_MIN, _POOL_FACTOR * k))
+        keys, idx = torch.topk(full, m)
+        self._pool[t] = idx + lo
+        self._in_pool[self._pool[t]] = True
+        self._pool_floor[t] = int(keys[-1]) if m < hi - lo else _INT64_MIN
 
     def _track_pool(self, slots: torch.Tensor) -> None:
         """Slots whose keys may have risen this step (the rows it touched or admitted) join their
@@ -551,3 +602,8 @@ class TableGroup:
     def close(self) -> None:
         if self.host is not None:
             self.host.close()
+
+
+def _pool_limit(k: int) -> int:
+    """A pool grown past this many candidates (for ``k`` evictions) is rebuilt smaller."""
+    return _POOL_REBUILD * max(_POOL_MIN, _POOL_FACTOR * k)
