@@ -297,6 +297,8 @@ def test_mmap_host_tier_trains_a_table_larger_than_its_cache(tmp_path):
     for e, g in zip(train(reference, batches), train(cached, batches, lookahead=2), strict=True):
         torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
     assert_same_state(reference, cached, atol=1e-6)
+    cached.close()
+    assert not list(tmp_path.iterdir()), "the scratch file goes with the collection"
 
 
 def test_drops_into_torchrec_dlrm():

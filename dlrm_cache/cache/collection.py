@@ -226,6 +226,15 @@ class CachedEmbeddingBagCollection(nn.Module):
         return prepared
 
     # ---------------------------------------------------------------- state
+    def close(self) -> None:
+        """Stop the bookkeeping thread and drop the host tier's scratch files (``cache.host=mmap``)."""
+        self._drain()
+        if self._worker is not None:
+            self._worker.shutdown()
+            self._worker = None
+        for g in self.groups:
+            g.close()
+
     def set_learning_rate(self, lr: float) -> None:
         """The sparse optimizer's learning rate from the next update on (for LR schedules)."""
         self._drain()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
+import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,19 +18,25 @@ _INIT_CHUNK_ROWS = 1 << 20  # initialise huge tables a chunk at a time (bounded 
 
 
 class HostTable:
-    """A (rows, width) float32 array in RAM (pinned when ``pin``) or in a file-backed memory map."""
+    """A (rows, width) float32 array in RAM (pinned when ``pin``) or in a file-backed memory map.
+
+    A memory-mapped table is scratch space (checkpoints hold the real copy): its file, and the
+    temporary folder made for it when no ``mmap_dir`` is given, go when the table is closed or
+    garbage-collected, or at interpreter exit."""
 
     def __init__(self, rows: int, width: int, kind: str, mmap_dir: str | None, name: str, pin: bool):
-        self._mmap = None
+        self.path: Path | None = None
         if kind == "mmap":
             folder = Path(mmap_dir) if mmap_dir else Path(tempfile.mkdtemp(prefix="dlrm_cache_host_"))
             folder.mkdir(parents=True, exist_ok=True)
-            self.path: Path | None = folder / f"{name}.f32"
-            self._mmap = np.memmap(self.path, dtype=np.float32, mode="w+", shape=(rows, width))
-            self.data = torch.from_numpy(self._mmap)
+            self.path = folder / f"{name}.f32"
+            self.data = torch.from_numpy(
+                np.memmap(self.path, dtype=np.float32, mode="w+", shape=(rows, width))
+            )
+            self._cleanup = weakref.finalize(self, _remove, self.path, None if mmap_dir else folder)
         else:
-            self.path = None
             self.data = torch.zeros(rows, width, dtype=torch.float32, pin_memory=pin)
+            self._cleanup = None
 
     def initialize(
         self, configs: list[EmbeddingBagConfig], row_offsets: list[int], dim: int, seed: int
@@ -51,9 +58,12 @@ class HostTable:
                     self.data[start:stop, dim:] = 0
 
     def close(self) -> None:
-        if self._mmap is not None:
-            self._mmap.flush()
-            del self.data, self._mmap
-            self._mmap = None
-            if self.path is not None:
-                os.unlink(self.path)
+        if self._cleanup is not None:
+            del self.data  # unmaps the file
+            self._cleanup()
+
+
+def _remove(path: Path, folder: Path | None) -> None:
+    path.unlink(missing_ok=True)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)

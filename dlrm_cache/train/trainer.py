@@ -254,6 +254,7 @@ def train(cfg: TrainRunConfig, run_dir: Path) -> dict:
         "cache": {**_cache_summary(train_stats), "eval": ebc.stats()["eval"]},
     }  # fmt: skip
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    ebc.close()
     return summary
 
 
