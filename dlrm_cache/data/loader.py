@@ -51,7 +51,9 @@ class ParquetBatches:
         shuffle: bool = False,
         seed: int = 0,
         drop_last: bool = True,
+        pin_memory: bool = False,
     ):
+        """``pin_memory``: pin each batch in the background thread (for fast copies to a CUDA device)."""
         if batch_size % world_size:
             raise ValueError(f"train.batch_size={batch_size} does not divide over {world_size} ranks")
         files = sorted((root / split).glob("part-*.parquet"))
@@ -60,7 +62,7 @@ class ParquetBatches:
         self.groups = [(f, g) for f in files for g in range(pq.ParquetFile(f).num_row_groups)]
         self.rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.shuffle, self.seed, self.drop_last, self.pin_memory = shuffle, seed, drop_last, pin_memory
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -78,7 +80,7 @@ class ParquetBatches:
                     if stop.is_set():
                         return
                     if i >= skip:
-                        q.put(b)
+                        q.put(b.pin_memory() if self.pin_memory else b)
                 q.put(None)
             except BaseException as e:  # handed to the consumer
                 q.put(e)

@@ -169,10 +169,12 @@ def train(cfg: TrainRunConfig, run_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)  # dense init; embedding tables have seeds of their own, the loader too
     model, ebc = build_model(cfg, meta, device)
     dense_opt = _dense_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    pin = device.type == "cuda"
+    bs = cfg.train.batch_size
     loaders = {
-        "train": ParquetBatches(root, "train", cfg.train.batch_size, shuffle=cfg.data.shuffle, seed=cfg.seed),
-        "val": ParquetBatches(root, "val", cfg.train.batch_size, drop_last=False),
-        "test": ParquetBatches(root, "test", cfg.train.batch_size, drop_last=False),
+        "train": ParquetBatches(root, "train", bs, shuffle=cfg.data.shuffle, seed=cfg.seed, pin_memory=pin),
+        "val": ParquetBatches(root, "val", bs, drop_last=False, pin_memory=pin),
+        "test": ParquetBatches(root, "test", bs, drop_last=False, pin_memory=pin),
     }
     steps_per_epoch = len(loaders["train"])
     total = steps_per_epoch * cfg.train.epochs
@@ -209,8 +211,12 @@ def train(cfg: TrainRunConfig, run_dir: Path) -> dict:
                 for group in dense_opt.param_groups:
                     group["lr"] = base_lrs[0] * factor
                 ebc.set_learning_rate(base_lrs[1] * factor)
-                logits = model(batch.dense_features.to(device), batch.sparse_features).squeeze(1)
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels.to(device))
+                logits = model(
+                    batch.dense_features.to(device, non_blocking=True), batch.sparse_features
+                ).squeeze(1)
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                    logits, batch.labels.to(device, non_blocking=True)
+                )
                 ebc.prefetch()
                 dense_opt.zero_grad()
                 loss.backward()

@@ -1,0 +1,52 @@
+"""The Parquet loader: every row once per epoch, global batches split across ranks, seeded shuffle."""
+
+import torch
+
+from dlrm_cache.config import PreprocessOptions, PreprocessRunConfig, SynthConfig
+from dlrm_cache.data.loader import ParquetBatches
+from dlrm_cache.data.preprocess import preprocess
+from dlrm_cache.data.synthetic import generate
+
+
+def _dataset(tmp_path):
+    generate(SynthConfig(rows=7000, out=str(tmp_path / "t.txt"), cardinality_scale=0.001, progress=False))
+    opts = PreprocessOptions(progress=False, row_group_rows=1000)
+    return preprocess(
+        PreprocessRunConfig(input=[str(tmp_path / "t.txt")], output_dir=str(tmp_path / "pq"), preprocess=opts)
+    )
+
+
+def _rows(batches):
+    return torch.cat(
+        [
+            torch.cat([b.dense_features, b.sparse_features.values().view(26, -1).t().float()], 1)
+            for b in batches
+        ]
+    )
+
+
+def test_ranks_split_each_global_batch_and_shuffle_is_seeded(tmp_path):
+    root = _dataset(tmp_path)
+    whole = list(ParquetBatches(root, "train", 256).batches(0))
+    assert len(whole) == 6000 // 256 and all(len(b.labels) == 256 for b in whole)
+    ranks = [list(ParquetBatches(root, "train", 256, rank=r, world_size=2).batches(0)) for r in range(2)]
+    for b, b0, b1 in zip(whole, *ranks, strict=True):
+        assert torch.equal(torch.cat([b0.labels, b1.labels]), b.labels)
+        assert torch.equal(_rows([b0, b1]), _rows([b]))
+    one = list(ParquetBatches(root, "train", 256, shuffle=True, seed=3).batches(0))
+    again = list(ParquetBatches(root, "train", 256, shuffle=True, seed=3).batches(0))
+    other_epoch = list(ParquetBatches(root, "train", 256, shuffle=True, seed=3).batches(1))
+    assert torch.equal(_rows(one), _rows(again))
+    assert not torch.equal(_rows(one), _rows(whole)) and not torch.equal(_rows(one), _rows(other_epoch))
+    # a shuffled epoch holds the same rows (those not left in the last partial batch)
+    assert len(_rows(one)) == len(_rows(whole))
+
+
+def test_eval_split_keeps_the_last_partial_batch_and_skip_resumes(tmp_path):
+    root = _dataset(tmp_path)
+    val = ParquetBatches(root, "val", 256, drop_last=False)
+    sizes = [len(b.labels) for b in val.batches(0)]
+    assert sum(sizes) == 500 and sizes[-1] == 500 % 256 and len(val) == len(sizes)
+    train = ParquetBatches(root, "train", 256)
+    tail = list(train.batches(0, skip=5))
+    assert torch.equal(_rows(tail), _rows(list(train.batches(0))[5:]))
