@@ -111,6 +111,7 @@ def _auc(scores, labels):
     return (ranks[labels == 1].sum() - pos * (pos + 1) / 2) / (pos * (len(labels) - pos))
 
 
+@pytest.mark.slow
 def test_labels_are_learnable_from_ids_more_than_from_dense_features():
     syn = CriteoSynthesizer(SynthConfig(cardinality_scale=0.01, seed=3))
     blocks = [syn.block(i, 50_000) for i in range(2)]

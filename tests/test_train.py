@@ -72,6 +72,7 @@ def test_cached_training_matches_all_on_device_step_by_step(dataset, tmp_path, s
     assert cached["cache"]["rows_loaded"] > 0 and plain["cache"]["rows_loaded"] == 0
 
 
+@pytest.mark.slow
 def test_learns_clearly_better_than_chance_and_dense_only(dataset, tmp_path):
     summary = train(
         config(dataset, train=TrainLoopConfig(batch_size=256, log_every=50, epochs=2)), tmp_path / "run"
@@ -111,6 +112,7 @@ def test_learns_clearly_better_than_chance_and_dense_only(dataset, tmp_path):
         assert key in s["cache"]
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_parameters(dataset, tmp_path):
     args = [
         sys.executable, "-m", "dlrm_cache.cli.train", f"data.path={dataset}", "model.embedding_dim=8",
@@ -166,3 +168,14 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(dataset, tmp
     with pytest.raises(TrainingError, match=r"loss is (nan|inf) at step \d+; last good checkpoint kept"):
         train(cfg, tmp_path / "r")
     assert (tmp_path / "r" / CHECKPOINT).exists()
+
+
+def test_an_empty_split_gives_nan_metrics_not_a_crash(tmp_path):
+    generate(SynthConfig(rows=7, out=str(tmp_path / "t.txt"), cardinality_scale=0.0001, progress=False))
+    opts = PreprocessOptions(progress=False)
+    root = preprocess(
+        PreprocessRunConfig(input=[str(tmp_path / "t.txt")], output_dir=str(tmp_path / "pq"), preprocess=opts)
+    )
+    summary = train(config(root, train=TrainLoopConfig(batch_size=2, max_steps=2)), tmp_path / "r")
+    assert summary["steps"] == 2
+    assert np.isnan(summary["val_auc"])  # 7 rows: 6 train, 0 val, 1 test

@@ -56,6 +56,7 @@ class ParquetBatches:
         """``pin_memory``: pin each batch in the background thread (for fast copies to a CUDA device)."""
         if batch_size % world_size:
             raise ValueError(f"train.batch_size={batch_size} does not divide over {world_size} ranks")
+        self.split = split
         files = sorted((root / split).glob("part-*.parquet"))
         if not files:
             raise ValueError(f"{root / split}: no part-*.parquet files")

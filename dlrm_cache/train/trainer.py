@@ -123,7 +123,10 @@ def evaluate(model: torch.nn.Module, loader: ParquetBatches, device: torch.devic
         n += len(labels)
         auroc.update(torch.sigmoid(logits), labels.long())
     model.train()
-    return {"auc": float(auroc.compute()), "logloss": loss_sum / max(n, 1), "samples": n}
+    if n == 0:  # an empty split (a tiny dataset): nothing to score
+        log.warning("the %s split is empty: no AUC or log loss", loader.split)
+        return {"auc": float("nan"), "logloss": float("nan"), "samples": 0}
+    return {"auc": float(auroc.compute()), "logloss": loss_sum / n, "samples": n}
 
 
 def _lookahead(batches: Iterator, ebc: CachedEmbeddingBagCollection, depth: int) -> Iterator:
