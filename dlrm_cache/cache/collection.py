@@ -97,6 +97,7 @@ class CachedEmbeddingBagCollection(nn.Module):
         self._feature_names = [f for t in tables for f in t.feature_names]
         self._dims = [t.embedding_dim for t in tables for _ in t.feature_names]
         self._group_order = [f for g in self.groups for f in g.features]
+        self._group_dims = [g.dim for g in self.groups for _ in g.features]
         self._queue: deque[tuple[tuple, Future]] = deque()  # (signature, prepared batch per group)
         self._planned: Future | None = None  # the plan of the queue's head, made by prefetch()
         self._worker: ThreadPoolExecutor | None = None  # the bookkeeping thread
@@ -181,12 +182,9 @@ class CachedEmbeddingBagCollection(nn.Module):
     def _keyed(self, outs: list[torch.Tensor]) -> KeyedTensor:
         values = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         if self._group_order != self._feature_names:
-            per_feature = dict(zip(self._group_order, values.split(self._group_dims(), dim=1), strict=True))
+            per_feature = dict(zip(self._group_order, values.split(self._group_dims, dim=1), strict=True))
             values = torch.cat([per_feature[f] for f in self._feature_names], dim=1)
         return KeyedTensor(keys=self._feature_names, length_per_key=self._dims, values=values, key_dim=1)
-
-    def _group_dims(self) -> list[int]:
-        return [g.dim for g in self.groups for _ in g.features]
 
     def _prepare(self, kjt: KeyedJaggedTensor) -> list[PreparedBatch]:
         """Global row ids per group, their unique set and bag offsets, in host memory."""
@@ -236,8 +234,10 @@ class CachedEmbeddingBagCollection(nn.Module):
             g.close()
 
     def set_learning_rate(self, lr: float) -> None:
-        """The sparse optimizer's learning rate from the next update on (for LR schedules)."""
-        self._drain()
+        """The sparse optimizer's learning rate from the next update on (for LR schedules). The
+        optimizer runs in backward, on the caller's thread: no need to wait for the bookkeeping one."""
+        if lr == self.optimizer.lr:
+            return
         self.optimizer = replace(self.optimizer, lr=lr)
         for g in self.groups:
             g.optimizer = self.optimizer

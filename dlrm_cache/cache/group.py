@@ -183,7 +183,8 @@ class TableGroup:
         self.filled = torch.zeros(len(self.configs), dtype=torch.int64)  # slots in use per table
         self.dirty = torch.zeros(capacity, dtype=torch.bool)
         self.pin_until = torch.full((capacity,), _PINNED_NEVER, dtype=torch.int64)
-        # Eviction candidates per table (see _victims); an empty pool with the top floor knows nothing.
+        # Eviction candidates per table (see _best_candidates); an empty pool with the top floor knows
+        # nothing.
         self._pool = [torch.empty(0, dtype=torch.int64) for _ in self.configs]
         self._pool_floor = torch.full((len(self.configs),), _INT64_MAX, dtype=torch.int64)
         self._in_pool = torch.zeros(capacity, dtype=torch.bool)
@@ -219,6 +220,10 @@ class TableGroup:
 
     def table_of(self, rows: torch.Tensor) -> torch.Tensor:
         return torch.searchsorted(self._row_ends, rows, right=True)
+
+    def count_unsorted_per_table(self, rows: torch.Tensor) -> torch.Tensor:
+        """How many of ``rows`` (any order) fall in each table."""
+        return torch.bincount(self.table_of(rows), minlength=len(self.configs))
 
     def count_per_table(self, sorted_rows: torch.Tensor) -> torch.Tensor:
         """How many of ``sorted_rows`` (ascending global rows) fall in each table: O(T log n)."""
@@ -472,7 +477,7 @@ class TableGroup:
             self.host.data.index_copy_(
                 0, rows[dirty], self.cache.index_select(0, victims[dirty].to(self.device)).cpu()
             )
-            self.stats.written += torch.bincount(self.table_of(rows[dirty]), minlength=len(self.configs))
+            self.stats.written += self.count_unsorted_per_table(rows[dirty])
         self.row_to_slot[rows] = -1
         self.slot_to_row[victims] = -1
 
@@ -548,7 +553,7 @@ class TableGroup:
             self.dirty[plan.slots[cached]] = True
             host_rows = b.uniq[plan.overflow]
             self.host.data[host_rows] = rows[plan.overflow.to(self.device)].to("cpu")
-            self.stats.written += torch.bincount(self.table_of(host_rows), minlength=len(self.configs))
+            self.stats.written += self.count_unsorted_per_table(host_rows)
         plan.rows = None
         if self._inflight is plan:
             self._inflight = None
@@ -564,8 +569,7 @@ class TableGroup:
             miss = torch.nonzero(slots < 0).squeeze(1)
             plan = StepPlan(batch, 0, slots, miss if miss.numel() else None)
             if miss.numel():
-                tables = self.table_of(batch.uniq[miss])
-                self.stats.eval_host_rows += torch.bincount(tables, minlength=len(self.configs))
+                self.stats.eval_host_rows += self.count_per_table(batch.uniq[miss])
         return self.pool(plan, self.gather(plan))
 
     # ---------------------------------------------------------------- state
@@ -578,7 +582,7 @@ class TableGroup:
         if slots.numel():
             rows = self.slot_to_row[slots]
             self.host.data[rows] = self.cache[slots.to(self.device)].to("cpu")
-            self.stats.written += torch.bincount(self.table_of(rows), minlength=len(self.configs))
+            self.stats.written += self.count_unsorted_per_table(rows)
             self.dirty[slots] = False
 
     def table_rows(self, t: int) -> torch.Tensor:

@@ -163,8 +163,9 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
         for w in writers.values():
             w.close()
         _write_vocab(tmp / "vocab", vocabs)
-        skew = skew_report(vocabs)
-        _write_skew(tmp / "stats", skew, vocabs)
+        curves = coverage(vocabs)
+        skew = skew_report(curves)
+        _write_skew(tmp / "stats", skew, curves)
         metadata = {
             "schema_version": SCHEMA_VERSION,
             **fingerprint,
@@ -331,21 +332,25 @@ def _write_vocab(folder: Path, vocabs: list[Vocabulary]) -> None:
         pq.write_table(table, folder / f"{name}.parquet")
 
 
-def skew_report(vocabs: list[Vocabulary]) -> dict:
+def coverage(vocabs: list[Vocabulary]) -> dict[str, np.ndarray]:
+    """Per feature, and over all tables ("all"): the share of train lookups covered by the hottest
+    1, 2, ... rows. Vocabulary counts are already hottest first; only the union needs a sort."""
+    desc = {name: v.count for name, v in zip(CAT_COLUMNS, vocabs, strict=True)}
+    desc["all"] = np.sort(np.concatenate(list(desc.values())))[::-1]
+    return {name: np.cumsum(c) / c.sum() if c.sum() else np.zeros(len(c)) for name, c in desc.items()}
+
+
+def skew_report(curves: dict[str, np.ndarray]) -> dict:
     """Share of train accesses covered by the hottest x of rows, per feature and over all tables."""
 
-    def curve(counts: np.ndarray) -> list[float]:
-        c = np.sort(counts)[::-1]
-        total = c.sum()
-        cum = np.cumsum(c)
-        return [float(cum[max(1, int(np.ceil(x * len(c)))) - 1] / total) if total else 0.0 for x in SKEW_POINTS]
+    def at_points(cov: np.ndarray) -> list[float]:
+        return [float(cov[max(1, int(np.ceil(x * len(cov)))) - 1]) for x in SKEW_POINTS]
 
-    report = {"row_share": SKEW_POINTS, "features": {n: curve(v.count) for n, v in zip(CAT_COLUMNS, vocabs, strict=True)}}
-    report["overall"] = curve(np.concatenate([v.count for v in vocabs]))
-    return report
+    features = {name: at_points(cov) for name, cov in curves.items() if name != "all"}
+    return {"row_share": SKEW_POINTS, "features": features, "overall": at_points(curves["all"])}
 
 
-def _write_skew(folder: Path, skew: dict, vocabs: list[Vocabulary]) -> None:
+def _write_skew(folder: Path, skew: dict, curves: dict[str, np.ndarray]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -354,16 +359,12 @@ def _write_skew(folder: Path, skew: dict, vocabs: list[Vocabulary]) -> None:
     folder.mkdir()
     (folder / "skew.json").write_text(json.dumps(skew, indent=2))
     fig, ax = plt.subplots(figsize=(8, 5))
-    def plot(counts: np.ndarray, **style) -> None:
-        c = np.sort(counts)[::-1]
-        if c.sum() == 0 or len(c) < 2:
-            return
-        at = np.unique(np.geomspace(1, len(c), num=400).astype(np.int64))  # a few hundred points
-        ax.plot(at / len(c), np.cumsum(c)[at - 1] / c.sum(), **style)
-
-    for name, v in zip(CAT_COLUMNS, vocabs, strict=True):
-        plot(v.count, lw=0.8, alpha=0.6, label=name)
-    plot(np.concatenate([v.count for v in vocabs]), color="k", lw=2, label="all")
+    for name, cov in curves.items():
+        if len(cov) < 2 or cov[-1] == 0:
+            continue
+        at = np.unique(np.geomspace(1, len(cov), num=400).astype(np.int64))  # a few hundred points
+        style = {"color": "k", "lw": 2} if name == "all" else {"lw": 0.8, "alpha": 0.6}
+        ax.plot(at / len(cov), cov[at - 1], label=name, **style)
     ax.set_xscale("log")
     ax.set_xlabel("hottest share of rows (cache.ratio)")
     ax.set_ylabel("share of train lookups covered")

@@ -55,7 +55,7 @@ class Vocabulary:
     the shared id of rare and unseen values (its ``raw`` entry is meaningless)."""
 
     raw: np.ndarray  # (V,) int64 raw value per new id
-    count: np.ndarray  # (V,) int64 train count per new id
+    count: np.ndarray  # (V,) int64 train count per new id: non-increasing (hottest first)
     rare_id: int
     _sorted_raw: np.ndarray  # kept values, sorted, for lookups
     _sorted_id: np.ndarray
