@@ -26,6 +26,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from dlrm_cache.cache.group import PreparedBatch, StepPlan, TableGroup
+from dlrm_cache.cache.host import TableShard
 from dlrm_cache.cache.optim import SparseOptimizer
 from dlrm_cache.config import CacheConfig
 
@@ -62,10 +63,12 @@ class CachedEmbeddingBagCollection(nn.Module):
         device: torch.device | str | None = None,
         row_frequencies: dict[str, torch.Tensor] | None = None,
         seed: int = 0,
+        shards: dict[str, TableShard] | None = None,
     ):
         """``row_frequencies``: train counts per row for the tables that have them (warm-up and the
         ``freq`` / ``lookahead`` priorities). Without them, ids are taken to be ranked by frequency (as
-        ``dlrm-preprocess`` writes them): id 0 is the hottest row."""
+        ``dlrm-preprocess`` writes them): id 0 is the hottest row. ``shards``: for tables that are
+        shards of larger ones, where each sits in its full table (see ``TableShard``)."""
         super().__init__()
         _check_tables(tables, cache)
         self._configs = tables
@@ -90,9 +93,10 @@ class CachedEmbeddingBagCollection(nn.Module):
                 mmap_dir=cache.mmap_dir,
                 frequencies=[freqs.get(c.name) for c in cfgs],
                 warmup_ratio=cache.warmup_ratio,
-                seed=seed + g,
+                seed=seed,
+                shards=[shards.get(c.name, TableShard.whole(c)) for c in cfgs] if shards else None,
             )
-            for g, cfgs in enumerate(by_kind.values())
+            for cfgs in by_kind.values()
         ]
         self._feature_names = [f for t in tables for f in t.feature_names]
         self._dims = [t.embedding_dim for t in tables for _ in t.feature_names]
@@ -111,6 +115,11 @@ class CachedEmbeddingBagCollection(nn.Module):
         """Hand over a future training batch; ``forward`` must then receive the batches in this order.
         Its ids are prepared in the background."""
         self._queue.append((_signature(features), self._submit(self._prepare_future, features)))
+
+    def is_enqueued(self, features: KeyedJaggedTensor) -> bool:
+        """Whether this batch is waiting in the lookahead queue."""
+        signature = _signature(features)
+        return any(s == signature for s, _ in self._queue)
 
     def prefetch(self) -> None:
         """Plan the next enqueued batch and load its missing rows, in the background, while the current
@@ -354,7 +363,20 @@ def _to_sample_major(ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Te
 
 
 def _signature(kjt: KeyedJaggedTensor) -> tuple:
-    return tuple(kjt.keys()), kjt.stride(), tuple(kjt.length_per_key())
+    """What identifies a batch: its keys, sizes and checksums of its ids and bag lengths
+    (position-weighted, so that reordered ids differ)."""
+    return (
+        tuple(kjt.keys()),
+        kjt.stride(),
+        tuple(kjt.length_per_key()),
+        _checksum(kjt.values()),
+        _checksum(kjt.lengths()),
+    )
+
+
+def _checksum(t: torch.Tensor) -> int:
+    t = t.to(torch.int64)
+    return int((t * torch.arange(1, len(t) + 1, dtype=torch.int64, device=t.device)).sum())
 
 
 def _hit_rate(loaded: int, touched: int) -> float:

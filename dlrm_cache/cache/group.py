@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from dlrm_cache.cache import policy as pol
 from dlrm_cache.cache.future import FutureIndex
-from dlrm_cache.cache.host import HostTable
+from dlrm_cache.cache.host import HostTable, TableShard
 from dlrm_cache.cache.optim import SparseOptimizer
 
 if TYPE_CHECKING:  # the cache core runs without torchrec (and so without fbgemm): plain PyTorch
@@ -108,7 +108,10 @@ class TableGroup:
         frequencies: list[torch.Tensor | None] | None = None,
         warmup_ratio: float = 0.0,
         seed: int = 0,
+        shards: list[TableShard] | None = None,
     ):
+        """``shards``: for tables that are shards of larger ones (TorchRec sharding), where each sits in
+        its full table (initial values are those of the full table's rows and columns)."""
         self.configs = configs
         self.features = [f for c in configs for f in c.feature_names]
         self.dim = configs[0].embedding_dim
@@ -145,7 +148,7 @@ class TableGroup:
         host = HostTable(
             total_rows, self.width, "memory" if self.resident else host_kind, mmap_dir, name, pin
         )
-        host.initialize(configs, self.row_offsets, self.dim, seed)
+        host.initialize(configs, self.row_offsets, self.dim, seed, shards)
         self.stats = GroupStats.zeros(len(configs))
         self._inflight: StepPlan | None = None
         self._overflow_logged: set[int] = set()

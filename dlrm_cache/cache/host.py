@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 import tempfile
 import weakref
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,7 +16,22 @@ import torch
 if TYPE_CHECKING:
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-_INIT_CHUNK_ROWS = 1 << 20  # initialise huge tables a chunk at a time (bounded extra memory)
+_INIT_CHUNK_ROWS = 1 << 18  # initialise huge tables a chunk at a time (bounded extra memory)
+
+
+@dataclass(frozen=True)
+class TableShard:
+    """Where a table held by a cache sits in the full table: its first row and column, and the full
+    table's size (a whole table: offsets 0, its own size)."""
+
+    row_offset: int
+    col_offset: int
+    full_rows: int
+    full_dim: int
+
+    @classmethod
+    def whole(cls, cfg: EmbeddingBagConfig) -> TableShard:
+        return cls(0, 0, cfg.num_embeddings, cfg.embedding_dim)
 
 
 class HostTable:
@@ -39,23 +56,39 @@ class HostTable:
             self._cleanup = None
 
     def initialize(
-        self, configs: list[EmbeddingBagConfig], row_offsets: list[int], dim: int, seed: int
+        self,
+        configs: list[EmbeddingBagConfig],
+        row_offsets: list[int],
+        dim: int,
+        seed: int,
+        shards: list[TableShard] | None = None,
     ) -> None:
         """Each table's ``init_fn`` (TorchRec's default: uniform in ``[-sqrt(1/n), sqrt(1/n)]``, also used
-        for configs without one), a chunk at a time, from a seed of its own; optimizer state starts at 0."""
+        for configs without one); optimizer state starts at 0.
+
+        Values depend only on ``seed``, the table's name and the row: the full table is drawn a chunk of
+        rows at a time, each chunk from a seed of its own, so a shard of a table (``shards[t]``: which
+        rows and columns of the full table this one is) gets exactly the values those rows and columns
+        have in the whole table, whatever the sharding."""
         for t, cfg in enumerate(configs):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed * 1_000_003 + t)
-                for start in range(row_offsets[t], row_offsets[t + 1], _INIT_CHUNK_ROWS):
-                    stop = min(start + _INIT_CHUNK_ROWS, row_offsets[t + 1])
-                    w = torch.empty(stop - start, dim)
+            shard = shards[t] if shards else TableShard.whole(cfg)
+            rows = row_offsets[t + 1] - row_offsets[t]
+            table_seed = seed * 1_000_003 + zlib.crc32(cfg.name.encode())
+            first, last = shard.row_offset, shard.row_offset + rows
+            for chunk in range(first // _INIT_CHUNK_ROWS, -(-last // _INIT_CHUNK_ROWS)):
+                lo, hi = chunk * _INIT_CHUNK_ROWS, min((chunk + 1) * _INIT_CHUNK_ROWS, shard.full_rows)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(table_seed * 65_537 + chunk)
+                    w = torch.empty(hi - lo, shard.full_dim)
                     if getattr(cfg, "init_fn", None) is not None:
                         cfg.init_fn(w)
                     else:  # TorchRec's default bounds
-                        bound = (1 / cfg.num_embeddings) ** 0.5
+                        bound = (1 / shard.full_rows) ** 0.5
                         w.uniform_(-bound, bound)
-                    self.data[start:stop, :dim] = w
-                    self.data[start:stop, dim:] = 0
+                a, b = max(lo, first), min(hi, last)
+                dst = slice(row_offsets[t] + a - first, row_offsets[t] + b - first)
+                self.data[dst, :dim] = w[a - lo : b - lo, shard.col_offset : shard.col_offset + dim]
+                self.data[dst, dim:] = 0
 
     def close(self) -> None:
         if self._cleanup is not None:
