@@ -144,9 +144,13 @@ class CacheConfig:
     warmup_ratio: float = 0.7  # share of each cache filled with the hottest rows before step 1
     host: str = "memory"  # memory | mmap (file-backed host tier, for tables larger than RAM)
     mmap_dir: str | None = None  # where host=mmap puts its files (default: a temporary folder)
+    # Device memory for the caches, per rank, in GB (rows and their optimizer state): when > 0 the
+    # planner sizes each table's cache from it and the tables' frequency statistics instead of `ratio`.
+    device_budget_gb: float = 0.0
 
     def __post_init__(self) -> None:
         _require_choice("cache.policy", self.policy, CACHE_POLICIES)
+        _require(self.device_budget_gb >= 0, "cache.device_budget_gb", self.device_budget_gb, ">= 0")
         _require(0 < self.ratio <= 1, "cache.ratio", self.ratio, "a share in (0, 1]")
         for name, r in self.table_ratios.items():
             _require(0 < r <= 1, f"cache.table_ratios.{name}", r, "a share in (0, 1]")
@@ -238,9 +242,14 @@ class TrainerConfig:
     """Where training runs (``trainer=cpu|gpu``)."""
 
     device: str = "cpu"
+    # Several processes (torchrun), or sharded=true: tables placed on ranks by the planner, whole
+    # (table_wise) or, for tables above cache.full_table_rows, split by columns over all ranks.
+    sharding: str = "table_wise"
+    sharded: bool = False  # use the sharded path (TorchRec DistributedModelParallel) at world size 1 too
 
     def __post_init__(self) -> None:
         _require_choice("trainer.device", self.device, ("cpu", "cuda"))
+        _require_choice("trainer.sharding", self.sharding, ("table_wise", "column_wise"))
 
 
 @dataclass
