@@ -52,8 +52,11 @@ class ParquetBatches:
         seed: int = 0,
         drop_last: bool = True,
         pin_memory: bool = False,
+        pad_shares: bool = False,
     ):
-        """``pin_memory``: pin each batch in the background thread (for fast copies to a CUDA device)."""
+        """``pin_memory``: pin each batch in the background thread (for fast copies to a CUDA device).
+        ``pad_shares``: a last, partial batch gives every rank the same number of rows (sharded models
+        need equal shares), the missing ones copies of the batch's first row with label -1."""
         if batch_size % world_size:
             raise ValueError(f"train.batch_size={batch_size} does not divide over {world_size} ranks")
         self.split = split
@@ -64,6 +67,7 @@ class ParquetBatches:
         self.rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.shuffle, self.seed, self.drop_last, self.pin_memory = shuffle, seed, drop_last, pin_memory
+        self.pad_shares = pad_shares
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -127,14 +131,24 @@ class ParquetBatches:
             yield self._batch(*carry, 0, len(carry[0]))
 
     def _batch(self, label, dense, cats, start: int, stop: int) -> Batch:
-        share = (stop - start) // self.world_size
-        lo = start + self.rank * share
-        hi = stop if self.rank == self.world_size - 1 else lo + share
-        n = hi - lo
-        ids = torch.from_numpy(np.ascontiguousarray(cats[lo:hi].T).reshape(-1))
+        if self.pad_shares:
+            share = -(-(stop - start) // self.world_size)
+            lo = min(stop, start + self.rank * share)
+            hi = min(stop, lo + share)
+        else:
+            share = (stop - start) // self.world_size
+            lo = start + self.rank * share
+            hi = stop if self.rank == self.world_size - 1 else lo + share
+        rows = np.arange(lo, hi)
+        labels = label[lo:hi]
+        if self.pad_shares and hi - lo < share:
+            rows = np.concatenate([rows, np.full(share - (hi - lo), start)])
+            labels = np.concatenate([labels, np.full(share - (hi - lo), -1, dtype=label.dtype)])
+        n = len(rows)
+        ids = torch.from_numpy(np.ascontiguousarray(cats[rows].T).reshape(-1))
         kjt = KeyedJaggedTensor(keys=CAT_COLUMNS, values=ids, lengths=torch.ones(n * len(CAT_COLUMNS), dtype=torch.int32))
         return Batch(
-            dense_features=torch.from_numpy(dense[lo:hi]),
+            dense_features=torch.from_numpy(dense[rows]),
             sparse_features=kjt,
-            labels=torch.from_numpy(label[lo:hi]),
+            labels=torch.from_numpy(np.ascontiguousarray(labels)),
         )

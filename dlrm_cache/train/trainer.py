@@ -1,14 +1,17 @@
 """``dlrm-train``'s work: train a DLRM / DCN over the cached embeddings, evaluate, checkpoint.
 
-One process (multi-process training goes through the sharded cache, not built yet). A step:
+One process, or several under ``torchrun`` (then, or with ``trainer.sharded=true``, the tables are
+sharded by TorchRec's ``DistributedModelParallel`` with the cache as their kernel, placed by the
+planner; see ``dlrm_cache.distributed``). A step:
 
-    ebc.enqueue(batch t + lookahead)      # the cache sees the future ids
-    logits = model(dense, sparse)         # cache: plan (prefetched), gather, pool
-    ebc.prefetch()                        # plan + load batch t+1 in the background
-    loss.backward()                       # the sparse update is fused here
+    cache.enqueue(global batch t + lookahead)  # the cache sees the future ids
+    logits = model(dense, sparse)              # cache: plan (prefetched), gather, pool
+    cache.prefetch()                           # plan + load batch t+1 in the background
+    loss.backward()                            # the sparse update is fused here
     dense_optimizer.step(); lr schedule
 
-Outputs go to ``run_dir``: ``metrics.jsonl``, ``summary.json``, ``checkpoint.pt``.
+Outputs go to ``run_dir`` (written by rank 0; every rank writes its tables' checkpoint files):
+``metrics.jsonl``, ``summary.json``, ``checkpoint/``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -24,7 +26,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torchmetrics
+from torchrec import EmbeddingBagCollection
 from torchrec.models.dlrm import DLRM, DLRM_DCN
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from tqdm import tqdm
@@ -35,9 +39,12 @@ from dlrm_cache.criteo import CAT_COLUMNS, INT_FEATURE_COUNT, table_name
 from dlrm_cache.data.loader import ParquetBatches, load_metadata
 from dlrm_cache.data.preprocess import preprocess
 from dlrm_cache.data.synthetic import generate
+from dlrm_cache.distributed import checkpoint as ckpt
+from dlrm_cache.distributed.planner import CachePlan, load_table_stats, plan_cache
+from dlrm_cache.distributed.runtime import Rank, ShardedCache, current_rank, init_process_group, shard_model
+from dlrm_cache.distributed.sharder import CachedEmbeddingBagCollectionSharder
 
 log = logging.getLogger(__name__)
-CHECKPOINT = "checkpoint.pt"
 
 
 class TrainingError(RuntimeError):
@@ -58,10 +65,8 @@ def default_dataset(cfg: TrainRunConfig) -> Path:
     )
 
 
-def build_model(
-    cfg: TrainRunConfig, meta: dict, device: torch.device
-) -> tuple[torch.nn.Module, CachedEmbeddingBagCollection]:
-    tables = [
+def _tables(cfg: TrainRunConfig, meta: dict) -> list[EmbeddingBagConfig]:
+    return [
         EmbeddingBagConfig(
             num_embeddings=meta["vocab_sizes"][f],
             embedding_dim=cfg.model.embedding_dim,
@@ -70,9 +75,15 @@ def build_model(
         )
         for f in CAT_COLUMNS
     ]
+
+
+def _sparse_optimizer(cfg: TrainRunConfig) -> SparseOptimizer:
     o = cfg.optim
-    sparse = SparseOptimizer(o.sparse, lr=o.sparse_lr, eps=o.eps, beta1=o.beta1, beta2=o.beta2)
-    ebc = CachedEmbeddingBagCollection(tables, cfg.cache, sparse, device=device, seed=cfg.seed)
+    return SparseOptimizer(o.sparse, lr=o.sparse_lr, eps=o.eps, beta1=o.beta1, beta2=o.beta2)
+
+
+def _dlrm(cfg: TrainRunConfig, ebc: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(cfg.seed)  # dense init, the same on every rank
     common = dict(
         embedding_bag_collection=ebc,
         dense_in_features=INT_FEATURE_COUNT,
@@ -81,12 +92,37 @@ def build_model(
         dense_device=device,
     )
     if cfg.model.name == "dcn":
-        model = DLRM_DCN(
+        return DLRM_DCN(
             **common, dcn_num_layers=cfg.model.dcn_num_layers, dcn_low_rank_dim=cfg.model.dcn_low_rank_dim
         )
-    else:
-        model = DLRM(**common)
-    return model, ebc
+    return DLRM(**common)
+
+
+def plan_tables(cfg: TrainRunConfig, meta: dict, root: Path, world_size: int) -> CachePlan:
+    """The planner's placement and cache sizes from the dataset's frequency statistics."""
+    tables = {table_name(f): f for f in CAT_COLUMNS}
+    stats = load_table_stats(root, tables, {t: cfg.model.embedding_dim for t in tables})
+    return plan_cache(stats, world_size, cfg.cache, _sparse_optimizer(cfg), cfg.trainer.sharding)
+
+
+def build_model(
+    cfg: TrainRunConfig, meta: dict, device: torch.device, plan: CachePlan | None = None
+) -> tuple[torch.nn.Module, CachedEmbeddingBagCollection]:
+    """The unsharded model; ``plan``'s cache sizes when given (``cache.device_budget_gb``)."""
+    cache = plan.cache if plan else cfg.cache
+    ebc = CachedEmbeddingBagCollection(
+        _tables(cfg, meta), cache, _sparse_optimizer(cfg), device, seed=cfg.seed
+    )
+    return _dlrm(cfg, ebc, device), ebc
+
+
+def build_sharded_model(
+    cfg: TrainRunConfig, meta: dict, device: torch.device, plan: CachePlan
+) -> tuple[torch.nn.Module, ShardedCache]:
+    """The model sharded over the process group by ``plan`` (collective: every rank calls it)."""
+    ebc = EmbeddingBagCollection(_tables(cfg, meta), device=torch.device("meta"))
+    sharder = CachedEmbeddingBagCollectionSharder(plan.cache, _sparse_optimizer(cfg), seed=cfg.seed)
+    return shard_model(_dlrm(cfg, ebc, device), plan, sharder, device)
 
 
 def lr_factor(step: int, cfg: TrainRunConfig) -> float:
@@ -110,30 +146,39 @@ def _dense_optimizer(cfg: TrainRunConfig, params) -> torch.optim.Optimizer:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: ParquetBatches, device: torch.device) -> dict:
-    """AUROC and log loss over a whole split (the cache serves misses from the host, writes nothing)."""
+    """AUROC and log loss over a whole split, over all ranks (the cache serves misses from the host,
+    writes nothing). Padding rows (label -1, evening out a last batch over ranks) are left out."""
     model.eval()
-    auroc = torchmetrics.classification.BinaryAUROC().to(device)
-    loss_sum, n = 0.0, 0
+    sharded = dist.is_initialized()
+    auroc = torchmetrics.classification.BinaryAUROC(sync_on_compute=sharded).to(device)
+    loss_sum, n = torch.zeros((), dtype=torch.float64), 0
     for batch in loader.batches(epoch=0):
         logits = model(batch.dense_features.to(device), batch.sparse_features).squeeze(1)
         labels = batch.labels.to(device)
-        loss_sum += float(
-            torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
-        )
+        real = labels >= 0
+        logits, labels = logits[real], labels[real]
+        loss_sum += torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, labels, reduction="sum"
+        ).cpu()
         n += len(labels)
         auroc.update(torch.sigmoid(logits), labels.long())
     model.train()
-    if n == 0:  # an empty split (a tiny dataset): nothing to score
+    totals = torch.tensor([float(loss_sum), n], dtype=torch.float64)
+    if sharded:
+        dist.all_reduce(totals)
+    if totals[1] == 0:  # an empty split (a tiny dataset): nothing to score
         log.warning("the %s split is empty: no AUC or log loss", loader.split)
         return {"auc": float("nan"), "logloss": float("nan"), "samples": 0}
-    return {"auc": float(auroc.compute()), "logloss": loss_sum / n, "samples": n}
+    return {"auc": float(auroc.compute()), "logloss": float(totals[0] / totals[1]), "samples": int(totals[1])}
 
 
-def _lookahead(batches: Iterator, ebc: CachedEmbeddingBagCollection, depth: int) -> Iterator:
-    """Yield ``batches`` while handing each one's ids to the cache ``depth`` batches ahead."""
+def _lookahead(local: Iterator, future: Iterator | None, cache, depth: int) -> Iterator:
+    """Yield this rank's ``local`` batches while handing the cache the ids of the matching global
+    batches (``future``; unsharded, the local batches are the global ones) ``depth`` batches ahead."""
     ahead: deque = deque()
-    for b in batches:
-        ebc.enqueue(b.sparse_features)
+    pairs = zip(local, future, strict=True) if future is not None else ((b, b) for b in local)
+    for b, g in pairs:
+        cache.enqueue(g.sparse_features)
         ahead.append(b)
         if len(ahead) > depth:
             yield ahead.popleft()
@@ -141,129 +186,195 @@ def _lookahead(batches: Iterator, ebc: CachedEmbeddingBagCollection, depth: int)
 
 
 def _comparable(cfg: TrainRunConfig) -> dict:
-    """The config a resumed run must share with the run it continues."""
+    """The config a resumed run must share with the run it continues (any number of ranks)."""
     d = asdict(cfg)
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("resume", "max_steps", "epochs")}
+    d["trainer"] = {k: v for k, v in d["trainer"].items() if k not in ("sharding", "sharded")}
     return d
 
 
-def save_checkpoint(run_dir: Path, state: dict) -> None:
-    """Write, then rename: a crash leaves the previous checkpoint whole."""
-    tmp = run_dir / f".{CHECKPOINT}.tmp-{os.getpid()}"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, run_dir / CHECKPOINT)
-    finally:
-        tmp.unlink(missing_ok=True)
+def dense_state(model: torch.nn.Module) -> dict:
+    """Everything but the embedding tables, under the unsharded model's names."""
+    return {
+        f"{name}.{k}": v
+        for name, child in model.named_children()
+        if name != "sparse_arch"
+        for k, v in child.state_dict().items()
+    }
+
+
+def load_dense_state(model: torch.nn.Module, state: dict) -> None:
+    for name, child in model.named_children():
+        if name != "sparse_arch":
+            prefix = f"{name}."
+            child.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
 
 
 def train(cfg: TrainRunConfig, run_dir: Path) -> dict:
-    """Train as ``cfg`` says, writing into ``run_dir``; returns the summary."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise TrainingError(
-            "training on several processes needs the sharded cache, which is not built yet; run one process"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Train as ``cfg`` says, writing into ``run_dir``; returns the summary. Under ``torchrun`` every
+    rank calls it; the tables are then sharded (so they are with ``trainer.sharded=true``)."""
+    rank = current_rank()
+    sharded = rank.world_size > 1 or cfg.trainer.sharded
     device = torch.device(cfg.trainer.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("trainer.device=cuda but no CUDA device is available (use trainer=cpu)")
-    root = Path(cfg.data.path) if cfg.data.path else default_dataset(cfg)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError("trainer.device=cuda but no CUDA device is available (use trainer=cpu)")
+        device = torch.device("cuda", rank.local_rank)
+        torch.cuda.set_device(device)
+    if sharded:
+        init_process_group(device, rank)
+    try:
+        return _train(cfg, run_dir, rank, sharded, device)
+    finally:
+        if sharded and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _barrier(sharded: bool) -> None:
+    if sharded:
+        dist.barrier()
+
+
+def _train(cfg: TrainRunConfig, run_dir: Path, rank: Rank, sharded: bool, device: torch.device) -> dict:
+    lead = rank.rank == 0  # writes the outputs, prints
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.data.path:
+        root = Path(cfg.data.path)
+    else:  # made once, by rank 0
+        if lead:
+            default_dataset(cfg)
+        _barrier(sharded)
+        root = default_dataset(cfg)
     meta = load_metadata(root)
-    torch.manual_seed(cfg.seed)  # dense init; embedding tables have seeds of their own, the loader too
-    model, ebc = build_model(cfg, meta, device)
+    bs = cfg.train.batch_size
+    if bs % rank.world_size:
+        raise TrainingError(f"train.batch_size={bs} does not divide over {rank.world_size} ranks")
+    plan = None
+    if sharded or cfg.cache.device_budget_gb:
+        plan = plan_tables(cfg, meta, root, rank.world_size)
+        if lead:
+            log.info("%s", plan.describe())
+    if sharded:
+        model, cache = build_sharded_model(cfg, meta, device, plan)
+        collections = cache.collections()
+    else:
+        model, cache = build_model(cfg, meta, device, plan)
+        collections = [(cache, {})]
+    unwrapped = model.module if sharded else model
     dense_opt = _dense_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     pin = device.type == "cuda"
-    bs = cfg.train.batch_size
+    shares = dict(rank=rank.rank, world_size=rank.world_size, pin_memory=pin)
     loaders = {
-        "train": ParquetBatches(root, "train", bs, shuffle=cfg.data.shuffle, seed=cfg.seed, pin_memory=pin),
-        "val": ParquetBatches(root, "val", bs, drop_last=False, pin_memory=pin),
-        "test": ParquetBatches(root, "test", bs, drop_last=False, pin_memory=pin),
+        "train": ParquetBatches(root, "train", bs, shuffle=cfg.data.shuffle, seed=cfg.seed, **shares),
+        "val": ParquetBatches(root, "val", bs, drop_last=False, pad_shares=sharded, **shares),
+        "test": ParquetBatches(root, "test", bs, drop_last=False, pad_shares=sharded, **shares),
     }
+    # The cache's lookahead reads the global batches (TorchRec's table- and column-wise input
+    # distribution hands every shard the ids of the whole global batch, rank 0's samples first).
+    future = ParquetBatches(root, "train", bs, shuffle=cfg.data.shuffle, seed=cfg.seed) if sharded else None
     steps_per_epoch = len(loaders["train"])
     total = steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps:
         total = min(total, cfg.train.max_steps)
     step, metrics_path = 0, run_dir / "metrics.jsonl"
-    if cfg.train.resume and (run_dir / CHECKPOINT).exists():
-        state = torch.load(run_dir / CHECKPOINT, weights_only=False)
+    found = ckpt.find_checkpoint(run_dir) if cfg.train.resume else None
+    if found:
+        state = ckpt.load_meta(found)
         if state["config"] != _comparable(cfg):
-            raise TrainingError(f"train.resume=true: {run_dir / CHECKPOINT} was written with another config")
-        model.load_state_dict(state["model"])
+            raise TrainingError(f"train.resume=true: {found} was written with another config")
+        load_dense_state(unwrapped, state["model"])
         dense_opt.load_state_dict(state["dense_optimizer"])
+        ckpt.load_embeddings(found, collections)
         torch.set_rng_state(state["rng"])
         step = state["step"]
-        log.info("resuming %s at step %d", run_dir, step)
-    elif metrics_path.exists():
+        if lead:
+            log.info("resuming %s at step %d (written by %d rank(s))", run_dir, step, state["world_size"])
+    elif lead and metrics_path.exists():
         metrics_path.unlink()
 
     def checkpoint() -> None:
-        state = {"model": model.state_dict(), "dense_optimizer": dense_opt.state_dict()}
-        save_checkpoint(
-            run_dir, {**state, "rng": torch.get_rng_state(), "step": step, "config": _comparable(cfg)}
-        )
+        def meta_state() -> dict:
+            return {"model": dense_state(unwrapped), "dense_optimizer": dense_opt.state_dict(),
+                    "rng": torch.get_rng_state(), "step": step, "config": _comparable(cfg)}  # fmt: skip
+
+        ckpt.save(run_dir, rank.rank, rank.world_size, collections, meta_state, lambda: _barrier(sharded))
 
     base_lrs = (cfg.optim.dense_lr, cfg.optim.sparse_lr)
-    bar = tqdm(total=total, initial=step, desc="dlrm-train", unit="step")
+    bar = tqdm(total=total, initial=step, desc="dlrm-train", unit="step", disable=not lead)
     t_start, samples, last_val = time.perf_counter(), 0, None
-    with metrics_path.open("a") as metrics:
+    metrics = metrics_path.open("a") if lead else None
+    try:
         while step < total:
             epoch, skip = divmod(step, steps_per_epoch)
             stream = loaders["train"].batches(epoch, skip=skip)
-            for batch in _lookahead(stream, ebc, cfg.cache.lookahead):
+            ahead = future.batches(epoch, skip=skip) if future else None
+            for batch in _lookahead(stream, ahead, cache, cfg.cache.lookahead):
                 factor = lr_factor(step, cfg)
                 for group in dense_opt.param_groups:
                     group["lr"] = base_lrs[0] * factor
-                ebc.set_learning_rate(base_lrs[1] * factor)
+                cache.set_learning_rate(base_lrs[1] * factor)
                 logits = model(
                     batch.dense_features.to(device, non_blocking=True), batch.sparse_features
                 ).squeeze(1)
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(
                     logits, batch.labels.to(device, non_blocking=True)
                 )
-                ebc.prefetch()
+                cache.prefetch()
                 dense_opt.zero_grad()
                 loss.backward()
-                loss_value = float(loss.detach())
+                reported = loss.detach().double().cpu()
+                if sharded:  # the global batch's mean loss, as one process would see it
+                    dist.all_reduce(reported)
+                    reported /= rank.world_size
+                loss_value = float(reported)
                 if not math.isfinite(loss_value):
                     raise TrainingError(
                         f"loss is {loss_value} at step {step + 1}; last good checkpoint kept in {run_dir}"
                     )
                 dense_opt.step()
                 step += 1
-                samples += len(batch.labels)
+                samples += len(batch.labels) * rank.world_size
                 bar.update(1)
                 if step % cfg.train.log_every == 0 or step == total:
-                    stats = ebc.stats()
+                    stats = cache.stats()
                     rate = samples / (time.perf_counter() - t_start)
-                    record = {"step": step, "epoch": epoch, "loss": loss_value, "lr": base_lrs[0] * factor,
-                              "samples_per_s": rate, "cache": _cache_summary(stats)}  # fmt: skip
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
+                    if metrics:
+                        record = {"step": step, "epoch": epoch, "loss": loss_value,
+                                  "lr": base_lrs[0] * factor, "samples_per_s": rate,
+                                  "cache": _cache_summary(stats)}  # fmt: skip
+                        metrics.write(json.dumps(record) + "\n")
+                        metrics.flush()
                     bar.set_postfix(
                         loss=f"{loss_value:.4f}", sps=f"{rate:,.0f}", hit=f"{stats['hit_rate_unique']:.3f}"
                     )
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                     last_val = evaluate(model, loaders["val"], device)
-                    metrics.write(json.dumps({"step": step, "val": last_val}) + "\n")
+                    if metrics:
+                        metrics.write(json.dumps({"step": step, "val": last_val}) + "\n")
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                     checkpoint()
                 if step >= total:
                     break
-    bar.close()
-    train_seconds = time.perf_counter() - t_start
-    train_stats = ebc.stats()  # before evaluation: the training figures alone
-    val = evaluate(model, loaders["val"], device)
-    test = evaluate(model, loaders["test"], device)
-    checkpoint()
+        bar.close()
+        train_seconds = time.perf_counter() - t_start
+        train_stats = cache.stats()  # before evaluation: the training figures alone
+        val = evaluate(model, loaders["val"], device)
+        test = evaluate(model, loaders["test"], device)
+        checkpoint()
+        eval_stats = cache.stats()["eval"]
+    finally:
+        if metrics:
+            metrics.close()
+        cache.close()
     summary = {
         "val_auc": val["auc"], "val_logloss": val["logloss"],
         "test_auc": test["auc"], "test_logloss": test["logloss"],
         "train_samples_per_s": samples / train_seconds if train_seconds else 0.0,
-        "steps": step, "world_size": 1, "data_path": str(root),
-        "cache": {**_cache_summary(train_stats), "eval": ebc.stats()["eval"]},
+        "steps": step, "world_size": rank.world_size, "sharded": sharded, "data_path": str(root),
+        "cache": {**_cache_summary(train_stats), "eval": eval_stats},
     }  # fmt: skip
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    ebc.close()
+    if lead:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

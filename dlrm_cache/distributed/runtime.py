@@ -1,0 +1,125 @@
+"""The sharded model at run time: process group, ``DistributedModelParallel`` with the cache sharder and
+the planner's plan, and ``ShardedCache``, the trainer's handle on this rank's caches."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.types import ShardingEnv, ShardingPlan
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from dlrm_cache.cache.collection import _hit_rate
+from dlrm_cache.distributed.planner import CachePlan
+from dlrm_cache.distributed.sharder import CachedEmbeddingBagCollectionSharder, CachedEmbeddingKernel
+
+log = logging.getLogger(__name__)
+EBC_FQN = "sparse_arch.embedding_bag_collection"  # where TorchRec's DLRM / DLRM_DCN keep their tables
+TIMEOUT = datetime.timedelta(minutes=10)  # a collective waiting longer than this fails instead of hanging
+
+
+@dataclass(frozen=True)
+class Rank:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+
+def current_rank() -> Rank:
+    """This process's place under ``torchrun`` (its environment variables), or a single process."""
+    env = os.environ
+    return Rank(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")))
+
+
+def init_process_group(device: torch.device, rank: Rank) -> None:
+    """gloo on CPU, NCCL on CUDA; a single process gets a group of one (a free local port)."""
+    if dist.is_initialized():
+        return
+    if rank.world_size == 1 and "MASTER_ADDR" not in os.environ:
+        store = dist.HashStore()
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=TIMEOUT)
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=rank.rank, world_size=rank.world_size, timeout=TIMEOUT)
+
+
+class ShardedCache:
+    """This rank's cache kernels, with the interface the trainer uses on an unsharded
+    ``CachedEmbeddingBagCollection``; ``stats`` gathers every rank's counters (a collective)."""
+
+    def __init__(self, kernels: list[CachedEmbeddingKernel], plan: CachePlan):
+        self.kernels, self.plan = kernels, plan
+
+    def enqueue(self, global_features: KeyedJaggedTensor) -> None:
+        """A future global batch (``world_size=1`` loader order: rank 0's samples first)."""
+        for k in self.kernels:
+            k.enqueue_global(global_features)
+
+    def prefetch(self) -> None:
+        for k in self.kernels:
+            k.cache.prefetch()
+
+    def set_learning_rate(self, lr: float) -> None:
+        for k in self.kernels:
+            k.cache.set_learning_rate(lr)
+
+    def flush(self) -> None:
+        for k in self.kernels:
+            k.cache.flush()
+
+    def close(self) -> None:
+        for k in self.kernels:
+            k.cache.close()
+
+    def collections(self):
+        return [(k.cache, k.shards) for k in self.kernels]
+
+    def stats(self) -> dict:
+        local = [k.cache.stats() for k in self.kernels]
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        parts = [s for rank_stats in gathered for s in rank_stats]
+        counters = ("lookups", "rows_touched", "rows_loaded", "rows_written", "rows_from_host", "warmup_rows")
+        tables: dict[str, dict] = {}
+        for s in parts:
+            for name, t in s["tables"].items():
+                mine = tables.setdefault(name, {"rows": t["rows"], "capacity": t["capacity"], "shards": 0})
+                mine["shards"] += 1
+                for c in counters:
+                    mine[c] = mine.get(c, 0) + t[c]
+        for t in tables.values():
+            t["hit_rate_unique"] = _hit_rate(t["rows_loaded"], t["rows_touched"])
+        totals = {c: sum(s[c] for s in parts) for c in (*counters, "bytes_h2d", "bytes_d2h", "bookkeeping_s")}
+        return {
+            "policy": self.plan.cache.policy,
+            "ratio": self.plan.cache.ratio,
+            **totals,
+            "hit_rate_unique": _hit_rate(totals["rows_loaded"], totals["rows_touched"]),
+            "eval": {k: sum(s["eval"][k] for s in parts) for k in ("lookups", "rows_from_host")},
+            "tables": tables,
+        }
+
+
+def shard_model(
+    model: torch.nn.Module,
+    plan: CachePlan,
+    sharder: CachedEmbeddingBagCollectionSharder,
+    device: torch.device,
+) -> tuple[DistributedModelParallel, ShardedCache]:
+    """``model`` (a DLRM whose ``EmbeddingBagCollection`` is on the ``meta`` device) sharded by ``plan``."""
+    ebc = model.get_submodule(EBC_FQN)
+    module_plan = plan.torchrec_plan(ebc, sharder, device_type=device.type)
+    dmp = DistributedModelParallel(
+        model,
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
+        device=device,
+        plan=ShardingPlan({EBC_FQN: module_plan}),
+        sharders=[sharder],
+    )
+    sharded = dmp.module.get_submodule(EBC_FQN)
+    return dmp, ShardedCache(sharded.cached_kernels(), plan)
