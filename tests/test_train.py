@@ -25,7 +25,8 @@ from dlrm_cache.config import (
 from dlrm_cache.data.loader import ParquetBatches
 from dlrm_cache.data.preprocess import preprocess
 from dlrm_cache.data.synthetic import generate
-from dlrm_cache.train.trainer import CHECKPOINT, TrainingError, train
+from dlrm_cache.distributed.checkpoint import META, find_checkpoint, load_meta
+from dlrm_cache.train.trainer import TrainingError, train
 
 
 @pytest.fixture(scope="module")
@@ -126,18 +127,20 @@ def test_a_killed_run_resumes_to_the_same_parameters(dataset, tmp_path):
         [*args, f"hydra.run.dir={killed}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 120
-    while not (killed / CHECKPOINT).exists() and time.time() < deadline:
+    while find_checkpoint(killed) is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    step_at_kill = torch.load(killed / CHECKPOINT, weights_only=False)["step"]
+    step_at_kill = load_meta(find_checkpoint(killed))["step"]
     assert 0 < step_at_kill < 120, "killed mid-run"
     subprocess.run([*args, f"hydra.run.dir={killed}", "train.resume=true"], check=True, capture_output=True)
-    a = torch.load(straight / CHECKPOINT, weights_only=False)
-    b = torch.load(killed / CHECKPOINT, weights_only=False)
+    a, b = load_meta(find_checkpoint(straight)), load_meta(find_checkpoint(killed))
     assert a["step"] == b["step"] == 120
     for k in a["model"]:
         torch.testing.assert_close(b["model"][k], a["model"][k], atol=1e-6, rtol=1e-5, msg=k)
+    ta, tb = (torch.load(d / "checkpoint" / "embeddings-rank0.pt") for d in (straight, killed))
+    for pa, pb in zip(ta, tb, strict=True):
+        torch.testing.assert_close(pb["weight"], pa["weight"], atol=1e-6, rtol=1e-5, msg=pa["table"])
 
 
 def test_bad_data_path_and_schema_version(dataset, tmp_path):
@@ -167,7 +170,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(dataset, tmp
     )
     with pytest.raises(TrainingError, match=r"loss is (nan|inf) at step \d+; last good checkpoint kept"):
         train(cfg, tmp_path / "r")
-    assert (tmp_path / "r" / CHECKPOINT).exists()
+    assert (tmp_path / "r" / "checkpoint" / META).exists()
 
 
 def test_an_empty_split_gives_nan_metrics_not_a_crash(tmp_path):

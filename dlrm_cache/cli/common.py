@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -12,7 +13,10 @@ EXIT_BAD_INPUT = 2
 
 
 def run_cli(name: str, job: Callable[[], None]) -> None:
-    """Run ``job``; a bad config or bad input ends the process with ``name: error: ...`` and exit 2."""
+    """Run ``job``; a bad config or bad input ends the process with ``name: error: ...`` and exit 2
+    (under ``torchrun``, naming the rank: torchrun then stops the other ranks)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        name = f"{name} [rank {os.environ.get('RANK', '?')}]"
     try:
         job()
     except (ConfigError, FileExistsError, FileNotFoundError, ValueError, TrainingError) as e:

@@ -14,7 +14,9 @@ train counts, hottest id first): a cache holding a table's ``k`` hottest rows se
 - **Placement**: tables above ``cache.full_table_rows`` are split by columns over all ranks
   (``sharding=column_wise``) or placed whole (``table_wise``); whole tables go, largest cost first, to
   the rank where the largest of its three normalised loads stays smallest: expected miss traffic per
-  sample (bytes moved host -> device), host memory, device memory.
+  sample (bytes moved host -> device), host memory, device memory; then single moves and pairwise
+  swaps between ranks while they lower the largest load, from that start and a few seeded random
+  ones, keeping the best.
 - ``FrequencyCacheStatistics`` gives TorchRec's own planner the same curves, for users of its
   ``FUSED_UVM_CACHING`` kernel (``CacheParams(stats=...)``).
 """
@@ -34,6 +36,7 @@ from dlrm_cache.config import CacheConfig
 
 GB = 1 << 30
 LOADS = ("miss_bytes_per_sample", "host_bytes", "device_bytes")
+_RESTARTS = 8  # seeded random starting placements for the local search, besides the greedy one
 
 
 @dataclass
@@ -101,6 +104,7 @@ class CachePlan:
     shards: list[ShardPlan]
     loads: np.ndarray  # (world_size, len(LOADS))
     cache: CacheConfig  # with the planned table_ratios
+    shard_loads: dict[tuple[str, int], np.ndarray]  # (table, rank) -> what that shard adds to `loads`
 
     def ranks_of(self, table: str) -> list[int]:
         return [s.rank for s in self.shards if s.table == table]
@@ -195,23 +199,36 @@ def plan_cache(
         b = row_bytes(t, cols)
         return np.array([t.features * (1 - t.hit_share(k)) * b, t.rows * b, k * b], dtype=np.float64)
 
-    loads = np.zeros((world_size, len(LOADS)))
+    fixed = np.zeros((world_size, len(LOADS)))  # the column shards' loads
     placed: dict[str, list[int]] = {}
     for t in tables:
         if kinds[t.name] == "column_wise":
             placed[t.name] = list(range(world_size))
-            loads += cost(t, t.dim // world_size, provisional[t.name])
+            fixed += cost(t, t.dim // world_size, provisional[t.name])
     whole_costs = {
         t.name: cost(t, t.dim, provisional[t.name]) for t in tables if kinds[t.name] == "table_wise"
     }
-    total = loads.sum(axis=0) + sum(whole_costs.values(), np.zeros(len(LOADS)))
+    total = fixed.sum(axis=0) + sum(whole_costs.values(), np.zeros(len(LOADS)))
     norm = np.where(total > 0, total / world_size, 1.0)
+    starts = []
+    greedy, g_loads = {}, fixed.copy()
     for name in sorted(whole_costs, key=lambda n: -float((whole_costs[n] / norm).max())):
-        after = (loads + whole_costs[name]) / norm  # (ranks, loads) if the table went to each rank
-        score = after.max(axis=1) + 1e-9 * after.sum(axis=1)
-        r = int(np.argmin(score))
-        placed[name] = [r]
-        loads[r] += whole_costs[name]
+        after = (g_loads + whole_costs[name]) / norm  # (ranks, loads) if the table went to each rank
+        r = int(np.argmin(after.max(axis=1) + 1e-9 * after.sum(axis=1)))
+        greedy[name] = [r]
+        g_loads[r] += whole_costs[name]
+    starts.append(greedy)
+    rng = np.random.default_rng(0)  # a few seeded restarts of the local search: the plan is deterministic
+    starts += [{n: [int(rng.integers(world_size))] for n in whole_costs} for _ in range(_RESTARTS)]
+    best = None
+    for start in starts:
+        trial = fixed.copy()
+        for n, (r,) in start.items():
+            trial[r] += whole_costs[n]
+        _improve(start, whole_costs, trial, norm)
+        if best is None or _score(trial, norm) < _score(best[1], norm):
+            best = (start, trial)
+    placed.update(best[0])
 
     # Final cache sizes: ratio, or one water-fill per rank within its own budget. Column shards of a
     # table keep the same rows on every rank (the smallest of their ranks' choices), so that a row
@@ -228,14 +245,56 @@ def plan_cache(
                 sizes[n] = min(sizes.get(n, k), k)
     else:
         sizes = provisional
-    shards, loads = [], np.zeros((world_size, len(LOADS)))
+    shards, loads, shard_loads = [], np.zeros((world_size, len(LOADS))), {}
     for t in tables:
         cols = _cols(t, kinds[t.name], world_size)
         for r in placed[t.name]:
             shards.append(ShardPlan(t.name, r, cols, sizes[t.name], t.hit_share(sizes[t.name])))
-            loads[r] += cost(t, cols, sizes[t.name])
+            shard_loads[t.name, r] = cost(t, cols, sizes[t.name])
+            loads[r] += shard_loads[t.name, r]
     ratios = {t.name: sizes[t.name] / t.rows for t in tables}
-    return CachePlan(world_size, kinds, shards, loads, replace(cache, table_ratios=ratios))
+    return CachePlan(world_size, kinds, shards, loads, replace(cache, table_ratios=ratios), shard_loads)
+
+
+def _score(loads: np.ndarray, norm: np.ndarray) -> tuple[float, float]:
+    """The largest normalised load, then the sum of squares (evener loads)."""
+    n = loads / norm
+    return float(n.max()), float((n**2).sum())
+
+
+def _improve(placed: dict[str, list[int]], costs: dict[str, np.ndarray], loads: np.ndarray, norm) -> None:
+    """Local search after the greedy placement: move one table, or swap two, between ranks while that
+    lowers the largest normalised load (ties: the sum of squares, i.e. evener loads)."""
+
+    names = list(costs)
+    for _ in range(1000):
+        best, best_move = _score(loads, norm), None
+        for i, a in enumerate(names):
+            ra = placed[a][0]
+            for r in range(len(loads)):  # move a to r
+                if r == ra:
+                    continue
+                trial = loads.copy()
+                trial[ra] -= costs[a]
+                trial[r] += costs[a]
+                if (sc := _score(trial, norm)) < best:
+                    best, best_move = sc, ((a, r),)
+            for b in names[i + 1 :]:  # swap a and b
+                rb = placed[b][0]
+                if rb == ra:
+                    continue
+                trial = loads.copy()
+                delta = costs[b] - costs[a]
+                trial[ra] += delta
+                trial[rb] -= delta
+                if (sc := _score(trial, norm)) < best:
+                    best, best_move = sc, ((a, rb), (b, ra))
+        if best_move is None:
+            return
+        for name, r in best_move:
+            loads[placed[name][0]] -= costs[name]
+            loads[r] += costs[name]
+            placed[name] = [r]
 
 
 def _cols(t: TableStats, kind: str, world_size: int) -> int:
