@@ -50,3 +50,23 @@ def test_eval_split_keeps_the_last_partial_batch_and_skip_resumes(tmp_path):
     train = ParquetBatches(root, "train", 256)
     tail = list(train.batches(0, skip=5))
     assert torch.equal(_rows(tail), _rows(list(train.batches(0))[5:]))
+
+
+def test_padded_shares_give_every_rank_the_same_rows_and_mark_the_padding(tmp_path):
+    root = _dataset(tmp_path)
+    whole = list(ParquetBatches(root, "val", 256, drop_last=False).batches(0))
+    ranks = [
+        list(
+            ParquetBatches(root, "val", 256, rank=r, world_size=8, drop_last=False, pad_shares=True).batches(
+                0
+            )
+        )
+        for r in range(8)
+    ]
+    assert len(whole[-1].labels) % 8  # a partial last batch that needs padding
+    for b, *shares in zip(whole, *ranks, strict=True):
+        assert len({len(s.labels) for s in shares}) == 1  # equal shares
+        real = [s.labels >= 0 for s in shares]
+        kept = [_rows([s])[m] for s, m in zip(shares, real, strict=True)]
+        assert torch.equal(torch.cat(kept), _rows([b]))  # every row once, in order; padding marked -1
+        assert torch.equal(torch.cat([s.labels[m] for s, m in zip(shares, real, strict=True)]), b.labels)
