@@ -213,3 +213,81 @@ def test_cache_statistics_for_torchrecs_planner():
     # distinct rows in a batch of 512 uniform draws from 10k: 10k * (1 - (1 - 1e-4)^512)
     assert uniform.expected_lookups == pytest.approx(rows * (1 - (1 - 1 / rows) ** 512), rel=1e-6)
     assert skewed.expected_lookups < uniform.expected_lookups
+
+
+def test_torchrecs_prefetch_hook_hands_the_kernel_the_next_batch():
+    """``CachedPooledEmbeddingsLookup.prefetch`` (what TorchRec's prefetch pipeline calls after input
+    dist): the kernel queues and plans that batch, and training matches the unsharded model."""
+    import torch.distributed as dist
+    from torchrec import EmbeddingBagCollection
+    from torchrec.models.dlrm import DLRM
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from dlrm_cache.cache import CachedEmbeddingBagCollection
+    from dlrm_cache.distributed.runtime import Rank, init_process_group, shard_model
+    from dlrm_cache.distributed.sharder import CachedEmbeddingBagCollectionSharder
+
+    rows, batch, opt = [300, 40, 2000], 32, SparseOptimizer("adagrad", lr=0.1)
+    configs = [EmbeddingBagConfig(num_embeddings=r, embedding_dim=8, name=f"t{i}", feature_names=[f"f{i}"])
+               for i, r in enumerate(rows)]  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(batch, 4, generator=g),
+         KeyedJaggedTensor(keys=["f0", "f1", "f2"], values=torch.cat([torch.randint(0, r, (batch,), generator=g) for r in rows]),
+                           lengths=torch.ones(3 * batch, dtype=torch.int32)),
+         torch.randint(0, 2, (batch,), generator=g).float())
+        for _ in range(6)
+    ]  # fmt: skip
+
+    def dlrm(ebc):
+        torch.manual_seed(1)
+        return DLRM(embedding_bag_collection=ebc, dense_in_features=4, dense_arch_layer_sizes=[8, 8],
+                    over_arch_layer_sizes=[8, 1])  # fmt: skip
+
+    def train(model, before_step=lambda i: None):
+        sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        out = []
+        for i, (d, s, y) in enumerate(batches):
+            before_step(i)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(d, s).squeeze(1), y)
+            sgd.zero_grad()
+            loss.backward()
+            sgd.step()
+            out.append(loss.item())
+        return out
+
+    reference = train(dlrm(CachedEmbeddingBagCollection(configs, CacheConfig(policy="none"), opt)))
+    init_process_group(torch.device("cpu"), Rank())
+    try:
+        cache = CacheConfig(ratio=0.1, full_table_rows=50, lookahead=0)
+        stats = [TableStats(c.name, c.num_embeddings, 8) for c in configs]
+        plan = plan_cache(stats, 1, cache, opt)
+        sharder = CachedEmbeddingBagCollectionSharder(plan.cache, opt)
+        model, sharded_cache = shard_model(
+            dlrm(EmbeddingBagCollection(configs, device=torch.device("meta"))),
+            plan,
+            sharder,
+            torch.device("cpu"),
+        )
+        sm = model.module.get_submodule("sparse_arch.embedding_bag_collection")
+        seen = []
+
+        def prefetch(j):  # batch j after input dist, as TorchRec's prefetch pipeline hands it over
+            dist_input = sm.input_dist(sm.create_context(), batches[j][1]).wait().wait()
+            for lookup, features in zip(sm._lookups, dist_input, strict=True):
+                lookup.prefetch(features)
+            seen.append(all(k.cache.is_enqueued(f) for k in sharded_cache.kernels for f in dist_input))
+
+        def prefetch_next(i):  # the pipeline prefetches batch i + 1 while batch i trains
+            if i == 0:
+                prefetch(0)
+            if i + 1 < len(batches):
+                prefetch(i + 1)
+
+        assert train(model, prefetch_next) == pytest.approx(reference, rel=1e-5, abs=1e-6)
+        assert seen and all(seen)
+        assert sharded_cache.stats()["rows_loaded"] > 0
+        sharded_cache.close()
+    finally:
+        dist.destroy_process_group()
