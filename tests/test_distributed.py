@@ -232,13 +232,15 @@ def test_torchrecs_prefetch_hook_hands_the_kernel_the_next_batch():
     configs = [EmbeddingBagConfig(num_embeddings=r, embedding_dim=8, name=f"t{i}", feature_names=[f"f{i}"])
                for i, r in enumerate(rows)]  # fmt: skip
     g = torch.Generator().manual_seed(0)
-    batches = [
-        (torch.randn(batch, 4, generator=g),
-         KeyedJaggedTensor(keys=["f0", "f1", "f2"], values=torch.cat([torch.randint(0, r, (batch,), generator=g) for r in rows]),
-                           lengths=torch.ones(3 * batch, dtype=torch.int32)),
-         torch.randint(0, 2, (batch,), generator=g).float())
-        for _ in range(6)
-    ]  # fmt: skip
+    batches = []
+    for _ in range(6):
+        ids = torch.cat([torch.randint(0, r, (batch,), generator=g) for r in rows])
+        kjt = KeyedJaggedTensor(
+            keys=["f0", "f1", "f2"], values=ids, lengths=torch.ones(3 * batch, dtype=torch.int32)
+        )
+        batches.append(
+            (torch.randn(batch, 4, generator=g), kjt, torch.randint(0, 2, (batch,), generator=g).float())
+        )
 
     def dlrm(ebc):
         torch.manual_seed(1)
