@@ -5,7 +5,8 @@
         train.batch_size=4096
     dlrm-train hydra.run.dir=runs/a train.checkpoint_every=1000 train.resume=true
 
-Outputs (metrics.jsonl, summary.json, checkpoint.pt) go to Hydra's run dir.
+Outputs (metrics.jsonl, summary.json, checkpoint/) go to Hydra's run dir. Under torchrun:
+    torchrun --standalone --nproc_per_node=2 -m dlrm_cache.cli.train data.path=/data/criteo_pq
 """
 
 from __future__ import annotations
