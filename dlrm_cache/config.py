@@ -159,6 +159,17 @@ class CacheConfig:
         _require(0 <= self.warmup_ratio <= 1, "cache.warmup_ratio", self.warmup_ratio, "a share in [0, 1]")
         _require_choice("cache.host", self.host, ("memory", "mmap"))
 
+    def keeps_whole(self, rows: int) -> bool:
+        """Whether a table of ``rows`` lives wholly on the device: ``policy=none``, or a small table."""
+        return self.policy == "none" or rows <= self.full_table_rows
+
+    def capacity(self, table: str, rows: int) -> int:
+        """Cache slots for a table: all its rows when kept whole, else its ratio of them (at least 1)."""
+        if self.keeps_whole(rows):
+            return rows
+        ratio = self.table_ratios.get(table, self.ratio)
+        return max(1, min(rows, int(round(ratio * rows))))
+
 
 @dataclass
 class OptimConfig:

@@ -46,12 +46,8 @@ class _FusedLookup(torch.autograd.Function):
 
 
 def table_capacity(cfg: EmbeddingBagConfig, cache: CacheConfig) -> int:
-    """Cache slots for a table: all its rows for ``policy=none`` or a small table, else its ratio."""
-    rows = cfg.num_embeddings
-    if cache.policy == "none" or rows <= cache.full_table_rows:
-        return rows
-    ratio = cache.table_ratios.get(cfg.name, cache.ratio)
-    return max(1, min(rows, int(round(ratio * rows))))
+    """Cache slots for a table (``CacheConfig.capacity``)."""
+    return cache.capacity(cfg.name, cfg.num_embeddings)
 
 
 class CachedEmbeddingBagCollection(nn.Module):

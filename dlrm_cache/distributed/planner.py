@@ -168,7 +168,7 @@ def plan_cache(
         raise ValueError(f"cache.table_ratios names unknown tables: {sorted(unknown)}")
 
     def whole(t: TableStats) -> bool:  # lives wholly on the device
-        return cache.policy == "none" or t.rows <= cache.full_table_rows
+        return cache.keeps_whole(t.rows)
 
     def split(t: TableStats) -> bool:
         return sharding == "column_wise" and world_size > 1 and not whole(t) and t.dim % world_size == 0
@@ -180,11 +180,6 @@ def plan_cache(
 
     budget = cache.device_budget_gb * GB
 
-    def capacity_by_ratio(t: TableStats) -> int:
-        if whole(t):
-            return t.rows
-        return max(1, min(t.rows, int(round(cache.table_ratios.get(t.name, cache.ratio) * t.rows))))
-
     # Provisional cache sizes, to cost the tables for placement: by ratio, or by one water-fill of the
     # budget of all ranks together over all tables.
     if budget:
@@ -193,7 +188,7 @@ def plan_cache(
             zip(names, _water_fill(items, budget * world_size, whole, "all ranks"), strict=True)
         )
     else:
-        provisional = {t.name: capacity_by_ratio(t) for t in tables}
+        provisional = {t.name: cache.capacity(t.name, t.rows) for t in tables}
 
     def cost(t: TableStats, cols: int, k: int) -> np.ndarray:
         b = row_bytes(t, cols)
