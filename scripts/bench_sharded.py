@@ -68,7 +68,7 @@ def _timed(times: dict, phase: str, fn, force_wait: int = 0):
 
 
 def worker(args) -> None:
-    from dlrm_cache.distributed.runtime import current_rank, init_process_group
+    from dlrm_cache.distributed.runtime import EBC_FQN, current_rank, init_process_group
     from dlrm_cache.train.trainer import _dense_optimizer, build_model, build_sharded_model, plan_tables
 
     rank = current_rank()
@@ -85,9 +85,9 @@ def worker(args) -> None:
     times: dict[str, float] = defaultdict(float)
     if sharded:
         init_process_group(device, rank)
-        plan = plan_tables(cfg, meta, root, rank.world_size)
+        plan = plan_tables(cfg, root, rank.world_size)
         model, cache = build_sharded_model(cfg, meta, device, plan)
-        sm = model.module.get_submodule("sparse_arch.embedding_bag_collection")
+        sm = model.module.get_submodule(EBC_FQN)
         sm.input_dist = _timed(times, "input_dist", sm.input_dist, force_wait=2)
         for lookup in sm._lookups:
             lookup.forward = _timed(times, "lookup", lookup.forward)

@@ -138,6 +138,16 @@ def test_a_failing_rank_stops_the_job_with_its_error(dataset, tmp_path):
     assert time.time() - start < 200
 
 
+def test_a_batch_that_does_not_divide_over_the_ranks_is_refused_on_every_rank(dataset, tmp_path):
+    proc = run(2, tmp_path / "r", dataset, "train.batch_size=255", "train.max_steps=2", timeout=240)
+    assert proc.returncode != 0
+    for r in (0, 1):
+        assert (
+            f"dlrm-train [rank {r}]: error: train.batch_size=255 does not divide over 2 ranks" in proc.stderr
+        )
+    assert not (tmp_path / "r" / "checkpoint").exists()
+
+
 def skewed_tables(n=26, seed=0) -> list[TableStats]:
     rng = np.random.default_rng(seed)
     out = []
@@ -225,7 +235,7 @@ def test_torchrecs_prefetch_hook_hands_the_kernel_the_next_batch():
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
     from dlrm_cache.cache import CachedEmbeddingBagCollection
-    from dlrm_cache.distributed.runtime import Rank, init_process_group, shard_model
+    from dlrm_cache.distributed.runtime import EBC_FQN, Rank, init_process_group, shard_model
     from dlrm_cache.distributed.sharder import CachedEmbeddingBagCollectionSharder
 
     rows, batch, opt = [300, 40, 2000], 32, SparseOptimizer("adagrad", lr=0.1)
@@ -272,7 +282,7 @@ def test_torchrecs_prefetch_hook_hands_the_kernel_the_next_batch():
             sharder,
             torch.device("cpu"),
         )
-        sm = model.module.get_submodule("sparse_arch.embedding_bag_collection")
+        sm = model.module.get_submodule(EBC_FQN)
         seen = []
 
         def prefetch(j):  # batch j after input dist, as TorchRec's prefetch pipeline hands it over

@@ -105,16 +105,14 @@ def load_meta(folder: Path) -> dict:
     return meta
 
 
-def load_embeddings(folder: Path, collections: Collections) -> None:
-    """Fill every local shard from the pieces of all ranks' files that overlap it."""
-    meta = load_meta(folder)
+def load_embeddings(folder: Path, world_size: int, collections: Collections) -> None:
+    """Fill every local shard from the pieces that overlap it, in the files of the ``world_size`` ranks
+    that wrote the checkpoint (``load_meta(folder)["world_size"]``)."""
     pieces = []
-    for r in range(meta["world_size"]):
+    for r in range(world_size):
         path = _rank_file(folder, r)
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{path}: missing (the checkpoint was written by {meta['world_size']} ranks)"
-            )
+            raise FileNotFoundError(f"{path}: missing (the checkpoint was written by {world_size} ranks)")
         pieces += torch.load(path, mmap=True, weights_only=True)
     by_table: dict[str, list[dict]] = {}
     for p in pieces:

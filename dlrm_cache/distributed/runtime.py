@@ -19,7 +19,8 @@ from dlrm_cache.distributed.planner import CachePlan
 from dlrm_cache.distributed.sharder import CachedEmbeddingBagCollectionSharder, CachedEmbeddingKernel
 
 log = logging.getLogger(__name__)
-EBC_FQN = "sparse_arch.embedding_bag_collection"  # where TorchRec's DLRM / DLRM_DCN keep their tables
+SPARSE_ARCH = "sparse_arch"  # TorchRec's DLRM / DLRM_DCN: the child that holds the tables ...
+EBC_FQN = f"{SPARSE_ARCH}.embedding_bag_collection"  # ... in this module
 TIMEOUT = datetime.timedelta(minutes=10)  # a collective waiting longer than this fails instead of hanging
 
 

@@ -41,7 +41,14 @@ from dlrm_cache.data.preprocess import preprocess
 from dlrm_cache.data.synthetic import generate
 from dlrm_cache.distributed import checkpoint as ckpt
 from dlrm_cache.distributed.planner import CachePlan, load_table_stats, plan_cache
-from dlrm_cache.distributed.runtime import Rank, ShardedCache, current_rank, init_process_group, shard_model
+from dlrm_cache.distributed.runtime import (
+    SPARSE_ARCH,
+    Rank,
+    ShardedCache,
+    current_rank,
+    init_process_group,
+    shard_model,
+)
 from dlrm_cache.distributed.sharder import CachedEmbeddingBagCollectionSharder
 
 log = logging.getLogger(__name__)
@@ -98,7 +105,7 @@ def _dlrm(cfg: TrainRunConfig, ebc: torch.nn.Module, device: torch.device) -> to
     return DLRM(**common)
 
 
-def plan_tables(cfg: TrainRunConfig, meta: dict, root: Path, world_size: int) -> CachePlan:
+def plan_tables(cfg: TrainRunConfig, root: Path, world_size: int) -> CachePlan:
     """The planner's placement and cache sizes from the dataset's frequency statistics."""
     tables = {table_name(f): f for f in CAT_COLUMNS}
     stats = load_table_stats(root, tables, {t: cfg.model.embedding_dim for t in tables})
@@ -198,14 +205,14 @@ def dense_state(model: torch.nn.Module) -> dict:
     return {
         f"{name}.{k}": v
         for name, child in model.named_children()
-        if name != "sparse_arch"
+        if name != SPARSE_ARCH
         for k, v in child.state_dict().items()
     }
 
 
 def load_dense_state(model: torch.nn.Module, state: dict) -> None:
     for name, child in model.named_children():
-        if name != "sparse_arch":
+        if name != SPARSE_ARCH:
             prefix = f"{name}."
             child.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
 
@@ -240,18 +247,17 @@ def _train(cfg: TrainRunConfig, run_dir: Path, rank: Rank, sharded: bool, device
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.data.path:
         root = Path(cfg.data.path)
-    else:  # made once, by rank 0
+    else:  # made by rank 0; the others then find it made
         if lead:
-            default_dataset(cfg)
+            root = default_dataset(cfg)
         _barrier(sharded)
-        root = default_dataset(cfg)
+        if not lead:
+            root = default_dataset(cfg)
     meta = load_metadata(root)
     bs = cfg.train.batch_size
-    if bs % rank.world_size:
-        raise TrainingError(f"train.batch_size={bs} does not divide over {rank.world_size} ranks")
     plan = None
     if sharded or cfg.cache.device_budget_gb:
-        plan = plan_tables(cfg, meta, root, rank.world_size)
+        plan = plan_tables(cfg, root, rank.world_size)
         if lead:
             log.info("%s", plan.describe())
     if sharded:
@@ -284,7 +290,7 @@ def _train(cfg: TrainRunConfig, run_dir: Path, rank: Rank, sharded: bool, device
             raise TrainingError(f"train.resume=true: {found} was written with another config")
         load_dense_state(unwrapped, state["model"])
         dense_opt.load_state_dict(state["dense_optimizer"])
-        ckpt.load_embeddings(found, collections)
+        ckpt.load_embeddings(found, state["world_size"], collections)
         torch.set_rng_state(state["rng"])
         step = state["step"]
         if lead:
