@@ -30,6 +30,8 @@ from dlrm_cache.cache.host import TableShard
 from dlrm_cache.cache.optim import SparseOptimizer
 from dlrm_cache.config import CacheConfig
 
+COUNTERS = ("lookups", "rows_touched", "rows_loaded", "rows_written", "rows_from_host", "warmup_rows")
+
 
 class _FusedLookup(torch.autograd.Function):
     """Pooled embeddings of one group; its backward applies the fused sparse update."""
@@ -195,13 +197,9 @@ class CachedEmbeddingBagCollection(nn.Module):
         """Global row ids per group, their unique set and bag offsets, in host memory."""
         if kjt.values().device.type != "cpu":
             kjt = kjt.to(torch.device("cpu"))
-        keys = kjt.keys()
-        index = {k: i for i, k in enumerate(keys)}
-        missing = [f for f in self._feature_names if f not in index]
-        if missing:
-            raise ValueError(f"the batch has no feature {missing[0]!r} (it has {keys})")
+        index = feature_index(kjt, self._feature_names)
         batch = kjt.stride()
-        lengths = kjt.lengths().view(len(keys), batch)
+        lengths = kjt.lengths().view(len(index), batch)
         value_ends = torch.tensor(kjt.length_per_key()).cumsum(0).tolist()
         values = kjt.values()
         prepared = []
@@ -256,12 +254,7 @@ class CachedEmbeddingBagCollection(nn.Module):
         """Cache counters, per table and in total, as plain numbers (reading them never syncs with the
         device; it waits for the bookkeeping thread)."""
         self._drain()
-        tables, totals = (
-            {},
-            dict.fromkeys(
-                ["lookups", "rows_touched", "rows_loaded", "rows_written", "rows_from_host", "warmup_rows"], 0
-            ),
-        )
+        tables, totals = {}, dict.fromkeys(COUNTERS, 0)
         eval_lookups = eval_host = 0
         bytes_h2d = bytes_d2h = 0
         for g in self.groups:
@@ -358,6 +351,16 @@ def _to_sample_major(ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Te
     return torch.empty_like(ids).index_copy_(0, new_pos, ids), lengths_sm
 
 
+def feature_index(kjt: KeyedJaggedTensor, features: list[str]) -> dict[str, int]:
+    """The position of each of ``kjt``'s keys, once it is checked to have every one of ``features``."""
+    keys = kjt.keys()
+    index = {k: i for i, k in enumerate(keys)}
+    missing = [f for f in features if f not in index]
+    if missing:
+        raise ValueError(f"the batch has no feature {missing[0]!r} (it has {keys})")
+    return index
+
+
 def _signature(kjt: KeyedJaggedTensor) -> tuple:
     """What identifies a batch: its keys, sizes and checksums of its ids and bag lengths
     (position-weighted, so that reordered ids differ)."""
@@ -373,6 +376,30 @@ def _signature(kjt: KeyedJaggedTensor) -> tuple:
 def _checksum(t: torch.Tensor) -> int:
     t = t.to(torch.int64)
     return int((t * torch.arange(1, len(t) + 1, dtype=torch.int64, device=t.device)).sum())
+
+
+def merge_stats(parts: list[dict]) -> dict:
+    """The ``stats()`` of several caches (of one model's shards) as one: counters summed, the shards of
+    one table together (``shards`` counts them)."""
+    tables: dict[str, dict] = {}
+    for s in parts:
+        for name, t in s["tables"].items():
+            empty = {"rows": t["rows"], "capacity": t["capacity"], "shards": 0, **dict.fromkeys(COUNTERS, 0)}
+            mine = tables.setdefault(name, empty)
+            mine["shards"] += 1
+            for c in COUNTERS:
+                mine[c] += t[c]
+    for t in tables.values():
+        t["hit_rate_unique"] = _hit_rate(t["rows_loaded"], t["rows_touched"])
+    totals = {c: sum(s[c] for s in parts) for c in (*COUNTERS, "bytes_h2d", "bytes_d2h", "bookkeeping_s")}
+    return {
+        "policy": parts[0]["policy"],
+        "ratio": parts[0]["ratio"],
+        **totals,
+        "hit_rate_unique": _hit_rate(totals["rows_loaded"], totals["rows_touched"]),
+        "eval": {k: sum(s["eval"][k] for s in parts) for k in ("lookups", "rows_from_host")},
+        "tables": tables,
+    }
 
 
 def _hit_rate(loaded: int, touched: int) -> float:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 
 from dlrm_cache.config import ConfigError
+from dlrm_cache.distributed.runtime import current_rank
 from dlrm_cache.train.trainer import TrainingError
 
 EXIT_BAD_INPUT = 2
@@ -15,8 +15,9 @@ EXIT_BAD_INPUT = 2
 def run_cli(name: str, job: Callable[[], None]) -> None:
     """Run ``job``; a bad config or bad input ends the process with ``name: error: ...`` and exit 2
     (under ``torchrun``, naming the rank: torchrun then stops the other ranks)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        name = f"{name} [rank {os.environ.get('RANK', '?')}]"
+    rank = current_rank()
+    if rank.world_size > 1:
+        name = f"{name} [rank {rank.rank}]"
     try:
         job()
     except (ConfigError, FileExistsError, FileNotFoundError, ValueError, TrainingError) as e:

@@ -4,7 +4,6 @@ the planner's plan, and ``ShardedCache``, the trainer's handle on this rank's ca
 from __future__ import annotations
 
 import datetime
-import logging
 import os
 from dataclasses import dataclass
 
@@ -14,11 +13,10 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from dlrm_cache.cache.collection import _hit_rate
+from dlrm_cache.cache.collection import merge_stats
 from dlrm_cache.distributed.planner import CachePlan
 from dlrm_cache.distributed.sharder import CachedEmbeddingBagCollectionSharder, CachedEmbeddingKernel
 
-log = logging.getLogger(__name__)
 SPARSE_ARCH = "sparse_arch"  # TorchRec's DLRM / DLRM_DCN: the child that holds the tables ...
 EBC_FQN = f"{SPARSE_ARCH}.embedding_bag_collection"  # ... in this module
 TIMEOUT = datetime.timedelta(minutes=10)  # a collective waiting longer than this fails instead of hanging
@@ -38,7 +36,7 @@ def current_rank() -> Rank:
 
 
 def init_process_group(device: torch.device, rank: Rank) -> None:
-    """gloo on CPU, NCCL on CUDA; a single process gets a group of one (a free local port)."""
+    """gloo on CPU, NCCL on CUDA; a single process outside torchrun gets a group of one (in-memory store)."""
     if dist.is_initialized():
         return
     if rank.world_size == 1 and "MASTER_ADDR" not in os.environ:
@@ -51,10 +49,10 @@ def init_process_group(device: torch.device, rank: Rank) -> None:
 
 class ShardedCache:
     """This rank's cache kernels, with the interface the trainer uses on an unsharded
-    ``CachedEmbeddingBagCollection``; ``stats`` gathers every rank's counters (a collective)."""
+    ``CachedEmbeddingBagCollection``."""
 
-    def __init__(self, kernels: list[CachedEmbeddingKernel], plan: CachePlan):
-        self.kernels, self.plan = kernels, plan
+    def __init__(self, kernels: list[CachedEmbeddingKernel]):
+        self.kernels = kernels
 
     def enqueue(self, global_features: KeyedJaggedTensor) -> None:
         """A future global batch (``world_size=1`` loader order: rank 0's samples first)."""
@@ -81,29 +79,10 @@ class ShardedCache:
         return [(k.cache, k.shards) for k in self.kernels]
 
     def stats(self) -> dict:
-        local = [k.cache.stats() for k in self.kernels]
+        """Every rank's cache counters together (a collective: every rank calls it)."""
         gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, local)
-        parts = [s for rank_stats in gathered for s in rank_stats]
-        counters = ("lookups", "rows_touched", "rows_loaded", "rows_written", "rows_from_host", "warmup_rows")
-        tables: dict[str, dict] = {}
-        for s in parts:
-            for name, t in s["tables"].items():
-                mine = tables.setdefault(name, {"rows": t["rows"], "capacity": t["capacity"], "shards": 0})
-                mine["shards"] += 1
-                for c in counters:
-                    mine[c] = mine.get(c, 0) + t[c]
-        for t in tables.values():
-            t["hit_rate_unique"] = _hit_rate(t["rows_loaded"], t["rows_touched"])
-        totals = {c: sum(s[c] for s in parts) for c in (*counters, "bytes_h2d", "bytes_d2h", "bookkeeping_s")}
-        return {
-            "policy": self.plan.cache.policy,
-            "ratio": self.plan.cache.ratio,
-            **totals,
-            "hit_rate_unique": _hit_rate(totals["rows_loaded"], totals["rows_touched"]),
-            "eval": {k: sum(s["eval"][k] for s in parts) for k in ("lookups", "rows_from_host")},
-            "tables": tables,
-        }
+        dist.all_gather_object(gathered, [k.cache.stats() for k in self.kernels])
+        return merge_stats([s for rank_stats in gathered for s in rank_stats])
 
 
 def shard_model(
@@ -123,4 +102,4 @@ def shard_model(
         sharders=[sharder],
     )
     sharded = dmp.module.get_submodule(EBC_FQN)
-    return dmp, ShardedCache(sharded.cached_kernels(), plan)
+    return dmp, ShardedCache(sharded.cached_kernels())

@@ -35,7 +35,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim.fused import EmptyFusedOptimizer, FusedOptimizerModule
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from dlrm_cache.cache.collection import CachedEmbeddingBagCollection
+from dlrm_cache.cache.collection import CachedEmbeddingBagCollection, feature_index
 from dlrm_cache.cache.host import TableShard
 from dlrm_cache.cache.optim import SparseOptimizer
 from dlrm_cache.config import CacheConfig
@@ -134,11 +134,7 @@ class CachedEmbeddingKernel(BaseEmbedding, FusedOptimizerModule):
         """Hand over a future global batch (every rank's samples, rank 0's first, all features): this
         kernel keeps its own features, which is what table- and column-wise input distribution will
         deliver to it for that batch."""
-        keys = features.keys()
-        index = {k: i for i, k in enumerate(keys)}
-        missing = [f for f in self.feature_names if f not in index]
-        if missing:
-            raise ValueError(f"the batch has no feature {missing[0]!r} (it has {keys})")
+        index = feature_index(features, self.feature_names)
         self.cache.enqueue(features.permute([index[f] for f in self.feature_names]))
 
     def prefetch_distributed(self, features: KeyedJaggedTensor) -> None:
