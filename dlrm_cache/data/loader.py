@@ -139,16 +139,17 @@ class ParquetBatches:
             share = (stop - start) // self.world_size
             lo = start + self.rank * share
             hi = stop if self.rank == self.world_size - 1 else lo + share
-        rows = np.arange(lo, hi)
+        rows: slice | np.ndarray = slice(lo, hi)  # a view, unless padding
         labels = label[lo:hi]
-        if self.pad_shares and hi - lo < share:
-            rows = np.concatenate([rows, np.full(share - (hi - lo), start)])
-            labels = np.concatenate([labels, np.full(share - (hi - lo), -1, dtype=label.dtype)])
-        n = len(rows)
+        pad = share - (hi - lo) if self.pad_shares else 0
+        if pad:
+            rows = np.concatenate([np.arange(lo, hi), np.full(pad, start)])
+            labels = np.concatenate([labels, np.full(pad, -1, dtype=label.dtype)])
+        n = len(labels)
         ids = torch.from_numpy(np.ascontiguousarray(cats[rows].T).reshape(-1))
         kjt = KeyedJaggedTensor(keys=CAT_COLUMNS, values=ids, lengths=torch.ones(n * len(CAT_COLUMNS), dtype=torch.int32))
         return Batch(
             dense_features=torch.from_numpy(dense[rows]),
             sparse_features=kjt,
-            labels=torch.from_numpy(np.ascontiguousarray(labels)),
+            labels=torch.from_numpy(labels),
         )
