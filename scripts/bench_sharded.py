@@ -29,16 +29,12 @@ import torch
 from dlrm_cache.config import (
     CacheConfig,
     DataConfig,
-    PreprocessOptions,
-    PreprocessRunConfig,
-    SynthConfig,
     TrainerConfig,
     TrainLoopConfig,
     TrainRunConfig,
 )
 from dlrm_cache.data.loader import ParquetBatches, load_metadata
-from dlrm_cache.data.preprocess import preprocess
-from dlrm_cache.data.synthetic import generate
+from dlrm_cache.data.preprocess import synthetic_dataset
 
 PHASES = ("input_dist", "lookup", "output_dist", "backward", "rest")
 
@@ -156,11 +152,7 @@ def main() -> None:
     print(f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp_:
         tmp = Path(tmp_)
-        generate(
-            SynthConfig(rows=args.rows, out=str(tmp / "t.txt"), cardinality_scale=args.scale, progress=False)
-        )
-        root = preprocess(PreprocessRunConfig(input=[str(tmp / "t.txt")], output_dir=str(tmp / "pq"),
-                                              preprocess=PreprocessOptions(progress=False)))  # fmt: skip
+        root = synthetic_dataset(tmp, args.rows, args.scale, progress=False)
         common = [
             f"--data={root}",
             f"--batch={args.batch}",

@@ -19,15 +19,11 @@ import torch
 from dlrm_cache.config import (
     CacheConfig,
     DataConfig,
-    PreprocessOptions,
-    PreprocessRunConfig,
-    SynthConfig,
     TrainLoopConfig,
     TrainRunConfig,
 )
 from dlrm_cache.data.loader import ParquetBatches
-from dlrm_cache.data.preprocess import preprocess
-from dlrm_cache.data.synthetic import generate
+from dlrm_cache.data.preprocess import synthetic_dataset
 from dlrm_cache.train.trainer import train
 
 
@@ -40,11 +36,7 @@ def main() -> None:
     print(f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp_:
         tmp = Path(tmp_)
-        generate(
-            SynthConfig(rows=args.rows, out=str(tmp / "t.txt"), cardinality_scale=args.scale, progress=False)
-        )
-        root = preprocess(PreprocessRunConfig(input=[str(tmp / "t.txt")], output_dir=str(tmp / "pq"),
-                                              preprocess=PreprocessOptions(progress=False)))  # fmt: skip
+        root = synthetic_dataset(tmp, args.rows, args.scale, progress=False)
         loader = ParquetBatches(root, "train", args.batch)
         t0 = time.perf_counter()
         n = sum(len(b.labels) for b in loader.batches(0))

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from dlrm_cache.cache.optim import SparseOptimizer
-from dlrm_cache.config import CacheConfig, PreprocessOptions, PreprocessRunConfig, SynthConfig
-from dlrm_cache.data.preprocess import preprocess
-from dlrm_cache.data.synthetic import generate
+from dlrm_cache.config import CacheConfig
+from dlrm_cache.data.preprocess import synthetic_dataset
 from dlrm_cache.distributed.checkpoint import find_checkpoint, load_meta
 from dlrm_cache.distributed.planner import LOADS, FrequencyCacheStatistics, TableStats, plan_cache
 
@@ -27,11 +26,8 @@ COMMON = [
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    generate(SynthConfig(rows=20_000, out=str(root / "train.txt"), cardinality_scale=0.002, progress=False))
-    opts = PreprocessOptions(progress=False, row_group_rows=4096)
-    return preprocess(
-        PreprocessRunConfig(input=[str(root / "train.txt")], output_dir=str(root / "pq"), preprocess=opts)
+    return synthetic_dataset(
+        tmp_path_factory.mktemp("data"), 20_000, 0.002, row_group_rows=4096, progress=False
     )
 
 

@@ -2,18 +2,12 @@
 
 import torch
 
-from dlrm_cache.config import PreprocessOptions, PreprocessRunConfig, SynthConfig
 from dlrm_cache.data.loader import ParquetBatches
-from dlrm_cache.data.preprocess import preprocess
-from dlrm_cache.data.synthetic import generate
+from dlrm_cache.data.preprocess import synthetic_dataset
 
 
 def _dataset(tmp_path):
-    generate(SynthConfig(rows=7000, out=str(tmp_path / "t.txt"), cardinality_scale=0.001, progress=False))
-    opts = PreprocessOptions(progress=False, row_group_rows=1000)
-    return preprocess(
-        PreprocessRunConfig(input=[str(tmp_path / "t.txt")], output_dir=str(tmp_path / "pq"), preprocess=opts)
-    )
+    return synthetic_dataset(tmp_path, 7000, 0.001, row_group_rows=1000, progress=False)
 
 
 def _rows(batches):

@@ -16,29 +16,20 @@ from dlrm_cache.config import (
     DataConfig,
     ModelConfig,
     OptimConfig,
-    PreprocessOptions,
-    PreprocessRunConfig,
-    SynthConfig,
     TrainLoopConfig,
     TrainRunConfig,
 )
 from dlrm_cache.data.loader import ParquetBatches
-from dlrm_cache.data.preprocess import preprocess
-from dlrm_cache.data.synthetic import generate
+from dlrm_cache.data.preprocess import synthetic_dataset
 from dlrm_cache.distributed.checkpoint import META, find_checkpoint, load_meta
 from dlrm_cache.train.trainer import TrainingError, train
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    generate(SynthConfig(rows=40_000, out=str(root / "train.txt"), cardinality_scale=0.002, progress=False))
-    cfg = PreprocessRunConfig(
-        input=[str(root / "train.txt")],
-        output_dir=str(root / "pq"),
-        preprocess=PreprocessOptions(progress=False, row_group_rows=4096),
+    return synthetic_dataset(
+        tmp_path_factory.mktemp("data"), 40_000, 0.002, row_group_rows=4096, progress=False
     )
-    return preprocess(cfg)
 
 
 def config(path, **kw) -> TrainRunConfig:
@@ -174,11 +165,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(dataset, tmp
 
 
 def test_an_empty_split_gives_nan_metrics_not_a_crash(tmp_path):
-    generate(SynthConfig(rows=7, out=str(tmp_path / "t.txt"), cardinality_scale=0.0001, progress=False))
-    opts = PreprocessOptions(progress=False)
-    root = preprocess(
-        PreprocessRunConfig(input=[str(tmp_path / "t.txt")], output_dir=str(tmp_path / "pq"), preprocess=opts)
-    )
+    root = synthetic_dataset(tmp_path, 7, 0.0001, progress=False)
     summary = train(config(root, train=TrainLoopConfig(batch_size=2, max_steps=2)), tmp_path / "r")
     assert summary["steps"] == 2
     assert np.isnan(summary["val_auc"])  # 7 rows: 6 train, 0 val, 1 test

@@ -37,10 +37,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from dlrm_cache.config import PreprocessRunConfig
+from dlrm_cache.config import PreprocessOptions, PreprocessRunConfig, SynthConfig
 from dlrm_cache.criteo import CAT_COLUMNS, INT_COLUMNS
 from dlrm_cache.data.criteo_tsv import BadLines, CriteoFormatError, detect_columns, open_input, read_chunks
-from dlrm_cache.data.synthetic import hash_to_hex
+from dlrm_cache.data.synthetic import generate, hash_to_hex
 from dlrm_cache.data.vocab import ValueCounter, Vocabulary
 
 SCHEMA_VERSION = 1
@@ -190,6 +190,26 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def synthetic_dataset(
+    folder: Path,
+    rows: int,
+    cardinality_scale: float,
+    seed: int = 0,
+    row_group_rows: int = PreprocessOptions.row_group_rows,
+    progress: bool = True,
+) -> Path:
+    """Generated Criteo-format data (``folder/train.txt``, made once) preprocessed into
+    ``folder/parquet`` (reused when already made from it): ``dlrm-train``'s built-in default, and the
+    data of the tests and benchmarks. Returns the preprocessed folder."""
+    tsv = folder / "train.txt"
+    if not tsv.exists():
+        generate(
+            SynthConfig(rows=rows, out=str(tsv), seed=seed, cardinality_scale=cardinality_scale, progress=progress)
+        )
+    options = PreprocessOptions(progress=progress, row_group_rows=row_group_rows)
+    return preprocess(PreprocessRunConfig(input=[str(tsv)], output_dir=str(folder / "parquet"), preprocess=options))
 
 
 def _same_run(meta: dict, fingerprint: dict) -> bool:

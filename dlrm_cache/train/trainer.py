@@ -34,11 +34,10 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from tqdm import tqdm
 
 from dlrm_cache.cache import CachedEmbeddingBagCollection, SparseOptimizer
-from dlrm_cache.config import PreprocessOptions, PreprocessRunConfig, SynthConfig, TrainRunConfig
+from dlrm_cache.config import TrainRunConfig
 from dlrm_cache.criteo import CAT_COLUMNS, INT_FEATURE_COUNT, table_name
 from dlrm_cache.data.loader import ParquetBatches, load_metadata
-from dlrm_cache.data.preprocess import preprocess
-from dlrm_cache.data.synthetic import generate
+from dlrm_cache.data.preprocess import synthetic_dataset
 from dlrm_cache.distributed import checkpoint as ckpt
 from dlrm_cache.distributed.planner import CachePlan, load_table_stats, plan_cache
 from dlrm_cache.distributed.runtime import (
@@ -60,16 +59,8 @@ class TrainingError(RuntimeError):
 
 def default_dataset(cfg: TrainRunConfig) -> Path:
     """The built-in default: synthetic Criteo data, generated and preprocessed once."""
-    root = Path(cfg.data.synthetic_dir)
-    tsv = root / "train.txt"
-    if not tsv.exists():
-        generate(SynthConfig(rows=cfg.data.synthetic_rows, out=str(tsv), seed=cfg.seed,
-                             cardinality_scale=cfg.data.synthetic_cardinality_scale))  # fmt: skip
-    return preprocess(
-        PreprocessRunConfig(
-            input=[str(tsv)], output_dir=str(root / "parquet"), preprocess=PreprocessOptions()
-        )
-    )
+    d = cfg.data
+    return synthetic_dataset(Path(d.synthetic_dir), d.synthetic_rows, d.synthetic_cardinality_scale, cfg.seed)
 
 
 def _tables(cfg: TrainRunConfig, meta: dict) -> list[EmbeddingBagConfig]:
