@@ -299,3 +299,53 @@ def test_torchrecs_prefetch_hook_hands_the_kernel_the_next_batch():
         sharded_cache.close()
     finally:
         dist.destroy_process_group()
+
+
+def test_checkpoint_pieces_reassemble_into_any_column_split(tmp_path):
+    """Adam's per-column moments and Adagrad's per-row state follow their columns across splits."""
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from dlrm_cache.cache import CachedEmbeddingBagCollection
+    from dlrm_cache.cache.host import TableShard
+    from dlrm_cache.distributed.checkpoint import embedding_pieces, load_embeddings
+
+    for kind in ("adam", "adagrad"):
+        opt = SparseOptimizer(kind, lr=0.05)
+
+        def table(cols):
+            return EmbeddingBagConfig(num_embeddings=50, embedding_dim=cols, name="t", feature_names=["f"])
+
+        whole = CachedEmbeddingBagCollection([table(8)], CacheConfig(policy="none"), opt)
+        ids = torch.randint(0, 50, (64,), generator=torch.Generator().manual_seed(0))
+        batch = KeyedJaggedTensor(keys=["f"], values=ids, lengths=torch.ones(64, dtype=torch.int32))
+        whole(batch).values().pow(2).sum().backward()  # one fused update: non-zero optimizer state
+        (piece,) = embedding_pieces([(whole, {})])
+        width = opt.state_width(4)
+        folder = tmp_path / kind
+        folder.mkdir()
+        for rank, c in enumerate((0, 4)):  # written as two column halves by two ranks
+            state = (
+                torch.cat([piece["state"][:, c : c + 4], piece["state"][:, 8 + c : 12 + c]], 1)
+                if opt.state_per_column
+                else piece["state"][:, :width]
+            )
+            half = dict(piece, col_offset=c, weight=piece["weight"][:, c : c + 4], state=state)
+            torch.save([half], folder / f"embeddings-rank{rank}.pt")
+        again = CachedEmbeddingBagCollection([table(8)], CacheConfig(policy="none"), opt)
+        middle = CachedEmbeddingBagCollection(
+            [table(4)], CacheConfig(policy="none"), opt, shards={"t": TableShard(0, 2, 50, 8)}
+        )
+        load_embeddings(folder, 2, [(again, {}), (middle, {"t": TableShard(0, 2, 50, 8)})])
+        (p_again,) = embedding_pieces([(again, {})])
+        torch.testing.assert_close(p_again["weight"], piece["weight"])
+        (p_mid,) = embedding_pieces([(middle, {"t": TableShard(0, 2, 50, 8)})])
+        torch.testing.assert_close(p_mid["weight"], piece["weight"][:, 2:6])
+        if opt.state_per_column:
+            torch.testing.assert_close(p_again["state"], piece["state"])
+            torch.testing.assert_close(
+                p_mid["state"], torch.cat([piece["state"][:, 2:6], piece["state"][:, 10:14]], 1)
+            )
+        else:  # one value per row: the piece holding the shard's first column gives it
+            torch.testing.assert_close(p_mid["state"], piece["state"])
+        assert p_mid["optimizer_step"] == piece["optimizer_step"] == 1

@@ -37,6 +37,12 @@ class SparseOptimizer:
     def state_width(self, dim: int) -> int:
         return {"sgd": 0, "adagrad": 1, "adam": 2 * dim}[self.kind]
 
+    @property
+    def state_per_column(self) -> bool:
+        """Adam's state is two blocks of one value per column, ``[m (D) | v (D)]``; Adagrad's is one
+        value per row, SGD has none."""
+        return self.kind == "adam"
+
     @torch.no_grad()
     def update(self, rows: torch.Tensor, grad: torch.Tensor, step: int) -> None:
         """Update ``rows`` (U, D + S) in place from ``grad`` (U, D); ``step`` counts from 1."""

@@ -26,6 +26,7 @@ import torch
 
 from dlrm_cache.cache.collection import CachedEmbeddingBagCollection
 from dlrm_cache.cache.host import TableShard
+from dlrm_cache.cache.optim import SparseOptimizer
 
 FORMAT = 1
 META = "meta.pt"  # written last: a folder without it is incomplete
@@ -125,7 +126,9 @@ def load_embeddings(folder: Path, world_size: int, collections: Collections) -> 
             found = by_table.get(cfg.name)
             if not found:
                 raise ValueError(f"{folder}: no rows for table {cfg.name!r}")
-            weight, opt_state = _assemble(cfg.name, shard, cfg.num_embeddings, cfg.embedding_dim, found, ebc)
+            weight, opt_state = _assemble(
+                cfg.name, shard, cfg.num_embeddings, cfg.embedding_dim, found, ebc.optimizer
+            )
             state[f"embedding_bags.{cfg.name}.weight"] = weight
             state[f"embedding_bags.{cfg.name}.optimizer_state"] = opt_state
             steps.update(p["optimizer_step"] for p in found)
@@ -135,14 +138,15 @@ def load_embeddings(folder: Path, world_size: int, collections: Collections) -> 
         ebc.load_state_dict(state)
 
 
-def _assemble(name: str, shard: TableShard, rows: int, cols: int, pieces: list[dict], ebc) -> tuple:
+def _assemble(
+    name: str, shard: TableShard, rows: int, cols: int, pieces: list[dict], optimizer: SparseOptimizer
+) -> tuple[torch.Tensor, torch.Tensor]:
     full = {(p["full_rows"], p["full_dim"]) for p in pieces}
     if full != {(shard.full_rows, shard.full_dim)}:
         raise ValueError(
             f"table {name!r}: the checkpoint has shape {full}, the model {shard.full_rows, shard.full_dim}"
         )
-    state_width = ebc.optimizer.state_width(cols)
-    per_column = ebc.optimizer.kind == "adam"  # state: [m (cols) | v (cols)]; else one value per row or none
+    state_width = optimizer.state_width(cols)
     weight = torch.empty(rows, cols)
     state = torch.zeros(rows, state_width)
     r0, c0 = shard.row_offset, shard.col_offset
@@ -158,7 +162,7 @@ def _assemble(name: str, shard: TableShard, rows: int, cols: int, pieces: list[d
         src = (slice(lo_r - pr, hi_r - pr), slice(lo_c - pc, hi_c - pc))
         weight[dst] = pw[src]
         covered += (hi_r - lo_r) * (hi_c - lo_c)
-        if per_column:
+        if optimizer.state_per_column:
             pcols = pw.shape[1]
             for half in range(2):
                 state[dst[0], half * cols + dst[1].start : half * cols + dst[1].stop] = p["state"][
