@@ -49,7 +49,7 @@ class TableStats:
     dim: int
     features: int = 1  # lookups per sample (features that use the table, one id each)
     counts: np.ndarray | None = None
-    _cum: np.ndarray | None = field(default=None, repr=False)
+    _cum: np.ndarray | None = field(default=None, init=False, repr=False)  # cumulative counts
 
     def __post_init__(self) -> None:
         if self.counts is not None:

@@ -105,17 +105,12 @@ class CachedEmbeddingKernel(BaseEmbedding, FusedOptimizerModule):
         cache = replace(
             spec.cache, table_ratios={k: v for k, v in spec.cache.table_ratios.items() if k in names}
         )
-        self.cache = CachedEmbeddingBagCollection(
+        collection = CachedEmbeddingBagCollection(
             tables, cache, spec.optimizer, device=device, seed=spec.seed, shards=self.shards
         )
+        object.__setattr__(self, "cache", collection)  # not a submodule (class docstring)
         self.feature_names = [f for t in tables for f in t.feature_names]
         self._fused_optimizer = EmptyFusedOptimizer()
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "cache":  # kept out of the module tree (see the class docstring)
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
 
     @property
     def config(self) -> GroupedEmbeddingConfig:
