@@ -32,3 +32,5 @@ bench:  ## the CPU benchmarks whose figures go in docs/benchmarks.md
 	$(PY) scripts/bench_preprocess.py
 	$(PY) scripts/bench_cache_hitrate.py
 	$(PY) scripts/bench_cache_step.py
+	$(PY) scripts/bench_train.py
+	$(PY) scripts/bench_sharded.py
