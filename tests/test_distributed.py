@@ -93,6 +93,7 @@ def test_two_ranks_train_like_one_unsharded_process(dataset, tmp_path, sharding,
     ok(two)
     printed = two.stdout + two.stderr
     assert printed.count("cache plan over 2 rank(s)") == 1  # by rank 0 only
+    assert printed.count('"test_auc"') == 1  # one summary
     if sharding == "column_wise":
         assert "column_wise  0,1" in printed
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5, atol=1e-6)
@@ -114,6 +115,20 @@ def test_checkpoint_moves_between_rank_counts(dataset, tmp_path, first, then):
     assert load_meta(find_checkpoint(moved))["step"] == 10
     np.testing.assert_allclose(losses(moved), losses(tmp_path / "straight"), rtol=1e-5, atol=1e-6)
     assert_same_model(tmp_path / "straight", moved)
+
+
+def test_every_rank_writes_into_rank_0s_run_dir(dataset, tmp_path):
+    """Hydra names a run dir per process (by default from its start time, which may differ between
+    ranks); here each rank's differs on purpose, and everything still goes to rank 0's."""
+    ok(run(2, str(tmp_path / "run_${oc.env:RANK}"), dataset, "train.max_steps=2"))
+    first = tmp_path / "run_0"
+    assert (first / "summary.json").is_file() and (first / "metrics.jsonl").is_file()
+    assert {"meta.pt", "embeddings-rank0.pt", "embeddings-rank1.pt"} <= {
+        p.name for p in (first / "checkpoint").iterdir()
+    }
+    assert not any(
+        (tmp_path / "run_1" / name).exists() for name in ("checkpoint", "summary.json", "metrics.jsonl")
+    )
 
 
 def test_a_failing_rank_stops_the_job_with_its_error(dataset, tmp_path):

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from dlrm_cache.cli.common import run_cli
 from dlrm_cache.config import TrainRunConfig, register_configs, to_config
+from dlrm_cache.distributed.runtime import current_rank
 from dlrm_cache.train.trainer import train
 
 register_configs()
@@ -32,12 +33,12 @@ def _main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 
     def job() -> None:
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-        summary = train(to_config(cfg, TrainRunConfig), run_dir)
-        shown = {k: v for k, v in summary.items() if k != "cache"}
-        shown["cache_hit_rate_unique"] = summary["cache"]["hit_rate_unique"]
-        print(json.dumps(shown, indent=2))
-        print(f"dlrm-train: outputs in {run_dir}")
+        summary = train(to_config(cfg, TrainRunConfig), Path(HydraConfig.get().runtime.output_dir))
+        if current_rank().rank == 0:  # under torchrun, one summary
+            shown = {k: v for k, v in summary.items() if k != "cache"}
+            shown["cache_hit_rate_unique"] = summary["cache"]["hit_rate_unique"]
+            print(json.dumps(shown, indent=2))
+            print(f"dlrm-train: outputs in {summary['run_dir']}")
 
     run_cli("dlrm-train", job)
 

@@ -210,7 +210,8 @@ def load_dense_state(model: torch.nn.Module, state: dict) -> None:
 
 def train(cfg: TrainRunConfig, run_dir: Path) -> dict:
     """Train as ``cfg`` says, writing into ``run_dir``; returns the summary. Under ``torchrun`` every
-    rank calls it; the tables are then sharded (so they are with ``trainer.sharded=true``)."""
+    rank calls it, and all write into rank 0's ``run_dir``; the tables are then sharded (so they are
+    with ``trainer.sharded=true``)."""
     rank = current_rank()
     sharded = rank.world_size > 1 or cfg.trainer.sharded
     device = torch.device(cfg.trainer.device)
@@ -221,6 +222,10 @@ def train(cfg: TrainRunConfig, run_dir: Path) -> dict:
         torch.cuda.set_device(device)
     if sharded:
         init_process_group(device, rank)
+        # One run dir for all ranks: rank 0's (each rank's Hydra names its own, from its start time).
+        shared = [str(run_dir)]
+        dist.broadcast_object_list(shared, src=0)
+        run_dir = Path(shared[0])
     try:
         return _train(cfg, run_dir, rank, sharded, device)
     finally:
@@ -368,6 +373,7 @@ def _train(cfg: TrainRunConfig, run_dir: Path, rank: Rank, sharded: bool, device
         "test_auc": test["auc"], "test_logloss": test["logloss"],
         "train_samples_per_s": samples / train_seconds if train_seconds else 0.0,
         "steps": step, "world_size": rank.world_size, "sharded": sharded, "data_path": str(root),
+        "run_dir": str(run_dir),
         "cache": {**_cache_summary(train_stats), "eval": eval_stats},
     }  # fmt: skip
     if lead:
