@@ -70,9 +70,20 @@ class StepPlan:
     batch: PreparedBatch
     step: int
     slots: torch.Tensor  # (U,) cache slot of each unique row, -1 for rows served from the host
-    overflow: torch.Tensor | None  # positions in `uniq` of the rows served from the host
+    overflow: torch.Tensor | None  # positions in `uniq` of the rows served from the host (sorted)
     rows: torch.Tensor | None = None  # (U, width) on the device, set by `gather`
     device_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    # With overflow, worked out with the plan (off the training thread): the cached rows' positions
+    # in `uniq` and their slots, and the global rows served from the host.
+    cached_pos: torch.Tensor | None = field(init=False, default=None)
+    cached_slots: torch.Tensor | None = field(init=False, default=None)
+    host_rows: torch.Tensor | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.overflow is not None:
+            self.cached_pos = torch.nonzero(self.slots >= 0).squeeze(1)
+            self.cached_slots = self.slots[self.cached_pos]
+            self.host_rows = self.batch.uniq[self.overflow]
 
 
 @dataclass
@@ -500,15 +511,12 @@ class TableGroup:
 
     def gather(self, plan: StepPlan) -> torch.Tensor:
         """The step's unique rows (U, width) on the device; overflow rows come from the host."""
-        slots = self._dev(plan, "slots", plan.slots)
         if plan.overflow is None:
-            return self.cache.index_select(0, slots)
-        rows = torch.empty(len(plan.slots), self.width, device=self.device)
-        cached = torch.nonzero(plan.slots >= 0).squeeze(1)
-        rows[cached.to(self.device)] = self.cache[plan.slots[cached].to(self.device)]
-        host_rows = self.host.data[plan.batch.uniq[plan.overflow]]
-        rows[plan.overflow.to(self.device)] = host_rows.to(self.device)
-        return rows
+            return self.cache.index_select(0, self._dev(plan, "slots", plan.slots))
+        # Every position reads a slot (overflow ones slot 0), then the host rows replace those.
+        rows = self.cache.index_select(0, self._dev(plan, "slots", plan.slots).clamp(min=0))
+        host = self.host.data.index_select(0, plan.host_rows).to(self.device, non_blocking=True)
+        return rows.index_copy_(0, self._dev(plan, "overflow", plan.overflow), host)
 
     def pool(self, plan: StepPlan, rows: torch.Tensor) -> torch.Tensor:
         """Pooled embeddings (B, F * D) of the batch from its unique rows (sample-major bags: no copy)."""
@@ -545,18 +553,17 @@ class TableGroup:
         grad_rows.index_add_(0, self._dev(plan, "inverse", b.inverse), per_id)
         rows = plan.rows
         self.optimizer.update(rows, grad_rows, plan.step)
-        slots = self._dev(plan, "slots", plan.slots)
         if plan.overflow is None:
-            self.cache.index_copy_(0, slots, rows)
+            self.cache.index_copy_(0, self._dev(plan, "slots", plan.slots), rows)
             if not self.resident:
                 self.dirty[plan.slots] = True
         else:
-            cached = torch.nonzero(plan.slots >= 0).squeeze(1)
-            self.cache[plan.slots[cached].to(self.device)] = rows[cached.to(self.device)]
-            self.dirty[plan.slots[cached]] = True
-            host_rows = b.uniq[plan.overflow]
-            self.host.data[host_rows] = rows[plan.overflow.to(self.device)].to("cpu")
-            self.stats.written += self.count_unsorted_per_table(host_rows)
+            cached_rows = rows.index_select(0, self._dev(plan, "cached_pos", plan.cached_pos))
+            self.cache.index_copy_(0, self._dev(plan, "cached_slots", plan.cached_slots), cached_rows)
+            self.dirty[plan.cached_slots] = True
+            host = rows.index_select(0, self._dev(plan, "overflow", plan.overflow)).to("cpu")
+            self.host.data.index_copy_(0, plan.host_rows, host)
+            self.stats.written += self.count_per_table(plan.host_rows)
         plan.rows = None
         if self._inflight is plan:
             self._inflight = None
