@@ -147,7 +147,18 @@ class CachedEmbeddingBagCollection(nn.Module):
         return self._submit(plan)
 
     def _submit(self, fn, *args) -> Future:
-        """Run ``fn`` on the bookkeeping thread, after everything submitted before it (in order)."""
+        """Run ``fn`` on the bookkeeping thread, after everything submitted before it (in order).
+
+        On the CPU it runs right here instead: the step's own compute already uses every core
+        (intra-op threads), and a second busy thread slowed both down (bench_cache_step.py: the
+        threaded step cost more than the inline one, for ``policy=none`` too)."""
+        if self.device.type == "cpu":
+            done: Future = Future()
+            try:
+                done.set_result(fn(*args))
+            except Exception as e:  # raised where the result is read, as from the thread
+                done.set_exception(e)
+            return done
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlrm-cache")
         return self._worker.submit(fn, *args)
