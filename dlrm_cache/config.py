@@ -147,9 +147,13 @@ class CacheConfig:
     # Device memory for the caches, per rank, in GB (rows and their optimizer state): when > 0 the
     # planner sizes each table's cache from it and the tables' frequency statistics instead of `ratio`.
     device_budget_gb: float = 0.0
+    # Who plans each step's loads and evictions: native (C++, built on first use), python, or auto
+    # (native where a C++ compiler is found, else python with a warning). Same plans either way.
+    planner: str = "auto"
 
     def __post_init__(self) -> None:
         _require_choice("cache.policy", self.policy, CACHE_POLICIES)
+        _require_choice("cache.planner", self.planner, ("auto", "native", "python"))
         _require(self.device_budget_gb >= 0, "cache.device_budget_gb", self.device_budget_gb, ">= 0")
         _require(0 < self.ratio <= 1, "cache.ratio", self.ratio, "a share in (0, 1]")
         for name, r in self.table_ratios.items():

@@ -8,6 +8,8 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from dlrm_cache.cache import group as group_module
+from dlrm_cache.cache import native
 from dlrm_cache.cache.collection import CachedEmbeddingBagCollection
 from dlrm_cache.cache.optim import SparseOptimizer
 from dlrm_cache.config import CacheConfig, ConfigError
@@ -110,14 +112,16 @@ def assert_same_state(a, b, atol=0.0):
         torch.testing.assert_close(sa[k], sb[k], atol=atol, rtol=0, msg=k)
 
 
+@pytest.mark.parametrize("planner", ["native", "python"])
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("ratio", [0.002, 0.2], ids=["tiny-overflows", "normal"])
-def test_every_policy_trains_like_all_on_device(policy, optimizer, ratio, caplog):
+def test_every_policy_trains_like_all_on_device(policy, optimizer, ratio, planner, caplog):
     opt = SparseOptimizer(optimizer, lr=0.05)
     batches = make_batches(60)
     reference = CachedEmbeddingBagCollection(make_tables(), CacheConfig(policy="none"), opt)
-    cached = CachedEmbeddingBagCollection(make_tables(), cache_cfg(policy, ratio, lookahead=3), opt)
+    cfg = cache_cfg(policy, ratio, lookahead=3, planner=planner)
+    cached = CachedEmbeddingBagCollection(make_tables(), cfg, opt)
     with caplog.at_level(logging.WARNING):
         expected = train(reference, batches, lookahead=3)
         got = train(cached, batches, lookahead=3)
@@ -417,3 +421,61 @@ def test_a_bad_id_in_an_enqueued_batch_fails_at_its_forward():
     ebc.enqueue(bad)
     with pytest.raises(ValueError, match=r"feature 'f1': id -4 is outside its table 't1'"):
         ebc(bad)
+
+
+@pytest.mark.parametrize("policy", ["freq", "lookahead"])
+@pytest.mark.parametrize("ratio", [0.002, 0.2], ids=["tiny-overflows", "normal"])
+def test_the_native_planner_makes_the_python_planners_plans(policy, ratio, monkeypatch):
+    """Where eviction keys have no ties (ids ranked by frequency, so the key's coldness is the row),
+    planner.cpp must pick exactly the slots, victims and host-served rows the Python planner picks.
+    Small candidate pools make both refill and rebuild their pools often."""
+    monkeypatch.setattr(group_module, "_POOL_MIN", 3)
+    monkeypatch.setattr(group_module, "_POOL_FACTOR", 2)
+    monkeypatch.setattr(group_module, "_POOL_REBUILD", 2)
+    plans = {"native": [], "python": []}
+    plan = group_module.TableGroup.plan
+
+    def recording_plan(self, *args):
+        p = plan(self, *args)
+        over = None if p.overflow is None else p.overflow.clone()
+        plans["python" if self._native is None else "native"].append((p.slots.clone(), over))
+        return p
+
+    monkeypatch.setattr(group_module.TableGroup, "plan", recording_plan)
+    rows = [40, 3000, 600, 9000]
+    batches = make_batches(80, batch_size=24, rows=rows)
+    stats, states = {}, {}
+    for planner in plans:
+        ebc = CachedEmbeddingBagCollection(
+            make_tables(rows=rows), cache_cfg(policy, ratio, lookahead=4, planner=planner), SparseOptimizer()
+        )
+        train(ebc, batches, lookahead=4)
+        g = ebc.groups[0]
+        states[planner] = [g.row_to_slot, g.slot_to_row, g.dirty, g.filled, g.pin_until]
+        stats[planner] = {k: v for k, v in ebc.stats().items() if k != "bookkeeping_s"}
+    assert len(plans["native"]) == len(plans["python"]) == len(batches)
+    for step, (n, p) in enumerate(zip(plans["native"], plans["python"], strict=True)):
+        assert torch.equal(n[0], p[0]), f"step {step}: slots differ"
+        assert (n[1] is None) == (p[1] is None) and (n[1] is None or torch.equal(n[1], p[1])), step
+    for a, b in zip(states["native"], states["python"], strict=True):
+        assert torch.equal(a, b)
+    assert stats["native"] == stats["python"]
+    assert stats["native"]["rows_loaded"] > 0 and stats["native"]["rows_written"] > 0
+    if ratio < 0.01:
+        assert stats["native"]["rows_from_host"] > 0
+
+
+def test_planner_without_a_compiler(monkeypatch, caplog):
+    """``planner=native`` says why it cannot build; ``auto`` falls back to Python with a warning."""
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_failure", None)
+    monkeypatch.setattr(native.resolve, "warned", False, raising=False)
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    with pytest.raises(native.NativePlannerUnavailable, match="cache.planner=native: no C.. compiler"):
+        CachedEmbeddingBagCollection(
+            make_tables(), cache_cfg("lru", 0.2, planner="native"), SparseOptimizer()
+        )
+    with caplog.at_level(logging.WARNING):
+        ebc = CachedEmbeddingBagCollection(make_tables(), cache_cfg("lru", 0.2), SparseOptimizer())
+    assert all(g._native is None for g in ebc.groups)
+    assert "planning in Python" in caplog.text

@@ -25,6 +25,7 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from dlrm_cache.cache import native
 from dlrm_cache.cache.group import PreparedBatch, StepPlan, TableGroup
 from dlrm_cache.cache.host import TableShard
 from dlrm_cache.cache.optim import SparseOptimizer
@@ -77,6 +78,7 @@ class CachedEmbeddingBagCollection(nn.Module):
         unknown = set(freqs) - {t.name for t in tables}
         if unknown:
             raise ValueError(f"row_frequencies names unknown tables: {sorted(unknown)}")
+        planner = "python" if cache.policy == "none" else native.resolve(cache.planner)
         by_kind: dict[tuple[int, PoolingType], list[EmbeddingBagConfig]] = {}
         for t in tables:
             by_kind.setdefault((t.embedding_dim, t.pooling), []).append(t)
@@ -93,6 +95,7 @@ class CachedEmbeddingBagCollection(nn.Module):
                 warmup_ratio=cache.warmup_ratio,
                 seed=seed,
                 shards=[shards.get(c.name, TableShard.whole(c)) for c in cfgs] if shards else None,
+                planner=planner,
             )
             for cfgs in by_kind.values()
         ]

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from dlrm_cache.cache import policy as pol
 from dlrm_cache.cache.future import FutureIndex
 from dlrm_cache.cache.host import HostTable, TableShard
+from dlrm_cache.cache.native import NativePlanner
 from dlrm_cache.cache.optim import SparseOptimizer
 
 if TYPE_CHECKING:  # the cache core runs without torchrec (and so without fbgemm): plain PyTorch
@@ -120,9 +121,11 @@ class TableGroup:
         warmup_ratio: float = 0.0,
         seed: int = 0,
         shards: list[TableShard] | None = None,
+        planner: str = "python",
     ):
         """``shards``: for tables that are shards of larger ones (TorchRec sharding), where each sits in
-        its full table (initial values are those of the full table's rows and columns)."""
+        its full table (initial values are those of the full table's rows and columns). ``planner``:
+        ``native`` (the C++ planner, ``native.py``) or ``python``."""
         self.configs = configs
         self.features = [f for c in configs for f in c.feature_names]
         self.dim = configs[0].embedding_dim
@@ -185,6 +188,10 @@ class TableGroup:
             self.future = FutureIndex(total_rows)
         # LFU's counts cover every row and survive eviction and re-admission.
         self.access_count = torch.zeros(total_rows, dtype=torch.int64) if policy == "lfu" else None
+        pools = (_POOL_MIN, _POOL_FACTOR, _POOL_REBUILD)
+        self._native = (
+            NativePlanner(self.slot_offsets, self.row_offsets, policy, pools) if planner == "native" else None
+        )
         self._reset_cache([])
 
     # ---------------------------------------------------------------- bookkeeping state
@@ -199,9 +206,12 @@ class TableGroup:
         self.pin_until = torch.full((capacity,), _PINNED_NEVER, dtype=torch.int64)
         # Eviction candidates per table (see _best_candidates); an empty pool with the top floor knows
         # nothing.
-        self._pool = [torch.empty(0, dtype=torch.int64) for _ in self.configs]
-        self._pool_floor = torch.full((len(self.configs),), _INT64_MAX, dtype=torch.int64)
-        self._in_pool = torch.zeros(capacity, dtype=torch.bool)
+        if self._native is not None:
+            self._native.reset()
+        else:
+            self._pool = [torch.empty(0, dtype=torch.int64) for _ in self.configs]
+            self._pool_floor = torch.full((len(self.configs),), _INT64_MAX, dtype=torch.int64)
+            self._in_pool = torch.zeros(capacity, dtype=torch.bool)
         self.last_used = torch.zeros(capacity, dtype=torch.int64) if self.policy == "lru" else None
         if self.policy == "lookahead":
             self.next_use = torch.full((capacity,), pol.NO_NEXT_USE, dtype=torch.int64)
@@ -292,6 +302,30 @@ class TableGroup:
         return plan
 
     def _plan_cached(self, batch: PreparedBatch, step: int, pin_floor: int, host_rows) -> StepPlan:
+        if self.future is not None and batch.next_use is None:
+            # each row's next use after this batch (kept: a batch may be planned again)
+            batch.next_use = (
+                torch.full((len(batch.uniq),), pol.NO_NEXT_USE, dtype=torch.int64)
+                if batch.arena_base is None
+                else self.future.consume(batch.arena_base, len(batch.uniq))
+            )
+        if self._native is None:
+            return self._plan_python(batch, step, pin_floor, host_rows)
+        r = self._native.plan(self, batch, step, pin_floor, host_rows)
+        if len(r["wb_rows"]):  # dirty victims out before their slots are overwritten
+            victims = self.cache.index_select(0, r["wb_slots"].to(self.device))
+            self.host.data.index_copy_(0, r["wb_rows"], victims.cpu())
+        self._copy_in(r["load_rows"], r["load_slots"])
+        self.stats.loaded += r["loaded"]
+        self.stats.overflow += r["from_host"]
+        self.stats.written += r["written"]
+        for t in torch.nonzero(r["short_of"]).squeeze(1).tolist():
+            self._log_overflow(t, batch, int(r["short_of"][t]))
+        overflow = r["overflow"] if len(r["overflow"]) else None
+        return StepPlan(batch, step, r["slots"], overflow)
+
+    def _plan_python(self, batch: PreparedBatch, step: int, pin_floor: int, host_rows) -> StepPlan:
+        """The planner in tensor operations: the reference for (and the fallback of) ``planner.cpp``."""
         uniq = batch.uniq
         slots = self.row_to_slot[uniq].to(torch.int64)
         hit = slots >= 0
@@ -303,14 +337,7 @@ class TableGroup:
             if bool(held.any()):
                 held_pos, miss_pos = miss_pos[held], miss_pos[~held]
         lookahead = self.future is not None
-        if lookahead:  # each row's next use after this batch (kept: a batch may be planned again)
-            if batch.next_use is None:
-                batch.next_use = (
-                    torch.full((len(uniq),), pol.NO_NEXT_USE, dtype=torch.int64)
-                    if batch.arena_base is None
-                    else self.future.consume(batch.arena_base, len(uniq))
-                )
-            next_use = batch.next_use
+        next_use = batch.next_use
         if miss_pos.numel():
             miss_rows = uniq[miss_pos]
             per_table_t = self.count_per_table(miss_rows)
@@ -422,7 +449,8 @@ class TableGroup:
             short = [
                 t
                 for r, t in enumerate(needy)
-                if count[r] < need[t] or len(self._pool[t]) > _pool_limit(int(need[t]))
+                if (count[r] < need[t] and self._pool_floor[t] != _INT64_MIN)  # not already every slot
+                or len(self._pool[t]) > _pool_limit(int(need[t]))
             ]
             if not short or attempt:
                 break
@@ -495,10 +523,16 @@ class TableGroup:
         self.row_to_slot[rows] = -1
         self.slot_to_row[victims] = -1
 
+    def _copy_in(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        """Host rows into cache slots (the data only)."""
+        if rows.numel():
+            rows = self.host.data.index_select(0, rows).to(self.device)
+            self.cache.index_copy_(0, slots.to(self.device), rows)
+
     def _load(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
         if rows.numel() == 0:
             return
-        self.cache.index_copy_(0, slots.to(self.device), self.host.data.index_select(0, rows).to(self.device))
+        self._copy_in(rows, slots)
         self.row_to_slot[rows] = slots.to(torch.int32)
         self.slot_to_row[slots] = rows
         self.dirty[slots] = False

@@ -1,0 +1,216 @@
+"""The C++ step planner (``planner.cpp``): built on first use with the system C++ compiler, loaded
+with ctypes.
+
+It does what ``TableGroup._plan_python`` does (the reference, and the fallback where no compiler is
+found), as a few loops over the step's unique rows instead of dozens of tensor operations, each with
+its own Python overhead. Plain C++ with no torch headers, so it builds in about a second; the library
+is kept in ``$DLRM_CACHE_BUILD_DIR`` (default ``$XDG_CACHE_HOME/dlrm_cache``, i.e.
+``~/.cache/dlrm_cache``) under a name made from a hash of the source and the flags, written to a
+temporary file and renamed (processes building at once do not see each other's half-written file).
+The compiler is ``$CXX``, else ``c++``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from dlrm_cache.cache.group import PreparedBatch, TableGroup
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("planner.cpp")
+FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC"]
+POLICIES = {"lru": 0, "lfu": 1, "freq": 2, "lookahead": 3}
+_I64 = ctypes.POINTER(ctypes.c_int64)
+
+
+class NativePlannerUnavailable(RuntimeError):
+    pass
+
+
+class _PlanArgs(ctypes.Structure):
+    # the field order of PlanArgs in planner.cpp
+    _fields_ = [
+        ("n_uniq", ctypes.c_int64),
+        ("uniq", ctypes.c_void_p),
+        ("occurrences", ctypes.c_void_p),
+        ("batch_next_use", ctypes.c_void_p),
+        ("step", ctypes.c_int64),
+        ("pin_floor", ctypes.c_int64),
+        ("host_rows", ctypes.c_void_p),
+        ("n_host", ctypes.c_int64),
+        ("row_to_slot", ctypes.c_void_p),
+        ("slot_to_row", ctypes.c_void_p),
+        ("filled", ctypes.c_void_p),
+        ("dirty", ctypes.c_void_p),
+        ("pin_until", ctypes.c_void_p),
+        ("next_use", ctypes.c_void_p),
+        ("last_used", ctypes.c_void_p),
+        ("access_count", ctypes.c_void_p),
+        ("coldness", ctypes.c_void_p),
+        ("slots", ctypes.c_void_p),
+        ("overflow", ctypes.c_void_p),
+        ("wb_rows", ctypes.c_void_p),
+        ("wb_slots", ctypes.c_void_p),
+        ("load_rows", ctypes.c_void_p),
+        ("load_slots", ctypes.c_void_p),
+        ("loaded", ctypes.c_void_p),
+        ("from_host", ctypes.c_void_p),
+        ("written", ctypes.c_void_p),
+        ("short_of", ctypes.c_void_p),
+        ("counts", ctypes.c_int64 * 4),
+    ]
+
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_failure: str | None = None
+
+
+def build_dir() -> Path:
+    if os.environ.get("DLRM_CACHE_BUILD_DIR"):
+        return Path(os.environ["DLRM_CACHE_BUILD_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dlrm_cache"
+
+
+def _build() -> Path:
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        raise NativePlannerUnavailable(f"no C++ compiler ({os.environ.get('CXX', 'c++')!r} not found)")
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    target = build_dir() / f"planner-{digest}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise NativePlannerUnavailable(f"{compiler} failed on {SOURCE}:\n{done.stderr.strip()}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def library() -> ctypes.CDLL:
+    """The planner library, built if needed; raises ``NativePlannerUnavailable`` saying why not."""
+    global _library, _failure
+    with _lock:
+        if _library is None and _failure is None:
+            try:
+                lib = ctypes.CDLL(str(_build()))
+            except (NativePlannerUnavailable, OSError) as e:
+                _failure = str(e)
+            else:
+                lib.planner_new.restype = ctypes.c_void_p
+                lib.planner_new.argtypes = [ctypes.c_int64, _I64, _I64, ctypes.c_int, *[ctypes.c_int64] * 3]
+                lib.planner_free.argtypes = [ctypes.c_void_p]
+                lib.planner_reset.argtypes = [ctypes.c_void_p]
+                lib.planner_plan.argtypes = [ctypes.c_void_p, ctypes.POINTER(_PlanArgs)]
+                _library = lib
+        if _library is None:
+            raise NativePlannerUnavailable(_failure)
+        return _library
+
+
+def resolve(planner: str) -> str:
+    """``cache.planner`` to the planner used: ``auto`` is ``native`` where it builds, else ``python``
+    (with a warning, once)."""
+    if planner == "python":
+        return planner
+    try:
+        library()
+    except NativePlannerUnavailable as e:
+        if planner == "native":
+            raise NativePlannerUnavailable(f"cache.planner=native: {e}") from None
+        if not getattr(resolve, "warned", False):
+            resolve.warned = True
+            log.warning("the C++ cache planner is unavailable (%s); planning in Python (slower)", e)
+        return "python"
+    return "native"
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    if t is None:
+        return None
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError("the planner needs contiguous host tensors")
+    return t.data_ptr()
+
+
+class NativePlanner:
+    """One table group's planner state (its candidate pools); the rest of its state is the group's."""
+
+    def __init__(self, slot_offsets: list[int], row_offsets: list[int], policy: str, pool: tuple[int, ...]):
+        self._lib = library()
+        self._slots = torch.tensor(slot_offsets, dtype=torch.int64)
+        self._rows = torch.tensor(row_offsets, dtype=torch.int64)
+        self.tables = len(slot_offsets) - 1
+        self._handle = self._lib.planner_new(
+            self.tables,
+            ctypes.cast(self._slots.data_ptr(), _I64),
+            ctypes.cast(self._rows.data_ptr(), _I64),
+            POLICIES[policy],
+            *pool,
+        )
+
+    def reset(self) -> None:
+        """Forget the candidate pools (after the group's bookkeeping was reset)."""
+        self._lib.planner_reset(self._handle)
+
+    def plan(
+        self, g: TableGroup, batch: PreparedBatch, step: int, pin_floor: int, host_rows: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """Plan ``batch`` for ``step``, updating ``g``'s bookkeeping; returns the slots, the positions
+        served from the host, the rows to write back and to load, and per-table counts."""
+        n = len(batch.uniq)
+        out = {k: torch.empty(n, dtype=torch.int64) for k in ("slots", "overflow", "wb_rows", "wb_slots")}
+        out |= {k: torch.empty(n, dtype=torch.int64) for k in ("load_rows", "load_slots")}
+        per_table = {k: torch.zeros(self.tables, dtype=torch.int64) for k in ("loaded", "from_host")}
+        per_table |= {k: torch.zeros(self.tables, dtype=torch.int64) for k in ("written", "short_of")}
+        a = _PlanArgs(
+            n_uniq=n,
+            uniq=_ptr(batch.uniq),
+            occurrences=_ptr(batch.occurrences),
+            batch_next_use=_ptr(batch.next_use),
+            step=step,
+            pin_floor=pin_floor,
+            host_rows=_ptr(host_rows),
+            n_host=0 if host_rows is None else len(host_rows),
+            row_to_slot=_ptr(g.row_to_slot),
+            slot_to_row=_ptr(g.slot_to_row),
+            filled=_ptr(g.filled),
+            dirty=_ptr(g.dirty),
+            pin_until=_ptr(g.pin_until),
+            next_use=_ptr(getattr(g, "next_use", None)),
+            last_used=_ptr(g.last_used),
+            access_count=_ptr(g.access_count),
+            coldness=_ptr(g._coldness_table),
+            **{k: _ptr(v) for k, v in (out | per_table).items()},
+        )
+        self._lib.planner_plan(self._handle, ctypes.byref(a))
+        n_over, n_wb, n_load, _ = a.counts
+        for k, m in (("overflow", n_over), ("wb_rows", n_wb), ("wb_slots", n_wb)):
+            out[k] = out[k][:m]
+        out["load_rows"], out["load_slots"] = out["load_rows"][:n_load], out["load_slots"][:n_load]
+        return out | per_table
+
+    def __del__(self) -> None:
+        handle = getattr(self, "_handle", None)
+        if handle is not None:
+            self._lib.planner_free(handle)
+            self._handle = None
