@@ -371,14 +371,16 @@ def skew_report(curves: dict[str, np.ndarray]) -> dict:
 
 
 def _write_skew(folder: Path, skew: dict, curves: dict[str, np.ndarray]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # Matplotlib's object interface, not pyplot: no global figure state, and about half a second less
+    # of imports and layout (tight_layout) on every run.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     folder.mkdir()
     (folder / "skew.json").write_text(json.dumps(skew, indent=2))
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.09, 0.11, 0.88, 0.85))
     for name, cov in curves.items():
         if len(cov) < 2 or cov[-1] == 0:
             continue
@@ -390,9 +392,7 @@ def _write_skew(folder: Path, skew: dict, curves: dict[str, np.ndarray]) -> None
     ax.set_ylabel("share of train lookups covered")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=6, ncol=3)
-    fig.tight_layout()
     fig.savefig(folder / "skew.png", dpi=100)
-    plt.close(fig)
 
 
 class _progress:
