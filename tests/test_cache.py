@@ -8,6 +8,7 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from dlrm_cache import native_build
 from dlrm_cache.cache import group as group_module
 from dlrm_cache.cache import native
 from dlrm_cache.cache.collection import CachedEmbeddingBagCollection
@@ -465,13 +466,13 @@ def test_the_native_planner_makes_the_python_planners_plans(policy, ratio, monke
         assert stats["native"]["rows_from_host"] > 0
 
 
-def test_planner_without_a_compiler(monkeypatch, caplog):
+def test_planner_without_a_compiler(monkeypatch, caplog, request):
     """``planner=native`` says why it cannot build; ``auto`` falls back to Python with a warning."""
-    monkeypatch.setattr(native, "_library", None)
-    monkeypatch.setattr(native, "_failure", None)
     monkeypatch.setattr(native.resolve, "warned", False, raising=False)
     monkeypatch.setenv("CXX", "no-such-compiler-here")
-    with pytest.raises(native.NativePlannerUnavailable, match="cache.planner=native: no C.. compiler"):
+    native_build.forget()  # built already: forget it, then again after the test
+    request.addfinalizer(native_build.forget)
+    with pytest.raises(native_build.NativeUnavailable, match="cache.planner=native: no C.. compiler"):
         CachedEmbeddingBagCollection(
             make_tables(), cache_cfg("lru", 0.2, planner="native"), SparseOptimizer()
         )

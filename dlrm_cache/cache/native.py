@@ -1,42 +1,29 @@
-"""The C++ step planner (``planner.cpp``): built on first use with the system C++ compiler, loaded
+"""The C++ step planner (``planner.cpp``), built on first use (``dlrm_cache.native_build``) and loaded
 with ctypes.
 
 It does what ``TableGroup._plan_python`` does (the reference, and the fallback where no compiler is
 found), as a few loops over the step's unique rows instead of dozens of tensor operations, each with
-its own Python overhead. Plain C++ with no torch headers, so it builds in about a second; the library
-is kept in ``$DLRM_CACHE_BUILD_DIR`` (default ``$XDG_CACHE_HOME/dlrm_cache``, i.e.
-``~/.cache/dlrm_cache``) under a name made from a hash of the source and the flags, written to a
-temporary file and renamed (processes building at once do not see each other's half-written file).
-The compiler is ``$CXX``, else ``c++``.
+its own Python overhead.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from dlrm_cache.native_build import NativeUnavailable, load
 
 if TYPE_CHECKING:
     from dlrm_cache.cache.group import PreparedBatch, TableGroup
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("planner.cpp")
-FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC"]
 POLICIES = {"lru": 0, "lfu": 1, "freq": 2, "lookahead": 3}
 _I64 = ctypes.POINTER(ctypes.c_int64)
-
-
-class NativePlannerUnavailable(RuntimeError):
-    pass
 
 
 class _PlanArgs(ctypes.Structure):
@@ -73,58 +60,17 @@ class _PlanArgs(ctypes.Structure):
     ]
 
 
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_failure: str | None = None
-
-
-def build_dir() -> Path:
-    if os.environ.get("DLRM_CACHE_BUILD_DIR"):
-        return Path(os.environ["DLRM_CACHE_BUILD_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dlrm_cache"
-
-
-def _build() -> Path:
-    compiler = shutil.which(os.environ.get("CXX", "c++"))
-    if compiler is None:
-        raise NativePlannerUnavailable(f"no C++ compiler ({os.environ.get('CXX', 'c++')!r} not found)")
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
-    target = build_dir() / f"planner-{digest}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise NativePlannerUnavailable(f"{compiler} failed on {SOURCE}:\n{done.stderr.strip()}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.planner_new.restype = ctypes.c_void_p
+    lib.planner_new.argtypes = [ctypes.c_int64, _I64, _I64, ctypes.c_int, *[ctypes.c_int64] * 3]
+    lib.planner_free.argtypes = [ctypes.c_void_p]
+    lib.planner_reset.argtypes = [ctypes.c_void_p]
+    lib.planner_plan.argtypes = [ctypes.c_void_p, ctypes.POINTER(_PlanArgs)]
 
 
 def library() -> ctypes.CDLL:
-    """The planner library, built if needed; raises ``NativePlannerUnavailable`` saying why not."""
-    global _library, _failure
-    with _lock:
-        if _library is None and _failure is None:
-            try:
-                lib = ctypes.CDLL(str(_build()))
-            except (NativePlannerUnavailable, OSError) as e:
-                _failure = str(e)
-            else:
-                lib.planner_new.restype = ctypes.c_void_p
-                lib.planner_new.argtypes = [ctypes.c_int64, _I64, _I64, ctypes.c_int, *[ctypes.c_int64] * 3]
-                lib.planner_free.argtypes = [ctypes.c_void_p]
-                lib.planner_reset.argtypes = [ctypes.c_void_p]
-                lib.planner_plan.argtypes = [ctypes.c_void_p, ctypes.POINTER(_PlanArgs)]
-                _library = lib
-        if _library is None:
-            raise NativePlannerUnavailable(_failure)
-        return _library
+    """The planner library, built if needed; raises ``NativeUnavailable`` saying why not."""
+    return load(SOURCE, _declare)
 
 
 def resolve(planner: str) -> str:
@@ -134,9 +80,9 @@ def resolve(planner: str) -> str:
         return planner
     try:
         library()
-    except NativePlannerUnavailable as e:
+    except NativeUnavailable as e:
         if planner == "native":
-            raise NativePlannerUnavailable(f"cache.planner=native: {e}") from None
+            raise NativeUnavailable(f"cache.planner=native: {e}") from None
         if not getattr(resolve, "warned", False):
             resolve.warned = True
             log.warning("the C++ cache planner is unavailable (%s); planning in Python (slower)", e)
