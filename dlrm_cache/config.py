@@ -92,6 +92,9 @@ class PreprocessOptions:
 
     min_count: int = 1  # values seen fewer times in train share the "rare" id
     on_bad_lines: str = "error"  # error | skip (skipped lines are counted in the metadata)
+    # native (C++, built on first use), arrow (pyarrow's CSV reader), or auto (native where a C++
+    # compiler is found, else arrow with a warning). The same rows and errors either way.
+    parser: str = "auto"
     chunk_mb: int = 32  # bytes of TSV parsed at a time: bounds memory
     row_group_rows: int = 131_072
     max_file_rows: int = 4_000_000  # start a new part file after this many rows
@@ -101,6 +104,7 @@ class PreprocessOptions:
     def __post_init__(self) -> None:
         _require(self.min_count >= 1, "preprocess.min_count", self.min_count, ">= 1")
         _require_choice("preprocess.on_bad_lines", self.on_bad_lines, ("error", "skip"))
+        _require_choice("preprocess.parser", self.parser, ("auto", "native", "arrow"))
         _require(self.chunk_mb >= 1, "preprocess.chunk_mb", self.chunk_mb, ">= 1")
         _require(self.row_group_rows >= 1, "preprocess.row_group_rows", self.row_group_rows, ">= 1")
         _require(self.workers >= 0, "preprocess.workers", self.workers, ">= 0 (0: one per core)")

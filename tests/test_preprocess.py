@@ -14,11 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from dlrm_cache.config import DatasetConfig, PreprocessOptions, PreprocessRunConfig, SynthConfig
-from dlrm_cache.data.criteo_tsv import CriteoFormatError
+from dlrm_cache.criteo import LABELED_COLUMNS
+from dlrm_cache.data.criteo_tsv import BadLines, CriteoFormatError, read_chunks
 from dlrm_cache.data.preprocess import preprocess
 from dlrm_cache.data.synthetic import generate
 
 EXCERPT = Path(__file__).resolve().parents[2] / "shared" / "data" / "criteo_excerpt_100.tsv"
+PARSERS = ["native", "arrow"]  # criteo_parse.cpp and its pyarrow fallback
 
 
 def synth(path, rows=3000, **kw):
@@ -77,11 +79,12 @@ def assert_rows_equal(got, expected):
                 assert g[k] == v, (i, k, g[k], v)
 
 
+@pytest.mark.parametrize("parser", PARSERS)
 @pytest.mark.parametrize("gz", [False, True])
 @pytest.mark.parametrize("min_count", [1, 3])
-def test_matches_an_independent_parse(tmp_path, gz, min_count):
+def test_matches_an_independent_parse(tmp_path, gz, min_count, parser):
     src = synth(tmp_path / ("train.txt.gz" if gz else "train.txt"), gzip=gz)
-    out = run([src], tmp_path / "out", min_count=min_count, chunk_mb=1)
+    out = run([src], tmp_path / "out", min_count=min_count, chunk_mb=1, parser=parser)
     with gzip.open(src, "rt") if gz else open(src) as f:
         lines = f.read().splitlines()
     train_end = int(len(lines) * 6 / 7)
@@ -197,32 +200,37 @@ def _lines_with(tmp_path, line_no, field, value, rows=300):
         (9, 0, "2", r"bad.txt:9: field label is '2', expected 0 or 1"),
     ],
 )
-def test_bad_line_names_file_line_and_field_and_writes_nothing(tmp_path, line_no, field, value, message):
+@pytest.mark.parametrize("parser", PARSERS)
+def test_bad_line_names_file_line_and_field_and_writes_nothing(
+    tmp_path, line_no, field, value, message, parser
+):
     bad = _lines_with(tmp_path, line_no, field, value)
     with pytest.raises(CriteoFormatError, match=message):
-        run([bad], tmp_path / "out", chunk_mb=1)
+        run([bad], tmp_path / "out", chunk_mb=1, parser=parser)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt", "src.txt"], "nothing half-written"
 
 
-def test_skip_mode_drops_and_reports_bad_lines(tmp_path):
+@pytest.mark.parametrize("parser", PARSERS)
+def test_skip_mode_drops_and_reports_bad_lines(tmp_path, parser):
     bad = _lines_with(tmp_path, 137, None, None)
-    out = run([bad], tmp_path / "out", on_bad_lines="skip")
+    out = run([bad], tmp_path / "out", on_bad_lines="skip", parser=parser)
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["skipped_lines"]["count"] == 1
     assert meta["skipped_lines"]["first"] == [f"{bad}:137"]
     assert sum(meta["rows"].values()) == 299
 
 
-def test_empty_truncated_and_missing_inputs(tmp_path):
+@pytest.mark.parametrize("parser", PARSERS)
+def test_empty_truncated_and_missing_inputs(tmp_path, parser):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(CriteoFormatError, match="empty.txt: the file is empty"):
-        run([empty], tmp_path / "out")
+        run([empty], tmp_path / "out", parser=parser)
     gz = synth(tmp_path / "t.txt.gz", rows=5000, gzip=True)
     truncated = tmp_path / "cut.txt.gz"
     truncated.write_bytes(gz.read_bytes()[: gz.stat().st_size // 2])
     with pytest.raises(CriteoFormatError, match="cut.txt.gz: unreadable"):
-        run([truncated], tmp_path / "out")
+        run([truncated], tmp_path / "out", parser=parser)
     with pytest.raises(FileNotFoundError, match="nope.txt: no such file"):
         run([tmp_path / "nope.txt"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -269,3 +277,66 @@ def test_cli_errors_exit_non_zero_with_the_location(tmp_path):
     )
     assert r.returncode == 2 and "preprocess.min_count=0" in r.stderr
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
+
+
+@pytest.mark.parametrize("on_bad_lines", ["skip", "error"])
+def test_native_and_arrow_parsers_read_every_line_alike(tmp_path, on_bad_lines):
+    """Edge cases side by side: CRLF endings, negative and empty integers, upper-case and empty hex,
+    39-field lines and bad values (skipped, or the first one raised), blocks that cut lines in two, a
+    last line without its newline."""
+    src = _mixed_file(tmp_path, empty_lines=False)
+    results = {}
+    for parser in PARSERS:
+        bad = BadLines()
+        try:
+            chunks = list(read_chunks(src, LABELED_COLUMNS, 4096, on_bad_lines, bad, parser=parser))
+        except CriteoFormatError as e:
+            results[parser] = str(e)
+            continue
+        results[parser] = (
+            np.concatenate([c.label for c in chunks]).tolist(),
+            np.concatenate([c.ints for c in chunks]).tolist(),
+            np.concatenate([c.cats for c in chunks]).tolist(),
+            np.concatenate([c.lines for c in chunks]).tolist(),
+            bad.count,
+            bad.first,
+        )
+    assert results["native"] == results["arrow"]
+    if on_bad_lines == "skip":
+        assert results["native"][4] == 4 and len(results["native"][3]) == 396
+    else:
+        assert "mixed.txt:151: 39 fields, expected 40" in results["native"]
+
+
+def test_native_parser_counts_empty_lines_in_line_numbers(tmp_path):
+    """Line numbers are what an editor shows, empty lines included (the arrow fallback cannot see
+    the empty lines pyarrow drops; docs/preprocess.md says so)."""
+    src = _mixed_file(tmp_path, empty_lines=True)  # an empty line after every 50th
+    bad = BadLines()
+    chunks = list(read_chunks(src, LABELED_COLUMNS, 4096, "skip", bad, parser="native"))
+    lines = np.concatenate([c.lines for c in chunks])
+    assert 2 not in lines and lines[:3].tolist() == [1, 3, 4]
+    assert bad.first == [f"{src}:{151 + 3}", f"{src}:{201 + 4}", f"{src}:{251 + 5}", f"{src}:{301 + 6}"]
+
+
+def _mixed_file(tmp_path, empty_lines):
+    good = synth(tmp_path / "src.txt", rows=400).read_text().splitlines()
+    lines = []
+    for i, line in enumerate(good):
+        f = line.split("\t")
+        if i % 7 == 0:
+            f[2], f[5] = "-42", ""
+        if i % 11 == 0:
+            f[20], f[30] = f[20].upper(), ""
+        if i in (150, 300):
+            f = f[:-1]  # 39 fields
+        if i == 200:
+            f[4] = "1.5"
+        if i == 250:
+            f[0] = "x"
+        lines.append("\t".join(f) + ("\r" if i % 3 == 0 else ""))
+        if empty_lines and i % 50 == 0:
+            lines.append("")
+    src = tmp_path / "mixed.txt"
+    src.write_text("\n".join(lines))  # no final newline
+    return src

@@ -1,14 +1,19 @@
 """Reading Criteo TSV (plain or gzip) in bounded-memory chunks, with every field checked.
 
-All 40 (or 39) fields are read as strings by pyarrow's streaming CSV reader, then validated and
-converted with vectorized kernels: labels must be 0/1, integer fields optional signed integers,
-categorical fields empty or 8 hex digits (turned into uint32 without a Python loop per value). A line
-that breaks the layout raises ``CriteoFormatError`` with file, line and field, or, with
-``on_bad_lines="skip"``, is dropped and counted.
+Labels must be 0/1, integer fields optional signed integers, categorical fields empty or 8 hex digits
+(turned into uint32). A line that breaks the layout raises ``CriteoFormatError`` with file, line and
+field, or, with ``on_bad_lines="skip"``, is dropped and counted.
+
+Two readers apply these rules: ``criteo_parse.cpp`` (built on first use, see
+``dlrm_cache.native_build``) reads blocks of whole lines in one pass per block; where it cannot be
+built, pyarrow's streaming CSV reader reads every field as a string and vectorized kernels validate
+and convert them (no Python loop per value). ``read_chunks`` picks the first.
 """
 
 from __future__ import annotations
 
+import ctypes
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +24,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from dlrm_cache.criteo import CAT_COLUMNS, INT_COLUMNS, LABELED_COLUMNS, UNLABELED_COLUMNS
+from dlrm_cache.native_build import NativeUnavailable, load
+
+log = logging.getLogger(__name__)
 
 MISSING = -1  # the raw value of an empty categorical field (hashes are 0 .. 2^32 - 1)
 _HEX_VALUE = np.full(256, 255, dtype=np.uint8)
@@ -94,9 +102,148 @@ def open_input(path: Path) -> tuple[pa.NativeFile, pa.NativeFile]:
 
 
 def read_chunks(
+    path: Path,
+    columns: list[str],
+    chunk_bytes: int,
+    on_bad_lines: str,
+    bad: BadLines,
+    on_progress=None,
+    parser: str = "auto",
+) -> Iterator[Chunk]:
+    """Validated chunks of ``path`` in file order; ``on_progress(bytes)`` gets file bytes consumed.
+    ``parser``: ``native``, ``arrow`` or ``auto`` (native where it builds, else arrow)."""
+    if parser == "arrow":
+        return _read_chunks_arrow(path, columns, chunk_bytes, on_bad_lines, bad, on_progress)
+    try:
+        lib = _parser()
+    except NativeUnavailable as e:
+        if parser == "native":
+            raise NativeUnavailable(f"preprocess.parser=native: {e}") from None
+        if not getattr(read_chunks, "warned", False):
+            read_chunks.warned = True
+            log.warning("the C++ Criteo parser is unavailable (%s); parsing with pyarrow (slower)", e)
+        return _read_chunks_arrow(path, columns, chunk_bytes, on_bad_lines, bad, on_progress)
+    return _read_chunks_native(lib, path, columns, chunk_bytes, on_bad_lines, bad, on_progress)
+
+
+class _ParseArgs(ctypes.Structure):
+    # the field order of ParseArgs in criteo_parse.cpp
+    _fields_ = [
+        ("buf", ctypes.c_char_p),
+        ("len", ctypes.c_int64),
+        ("n_fields", ctypes.c_int32),
+        ("skip_bad", ctypes.c_int32),
+        ("first_line", ctypes.c_int64),
+        ("label", ctypes.c_void_p),
+        ("ints", ctypes.c_void_p),
+        ("cats", ctypes.c_void_p),
+        ("lines", ctypes.c_void_p),
+        ("rows", ctypes.c_int64),
+        ("lines_seen", ctypes.c_int64),
+        ("err_line", ctypes.c_int64),
+        ("err_field", ctypes.c_int32),
+        ("err_fields", ctypes.c_int32),
+        ("err_off", ctypes.c_int64),
+        ("err_len", ctypes.c_int64),
+        ("bad", ctypes.c_int64 * 2),
+        ("bad_first", ctypes.c_int64 * 10),
+        ("bad_first_reason", ctypes.c_int32 * 10),
+        ("n_bad_first", ctypes.c_int32),
+    ]
+
+
+_BAD_REASONS = ("wrong number of fields", "bad field value")
+_EXPECTED = {"label": "0 or 1", "int": "an integer or nothing", "cat": "8 hex digits or nothing"}
+
+
+def _parser() -> ctypes.CDLL:
+    def declare(lib: ctypes.CDLL) -> None:
+        lib.criteo_parse.argtypes = [ctypes.POINTER(_ParseArgs)]
+        lib.criteo_parse.restype = None
+
+    return load(Path(__file__).with_name("criteo_parse.cpp"), declare)
+
+
+def _read_chunks_native(
+    lib: ctypes.CDLL, path: Path, columns: list[str], chunk_bytes: int, on_bad_lines: str, bad: BadLines, on_progress
+) -> Iterator[Chunk]:
+    """Blocks of ``chunk_bytes`` cut after their last newline (the rest starts the next block)."""
+    raw, stream = open_input(path)
+    line, rest, seen_rows, dropped_before = 1, b"", False, bad.count
+    try:
+        while True:
+            try:
+                block = stream.read(chunk_bytes)
+            except (OSError, pa.ArrowInvalid) as e:
+                raise CriteoFormatError(f"{path}: unreadable after line {line - 1} (truncated or corrupt?): {e}") from None
+            final = not block
+            data = rest + block
+            if not final:
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:  # a line longer than the block: read on
+                    rest = data
+                    continue
+                data, rest = data[:cut], data[cut:]
+            if data:
+                chunk, seen = _parse_block(lib, data, path, columns, line, on_bad_lines, bad)
+                line += seen
+                seen_rows |= len(chunk.lines) > 0
+                if on_progress is not None:
+                    on_progress(raw.tell())
+                yield chunk
+            if final:
+                break
+    finally:
+        raw.close()
+    if not seen_rows and bad.count == dropped_before:
+        raise CriteoFormatError(f"{path}: the file is empty")
+
+
+def _parse_block(
+    lib: ctypes.CDLL, data: bytes, path: Path, columns: list[str], line: int, on_bad_lines: str, bad: BadLines
+) -> tuple[Chunk, int]:
+    """One block of whole lines, numbered from ``line``: its valid rows, and how many lines it held."""
+    n = data.count(b"\n") + 1
+    labeled = len(columns) == len(LABELED_COLUMNS)
+    label = np.empty(n, dtype=np.int8)
+    ints = np.empty((n, len(INT_COLUMNS)), dtype=np.int64)
+    cats = np.empty((n, len(CAT_COLUMNS)), dtype=np.int64)
+    lines = np.empty(n, dtype=np.int64)
+    a = _ParseArgs(
+        buf=data,
+        len=len(data),
+        n_fields=len(columns),
+        skip_bad=on_bad_lines == "skip",
+        first_line=line,
+        label=label.ctypes.data,
+        ints=ints.ctypes.data,
+        cats=cats.ctypes.data,
+        lines=lines.ctypes.data,
+    )
+    lib.criteo_parse(ctypes.byref(a))
+    if a.err_line:
+        if a.err_field < 0:
+            raise CriteoFormatError(f"{path}:{a.err_line}: {a.err_fields} fields, expected {len(columns)}")
+        name = columns[a.err_field]
+        value = data[a.err_off : a.err_off + a.err_len].decode("utf-8", errors="replace")
+        what = _EXPECTED[name.split("_")[0]]
+        raise CriteoFormatError(f"{path}:{a.err_line}: field {name} is {value!r}, expected {what}")
+    if a.bad[0] or a.bad[1]:
+        dropped = BadLines(
+            count=a.bad[0] + a.bad[1],
+            first=[f"{path}:{a.bad_first[i]}" for i in range(a.n_bad_first)],
+            reasons={r: int(c) for r, c in zip(_BAD_REASONS, a.bad, strict=True) if c},
+        )
+        bad.extend(dropped)
+    r = a.rows
+    chunk = Chunk(label[:r] if labeled else None, ints[:r], cats[:r], lines[:r])
+    return chunk, a.lines_seen
+
+
+def _read_chunks_arrow(
     path: Path, columns: list[str], chunk_bytes: int, on_bad_lines: str, bad: BadLines, on_progress=None
 ) -> Iterator[Chunk]:
-    """Validated chunks of ``path`` in file order; ``on_progress(bytes)`` gets file bytes consumed."""
+    """``read_chunks`` with pyarrow's CSV reader and vectorized checks (no compiler needed)."""
     parse_skipped: list[int] = []  # physical line numbers the parser dropped (sorted)
     first_bad: list[tuple[int, str]] = []
 

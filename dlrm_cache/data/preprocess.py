@@ -107,7 +107,7 @@ def _fingerprint(cfg: PreprocessRunConfig, files: list[Path]) -> dict:
     return {
         "dataset": asdict(cfg.dataset),
         "inputs": [{"path": str(f.resolve()), "size": f.stat().st_size, "mtime": f.stat().st_mtime} for f in files],
-        "preprocess": {k: v for k, v in asdict(cfg.preprocess).items() if k not in ("progress", "workers")},
+        "preprocess": {k: v for k, v in asdict(cfg.preprocess).items() if k not in ("progress", "workers", "parser")},
     }
 
 
@@ -134,7 +134,7 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
     try:
         spills = [tmp / f"_parsed-{n}.arrow" for n in range(len(files))]
         jobs = [
-            _ParseJob(f, cols, bound, spill, opts.chunk_mb << 20, opts.on_bad_lines)
+            _ParseJob(f, cols, bound, spill, opts.chunk_mb << 20, opts.on_bad_lines, opts.parser)
             for f, cols, bound, spill in zip(files, layouts, bounds, spills, strict=True)
         ]
         counters, bad = _parse_all(jobs, opts.workers or os.cpu_count() or 1, opts.progress)
@@ -236,13 +236,17 @@ class _ParseJob:
     spill: Path
     chunk_bytes: int
     on_bad_lines: str
+    parser: str
 
     def run(self, on_progress=None) -> tuple[list[ValueCounter], BadLines]:
         bad = BadLines()
         counters = [ValueCounter() for _ in CAT_COLUMNS]
         train_end, val_end = self.bounds
         with pa.OSFile(str(self.spill), "wb") as sink, pa.ipc.new_stream(sink, _PARSED) as spill:
-            for chunk in read_chunks(self.path, self.columns, self.chunk_bytes, self.on_bad_lines, bad, on_progress):
+            chunks = read_chunks(
+                self.path, self.columns, self.chunk_bytes, self.on_bad_lines, bad, on_progress, self.parser
+            )
+            for chunk in chunks:
                 split = np.where(chunk.lines <= train_end, 0, np.where(chunk.lines <= val_end, 1, 2))
                 train = split == 0
                 for j, counter in enumerate(counters):
