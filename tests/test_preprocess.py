@@ -15,6 +15,7 @@ import pytest
 
 from dlrm_cache.config import DatasetConfig, PreprocessOptions, PreprocessRunConfig, SynthConfig
 from dlrm_cache.criteo import LABELED_COLUMNS
+from dlrm_cache.data import preprocess as preprocess_module
 from dlrm_cache.data.criteo_tsv import BadLines, CriteoFormatError, read_chunks
 from dlrm_cache.data.preprocess import preprocess
 from dlrm_cache.data.synthetic import generate
@@ -340,3 +341,17 @@ def _mixed_file(tmp_path, empty_lines):
     src = tmp_path / "mixed.txt"
     src.write_text("\n".join(lines))  # no final newline
     return src
+
+
+def test_a_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
+    """The vocabularies and the skew plot are written on a thread while the splits are written: a
+    failure in the splits waits for it, then removes everything."""
+    src = synth(tmp_path / "train.txt", rows=2000)
+
+    def broken(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(preprocess_module, "_renumbered", broken)
+    with pytest.raises(OSError, match="disk full"):
+        run([src], tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.txt"], "nothing half-written"

@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -131,6 +131,7 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
     opts = cfg.preprocess
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    skew_done: Future | None = None
     try:
         spills = [tmp / f"_parsed-{n}.arrow" for n in range(len(files))]
         jobs = [
@@ -146,6 +147,11 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
         writers = {s: _SplitWriter(tmp / s, schema, opts.row_group_rows, opts.max_file_rows) for s in SPLITS}
         rows = dict.fromkeys(SPLITS, 0)
         spill_bytes = sum(s.stat().st_size for s in spills)
+        # The vocabularies, the skew report and its plot (a second of matplotlib, whatever the input)
+        # are written meanwhile, on a thread of their own.
+        stats = ThreadPoolExecutor(1, thread_name_prefix="dlrm-preprocess-stats")
+        skew_done = stats.submit(_write_stats, tmp, vocabs)
+        stats.shutdown(wait=False)
         with _progress("write", spill_bytes, opts.progress) as bar:
             for spill_path in spills:
                 on_progress = bar.at(spill_path)
@@ -162,10 +168,7 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
                 spill_path.unlink()
         for w in writers.values():
             w.close()
-        _write_vocab(tmp / "vocab", vocabs)
-        curves = coverage(vocabs)
-        skew = skew_report(curves)
-        _write_skew(tmp / "stats", skew, curves)
+        skew = skew_done.result()
         metadata = {
             "schema_version": SCHEMA_VERSION,
             **fingerprint,
@@ -187,6 +190,8 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
             log.warning("skipped %d bad lines (first: %s)", bad.count, ", ".join(bad.first))
         _replace(tmp, out)
     except BaseException:
+        if skew_done is not None:
+            wait([skew_done])  # it writes into tmp: let it finish before tmp goes
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
@@ -372,6 +377,15 @@ def skew_report(curves: dict[str, np.ndarray]) -> dict:
 
     features = {name: at_points(cov) for name, cov in curves.items() if name != "all"}
     return {"row_share": SKEW_POINTS, "features": features, "overall": at_points(curves["all"])}
+
+
+def _write_stats(folder: Path, vocabs: list[Vocabulary]) -> dict:
+    """``vocab/``, ``stats/skew.json`` and ``stats/skew.png`` under ``folder``; returns the skew report."""
+    _write_vocab(folder / "vocab", vocabs)
+    curves = coverage(vocabs)
+    skew = skew_report(curves)
+    _write_skew(folder / "stats", skew, curves)
+    return skew
 
 
 def _write_skew(folder: Path, skew: dict, curves: dict[str, np.ndarray]) -> None:
