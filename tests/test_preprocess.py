@@ -19,6 +19,7 @@ from dlrm_cache.data import preprocess as preprocess_module
 from dlrm_cache.data.criteo_tsv import BadLines, CriteoFormatError, read_chunks
 from dlrm_cache.data.preprocess import preprocess
 from dlrm_cache.data.synthetic import generate
+from dlrm_cache.data.vocab import Vocabulary
 
 EXCERPT = Path(__file__).resolve().parents[2] / "shared" / "data" / "criteo_excerpt_100.tsv"
 PARSERS = ["native", "arrow"]  # criteo_parse.cpp and its pyarrow fallback
@@ -355,3 +356,20 @@ def test_a_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         run([src], tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.txt"], "nothing half-written"
+
+
+def test_vocabulary_hash_lookup_matches_the_binary_search():
+    """vocab_map.cpp's hash table and the sorted-array fallback give every raw value the same id:
+    kept values, values under min_count and values never counted (both the rare id), and -1 (empty)."""
+    rng = np.random.default_rng(0)
+    values = np.unique(np.concatenate([[-1], rng.integers(0, 2**32, 50_000)]))
+    counts = rng.integers(1, 6, len(values))
+    queries = np.concatenate([values, rng.integers(0, 2**32, 20_000), [-1, 0, 2**32 - 1]])
+    rng.shuffle(queries)
+    fast = Vocabulary.fit(values, counts, min_count=2)
+    slow = Vocabulary.fit(values, counts, min_count=2)
+    slow.native = False
+    got, expected = fast.transform(queries), slow.transform(queries)
+    assert fast._map is not None and slow._map is None
+    np.testing.assert_array_equal(got, expected)
+    assert (got == fast.rare_id).sum() > 20_000  # unseen and rare values all went to the rare id

@@ -11,9 +11,13 @@ total train count. The hottest k rows are then ids 0..k-1.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ctypes
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+
+from dlrm_cache.native_build import NativeUnavailable, load
 
 
 class ValueCounter:
@@ -59,6 +63,8 @@ class Vocabulary:
     rare_id: int
     _sorted_raw: np.ndarray  # kept values, sorted, for lookups
     _sorted_id: np.ndarray
+    native: bool = True  # look values up in vocab_map.cpp's hash table where it builds
+    _map: _NativeMap | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def fit(cls, values: np.ndarray, counts: np.ndarray, min_count: int) -> Vocabulary:
@@ -80,7 +86,46 @@ class Vocabulary:
 
     def transform(self, raw: np.ndarray) -> np.ndarray:
         """Raw values -> new ids; values not kept map to ``rare_id``."""
+        if self.native and self._map is None:
+            try:
+                self._map = _NativeMap(self._sorted_raw, self._sorted_id)
+            except NativeUnavailable:
+                self.native = False  # the binary search below gives the same ids
+        if self._map is not None:
+            return self._map.lookup(raw, self.rare_id)
         pos = np.searchsorted(self._sorted_raw, raw)
         pos = np.minimum(pos, len(self._sorted_raw) - 1) if len(self._sorted_raw) else pos
         found = self._sorted_raw[pos] == raw if len(self._sorted_raw) else np.zeros(len(raw), dtype=bool)
         return np.where(found, self._sorted_id[pos] if len(self._sorted_id) else 0, self.rare_id)
+
+
+_I64 = ctypes.POINTER(ctypes.c_int64)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.vocab_map_new.restype = ctypes.c_void_p
+    lib.vocab_map_new.argtypes = [_I64, _I64, ctypes.c_int64]
+    lib.vocab_map_free.argtypes = [ctypes.c_void_p]
+    lib.vocab_map_lookup.argtypes = [ctypes.c_void_p, _I64, ctypes.c_int64, ctypes.c_int64, _I64]
+    lib.vocab_map_lookup.restype = None
+
+
+class _NativeMap:
+    """A hash table of raw value -> id (``vocab_map.cpp``)."""
+
+    def __init__(self, keys: np.ndarray, ids: np.ndarray):
+        self._lib = load(Path(__file__).with_name("vocab_map.cpp"), _declare)
+        keys = np.ascontiguousarray(keys, dtype=np.int64)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        self._handle = self._lib.vocab_map_new(keys.ctypes.data_as(_I64), ids.ctypes.data_as(_I64), len(keys))
+
+    def lookup(self, raw: np.ndarray, missing: int) -> np.ndarray:
+        raw = np.ascontiguousarray(raw, dtype=np.int64)
+        out = np.empty(len(raw), dtype=np.int64)
+        self._lib.vocab_map_lookup(self._handle, raw.ctypes.data_as(_I64), len(raw), missing, out.ctypes.data_as(_I64))
+        return out
+
+    def __del__(self) -> None:
+        if getattr(self, "_handle", None) is not None:
+            self._lib.vocab_map_free(self._handle)
+            self._handle = None
