@@ -15,6 +15,7 @@ import pytest
 
 from dlrm_cache.config import DatasetConfig, PreprocessOptions, PreprocessRunConfig, SynthConfig
 from dlrm_cache.criteo import LABELED_COLUMNS
+from dlrm_cache.data import criteo_tsv
 from dlrm_cache.data import preprocess as preprocess_module
 from dlrm_cache.data.criteo_tsv import BadLines, CriteoFormatError, read_chunks
 from dlrm_cache.data.preprocess import preprocess
@@ -281,11 +282,15 @@ def test_cli_errors_exit_non_zero_with_the_location(tmp_path):
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
 
 
+@pytest.mark.parametrize("pieces", [1, 4], ids=["one-piece", "four-threads"])
 @pytest.mark.parametrize("on_bad_lines", ["skip", "error"])
-def test_native_and_arrow_parsers_read_every_line_alike(tmp_path, on_bad_lines):
+def test_native_and_arrow_parsers_read_every_line_alike(tmp_path, on_bad_lines, pieces, monkeypatch):
     """Edge cases side by side: CRLF endings, negative and empty integers, upper-case and empty hex,
     39-field lines and bad values (skipped, or the first one raised), blocks that cut lines in two, a
-    last line without its newline."""
+    last line without its newline; blocks parsed whole or in four pieces at once."""
+    if pieces > 1:
+        monkeypatch.setattr(criteo_tsv, "_PIECE_BYTES", 512)
+        monkeypatch.setattr(criteo_tsv.os, "cpu_count", lambda: pieces)
     src = _mixed_file(tmp_path, empty_lines=False)
     results = {}
     for parser in PARSERS:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,7 +131,7 @@ def read_chunks(
 class _ParseArgs(ctypes.Structure):
     # the field order of ParseArgs in criteo_parse.cpp
     _fields_ = [
-        ("buf", ctypes.c_char_p),
+        ("buf", ctypes.c_void_p),
         ("len", ctypes.c_int64),
         ("n_fields", ctypes.c_int32),
         ("skip_bad", ctypes.c_int32),
@@ -199,45 +201,67 @@ def _read_chunks_native(
         raise CriteoFormatError(f"{path}: the file is empty")
 
 
+_PIECE_BYTES = 1 << 20  # a block is parsed in pieces of at least this size, one per core, in threads
+_pool: ThreadPoolExecutor | None = None
+
+
 def _parse_block(
     lib: ctypes.CDLL, data: bytes, path: Path, columns: list[str], line: int, on_bad_lines: str, bad: BadLines
 ) -> tuple[Chunk, int]:
-    """One block of whole lines, numbered from ``line``: its valid rows, and how many lines it held."""
-    n = data.count(b"\n") + 1
+    """One block of whole lines, numbered from ``line``: its valid rows, and how many lines it held.
+    The block is cut at newlines into one piece per core, parsed at once (the parser releases the GIL)."""
+    global _pool
+    parts = max(1, min(os.cpu_count() or 1, len(data) // _PIECE_BYTES))
+    bounds = [0]
+    for k in range(1, parts):
+        cut = data.find(b"\n", max(bounds[-1], len(data) * k // parts)) + 1
+        if 0 < cut < len(data):
+            bounds.append(cut)
+    bounds.append(len(data))
+    starts = [line]
+    for lo, hi in zip(bounds[:-2], bounds[1:-1], strict=True):
+        starts.append(starts[-1] + data.count(b"\n", lo, hi))
+    address = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+    jobs = [(address + lo, hi - lo, data.count(b"\n", lo, hi) + 1, first) for lo, hi, first in zip(bounds, bounds[1:], starts)]
+    if len(jobs) > 1:
+        _pool = _pool or ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="dlrm-parse")
+        pieces = list(_pool.map(lambda job: _parse_piece(lib, len(columns), on_bad_lines, *job), jobs))
+    else:
+        pieces = [_parse_piece(lib, len(columns), on_bad_lines, *jobs[0])]
+    for a, _ in pieces:  # the first bad line of the block, in piece order
+        if a.err_line:
+            if a.err_field < 0:
+                raise CriteoFormatError(f"{path}:{a.err_line}: {a.err_fields} fields, expected {len(columns)}")
+            name = columns[a.err_field]
+            at = a.buf - address + a.err_off
+            value = data[at : at + a.err_len].decode("utf-8", errors="replace")
+            what = _EXPECTED[name.split("_")[0]]
+            raise CriteoFormatError(f"{path}:{a.err_line}: field {name} is {value!r}, expected {what}")
+        if a.bad[0] or a.bad[1]:
+            dropped = BadLines(
+                count=a.bad[0] + a.bad[1],
+                first=[f"{path}:{a.bad_first[i]}" for i in range(a.n_bad_first)],
+                reasons={r: int(c) for r, c in zip(_BAD_REASONS, a.bad, strict=True) if c},
+            )
+            bad.extend(dropped)
+    arrays = [[x[: a.rows] for x in out] for a, out in pieces]
+    label, ints, cats, lines = (np.concatenate(parts) if len(parts) > 1 else parts[0] for parts in zip(*arrays))
     labeled = len(columns) == len(LABELED_COLUMNS)
-    label = np.empty(n, dtype=np.int8)
-    ints = np.empty((n, len(INT_COLUMNS)), dtype=np.int64)
-    cats = np.empty((n, len(CAT_COLUMNS)), dtype=np.int64)
-    lines = np.empty(n, dtype=np.int64)
-    a = _ParseArgs(
-        buf=data,
-        len=len(data),
-        n_fields=len(columns),
-        skip_bad=on_bad_lines == "skip",
-        first_line=line,
-        label=label.ctypes.data,
-        ints=ints.ctypes.data,
-        cats=cats.ctypes.data,
-        lines=lines.ctypes.data,
+    return Chunk(label if labeled else None, ints, cats, lines), sum(a.lines_seen for a, _ in pieces)
+
+
+def _parse_piece(lib: ctypes.CDLL, fields: int, on_bad_lines: str, buf: int, size: int, n: int, line: int):
+    """Parse ``size`` bytes at address ``buf`` (at most ``n`` lines, the first numbered ``line``)."""
+    out = (
+        np.empty(n, dtype=np.int8),
+        np.empty((n, len(INT_COLUMNS)), dtype=np.int64),
+        np.empty((n, len(CAT_COLUMNS)), dtype=np.int64),
+        np.empty(n, dtype=np.int64),
     )
+    a = _ParseArgs(buf=buf, len=size, n_fields=fields, skip_bad=on_bad_lines == "skip", first_line=line)
+    a.label, a.ints, a.cats, a.lines = (x.ctypes.data for x in out)
     lib.criteo_parse(ctypes.byref(a))
-    if a.err_line:
-        if a.err_field < 0:
-            raise CriteoFormatError(f"{path}:{a.err_line}: {a.err_fields} fields, expected {len(columns)}")
-        name = columns[a.err_field]
-        value = data[a.err_off : a.err_off + a.err_len].decode("utf-8", errors="replace")
-        what = _EXPECTED[name.split("_")[0]]
-        raise CriteoFormatError(f"{path}:{a.err_line}: field {name} is {value!r}, expected {what}")
-    if a.bad[0] or a.bad[1]:
-        dropped = BadLines(
-            count=a.bad[0] + a.bad[1],
-            first=[f"{path}:{a.bad_first[i]}" for i in range(a.n_bad_first)],
-            reasons={r: int(c) for r, c in zip(_BAD_REASONS, a.bad, strict=True) if c},
-        )
-        bad.extend(dropped)
-    r = a.rows
-    chunk = Chunk(label[:r] if labeled else None, ints[:r], cats[:r], lines[:r])
-    return chunk, a.lines_seen
+    return a, out
 
 
 def _read_chunks_arrow(
