@@ -1,6 +1,8 @@
 """The cached collection trains exactly like the tables held whole on the device, and like the
 references (nn.EmbeddingBag + torch.optim.SGD / SparseAdam, FBGEMM's row-wise Adagrad)."""
 
+import copy
+import gc
 import logging
 
 import pytest
@@ -480,3 +482,18 @@ def test_planner_without_a_compiler(monkeypatch, caplog, request):
         ebc = CachedEmbeddingBagCollection(make_tables(), cache_cfg("lru", 0.2), SparseOptimizer())
     assert all(g._native is None for g in ebc.groups)
     assert "planning in Python" in caplog.text
+
+
+def test_a_deep_copy_trains_on_its_own():
+    """copy.deepcopy gives the copy its own C++ planner (no shared handle, freed twice): the copy and
+    the original then train alike."""
+    opt = SparseOptimizer("adagrad", lr=0.05)
+    batches = make_batches(30)
+    a = CachedEmbeddingBagCollection(make_tables(), cache_cfg("lookahead", 0.2, planner="native"), opt)
+    train(a, batches[:10])
+    b = copy.deepcopy(a)
+    assert b.groups[0]._native is not a.groups[0]._native
+    torch.testing.assert_close(torch.stack(train(a, batches[10:])), torch.stack(train(b, batches[10:])))
+    del a
+    gc.collect()
+    train(b, batches[:5])  # the copy's planner outlives the original's

@@ -102,6 +102,7 @@ class NativePlanner:
     """One table group's planner state (its candidate pools); the rest of its state is the group's."""
 
     def __init__(self, slot_offsets: list[int], row_offsets: list[int], policy: str, pool: tuple[int, ...]):
+        self._args = (slot_offsets, row_offsets, policy, pool)
         self._lib = library()
         self._slots = torch.tensor(slot_offsets, dtype=torch.int64)
         self._rows = torch.tensor(row_offsets, dtype=torch.int64)
@@ -113,6 +114,11 @@ class NativePlanner:
             POLICIES[policy],
             *pool,
         )
+
+    def __reduce__(self):
+        """A copy (``copy.deepcopy``, pickle) is a planner of its own with empty pools, which is
+        always correct: a pool only remembers candidates, and an empty one is refilled by a scan."""
+        return NativePlanner, self._args
 
     def reset(self) -> None:
         """Forget the candidate pools (after the group's bookkeeping was reset)."""

@@ -84,6 +84,9 @@ class Vocabulary:
     def __len__(self) -> int:
         return len(self.raw)
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_map": None}  # the hash table is rebuilt where it is next used
+
     def transform(self, raw: np.ndarray) -> np.ndarray:
         """Raw values -> new ids; values not kept map to ``rare_id``."""
         if self.native and self._map is None:
