@@ -114,7 +114,7 @@ class CachedEmbeddingBagCollection(nn.Module):
     # ---------------------------------------------------------------- the lookahead queue
     def enqueue(self, features: KeyedJaggedTensor) -> None:
         """Hand over a future training batch; ``forward`` must then receive the batches in this order.
-        Its ids are prepared in the background."""
+        Its ids are prepared on the bookkeeping thread (inline on the CPU; see ``_submit``)."""
         self._queue.append((_signature(features), self._submit(self._prepare_future, features)))
 
     def is_enqueued(self, features: KeyedJaggedTensor) -> bool:
@@ -123,10 +123,10 @@ class CachedEmbeddingBagCollection(nn.Module):
         return any(s == signature for s, _ in self._queue)
 
     def prefetch(self) -> None:
-        """Plan the next enqueued batch and load its missing rows, in the background, while the current
-        batch computes. Rows the in-flight batch needs are never evicted, and rows it updates on the
-        host (overflow) are read from the host at the next forward, after that update: nothing is read
-        stale."""
+        """Plan the next enqueued batch and load its missing rows, on the bookkeeping thread while the
+        current batch computes (inline on the CPU). Rows the in-flight batch needs are never evicted,
+        and rows it updates on the host (overflow) are read from the host at the next forward, after
+        that update: nothing is read stale."""
         if self._planned is not None or not self._queue:
             return
         self._planned = self._submit_plan(self._queue[0][1])
