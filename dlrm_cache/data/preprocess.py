@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +40,14 @@ from tqdm import tqdm
 
 from dlrm_cache.config import PreprocessOptions, PreprocessRunConfig, SynthConfig
 from dlrm_cache.criteo import CAT_COLUMNS, INT_COLUMNS
-from dlrm_cache.data.criteo_tsv import BadLines, CriteoFormatError, detect_columns, open_input, read_chunks
+from dlrm_cache.data.criteo_tsv import (
+    BadLines,
+    Chunk,
+    CriteoFormatError,
+    detect_columns,
+    open_input,
+    read_chunks,
+)
 from dlrm_cache.data.synthetic import generate, hash_to_hex
 from dlrm_cache.data.vocab import ValueCounter, Vocabulary
 
@@ -251,7 +259,7 @@ class _ParseJob:
             chunks = read_chunks(
                 self.path, self.columns, self.chunk_bytes, self.on_bad_lines, bad, on_progress, self.parser
             )
-            for chunk in chunks:
+            for chunk in _read_ahead(chunks):
                 split = np.where(chunk.lines <= train_end, 0, np.where(chunk.lines <= val_end, 1, 2))
                 train = split == 0
                 for j, counter in enumerate(counters):
@@ -260,6 +268,16 @@ class _ParseJob:
         for c in counters:
             c.result()  # compact before crossing a process boundary
         return counters, bad
+
+
+def _read_ahead(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+    """``chunks`` in order, the next one read and parsed on a thread while the caller counts and spills
+    the current one (one chunk ahead: memory stays bounded by the chunk size)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="dlrm-preprocess-read") as reader:
+        pending = reader.submit(next, chunks, None)
+        while (chunk := pending.result()) is not None:
+            pending = reader.submit(next, chunks, None)
+            yield chunk
 
 
 def _parse_all(jobs: list[_ParseJob], workers: int, progress: bool) -> tuple[list[ValueCounter], BadLines]:
