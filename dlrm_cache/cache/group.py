@@ -312,9 +312,7 @@ class TableGroup:
         if self._native is None:
             return self._plan_python(batch, step, pin_floor, host_rows)
         r = self._native.plan(self, batch, step, pin_floor, host_rows)
-        if len(r["wb_rows"]):  # dirty victims out before their slots are overwritten
-            victims = self.cache.index_select(0, r["wb_slots"].to(self.device))
-            self.host.data.index_copy_(0, r["wb_rows"], victims.cpu())
+        self._copy_out(r["wb_slots"], r["wb_rows"])  # dirty victims out before their slots are overwritten
         self._copy_in(r["load_rows"], r["load_slots"])
         self.stats.loaded += r["loaded"]
         self.stats.overflow += r["from_host"]
@@ -516,12 +514,15 @@ class TableGroup:
         rows = self.slot_to_row[victims]
         dirty = self.dirty[victims]
         if bool(dirty.any()):
-            self.host.data.index_copy_(
-                0, rows[dirty], self.cache.index_select(0, victims[dirty].to(self.device)).cpu()
-            )
+            self._copy_out(victims[dirty], rows[dirty])
             self.stats.written += self.count_unsorted_per_table(rows[dirty])
         self.row_to_slot[rows] = -1
         self.slot_to_row[victims] = -1
+
+    def _copy_out(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """Cache slots back into host rows (the data only)."""
+        if slots.numel():
+            self.host.data.index_copy_(0, rows, self.cache.index_select(0, slots.to(self.device)).cpu())
 
     def _copy_in(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
         """Host rows into cache slots (the data only)."""
@@ -625,7 +626,7 @@ class TableGroup:
         slots = torch.nonzero(self.dirty).squeeze(1)
         if slots.numel():
             rows = self.slot_to_row[slots]
-            self.host.data[rows] = self.cache[slots.to(self.device)].to("cpu")
+            self._copy_out(slots, rows)
             self.stats.written += self.count_unsorted_per_table(rows)
             self.dirty[slots] = False
 
