@@ -3,6 +3,7 @@
 import gzip
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -279,6 +280,23 @@ def test_cli_errors_exit_non_zero_with_the_location(tmp_path):
         check=False,
     )
     assert r.returncode == 2 and "preprocess.min_count=0" in r.stderr
+    no_compiler = {**os.environ, "CXX": "no-such-compiler", "DLRM_CACHE_BUILD_DIR": str(tmp_path / "build")}
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dlrm_cache.cli.preprocess",
+            f"input={bad}",
+            f"output_dir={tmp_path / 'o'}",
+            "preprocess.parser=native",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=no_compiler,
+    )
+    assert r.returncode == 2
+    assert "dlrm-preprocess: error: preprocess.parser=native: no C++ compiler" in r.stderr
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from dlrm_cache.config import ConfigError
 from dlrm_cache.distributed.runtime import current_rank
+from dlrm_cache.native_build import NativeUnavailable
 from dlrm_cache.train.trainer import TrainingError
 
 EXIT_BAD_INPUT = 2
@@ -20,6 +21,13 @@ def run_cli(name: str, job: Callable[[], None]) -> None:
         name = f"{name} [rank {rank.rank}]"
     try:
         job()
-    except (ConfigError, FileExistsError, FileNotFoundError, ValueError, TrainingError) as e:
+    except (
+        ConfigError,
+        FileExistsError,
+        FileNotFoundError,
+        ValueError,
+        TrainingError,
+        NativeUnavailable,
+    ) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
