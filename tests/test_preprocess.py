@@ -396,3 +396,11 @@ def test_vocabulary_hash_lookup_matches_the_binary_search():
     assert fast._map is not None and slow._map is None
     np.testing.assert_array_equal(got, expected)
     assert (got == fast.rare_id).sum() > 20_000  # unseen and rare values all went to the rare id
+
+
+def test_a_line_without_end_is_refused_in_bounded_memory(tmp_path):
+    src = synth(tmp_path / "src.txt", rows=50)
+    endless = tmp_path / "endless.txt"
+    endless.write_bytes(src.read_bytes() + b"1\t" + b"x" * (5 << 20))
+    with pytest.raises(CriteoFormatError, match=r"endless.txt:51: no end of line in [\d,]+ bytes"):
+        run([endless], tmp_path / "out", chunk_mb=1, parser="native")

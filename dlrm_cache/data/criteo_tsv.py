@@ -182,7 +182,11 @@ def _read_chunks_native(
             data = rest + block
             if not final:
                 cut = data.rfind(b"\n") + 1
-                if cut == 0:  # a line longer than the block: read on
+                if cut == 0:  # a line longer than the block: read on, within reason
+                    if len(data) > _MAX_LINE_BLOCKS * chunk_bytes:
+                        raise CriteoFormatError(
+                            f"{path}:{line}: no end of line in {len(data):,} bytes (not Criteo TSV?)"
+                        )
                     rest = data
                     continue
                 data, rest = data[:cut], data[cut:]
@@ -201,6 +205,7 @@ def _read_chunks_native(
         raise CriteoFormatError(f"{path}: the file is empty")
 
 
+_MAX_LINE_BLOCKS = 4  # a line may span this many blocks (Criteo lines are a few hundred bytes)
 _PIECE_BYTES = 1 << 20  # a block is parsed in pieces of at least this size, one per core, in threads
 _pool: ThreadPoolExecutor | None = None
 
