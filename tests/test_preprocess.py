@@ -258,43 +258,18 @@ def test_rerun_is_a_no_op_and_a_different_dataset_is_refused(tmp_path):
 
 def test_cli_errors_exit_non_zero_with_the_location(tmp_path):
     bad = _lines_with(tmp_path, 52, 3, "12x")
-    r = subprocess.run(
-        [sys.executable, "-m", "dlrm_cache.cli.preprocess", f"input={bad}", f"output_dir={tmp_path / 'out'}"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+
+    def cli(*args, env=None):
+        command = [sys.executable, "-m", "dlrm_cache.cli.preprocess", f"input={bad}", *args]
+        return subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+
+    r = cli(f"output_dir={tmp_path / 'out'}")
     assert r.returncode == 2
     assert "bad.txt:52: field int_2" in r.stderr
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dlrm_cache.cli.preprocess",
-            f"input={bad}",
-            f"output_dir={tmp_path / 'o'}",
-            "preprocess.min_count=0",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    r = cli(f"output_dir={tmp_path / 'o'}", "preprocess.min_count=0")
     assert r.returncode == 2 and "preprocess.min_count=0" in r.stderr
     no_compiler = {**os.environ, "CXX": "no-such-compiler", "DLRM_CACHE_BUILD_DIR": str(tmp_path / "build")}
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dlrm_cache.cli.preprocess",
-            f"input={bad}",
-            f"output_dir={tmp_path / 'o'}",
-            "preprocess.parser=native",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=no_compiler,
-    )
+    r = cli(f"output_dir={tmp_path / 'o'}", "preprocess.parser=native", env=no_compiler)
     assert r.returncode == 2
     assert "dlrm-preprocess: error: preprocess.parser=native: no C++ compiler" in r.stderr
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
