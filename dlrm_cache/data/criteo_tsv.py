@@ -42,6 +42,21 @@ class CriteoFormatError(ValueError):
     """A line that is not Criteo TSV; the message names file, line and field."""
 
 
+# Why a line was dropped with on_bad_lines=skip, and what each kind of field must hold: one wording
+# for both readers.
+WRONG_FIELD_COUNT, BAD_VALUE = "wrong number of fields", "bad field value"
+_EXPECTED = {"label": "0 or 1", "int": "an integer or nothing", "cat": "8 hex digits or nothing"}
+
+
+def _field_count(actual: int, expected: int) -> str:
+    return f"{actual} fields, expected {expected}"
+
+
+def _bad_value(path: Path, line: int, name: str, value: str) -> CriteoFormatError:
+    what = _EXPECTED[name.split("_")[0]]
+    return CriteoFormatError(f"{path}:{line}: field {name} is {value!r}, expected {what}")
+
+
 @dataclass
 class Chunk:
     """The valid rows of one block of lines."""
@@ -154,8 +169,6 @@ class _ParseArgs(ctypes.Structure):
     ]
 
 
-_BAD_REASONS = ("wrong number of fields", "bad field value")
-_EXPECTED = {"label": "0 or 1", "int": "an integer or nothing", "cat": "8 hex digits or nothing"}
 
 
 def _parser() -> ctypes.CDLL:
@@ -223,11 +236,12 @@ def _parse_block(
         if 0 < cut < len(data):
             bounds.append(cut)
     bounds.append(len(data))
-    starts = [line]
-    for lo, hi in zip(bounds[:-2], bounds[1:-1], strict=True):
-        starts.append(starts[-1] + data.count(b"\n", lo, hi))
     address = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
-    jobs = [(address + lo, hi - lo, data.count(b"\n", lo, hi) + 1, first) for lo, hi, first in zip(bounds, bounds[1:], starts)]
+    jobs, first = [], line
+    for lo, hi in zip(bounds, bounds[1:]):
+        newlines = data.count(b"\n", lo, hi)  # every piece but the last ends with one
+        jobs.append((address + lo, hi - lo, newlines + 1, first))
+        first += newlines
     if len(jobs) > 1:
         _pool = _pool or ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="dlrm-parse")
         pieces = list(_pool.map(lambda job: _parse_piece(lib, len(columns), on_bad_lines, *job), jobs))
@@ -236,17 +250,15 @@ def _parse_block(
     for a, _ in pieces:  # the first bad line of the block, in piece order
         if a.err_line:
             if a.err_field < 0:
-                raise CriteoFormatError(f"{path}:{a.err_line}: {a.err_fields} fields, expected {len(columns)}")
-            name = columns[a.err_field]
+                raise CriteoFormatError(f"{path}:{a.err_line}: {_field_count(a.err_fields, len(columns))}")
             at = a.buf - address + a.err_off
             value = data[at : at + a.err_len].decode("utf-8", errors="replace")
-            what = _EXPECTED[name.split("_")[0]]
-            raise CriteoFormatError(f"{path}:{a.err_line}: field {name} is {value!r}, expected {what}")
+            raise _bad_value(path, a.err_line, columns[a.err_field], value)
         if a.bad[0] or a.bad[1]:
             dropped = BadLines(
                 count=a.bad[0] + a.bad[1],
                 first=[f"{path}:{a.bad_first[i]}" for i in range(a.n_bad_first)],
-                reasons={r: int(c) for r, c in zip(_BAD_REASONS, a.bad, strict=True) if c},
+                reasons={r: int(c) for r, c in zip((WRONG_FIELD_COUNT, BAD_VALUE), a.bad, strict=True) if c},
             )
             bad.extend(dropped)
     arrays = [[x[: a.rows] for x in out] for a, out in pieces]
@@ -277,12 +289,12 @@ def _read_chunks_arrow(
     first_bad: list[tuple[int, str]] = []
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
-        reason = f"{row.actual_columns} fields, expected {row.expected_columns}"
+        reason = _field_count(row.actual_columns, row.expected_columns)
         if on_bad_lines == "error":
             first_bad.append((row.number, reason))
             return "error"
         parse_skipped.append(row.number)
-        bad.add(path, row.number, "wrong number of fields")
+        bad.add(path, row.number, WRONG_FIELD_COUNT)
         return "skip"
 
     # Parsing in parallel loses the line numbers of bad lines: only worth it when they stop the run
@@ -367,19 +379,19 @@ def _convert(batch: pa.RecordBatch, path: Path, lines: np.ndarray, on_bad_lines:
     located with a regex, bad hex with a byte table, so errors name the exact row and field."""
     n = batch.num_rows
     ok = np.ones(n, dtype=bool)
-    problems: list[tuple[int, str, str]] = []  # (row, field, what)
+    problems: list[tuple[int, str]] = []  # (row, field)
 
-    def check(valid: np.ndarray, name: str, what: str) -> None:
+    def check(valid: np.ndarray, name: str) -> None:
         wrong = np.nonzero(~valid & ok)[0]
         if len(wrong):
-            problems.append((int(wrong[0]), name, what))
+            problems.append((int(wrong[0]), name))
             ok[wrong] = False
 
     labeled = "label" in batch.schema.names
     label = None
     if labeled:
         lab = batch.column("label")
-        check(pc.is_in(lab, pa.array(["0", "1"])).to_numpy(zero_copy_only=False), "label", "0 or 1")
+        check(pc.is_in(lab, pa.array(["0", "1"])).to_numpy(zero_copy_only=False), "label")
         label = np.asarray(pc.equal(lab, "1")).astype(np.int8)
     ints = np.zeros((n, len(INT_COLUMNS)), dtype=np.int64)
     for j, name in enumerate(INT_COLUMNS):
@@ -389,20 +401,19 @@ def _convert(batch: pa.RecordBatch, path: Path, lines: np.ndarray, on_bad_lines:
             ints[:, j] = pc.cast(filled, pa.int64()).to_numpy()
         except pa.ArrowInvalid:
             valid = pc.match_substring_regex(col, _INT_PATTERN).to_numpy(zero_copy_only=False)
-            check(valid, name, "an integer or nothing")
+            check(valid, name)
             safe = pc.if_else(pa.array(valid), filled, "0")
             ints[:, j] = pc.cast(safe, pa.int64()).to_numpy()
     cats = np.empty((n, len(CAT_COLUMNS)), dtype=np.int64)
     for j, name in enumerate(CAT_COLUMNS):
         cats[:, j], valid = hex_to_int(batch.column(name))
-        check(valid, name, "8 hex digits or nothing")
+        check(valid, name)
     if problems:
-        row, name, what = min(problems)
+        row, name = min(problems)
         if on_bad_lines == "error":
-            value = batch.column(name)[row].as_py()
-            raise CriteoFormatError(f"{path}:{lines[row]}: field {name} is {value!r}, expected {what}")
+            raise _bad_value(path, lines[row], name, batch.column(name)[row].as_py())
         for r in np.nonzero(~ok)[0]:
-            bad.add(path, int(lines[r]), "bad field value")
+            bad.add(path, int(lines[r]), BAD_VALUE)
         return Chunk(None if label is None else label[ok], ints[ok], cats[ok], lines[ok])
     return Chunk(label, ints, cats, lines)
 
