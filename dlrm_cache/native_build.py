@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -29,6 +30,8 @@ class NativeUnavailable(RuntimeError):
 
 _lock = threading.Lock()
 _loaded: dict[Path, ctypes.CDLL | str] = {}  # the library, or why it failed
+_warned: set[str] = set()  # settings whose fallback was announced
+log = logging.getLogger(__name__)
 
 
 def build_dir() -> Path:
@@ -76,7 +79,25 @@ def load(source: Path, declare: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL:
         return lib
 
 
+def choose(choice: str, setting: str, library: Callable[[], ctypes.CDLL], what: str, fallback: str):
+    """For a setting of ``native``, ``auto`` or the fallback's name: the library to use, or None to use
+    the fallback. ``native`` raises ``NativeUnavailable`` naming the setting where the library cannot
+    be built; ``auto`` then falls back, with a warning once per setting."""
+    if choice not in ("auto", "native"):
+        return None
+    try:
+        return library()
+    except NativeUnavailable as e:
+        if choice == "native":
+            raise NativeUnavailable(f"{setting}=native: {e}") from None
+        if setting not in _warned:
+            _warned.add(setting)
+            log.warning("the C++ %s is unavailable (%s); %s (slower)", what, e, fallback)
+        return None
+
+
 def forget() -> None:
-    """Drop what was loaded or failed (for tests that change the compiler)."""
+    """Drop what was loaded or failed, and the warnings given (for tests that change the compiler)."""
     with _lock:
         _loaded.clear()
+        _warned.clear()

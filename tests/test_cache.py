@@ -12,7 +12,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm_cache import native_build
 from dlrm_cache.cache import group as group_module
-from dlrm_cache.cache import native
 from dlrm_cache.cache.collection import CachedEmbeddingBagCollection
 from dlrm_cache.cache.optim import SparseOptimizer
 from dlrm_cache.config import CacheConfig, ConfigError
@@ -470,9 +469,8 @@ def test_the_native_planner_makes_the_python_planners_plans(policy, ratio, monke
 
 def test_planner_without_a_compiler(monkeypatch, caplog, request):
     """``planner=native`` says why it cannot build; ``auto`` falls back to Python with a warning."""
-    monkeypatch.setattr(native.resolve, "warned", False, raising=False)
     monkeypatch.setenv("CXX", "no-such-compiler-here")
-    native_build.forget()  # built already: forget it, then again after the test
+    native_build.forget()  # built and announced already: forget both, then again after the test
     request.addfinalizer(native_build.forget)
     with pytest.raises(native_build.NativeUnavailable, match="cache.planner=native: no C.. compiler"):
         CachedEmbeddingBagCollection(

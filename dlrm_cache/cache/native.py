@@ -9,18 +9,16 @@ its own Python overhead.
 from __future__ import annotations
 
 import ctypes
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from dlrm_cache.native_build import NativeUnavailable, load
+from dlrm_cache.native_build import choose, load
 
 if TYPE_CHECKING:
     from dlrm_cache.cache.group import PreparedBatch, TableGroup
 
-log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("planner.cpp")
 POLICIES = {"lru": 0, "lfu": 1, "freq": 2, "lookahead": 3}
 _I64 = ctypes.POINTER(ctypes.c_int64)
@@ -76,18 +74,8 @@ def library() -> ctypes.CDLL:
 def resolve(planner: str) -> str:
     """``cache.planner`` to the planner used: ``auto`` is ``native`` where it builds, else ``python``
     (with a warning, once)."""
-    if planner == "python":
-        return planner
-    try:
-        library()
-    except NativeUnavailable as e:
-        if planner == "native":
-            raise NativeUnavailable(f"cache.planner=native: {e}") from None
-        if not getattr(resolve, "warned", False):
-            resolve.warned = True
-            log.warning("the C++ cache planner is unavailable (%s); planning in Python (slower)", e)
-        return "python"
-    return "native"
+    chosen = choose(planner, "cache.planner", library, "cache planner", "planning in Python")
+    return "python" if chosen is None else "native"
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -104,13 +92,13 @@ class NativePlanner:
     def __init__(self, slot_offsets: list[int], row_offsets: list[int], policy: str, pool: tuple[int, ...]):
         self._args = (slot_offsets, row_offsets, policy, pool)
         self._lib = library()
-        self._slots = torch.tensor(slot_offsets, dtype=torch.int64)
-        self._rows = torch.tensor(row_offsets, dtype=torch.int64)
         self.tables = len(slot_offsets) - 1
+        slots = torch.tensor(slot_offsets, dtype=torch.int64)  # copied by planner_new
+        rows = torch.tensor(row_offsets, dtype=torch.int64)
         self._handle = self._lib.planner_new(
             self.tables,
-            ctypes.cast(self._slots.data_ptr(), _I64),
-            ctypes.cast(self._rows.data_ptr(), _I64),
+            ctypes.cast(slots.data_ptr(), _I64),
+            ctypes.cast(rows.data_ptr(), _I64),
             POLICIES[policy],
             *pool,
         )

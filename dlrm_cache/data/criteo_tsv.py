@@ -13,7 +13,6 @@ and convert them (no Python loop per value). ``read_chunks`` picks the first.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,9 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from dlrm_cache.criteo import CAT_COLUMNS, INT_COLUMNS, LABELED_COLUMNS, UNLABELED_COLUMNS
-from dlrm_cache.native_build import NativeUnavailable, load
+from dlrm_cache.native_build import choose, load
 
-log = logging.getLogger(__name__)
 
 MISSING = -1  # the raw value of an empty categorical field (hashes are 0 .. 2^32 - 1)
 _HEX_VALUE = np.full(256, 255, dtype=np.uint8)
@@ -129,16 +127,8 @@ def read_chunks(
 ) -> Iterator[Chunk]:
     """Validated chunks of ``path`` in file order; ``on_progress(bytes)`` gets file bytes consumed.
     ``parser``: ``native``, ``arrow`` or ``auto`` (native where it builds, else arrow)."""
-    if parser == "arrow":
-        return _read_chunks_arrow(path, columns, chunk_bytes, on_bad_lines, bad, on_progress)
-    try:
-        lib = _parser()
-    except NativeUnavailable as e:
-        if parser == "native":
-            raise NativeUnavailable(f"preprocess.parser=native: {e}") from None
-        if not getattr(read_chunks, "warned", False):
-            read_chunks.warned = True
-            log.warning("the C++ Criteo parser is unavailable (%s); parsing with pyarrow (slower)", e)
+    lib = choose(parser, "preprocess.parser", _parser, "Criteo parser", "parsing with pyarrow")
+    if lib is None:
         return _read_chunks_arrow(path, columns, chunk_bytes, on_bad_lines, bad, on_progress)
     return _read_chunks_native(lib, path, columns, chunk_bytes, on_bad_lines, bad, on_progress)
 
