@@ -29,7 +29,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -139,7 +139,6 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
     opts = cfg.preprocess
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    skew_done: Future | None = None
     try:
         spills = [tmp / f"_parsed-{n}.arrow" for n in range(len(files))]
         jobs = [
@@ -153,30 +152,13 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
             [("label", pa.int8())] + [(c, pa.float32()) for c in INT_COLUMNS] + [(c, id_type) for c in CAT_COLUMNS]
         )
         writers = {s: _SplitWriter(tmp / s, schema, opts.row_group_rows, opts.max_file_rows) for s in SPLITS}
-        rows = dict.fromkeys(SPLITS, 0)
-        spill_bytes = sum(s.stat().st_size for s in spills)
         # The vocabularies, the skew report and its plot (a second of matplotlib, whatever the input)
-        # are written meanwhile, on a thread of their own.
-        stats = ThreadPoolExecutor(1, thread_name_prefix="dlrm-preprocess-stats")
-        skew_done = stats.submit(_write_stats, tmp, vocabs)
-        stats.shutdown(wait=False)
-        with _progress("write", spill_bytes, opts.progress) as bar:
-            for spill_path in spills:
-                on_progress = bar.at(spill_path)
-                with pa.memory_map(str(spill_path)) as source:
-                    for batch in pa.ipc.open_stream(source):
-                        split = batch.column("split").to_numpy()
-                        table = _renumbered(batch, vocabs, schema)
-                        for k, s in enumerate(SPLITS):
-                            mask = split == k
-                            if mask.any():
-                                writers[s].write(table.filter(pa.array(mask)))
-                                rows[s] += int(mask.sum())
-                        on_progress(source.tell())
-                spill_path.unlink()
-        for w in writers.values():
-            w.close()
-        skew = skew_done.result()
+        # are written meanwhile, on a thread of their own; leaving the block waits for it, also on a
+        # failure, before the temporary folder it writes into is removed.
+        with ThreadPoolExecutor(1, thread_name_prefix="dlrm-preprocess-stats") as stats:
+            skew_done = stats.submit(_write_stats, tmp, vocabs)
+            rows = _write_splits(spills, writers, vocabs, schema, opts.progress)
+            skew = skew_done.result()
         metadata = {
             "schema_version": SCHEMA_VERSION,
             **fingerprint,
@@ -198,8 +180,6 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
             log.warning("skipped %d bad lines (first: %s)", bad.count, ", ".join(bad.first))
         _replace(tmp, out)
     except BaseException:
-        if skew_done is not None:
-            wait([skew_done])  # it writes into tmp: let it finish before tmp goes
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
@@ -268,6 +248,31 @@ class _ParseJob:
         for c in counters:
             c.result()  # compact before crossing a process boundary
         return counters, bad
+
+
+def _write_splits(
+    spills: list[Path], writers: dict[str, _SplitWriter], vocabs: list[Vocabulary], schema: pa.Schema, progress: bool
+) -> dict[str, int]:
+    """The parsed rows of each spill, re-numbered, into their split's writer (closed at the end); each
+    spill is deleted once written. Returns the rows per split."""
+    rows = dict.fromkeys(SPLITS, 0)
+    with _progress("write", sum(s.stat().st_size for s in spills), progress) as bar:
+        for spill_path in spills:
+            on_progress = bar.at(spill_path)
+            with pa.memory_map(str(spill_path)) as source:
+                for batch in pa.ipc.open_stream(source):
+                    split = batch.column("split").to_numpy()
+                    table = _renumbered(batch, vocabs, schema)
+                    for k, s in enumerate(SPLITS):
+                        mask = split == k
+                        if mask.any():
+                            writers[s].write(table.filter(pa.array(mask)))
+                            rows[s] += int(mask.sum())
+                    on_progress(source.tell())
+            spill_path.unlink()
+    for w in writers.values():
+        w.close()
+    return rows
 
 
 def _read_ahead(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
