@@ -22,6 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC"]
+# For sources with OpenMP loops: the libgomp they link by its soname is torch's own where torch is
+# already loaded (one thread pool, not two). Without OpenMP the same source builds serial.
+OPENMP = ["-fopenmp"]
 
 
 class NativeUnavailable(RuntimeError):
@@ -40,11 +43,11 @@ def build_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dlrm_cache"
 
 
-def _build(source: Path) -> Path:
+def _build(source: Path, flags: list[str]) -> Path:
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None:
         raise NativeUnavailable(f"no C++ compiler ({os.environ.get('CXX', 'c++')!r} not found)")
-    digest = hashlib.sha256(source.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(source.read_bytes() + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
     target = build_dir() / f"{source.stem}-{digest}.so"
     if target.exists():
         return target
@@ -52,7 +55,7 @@ def _build(source: Path) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(source), "-o", tmp], capture_output=True, text=True)
+        done = subprocess.run([compiler, *flags, str(source), "-o", tmp], capture_output=True, text=True)
         if done.returncode != 0:
             raise NativeUnavailable(f"{compiler} failed on {source}:\n{done.stderr.strip()}")
         os.replace(tmp, target)
@@ -62,17 +65,20 @@ def _build(source: Path) -> Path:
     return target
 
 
-def load(source: Path, declare: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL:
+def load(source: Path, declare: Callable[[ctypes.CDLL], None], openmp: bool = False) -> ctypes.CDLL:
     """The library built from ``source`` (once per process; ``declare`` sets its functions' types), or
-    ``NativeUnavailable`` saying why not (remembered: a failed build is not retried)."""
+    ``NativeUnavailable`` saying why not (remembered: a failed build is not retried). ``openmp``: build
+    with OpenMP where the compiler has it, else serial (the source must give the same results both ways)."""
     with _lock:
         if source not in _loaded:
-            try:
-                lib = ctypes.CDLL(str(_build(source)))
-                declare(lib)
-                _loaded[source] = lib
-            except (NativeUnavailable, OSError) as e:
-                _loaded[source] = str(e)
+            for flags in ([FLAGS + OPENMP] if openmp else []) + [FLAGS]:
+                try:
+                    lib = ctypes.CDLL(str(_build(source, flags)))
+                    declare(lib)
+                    _loaded[source] = lib
+                    break
+                except (NativeUnavailable, OSError) as e:
+                    _loaded[source] = str(e)
         lib = _loaded[source]
         if isinstance(lib, str):
             raise NativeUnavailable(lib)

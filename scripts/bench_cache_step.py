@@ -5,8 +5,13 @@ table held whole (``policy=none``), and the bookkeeping cost as the cache double
 
 A step is forward + backward + fused row-wise Adagrad update of the embedding collection alone (no
 MLPs), on a Zipf(1.05) id trace over the Criteo Kaggle cardinalities times ``--scale``, driven as the
-trainer drives it (ids enqueued ``--lookahead`` batches ahead, next batch prefetched during the step).
-The collections are built one at a time, so peak memory is one copy of the tables.
+trainer drives it: each step enqueues the batch ``--lookahead`` steps ahead, then runs forward,
+prefetches the next batch, and runs backward.
+
+The cached collection and the ``policy=none`` one are timed in alternating blocks of ``--block``
+steps (each continuing its own run), so that both see the same machine: on a shared VM the speed
+drifts by tens of percent within minutes, which made back-to-back runs of each incomparable. Peak
+memory is two copies of the tables (``none`` and one cached collection at a time).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import gc
 import os
 import platform
+import statistics
 import time
 
 import torch
@@ -25,23 +31,29 @@ from dlrm_cache.cache.optim import SparseOptimizer
 from dlrm_cache.config import CacheConfig
 
 
-def time_steps(ebc, kjts, warm: int, lookahead: int) -> float:
-    """Seconds per step over kjts[warm:], after `warm` untimed steps."""
-    weights = None
-    for k in kjts[:lookahead]:
-        ebc.enqueue(k)
-    t0 = 0.0
-    for i, kjt in enumerate(kjts):
-        if i == warm:
-            t0 = time.perf_counter()
-        if i + lookahead < len(kjts):
-            ebc.enqueue(kjts[i + lookahead])
-        out = ebc(kjt).values()
-        if weights is None:
-            weights = torch.randn(out.shape)
-        ebc.prefetch()
-        (out * weights).sum().backward()
-    return (time.perf_counter() - t0) / (len(kjts) - warm)
+class Driver:
+    """One collection driven through the trace as the trainer drives it, a block of steps at a time."""
+
+    def __init__(self, ebc: CachedEmbeddingBagCollection, kjts: list, lookahead: int):
+        self.ebc, self.kjts, self.lookahead = ebc, kjts, lookahead
+        self.i = 0
+        self.weights: torch.Tensor | None = None
+        for k in kjts[:lookahead]:
+            ebc.enqueue(k)
+
+    def run(self, steps: int) -> float:
+        """Seconds taken by the next ``steps`` steps."""
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            if self.i + self.lookahead < len(self.kjts):
+                self.ebc.enqueue(self.kjts[self.i + self.lookahead])
+            out = self.ebc(self.kjts[self.i]).values()
+            if self.weights is None:
+                self.weights = torch.randn(out.shape)
+            self.ebc.prefetch()
+            (out * self.weights).sum().backward()
+            self.i += 1
+        return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -49,40 +61,45 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--batch", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=200, help="timed steps per cached collection")
+    ap.add_argument("--block", type=int, default=20, help="steps per block of the alternation")
     ap.add_argument("--warm", type=int, default=20)
     ap.add_argument("--lookahead", type=int, default=256)
     ap.add_argument("--ratios", default="0.015,0.03")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    blocks = -(-args.steps // args.block)
     tables = kaggle_tables(args.dim, args.scale)
-    kjts = [
-        to_kjt(ids, tables) for ids in zipf_trace(tables, args.warm + args.steps, args.batch, 1.05, seed=1)
-    ]
+    # none runs its warm-up once, then as many timed steps as all the cached runs together
+    n_none = args.warm + blocks * args.block * len(ratios)
+    trace = zipf_trace(tables, n_none + args.lookahead, args.batch, 1.05, seed=1)
+    kjts = [to_kjt(ids, tables) for ids in trace]
     opt = SparseOptimizer("adagrad", lr=0.01)
     rows = sum(t.num_embeddings for t in tables)
     print(f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; {rows:,} rows", end=", ")
-    print(f"dim {args.dim}, batch {args.batch}, {args.steps} timed steps")
-    ebc = CachedEmbeddingBagCollection(tables, CacheConfig(policy="none"), opt)
-    base = time_steps(ebc, kjts, args.warm, args.lookahead)
-    print(f"policy=none          {base * 1e3:8.2f} ms/step")
-    del ebc
-    gc.collect()
-    for ratio in [float(r) for r in args.ratios.split(",")]:
-        ebc = CachedEmbeddingBagCollection(
-            tables, CacheConfig(policy="lookahead", ratio=ratio, lookahead=args.lookahead), opt
-        )
-        before = ebc.stats()
-        step = time_steps(ebc, kjts, args.warm, args.lookahead)
-        s = ebc.stats()
-        steps = args.warm + args.steps
-        loaded = (s["rows_loaded"] - before["rows_loaded"]) / steps
-        book = s["bookkeeping_s"] / steps
-        print(f"lookahead ratio={ratio:<6} {step * 1e3:8.2f} ms/step = {step / base:.3f}x none", end="; ")
+    print(f"dim {args.dim}, batch {args.batch}, {blocks} blocks of {args.block} steps per collection")
+    none = Driver(CachedEmbeddingBagCollection(tables, CacheConfig(policy="none"), opt), kjts, args.lookahead)
+    none.run(args.warm)
+    for ratio in ratios:
+        cfg = CacheConfig(policy="lookahead", ratio=ratio, lookahead=args.lookahead)
+        cached = Driver(CachedEmbeddingBagCollection(tables, cfg, opt), kjts, args.lookahead)
+        cached.run(args.warm)
+        before = cached.ebc.stats()
+        pairs = [(none.run(args.block), cached.run(args.block)) for _ in range(blocks)]
+        s = cached.ebc.stats()
+        base, step = (sum(p[k] for p in pairs) / (blocks * args.block) for k in (0, 1))
+        per_block = statistics.median(c / n for n, c in pairs)
+        timed = blocks * args.block
+        loaded = (s["rows_loaded"] - before["rows_loaded"]) / timed
+        book = (s["bookkeeping_s"] - before["bookkeeping_s"]) / timed
+        print(f"lookahead ratio={ratio:<6} {step * 1e3:6.2f} ms/step vs none {base * 1e3:6.2f} ms/step", end="")
+        print(f" = {step / base:.3f}x (median over blocks {per_block:.3f}x)", end="; ")
         print(f"bookkeeping {book * 1e3:.2f} ms/step, {loaded:,.0f} rows loaded/step", end=", ")
         print(f"{book / max(loaded, 1) * 1e6:.2f} us/loaded row")
-        del ebc
+        cached.ebc.close()
+        del cached
         gc.collect()
 
 

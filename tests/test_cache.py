@@ -427,13 +427,16 @@ def test_a_bad_id_in_an_enqueued_batch_fails_at_its_forward():
 
 @pytest.mark.parametrize("policy", ["freq", "lookahead"])
 @pytest.mark.parametrize("ratio", [0.002, 0.2], ids=["tiny-overflows", "normal"])
-def test_the_native_planner_makes_the_python_planners_plans(policy, ratio, monkeypatch):
+@pytest.mark.parametrize("parallel_rows", [0, 1 << 62], ids=["tables-at-once", "one-thread"])
+def test_the_native_planner_makes_the_python_planners_plans(policy, ratio, parallel_rows, monkeypatch):
     """Where eviction keys have no ties (ids ranked by frequency, so the key's coldness is the row),
-    planner.cpp must pick exactly the slots, victims and host-served rows the Python planner picks.
-    Small candidate pools make both refill and rebuild their pools often."""
+    planner.cpp must pick exactly the slots, victims and host-served rows the Python planner picks,
+    whether it plans the tables one after the other or at once on several threads. Small candidate
+    pools make both refill and rebuild their pools often."""
     monkeypatch.setattr(group_module, "_POOL_MIN", 3)
     monkeypatch.setattr(group_module, "_POOL_FACTOR", 2)
     monkeypatch.setattr(group_module, "_POOL_REBUILD", 2)
+    monkeypatch.setattr(group_module, "_PARALLEL_ROWS", parallel_rows)
     plans = {"native": [], "python": []}
     plan = group_module.TableGroup.plan
 
@@ -454,6 +457,8 @@ def test_the_native_planner_makes_the_python_planners_plans(policy, ratio, monke
         train(ebc, batches, lookahead=4)
         g = ebc.groups[0]
         states[planner] = [g.row_to_slot, g.slot_to_row, g.dirty, g.filled, g.pin_until]
+        if policy == "lookahead":
+            states[planner] += [g.next_use, g.future.last_pos, g.future.arena]
         stats[planner] = {k: v for k, v in ebc.stats().items() if k != "bookkeeping_s"}
     assert len(plans["native"]) == len(plans["python"]) == len(batches)
     for step, (n, p) in enumerate(zip(plans["native"], plans["python"], strict=True)):

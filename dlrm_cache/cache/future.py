@@ -39,14 +39,20 @@ class FutureIndex:
 
     def add(self, uniq: torch.Tensor) -> tuple[int, int]:
         """Register a future batch's unique rows; returns its (sequence number, arena base)."""
-        seq, base, n = self.seq, self.head, len(uniq)
-        self._reserve(n)
+        seq, base = self.open(len(uniq))
         prev = self.last_pos[uniq]
         live = prev >= self.tail
         self.arena[self._phys(prev[live])] = seq
-        positions = torch.arange(base, base + n, dtype=torch.int64)
+        positions = torch.arange(base, base + len(uniq), dtype=torch.int64)
         self.arena[self._phys(positions)] = NO_NEXT_USE
         self.last_pos[uniq] = positions
+        return seq, base
+
+    def open(self, n: int) -> tuple[int, int]:
+        """The (sequence number, arena base) of a new batch of ``n`` unique rows, its ``n`` arena
+        positions reserved; the caller links them (``add``, or planner.cpp's ``future_add``)."""
+        seq, base = self.seq, self.head
+        self._reserve(n)
         self.head += n
         self.seq += 1
         return seq, base

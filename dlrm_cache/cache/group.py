@@ -46,6 +46,7 @@ _INT64_MAX = torch.iinfo(torch.int64).max
 _POOL_MIN = 4096  # eviction candidates kept per table, at least
 _POOL_FACTOR = 16  # ... and at least this many times the evictions asked for
 _POOL_REBUILD = 4  # rebuild a pool that has grown to this many times its target size
+_PARALLEL_ROWS = 4096  # the C++ planner plans a step of this many unique rows or more on several threads
 
 
 @dataclass
@@ -188,9 +189,9 @@ class TableGroup:
             self.future = FutureIndex(total_rows)
         # LFU's counts cover every row and survive eviction and re-admission.
         self.access_count = torch.zeros(total_rows, dtype=torch.int64) if policy == "lfu" else None
-        pools = (_POOL_MIN, _POOL_FACTOR, _POOL_REBUILD)
+        tuning = (_POOL_MIN, _POOL_FACTOR, _POOL_REBUILD, _PARALLEL_ROWS)
         self._native = (
-            NativePlanner(self.slot_offsets, self.row_offsets, policy, pools) if planner == "native" else None
+            NativePlanner(self.slot_offsets, self.row_offsets, policy, tuning) if planner == "native" else None
         )
         self._reset_cache([])
 
@@ -269,6 +270,9 @@ class TableGroup:
     def register_future(self, batch: PreparedBatch) -> None:
         """A batch the trainer will train on later (lookahead): record its rows' uses."""
         if self.future is None:
+            return
+        if self._native is not None:
+            batch.seq, batch.arena_base = self._native.register_future(self, batch.uniq)
             return
         batch.seq, batch.arena_base = self.future.add(batch.uniq)
         s = self.row_to_slot[batch.uniq].to(torch.int64)

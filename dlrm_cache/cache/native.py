@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dlrm_cache.cache.policy import NO_NEXT_USE
 from dlrm_cache.native_build import choose, load
 
 if TYPE_CHECKING:
@@ -60,15 +61,18 @@ class _PlanArgs(ctypes.Structure):
 
 def _declare(lib: ctypes.CDLL) -> None:
     lib.planner_new.restype = ctypes.c_void_p
-    lib.planner_new.argtypes = [ctypes.c_int64, _I64, _I64, ctypes.c_int, *[ctypes.c_int64] * 3]
+    lib.planner_new.argtypes = [ctypes.c_int64, _I64, _I64, ctypes.c_int, *[ctypes.c_int64] * 4]
     lib.planner_free.argtypes = [ctypes.c_void_p]
     lib.planner_reset.argtypes = [ctypes.c_void_p]
     lib.planner_plan.argtypes = [ctypes.c_void_p, ctypes.POINTER(_PlanArgs)]
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.future_add.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr]
+    lib.future_add.restype = None
 
 
 def library() -> ctypes.CDLL:
     """The planner library, built if needed; raises ``NativeUnavailable`` saying why not."""
-    return load(SOURCE, _declare)
+    return load(SOURCE, _declare, openmp=True)
 
 
 def resolve(planner: str) -> str:
@@ -89,8 +93,10 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 class NativePlanner:
     """One table group's planner state (its candidate pools); the rest of its state is the group's."""
 
-    def __init__(self, slot_offsets: list[int], row_offsets: list[int], policy: str, pool: tuple[int, ...]):
-        self._args = (slot_offsets, row_offsets, policy, pool)
+    def __init__(self, slot_offsets: list[int], row_offsets: list[int], policy: str, tuning: tuple[int, ...]):
+        """``tuning``: the candidate pools' minimum size, factor and rebuild limit (group.py's
+        ``_POOL_*``), and the unique rows from which a step is planned on several threads."""
+        self._args = (slot_offsets, row_offsets, policy, tuning)
         self._lib = library()
         self.tables = len(slot_offsets) - 1
         slots = torch.tensor(slot_offsets, dtype=torch.int64)  # copied by planner_new
@@ -100,7 +106,7 @@ class NativePlanner:
             ctypes.cast(slots.data_ptr(), _I64),
             ctypes.cast(rows.data_ptr(), _I64),
             POLICIES[policy],
-            *pool,
+            *tuning,
         )
 
     def __reduce__(self):
@@ -111,6 +117,17 @@ class NativePlanner:
     def reset(self) -> None:
         """Forget the candidate pools (after the group's bookkeeping was reset)."""
         self._lib.planner_reset(self._handle)
+
+    def register_future(self, g: TableGroup, uniq: torch.Tensor) -> tuple[int, int]:
+        """``g.register_future`` in one pass: the batch's rows into ``g.future`` (its sequence number
+        and arena base are returned), and the next use of its cached rows lowered to it."""
+        f = g.future
+        seq, base = f.open(len(uniq))
+        self._lib.future_add(
+            self._handle, _ptr(uniq), len(uniq), seq, base, f.tail, _ptr(f.last_pos), _ptr(f.arena),
+            len(f.arena), NO_NEXT_USE, _ptr(g.row_to_slot), _ptr(g.next_use),
+        )  # fmt: skip
+        return seq, base
 
     def plan(
         self, g: TableGroup, batch: PreparedBatch, step: int, pin_floor: int, host_rows: torch.Tensor | None

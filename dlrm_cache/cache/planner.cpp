@@ -9,8 +9,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -66,17 +70,26 @@ struct PlanArgs {
 
 namespace {
 
+using Keyed = std::vector<std::pair<int64_t, int64_t>>;  // (eviction key, slot)
+
+struct Scratch {
+  std::vector<int64_t> order, held;  // a table's misses (in admission order), its rows read from the host
+  Keyed keyed;
+};
+
 struct Planner {
   int64_t tables;
   std::vector<int64_t> slot_offsets, row_offsets, capacity;
   int policy;
   int64_t pool_min, pool_factor, pool_rebuild;
+  int64_t parallel_rows;  // below this many unique rows a step is planned on one thread
   std::vector<std::vector<int64_t>> pool;
   std::vector<int64_t> floor;
   std::vector<uint8_t> in_pool;
-  // scratch, reused across steps
-  std::vector<int64_t> miss_pos, held_pos, miss_key, order, cand;
-  std::vector<std::pair<int64_t, int64_t>> keyed;
+  // reused across steps: per table, where its rows start in uniq and its lists' lengths; per row,
+  // the admission key of a miss; per thread, the scratch of the table it plans
+  std::vector<int64_t> starts, lengths, miss_key;
+  std::vector<Scratch> scratch;
 
   void reset() {
     for (auto& p : pool) p.clear();
@@ -99,14 +112,10 @@ struct Planner {
     }
   }
 
-  int64_t table_of_slot(int64_t s) const {
-    return std::upper_bound(slot_offsets.begin() + 1, slot_offsets.end(), s) - (slot_offsets.begin() + 1);
-  }
-
   int64_t pool_target(int64_t k) const { return std::max(pool_min, pool_factor * k); }
 
   // Table t's pool from a full scan of its `n` filled slots: the top max(pool_min, pool_factor * k).
-  void refresh_pool(const PlanArgs& a, int64_t t, int64_t k, int64_t n) {
+  void refresh_pool(const PlanArgs& a, int64_t t, int64_t k, int64_t n, Keyed& keyed) {
     for (int64_t s : pool[t]) in_pool[s] = 0;
     pool[t].clear();
     const int64_t lo = slot_offsets[t];
@@ -129,7 +138,7 @@ struct Planner {
   }
 
   // Up to `need` victims among table t's `n` filled slots into `keyed` (key, slot), most evictable first.
-  void candidates(const PlanArgs& a, int64_t t, int64_t need, int64_t n) {
+  void candidates(const PlanArgs& a, int64_t t, int64_t need, int64_t n, Keyed& keyed) {
     for (int attempt = 0; attempt < 2; ++attempt) {
       keyed.clear();
       for (int64_t s : pool[t]) {
@@ -140,7 +149,7 @@ struct Planner {
       const bool run_dry = int64_t(keyed.size()) < need && !complete;
       const bool too_big = int64_t(pool[t].size()) > pool_rebuild * pool_target(need);
       if (attempt || !(run_dry || too_big)) break;
-      refresh_pool(a, t, need, n);
+      refresh_pool(a, t, need, n, keyed);
     }
     const int64_t k = std::min<int64_t>(need, keyed.size());
     std::partial_sort(keyed.begin(), keyed.begin() + k, keyed.end(), [](const auto& x, const auto& y) {
@@ -149,120 +158,162 @@ struct Planner {
     keyed.resize(k);
   }
 
-  void track(const PlanArgs& a, int64_t s) {  // a slot whose key may have risen joins its pool
-    if (in_pool[s]) return;
-    const int64_t t = table_of_slot(s);
-    if (key(a, s) >= floor[t]) {
-      in_pool[s] = 1;
-      pool[t].push_back(s);
+  // Table t's share of the plan: its unique rows are uniq[lo, hi) (uniq is sorted, so each table's
+  // rows are a range), and its lists go to the same range [lo, hi) of the output arrays (a table
+  // loads, writes back and serves from the host at most as many rows as it has); `n` gets their
+  // lengths: overflow, write-back, load, victims. Tables share no slot, row or pool, so they are
+  // planned at once, each by one thread.
+  void plan_table(PlanArgs& a, int64_t t, int64_t lo, int64_t hi, Scratch& sc, int64_t* n) {
+    // The slot of every row first, in a pass without branches: the reads of the (large, O(rows))
+    // row -> slot map are then independent and overlap, instead of waiting behind mispredicted
+    // hit/miss branches.
+    for (int64_t u = lo; u < hi; ++u) a.slots[u] = a.row_to_slot[a.uniq[u]];
+    sc.order.clear();
+    int64_t* over = a.overflow + lo;  // positions served from the host, ascending (merged below)
+    int64_t n_held = 0;
+    for (int64_t u = lo; u < hi; ++u) {  // hits are pinned first, so no victim choice can take them
+      const int64_t s = a.slots[u];
+      if (s >= 0) {
+        a.pin_until[s] = a.step;
+      } else if (a.n_host && std::binary_search(a.host_rows, a.host_rows + a.n_host, a.uniq[u])) {
+        sc.held.push_back(u);  // updated on the host by the batch in flight: read it there
+        ++n_held;
+      } else {
+        sc.order.push_back(u);
+      }
     }
+    int64_t n_over = 0, n_wb = 0, n_load = 0, n_victims = 0;
+    int64_t *wb_rows = a.wb_rows + lo, *wb_slots = a.wb_slots + lo;
+    int64_t *load_rows = a.load_rows + lo, *load_slots = a.load_slots + lo;
+    const int64_t misses = sc.order.size();
+    a.loaded[t] = misses + n_held;
+    a.from_host[t] = n_held;
+    a.written[t] = a.short_of[t] = 0;
+    const bool lookahead = policy == kLookahead;
+    if (misses) {
+      // admission order: nearest next use, then hottest (lookahead); else row order
+      if (lookahead) {
+        for (int64_t u : sc.order)
+          miss_key[u] = (a.batch_next_use[u] << kColdnessBits) | clamp_cold(cold(a, a.uniq[u]));
+        std::stable_sort(sc.order.begin(), sc.order.end(),
+                         [&](int64_t x, int64_t y) { return miss_key[x] < miss_key[y]; });
+      }
+      const int64_t filled = a.filled[t];
+      const int64_t take = std::min(misses, capacity[t] - filled);
+      const int64_t need = misses - take;
+      const int64_t first_free = slot_offsets[t] + filled;
+      a.filled[t] += take;
+      for (int64_t r = 0; r < take; ++r) {
+        const int64_t u = sc.order[r], s = first_free + r;
+        a.slots[u] = s;
+        load_rows[n_load] = a.uniq[u];
+        load_slots[n_load++] = s;
+      }
+      if (need > 0) {
+        candidates(a, t, need, filled, sc.keyed);
+        const int64_t avail = sc.keyed.size();
+        if (avail < need) a.short_of[t] = need - avail;
+        for (int64_t r = 0; r < need; ++r) {
+          const int64_t u = sc.order[take + r];
+          if (r < avail && (!lookahead || sc.keyed[r].first > miss_key[u])) {
+            const int64_t s = sc.keyed[r].second, victim = a.slot_to_row[s];
+            if (a.dirty[s]) {
+              wb_rows[n_wb] = victim;
+              wb_slots[n_wb++] = s;
+            }
+            a.row_to_slot[victim] = -1;
+            a.slots[u] = s;
+            load_rows[n_load] = a.uniq[u];
+            load_slots[n_load++] = s;
+            ++n_victims;
+          } else {
+            a.slots[u] = -1;
+            over[n_over++] = u;
+            a.from_host[t] += 1;
+          }
+        }
+        a.written[t] = n_wb;
+      }
+    }
+    for (int64_t k = 0; k < n_load; ++k) {
+      const int64_t s = load_slots[k];
+      a.row_to_slot[load_rows[k]] = int32_t(s);
+      a.slot_to_row[s] = load_rows[k];
+      a.dirty[s] = 0;
+      a.pin_until[s] = a.step;
+    }
+    for (int64_t u : sc.held) over[n_over++] = u;
+    sc.held.clear();
+    std::sort(over, over + n_over);
+    // Policy state of the used slots, and the pools they may now join (a slot whose key may have
+    // risen joins its table's pool if it reaches the floor). The new key is worked out from the
+    // batch's own arrays (the slot now holds uniq[u], next used at batch_next_use[u]), not read back
+    // from the per-slot arrays at random.
+    for (int64_t u = lo; u < hi; ++u) {
+      const int64_t s = a.slots[u], row = a.uniq[u];
+      if (policy == kLfu) a.access_count[row] += a.occurrences[u];
+      if (s < 0) continue;
+      int64_t k;
+      switch (policy) {
+        case kLru:
+          a.last_used[s] = a.step;
+          k = -a.step;
+          break;
+        case kLfu:
+          k = kMaxColdness - clamp_cold(a.access_count[row]);
+          break;
+        case kFreq:
+          k = cold(a, row);
+          break;
+        default:
+          a.next_use[s] = a.batch_next_use[u];
+          k = (a.batch_next_use[u] << kColdnessBits) | clamp_cold(cold(a, row));
+      }
+      if (!in_pool[s] && k >= floor[t]) {
+        in_pool[s] = 1;
+        pool[t].push_back(s);
+      }
+    }
+    n[0] = n_over;
+    n[1] = n_wb;
+    n[2] = n_load;
+    n[3] = n_victims;
   }
 
   void plan(PlanArgs& a) {
     const int64_t U = a.n_uniq;
-    for (int64_t t = 0; t < tables; ++t) a.loaded[t] = a.from_host[t] = a.written[t] = a.short_of[t] = 0;
-    miss_pos.clear();
-    held_pos.clear();
-    for (int64_t u = 0; u < U; ++u) {  // hits are pinned first, so no victim choice can take them
-      const int64_t s = a.row_to_slot[a.uniq[u]];
-      a.slots[u] = s;
-      if (s >= 0) {
-        a.pin_until[s] = a.step;
-      } else if (a.n_host && std::binary_search(a.host_rows, a.host_rows + a.n_host, a.uniq[u])) {
-        held_pos.push_back(u);  // updated on the host by the batch in flight: read it there
-      } else {
-        miss_pos.push_back(u);
+    // where each table's rows start in uniq
+    for (int64_t t = 0; t <= tables; ++t)
+      starts[t] = std::lower_bound(a.uniq, a.uniq + U, row_offsets[t]) - a.uniq;
+    if (policy == kLookahead) miss_key.resize(U);
+    std::fill(lengths.begin(), lengths.end(), 0);
+#ifdef _OPENMP
+    scratch.resize(std::max<size_t>(scratch.size(), omp_get_max_threads()));
+#else
+    scratch.resize(1);
+#endif
+#pragma omp parallel for schedule(dynamic, 1) if (U >= parallel_rows)
+    for (int64_t t = 0; t < tables; ++t) {
+#ifdef _OPENMP
+      Scratch& sc = scratch[omp_get_thread_num()];
+#else
+      Scratch& sc = scratch[0];
+#endif
+      plan_table(a, t, starts[t], starts[t + 1], sc, &lengths[4 * t]);
+    }
+    // each table's lists, in table order, to the front of the output arrays
+    for (auto& c : a.counts) c = 0;
+    const std::pair<int64_t*, int64_t*> lists[] = {
+        {a.overflow, nullptr}, {a.wb_rows, a.wb_slots}, {a.load_rows, a.load_slots}};
+    for (int64_t t = 0; t < tables; ++t) {
+      for (int l = 0; l < 3; ++l) {
+        const int64_t len = lengths[4 * t + l], to = a.counts[l];
+        for (int64_t* list : {lists[l].first, lists[l].second})
+          if (list && len) std::memmove(list + to, list + starts[t], len * sizeof(int64_t));
+        a.counts[l] += len;
       }
+      a.counts[3] += lengths[4 * t + 3];
     }
-    int64_t n_over = 0, n_wb = 0, n_load = 0, n_victims = 0;
-    std::vector<int64_t>& over = cand;  // positions served from the host (sorted below)
-    over.clear();
-    const bool lookahead = policy == kLookahead;
-    // misses come table by table (uniq is sorted)
-    size_t i = 0;
-    while (i < miss_pos.size()) {
-      const int64_t t = std::upper_bound(row_offsets.begin() + 1, row_offsets.end(), a.uniq[miss_pos[i]]) -
-                        (row_offsets.begin() + 1);
-      size_t j = i;
-      while (j < miss_pos.size() && a.uniq[miss_pos[j]] < row_offsets[t + 1]) ++j;
-      const int64_t n = j - i;
-      a.loaded[t] += n;
-      // admission order: nearest next use, then hottest (lookahead); else row order
-      order.assign(miss_pos.begin() + i, miss_pos.begin() + j);
-      if (lookahead) {
-        miss_key.resize(U);
-        for (int64_t u : order)
-          miss_key[u] = (a.batch_next_use[u] << kColdnessBits) | clamp_cold(cold(a, a.uniq[u]));
-        std::stable_sort(order.begin(), order.end(),
-                         [&](int64_t x, int64_t y) { return miss_key[x] < miss_key[y]; });
-      }
-      const int64_t filled = a.filled[t];
-      const int64_t take = std::min(n, capacity[t] - filled);
-      const int64_t need = n - take;
-      const int64_t first_free = slot_offsets[t] + filled;
-      a.filled[t] += take;
-      for (int64_t r = 0; r < take; ++r) {
-        const int64_t u = order[r], s = first_free + r;
-        a.slots[u] = s;
-        a.load_rows[n_load] = a.uniq[u];
-        a.load_slots[n_load++] = s;
-      }
-      if (need > 0) {
-        candidates(a, t, need, filled);
-        const int64_t avail = keyed.size();
-        if (avail < need) a.short_of[t] = need - avail;
-        for (int64_t r = 0; r < need; ++r) {
-          const int64_t u = order[take + r];
-          if (r < avail && (!lookahead || keyed[r].first > miss_key[u])) {
-            const int64_t s = keyed[r].second, victim = a.slot_to_row[s];
-            if (a.dirty[s]) {
-              a.wb_rows[n_wb] = victim;
-              a.wb_slots[n_wb++] = s;
-              a.written[t] += 1;
-            }
-            a.row_to_slot[victim] = -1;
-            a.slots[u] = s;
-            a.load_rows[n_load] = a.uniq[u];
-            a.load_slots[n_load++] = s;
-            ++n_victims;
-          } else {
-            a.slots[u] = -1;
-            over.push_back(u);
-            a.from_host[t] += 1;
-          }
-        }
-      }
-      i = j;
-    }
-    for (int64_t k = 0; k < n_load; ++k) {
-      const int64_t s = a.load_slots[k];
-      a.row_to_slot[a.load_rows[k]] = int32_t(s);
-      a.slot_to_row[s] = a.load_rows[k];
-      a.dirty[s] = 0;
-      a.pin_until[s] = a.step;
-    }
-    for (int64_t u : held_pos) {
-      const int64_t t = std::upper_bound(row_offsets.begin() + 1, row_offsets.end(), a.uniq[u]) -
-                        (row_offsets.begin() + 1);
-      a.loaded[t] += 1;
-      a.from_host[t] += 1;
-      over.push_back(u);
-    }
-    std::sort(over.begin(), over.end());
-    for (int64_t u : over) a.overflow[n_over++] = u;
-    for (int64_t u = 0; u < U; ++u) {
-      const int64_t s = a.slots[u];
-      if (policy == kLfu) a.access_count[a.uniq[u]] += a.occurrences[u];
-      if (s < 0) continue;
-      if (lookahead) a.next_use[s] = a.batch_next_use[u];
-      if (policy == kLru) a.last_used[s] = a.step;
-    }
-    for (int64_t u = 0; u < U; ++u)
-      if (a.slots[u] >= 0) track(a, a.slots[u]);
-    a.counts[0] = n_over;
-    a.counts[1] = n_wb;
-    a.counts[2] = n_load;
-    a.counts[3] = n_victims;
   }
 };
 
@@ -271,7 +322,7 @@ struct Planner {
 extern "C" {
 
 void* planner_new(int64_t tables, const int64_t* slot_offsets, const int64_t* row_offsets, int policy,
-                  int64_t pool_min, int64_t pool_factor, int64_t pool_rebuild) {
+                  int64_t pool_min, int64_t pool_factor, int64_t pool_rebuild, int64_t parallel_rows) {
   auto* p = new Planner();
   p->tables = tables;
   p->slot_offsets.assign(slot_offsets, slot_offsets + tables + 1);
@@ -281,9 +332,12 @@ void* planner_new(int64_t tables, const int64_t* slot_offsets, const int64_t* ro
   p->pool_min = pool_min;
   p->pool_factor = pool_factor;
   p->pool_rebuild = pool_rebuild;
+  p->parallel_rows = parallel_rows;
   p->pool.resize(tables);
   p->floor.resize(tables);
   p->in_pool.resize(slot_offsets[tables]);
+  p->starts.resize(tables + 1);
+  p->lengths.resize(4 * tables);
   p->reset();
   return p;
 }
@@ -293,5 +347,24 @@ void planner_free(void* p) { delete static_cast<Planner*>(p); }
 void planner_reset(void* p) { static_cast<Planner*>(p)->reset(); }
 
 void planner_plan(void* p, PlanArgs* a) { static_cast<Planner*>(p)->plan(*a); }
+
+// A batch enqueued for the lookahead policy, in one pass over its n unique rows: FutureIndex.add
+// (future.py; the caller has reserved arena positions base .. base + n - 1, which alias no live
+// one) and TableGroup.register_future (a cached row's next use becomes seq if that is sooner).
+// Rows are distinct, so the rows are handled at once by several threads.
+void future_add(void* p, const int64_t* uniq, int64_t n, int64_t seq, int64_t base, int64_t tail,
+                int64_t* last_pos, int64_t* arena, int64_t arena_size, int64_t no_next_use,
+                const int32_t* row_to_slot, int64_t* next_use) {
+  const int64_t mask = arena_size - 1;  // a power of two
+#pragma omp parallel for if (n >= static_cast<Planner*>(p)->parallel_rows)
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t row = uniq[i], prev = last_pos[row];
+    if (prev >= tail) arena[prev & mask] = seq;  // the row's previous occurrence: next used here
+    arena[(base + i) & mask] = no_next_use;
+    last_pos[row] = base + i;
+    const int64_t s = row_to_slot[row];
+    if (s >= 0 && next_use[s] > seq) next_use[s] = seq;
+  }
+}
 
 }  // extern "C"
