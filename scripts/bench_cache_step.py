@@ -94,7 +94,7 @@ def main() -> None:
         timed = blocks * args.block
         loaded = (s["rows_loaded"] - before["rows_loaded"]) / timed
         book = (s["bookkeeping_s"] - before["bookkeeping_s"]) / timed
-        print(f"lookahead ratio={ratio:<6} {step * 1e3:6.2f} ms/step vs none {base * 1e3:6.2f} ms/step", end="")
+        print(f"lookahead ratio={ratio:<6} {step * 1e3:6.2f} ms/step, none {base * 1e3:6.2f} ms/step", end="")
         print(f" = {step / base:.3f}x (median over blocks {per_block:.3f}x)", end="; ")
         print(f"bookkeeping {book * 1e3:.2f} ms/step, {loaded:,.0f} rows loaded/step", end=", ")
         print(f"{book / max(loaded, 1) * 1e6:.2f} us/loaded row")

@@ -190,9 +190,9 @@ class TableGroup:
         # LFU's counts cover every row and survive eviction and re-admission.
         self.access_count = torch.zeros(total_rows, dtype=torch.int64) if policy == "lfu" else None
         tuning = (_POOL_MIN, _POOL_FACTOR, _POOL_REBUILD, _PARALLEL_ROWS)
-        self._native = (
-            NativePlanner(self.slot_offsets, self.row_offsets, policy, tuning) if planner == "native" else None
-        )
+        self._native = None
+        if planner == "native":
+            self._native = NativePlanner(self.slot_offsets, self.row_offsets, policy, tuning)
         self._reset_cache([])
 
     # ---------------------------------------------------------------- bookkeeping state
