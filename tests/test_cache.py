@@ -13,7 +13,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from dlrm_cache import native_build
 from dlrm_cache.cache import group as group_module
 from dlrm_cache.cache.collection import CachedEmbeddingBagCollection
+from dlrm_cache.cache.future import FutureIndex
 from dlrm_cache.cache.optim import SparseOptimizer
+from dlrm_cache.cache.policy import NO_NEXT_USE
 from dlrm_cache.config import CacheConfig, ConfigError
 
 ROWS = [40, 3000, 600]  # a small table (wholly on the device) and two cached ones
@@ -500,3 +502,28 @@ def test_a_deep_copy_trains_on_its_own():
     del a
     gc.collect()
     train(b, batches[:5])  # the copy's planner outlives the original's
+
+
+def test_future_index_gives_each_rows_next_use_while_its_arena_wraps_and_grows():
+    """The lookahead's next uses against a direct scan of the window, with an arena so small that
+    batches wrap around its end and it has to grow."""
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        torch.unique(torch.randint(0, 30, (int(n),), generator=gen)) for n in torch.randint(1, 12, (60,))
+    ]
+    window, future = 3, FutureIndex(30, initial=8)
+    for b in batches[:window]:
+        future.add(b)
+    wrapped = False
+    for i, b in enumerate(batches):
+        if i + window < len(batches):
+            future.add(batches[i + window])
+        base = future.tail
+        wrapped |= (base & (len(future.arena) - 1)) + len(b) > len(future.arena)
+        got = future.consume(base, len(b))
+        later = batches[i + 1 : i + 1 + window]
+        want = [
+            next((i + 1 + k for k, nb in enumerate(later) if int(r) in nb.tolist()), NO_NEXT_USE) for r in b
+        ]
+        assert got.tolist() == want, f"batch {i}"
+    assert wrapped and len(future.arena) > 8

@@ -62,6 +62,11 @@ class FutureIndex:
         batch leaves the arena. Batches must be consumed in the order they were added."""
         if base != self.tail:
             raise RuntimeError("batches must be consumed in the order they were enqueued")
-        nxt = self.arena[self._phys(torch.arange(base, base + n, dtype=torch.int64))]
+        size = len(self.arena)
+        start = base & (size - 1)  # the batch's entries: one run, or two where it wraps around
+        if start + n <= size:
+            nxt = self.arena[start : start + n].clone()
+        else:
+            nxt = torch.cat([self.arena[start:], self.arena[: start + n - size]])
         self.tail = base + n
         return nxt

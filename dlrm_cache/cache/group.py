@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -75,17 +75,21 @@ class StepPlan:
     overflow: torch.Tensor | None  # positions in `uniq` of the rows served from the host (sorted)
     rows: torch.Tensor | None = None  # (U, width) on the device, set by `gather`
     device_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    # With overflow, worked out with the plan (off the training thread): the cached rows' positions
-    # in `uniq` and their slots, and the global rows served from the host.
-    cached_pos: torch.Tensor | None = field(init=False, default=None)
-    cached_slots: torch.Tensor | None = field(init=False, default=None)
+    # With overflow, worked out with the plan (off the training thread): the global rows served from
+    # the host; for training (`scratch`: the cache's scratch row), the slot each unique row is written
+    # back to (the scratch row for those served from the host) and the cached rows' slots.
+    scratch: InitVar[int | None] = None
     host_rows: torch.Tensor | None = field(init=False, default=None)
+    write_slots: torch.Tensor | None = field(init=False, default=None)
+    cached_slots: torch.Tensor | None = field(init=False, default=None)
 
-    def __post_init__(self) -> None:
-        if self.overflow is not None:
-            self.cached_pos = torch.nonzero(self.slots >= 0).squeeze(1)
-            self.cached_slots = self.slots[self.cached_pos]
-            self.host_rows = self.batch.uniq[self.overflow]
+    def __post_init__(self, scratch: int | None) -> None:
+        if self.overflow is None:
+            return
+        self.host_rows = self.batch.uniq[self.overflow]
+        if scratch is not None:
+            self.write_slots = self.slots.index_fill(0, self.overflow, scratch)
+            self.cached_slots = self.slots[self.slots >= 0]
 
 
 @dataclass
@@ -174,7 +178,10 @@ class TableGroup:
             self.cache = host.data.to(device)
             return
         self.host = host
-        self.cache = torch.zeros(self.slot_offsets[-1], self.width, device=device)
+        # The cache's slots, and after them one scratch row: the updated rows of a step are written
+        # back in one indexed copy, those served from the host (overflow) into the scratch row.
+        self._cache_and_scratch = torch.zeros(self.slot_offsets[-1] + 1, self.width, device=device)
+        self.cache = self._cache_and_scratch[:-1]
         # Coldness of each row for warm-up, `freq` and `lookahead`: from train counts where given,
         # else the id itself (ids re-numbered by frequency: id 0 is the hottest).
         self._coldness_table = None
@@ -286,7 +293,7 @@ class TableGroup:
     def inflight_host_rows(self) -> torch.Tensor | None:
         """Rows the batch in flight reads from the host and will update there (sorted), if any."""
         p = self._inflight
-        return None if p is None or p.overflow is None else p.batch.uniq[p.overflow]
+        return None if p is None else p.host_rows
 
     def plan(
         self, batch: PreparedBatch, step: int, pin_floor: int, host_rows: torch.Tensor | None = None
@@ -324,7 +331,7 @@ class TableGroup:
         for t in torch.nonzero(r["short_of"]).squeeze(1).tolist():
             self._log_overflow(t, batch, int(r["short_of"][t]))
         overflow = r["overflow"] if len(r["overflow"]) else None
-        return StepPlan(batch, step, r["slots"], overflow)
+        return StepPlan(batch, step, r["slots"], overflow, scratch=self.slot_offsets[-1])
 
     def _plan_python(self, batch: PreparedBatch, step: int, pin_floor: int, host_rows) -> StepPlan:
         """The planner in tensor operations: the reference for (and the fallback of) ``planner.cpp``."""
@@ -371,7 +378,7 @@ class TableGroup:
         if self.access_count is not None:
             self.access_count[uniq] += batch.occurrences
         self._track_pool(slots[cached])
-        return StepPlan(batch, step, slots, overflow)
+        return StepPlan(batch, step, slots, overflow, scratch=self.slot_offsets[-1])
 
     def _slot_keys(self, slots: torch.Tensor) -> torch.Tensor:
         """Current eviction keys of filled slots (largest = evict first)."""
@@ -597,8 +604,7 @@ class TableGroup:
             if not self.resident:
                 self.dirty[plan.slots] = True
         else:
-            cached_rows = rows.index_select(0, self._dev(plan, "cached_pos", plan.cached_pos))
-            self.cache.index_copy_(0, self._dev(plan, "cached_slots", plan.cached_slots), cached_rows)
+            self._cache_and_scratch.index_copy_(0, self._dev(plan, "write_slots", plan.write_slots), rows)
             self.dirty[plan.cached_slots] = True
             host = rows.index_select(0, self._dev(plan, "overflow", plan.overflow)).to("cpu")
             self.host.data.index_copy_(0, plan.host_rows, host)
