@@ -532,14 +532,23 @@ class TableGroup:
 
     def _copy_out(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
         """Cache slots back into host rows (the data only)."""
-        if slots.numel():
+        if not slots.numel():
+            return
+        if self._native is not None and self.device.type == "cpu":
+            self._native.copy_rows(self.cache, slots, self.host.data, rows)
+        else:
             self.host.data.index_copy_(0, rows, self.cache.index_select(0, slots.to(self.device)).cpu())
 
     def _copy_in(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
         """Host rows into cache slots (the data only)."""
-        if rows.numel():
-            rows = self.host.data.index_select(0, rows).to(self.device)
-            self.cache.index_copy_(0, slots.to(self.device), rows)
+        if not rows.numel():
+            return
+        if self._native is not None and self.device.type == "cpu":
+            self._native.copy_rows(self.host.data, rows, self.cache, slots)
+        else:
+            self.cache.index_copy_(
+                0, slots.to(self.device), self.host.data.index_select(0, rows).to(self.device)
+            )
 
     def _load(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
         if rows.numel() == 0:

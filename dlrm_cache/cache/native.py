@@ -68,6 +68,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.future_add.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr]
     lib.future_add.restype = None
+    lib.copy_rows.argtypes = [ptr, ptr, ptr, ptr, i64, i64]
+    lib.copy_rows.restype = None
 
 
 def library() -> ctypes.CDLL:
@@ -117,6 +119,15 @@ class NativePlanner:
     def reset(self) -> None:
         """Forget the candidate pools (after the group's bookkeeping was reset)."""
         self._lib.planner_reset(self._handle)
+
+    def copy_rows(
+        self, src: torch.Tensor, src_rows: torch.Tensor, dst: torch.Tensor, dst_rows: torch.Tensor
+    ) -> None:
+        """``dst[dst_rows] = src[src_rows]`` for two contiguous float32 host tensors of equal width."""
+        if not (src.dtype == dst.dtype == torch.float32 and src.shape[1] == dst.shape[1]):
+            raise ValueError("copy_rows needs float32 tables of one width")
+        src_rows, dst_rows = src_rows.contiguous(), dst_rows.contiguous()
+        self._lib.copy_rows(_ptr(src), _ptr(src_rows), _ptr(dst), _ptr(dst_rows), len(src_rows), src.shape[1])
 
     def register_future(self, g: TableGroup, uniq: torch.Tensor) -> tuple[int, int]:
         """``g.register_future`` in one pass: the batch's rows into ``g.future`` (its sequence number

@@ -70,6 +70,8 @@ struct PlanArgs {
 
 namespace {
 
+constexpr int64_t kParallelCopyRows = 256;  // copy_rows: fewer rows are copied on one thread
+
 using Keyed = std::vector<std::pair<int64_t, int64_t>>;  // (eviction key, slot)
 
 struct Scratch {
@@ -347,6 +349,15 @@ void planner_free(void* p) { delete static_cast<Planner*>(p); }
 void planner_reset(void* p) { static_cast<Planner*>(p)->reset(); }
 
 void planner_plan(void* p, PlanArgs* a) { static_cast<Planner*>(p)->plan(*a); }
+
+// dst[dst_idx[i]] = src[src_idx[i]] for the n rows of `width` floats (between the cache and the host
+// tier when both are in host memory): one pass, no staging copy, rows spread over the threads.
+void copy_rows(const float* src, const int64_t* src_idx, float* dst, const int64_t* dst_idx, int64_t n,
+               int64_t width) {
+#pragma omp parallel for if (n >= kParallelCopyRows)
+  for (int64_t i = 0; i < n; ++i)
+    std::memcpy(dst + dst_idx[i] * width, src + src_idx[i] * width, width * sizeof(float));
+}
 
 // A batch enqueued for the lookahead policy, in one pass over its n unique rows: FutureIndex.add
 // (future.py; the caller has reserved arena positions base .. base + n - 1, which alias no live
