@@ -14,9 +14,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dlrm_cache.cache.optim import SPARSE_OPTIMIZERS
-
 T = TypeVar("T")
+SPARSE_OPTIMIZERS = ("sgd", "adagrad", "adam")  # dlrm_cache.cache.optim's fused optimizers
 
 
 class ConfigError(ValueError):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-SPARSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
+from dlrm_cache.config import SPARSE_OPTIMIZERS
 
 
 @dataclass(frozen=True)

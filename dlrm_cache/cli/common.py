@@ -1,4 +1,5 @@
-"""What every command shares: turning expected failures into one clear line and a non-zero exit."""
+"""What every command shares: turning expected failures into one clear line and a non-zero exit.
+Imports nothing heavy: ``dlrm-preprocess`` and ``dlrm-synth`` never load torch."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import sys
 from collections.abc import Callable
 
 from dlrm_cache.config import ConfigError
-from dlrm_cache.distributed.runtime import current_rank
+from dlrm_cache.distributed.rank import current_rank
 from dlrm_cache.native_build import NativeUnavailable
-from dlrm_cache.train.trainer import TrainingError
+from dlrm_cache.train.errors import TrainingError
 
 EXIT_BAD_INPUT = 2
 

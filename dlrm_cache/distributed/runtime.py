@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -15,24 +14,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm_cache.cache.collection import merge_stats
 from dlrm_cache.distributed.planner import CachePlan
+from dlrm_cache.distributed.rank import Rank
 from dlrm_cache.distributed.sharder import CachedEmbeddingBagCollectionSharder, CachedEmbeddingKernel
 
 SPARSE_ARCH = "sparse_arch"  # TorchRec's DLRM / DLRM_DCN: the child that holds the tables ...
 EBC_FQN = f"{SPARSE_ARCH}.embedding_bag_collection"  # ... in this module
 TIMEOUT = datetime.timedelta(minutes=10)  # a collective waiting longer than this fails instead of hanging
-
-
-@dataclass(frozen=True)
-class Rank:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-
-def current_rank() -> Rank:
-    """This process's place under ``torchrun`` (its environment variables), or a single process."""
-    env = os.environ
-    return Rank(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")))
 
 
 def init_process_group(device: torch.device, rank: Rank) -> None:

@@ -49,12 +49,9 @@ from dlrm_cache.distributed.runtime import (
     shard_model,
 )
 from dlrm_cache.distributed.sharder import CachedEmbeddingBagCollectionSharder
+from dlrm_cache.train.errors import TrainingError
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (NaN loss, a resume that does not match)."""
 
 
 def default_dataset(cfg: TrainRunConfig) -> Path:
