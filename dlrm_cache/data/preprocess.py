@@ -266,7 +266,7 @@ def _write_splits(
     with _progress("write", sum(s.stat().st_size for s in spills), progress) as bar:
         for spill_path in spills:
             on_progress = bar.at(spill_path)
-            with pa.memory_map(str(spill_path)) as source:
+            with pa.OSFile(str(spill_path)) as source:  # read, not mapped: a mapping would keep every page in RSS
                 for batch in pa.ipc.open_stream(source):
                     table = _renumbered(batch, vocabs, schema)
                     # A file's lines go train, val, test in order: each split's rows are one slice.
