@@ -104,8 +104,9 @@ def main() -> None:
         mb = src.stat().st_size / 1e6
         print(f"input: {args.rows:,} rows, {mb:.0f} MB (dlrm-synth, full Kaggle cardinalities)")
         # The VM's speed drifts: the three are timed in turn, --repeat times, and each keeps its median.
-        timed = (lambda: bare_read(src), lambda: pipeline(src, tmp / "out"), lambda: command(src, tmp / "cli"))
-        runs = [[run() for run in timed] for _ in range(args.repeat)]
+        runs = [
+            [bare_read(src), pipeline(src, tmp / "out"), command(src, tmp / "cli")] for _ in range(args.repeat)
+        ]
         floor, ours, cli = (statistics.median(r[k] for r in runs) for k in range(3))
         (tmp / "tr").mkdir()
         theirs = torchrec_tool(src, args.torchrec_rows, tmp / "tr")
