@@ -104,7 +104,9 @@ def main() -> None:
         mb = src.stat().st_size / 1e6
         print(f"input: {args.rows:,} rows, {mb:.0f} MB (dlrm-synth, full Kaggle cardinalities)")
         # The VM's speed drifts: the three are timed in turn, --repeat times, and each keeps its median.
-        runs = [[bare_read(src), pipeline(src, tmp / "o"), command(src, tmp / "c")] for _ in range(args.repeat)]
+        runs = []
+        for _ in range(args.repeat):
+            runs.append((bare_read(src), pipeline(src, tmp / "out"), command(src, tmp / "cli")))
         floor, ours, cli = (statistics.median(r[k] for r in runs) for k in range(3))
         (tmp / "tr").mkdir()
         theirs = torchrec_tool(src, args.torchrec_rows, tmp / "tr")
