@@ -147,6 +147,7 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
         ]
         counters, bad = _parse_all(jobs, opts.workers or os.cpu_count() or 1, opts.progress)
         vocabs = [Vocabulary.fit(*c.result(), opts.min_count) for c in counters]
+        del counters  # their counts live on in the vocabularies: not held twice through the write pass
         id_type = pa.int32() if max(len(v) for v in vocabs) < 2**31 else pa.int64()
         schema = pa.schema(
             [("label", pa.int8())] + [(c, pa.float32()) for c in INT_COLUMNS] + [(c, id_type) for c in CAT_COLUMNS]
