@@ -5,6 +5,7 @@
 // trailing '\r' is dropped. Built by dlrm_cache/native.py with the system C++ compiler.
 
 #include <cstdint>
+#include <cstring>
 
 extern "C" {
 
@@ -43,12 +44,15 @@ namespace {
 constexpr int kInts = 13;
 constexpr int kCats = 26;
 
-inline int hex_value(unsigned char c) {
-  if (c >= '0' && c <= '9') return c - '0';
-  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-  return -1;
-}
+// The value of each byte as a hex digit, -1 for the bytes that are not one.
+struct HexTable {
+  int8_t value[256];
+  constexpr HexTable() : value() {
+    for (int c = 0; c < 256; ++c)
+      value[c] = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+  }
+};
+constexpr HexTable kHex;
 
 inline bool parse_int(const char* p, int64_t n, int64_t* out) {
   if (n == 0) {
@@ -78,13 +82,14 @@ inline bool parse_hex(const char* p, int64_t n, int64_t* out) {
   }
   if (n != 8) return false;
   int64_t v = 0;
+  int bad = 0;
   for (int i = 0; i < 8; ++i) {
-    const int d = hex_value(static_cast<unsigned char>(p[i]));
-    if (d < 0) return false;
-    v = (v << 4) | d;
+    const int d = kHex.value[static_cast<unsigned char>(p[i])];
+    bad |= d;  // negative once any digit is not one
+    v = (v << 4) | (d & 15);
   }
   *out = v;
-  return true;
+  return bad >= 0;
 }
 
 }  // namespace
@@ -98,8 +103,8 @@ extern "C" void criteo_parse(ParseArgs* a) {
   a->bad[0] = a->bad[1] = 0;
   a->n_bad_first = 0;
   while (p < end) {
-    const char* eol = p;
-    while (eol < end && *eol != '\n') ++eol;
+    const char* eol = static_cast<const char*>(std::memchr(p, '\n', end - p));
+    if (eol == nullptr) eol = end;
     const char* next = eol < end ? eol + 1 : end;
     const char* stop = (eol > p && eol[-1] == '\r') ? eol - 1 : eol;
     if (stop == p) {  // an empty line
