@@ -64,7 +64,8 @@ def _timed(times: dict, phase: str, fn, force_wait: int = 0):
 
 
 def worker(args) -> None:
-    from dlrm_cache.distributed.runtime import EBC_FQN, current_rank, init_process_group
+    from dlrm_cache.distributed.rank import current_rank
+    from dlrm_cache.distributed.runtime import EBC_FQN, init_process_group
     from dlrm_cache.train.trainer import _dense_optimizer, build_model, build_sharded_model, plan_tables
 
     rank = current_rank()

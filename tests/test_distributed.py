@@ -246,7 +246,8 @@ def test_torchrecs_prefetch_hook_hands_the_kernel_the_next_batch():
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
     from dlrm_cache.cache import CachedEmbeddingBagCollection
-    from dlrm_cache.distributed.runtime import EBC_FQN, Rank, init_process_group, shard_model
+    from dlrm_cache.distributed.rank import Rank
+    from dlrm_cache.distributed.runtime import EBC_FQN, init_process_group, shard_model
     from dlrm_cache.distributed.sharder import CachedEmbeddingBagCollectionSharder
 
     rows, batch, opt = [300, 40, 2000], 32, SparseOptimizer("adagrad", lr=0.1)

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from dlrm_cache.cli.common import run_cli
 from dlrm_cache.config import TrainRunConfig, register_configs, to_config
-from dlrm_cache.distributed.runtime import current_rank
+from dlrm_cache.distributed.rank import current_rank
 from dlrm_cache.train.trainer import train
 
 register_configs()

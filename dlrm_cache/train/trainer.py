@@ -40,14 +40,8 @@ from dlrm_cache.data.loader import ParquetBatches, load_metadata
 from dlrm_cache.data.preprocess import synthetic_dataset
 from dlrm_cache.distributed import checkpoint as ckpt
 from dlrm_cache.distributed.planner import CachePlan, load_table_stats, plan_cache
-from dlrm_cache.distributed.runtime import (
-    SPARSE_ARCH,
-    Rank,
-    ShardedCache,
-    current_rank,
-    init_process_group,
-    shard_model,
-)
+from dlrm_cache.distributed.rank import Rank, current_rank
+from dlrm_cache.distributed.runtime import SPARSE_ARCH, ShardedCache, init_process_group, shard_model
 from dlrm_cache.distributed.sharder import CachedEmbeddingBagCollectionSharder
 from dlrm_cache.train.errors import TrainingError
 
