@@ -88,9 +88,10 @@ struct Planner {
   std::vector<std::vector<int64_t>> pool;
   std::vector<int64_t> floor;
   std::vector<uint8_t> in_pool;
-  // reused across steps: per table, where its rows start in uniq and its lists' lengths; per row,
-  // the admission key of a miss; per thread, the scratch of the table it plans
-  std::vector<int64_t> starts, lengths, miss_key;
+  // reused across steps: per table, where its rows start in uniq and its lists' lengths; the tables
+  // in planning order (most rows first); per row, the admission key of a miss; per thread, the
+  // scratch of the table it plans
+  std::vector<int64_t> starts, lengths, miss_key, by_size;
   std::vector<Scratch> scratch;
 
   void reset() {
@@ -153,11 +154,15 @@ struct Planner {
       if (attempt || !(run_dry || too_big)) break;
       refresh_pool(a, t, need, n, keyed);
     }
+    // the k most evictable, in order: a selection, then a sort of those k only (slots are distinct,
+    // so the order is total and the result that of a full sort)
     const int64_t k = std::min<int64_t>(need, keyed.size());
-    std::partial_sort(keyed.begin(), keyed.begin() + k, keyed.end(), [](const auto& x, const auto& y) {
+    const auto first = [](const auto& x, const auto& y) {
       return x.first > y.first || (x.first == y.first && x.second < y.second);
-    });
+    };
+    if (k < int64_t(keyed.size())) std::nth_element(keyed.begin(), keyed.begin() + k, keyed.end(), first);
     keyed.resize(k);
+    std::sort(keyed.begin(), keyed.end(), first);
   }
 
   // Table t's share of the plan: its unique rows are uniq[lo, hi) (uniq is sorted, so each table's
@@ -294,8 +299,14 @@ struct Planner {
 #else
     scratch.resize(1);
 #endif
+    // biggest tables first, so that no thread is left with a big one at the end
+    for (int64_t t = 0; t < tables; ++t) by_size[t] = t;
+    std::sort(by_size.begin(), by_size.end(), [&](int64_t x, int64_t y) {
+      return starts[x + 1] - starts[x] > starts[y + 1] - starts[y];
+    });
 #pragma omp parallel for schedule(dynamic, 1) if (U >= parallel_rows)
-    for (int64_t t = 0; t < tables; ++t) {
+    for (int64_t i = 0; i < tables; ++i) {
+      const int64_t t = by_size[i];
 #ifdef _OPENMP
       Scratch& sc = scratch[omp_get_thread_num()];
 #else
@@ -340,6 +351,7 @@ void* planner_new(int64_t tables, const int64_t* slot_offsets, const int64_t* ro
   p->in_pool.resize(slot_offsets[tables]);
   p->starts.resize(tables + 1);
   p->lengths.resize(4 * tables);
+  p->by_size.resize(tables);
   p->reset();
   return p;
 }
