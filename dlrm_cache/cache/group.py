@@ -77,11 +77,10 @@ class StepPlan:
     device_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     # With overflow, worked out with the plan (off the training thread): the global rows served from
     # the host; for training (`scratch`: the cache's scratch row), the slot each unique row is written
-    # back to (the scratch row for those served from the host) and the cached rows' slots.
+    # back to (the scratch row for those served from the host).
     scratch: InitVar[int | None] = None
     host_rows: torch.Tensor | None = field(init=False, default=None)
     write_slots: torch.Tensor | None = field(init=False, default=None)
-    cached_slots: torch.Tensor | None = field(init=False, default=None)
 
     def __post_init__(self, scratch: int | None) -> None:
         if self.overflow is None:
@@ -89,7 +88,6 @@ class StepPlan:
         self.host_rows = self.batch.uniq[self.overflow]
         if scratch is not None:
             self.write_slots = self.slots.index_fill(0, self.overflow, scratch)
-            self.cached_slots = self.slots[self.slots >= 0]
 
 
 @dataclass
@@ -210,7 +208,9 @@ class TableGroup:
         self.row_to_slot = torch.full((total_rows,), -1, dtype=torch.int32)
         self.slot_to_row = torch.full((capacity,), -1, dtype=torch.int64)
         self.filled = torch.zeros(len(self.configs), dtype=torch.int64)  # slots in use per table
-        self.dirty = torch.zeros(capacity, dtype=torch.bool)
+        # a dirty bit per slot, and one for the scratch row (set with it, never read)
+        self._dirty_and_scratch = torch.zeros(capacity + 1, dtype=torch.bool)
+        self.dirty = self._dirty_and_scratch[:-1]
         self.pin_until = torch.full((capacity,), _PINNED_NEVER, dtype=torch.int64)
         # Eviction candidates per table (see _best_candidates); an empty pool with the top floor knows
         # nothing.
@@ -614,7 +614,7 @@ class TableGroup:
                 self.dirty[plan.slots] = True
         else:
             self._cache_and_scratch.index_copy_(0, self._dev(plan, "write_slots", plan.write_slots), rows)
-            self.dirty[plan.cached_slots] = True
+            self._dirty_and_scratch[plan.write_slots] = True
             host = rows.index_select(0, self._dev(plan, "overflow", plan.overflow)).to("cpu")
             self.host.data.index_copy_(0, plan.host_rows, host)
             self.stats.written += self.count_per_table(plan.host_rows)
