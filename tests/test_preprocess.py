@@ -21,7 +21,7 @@ from dlrm_cache.data import preprocess as preprocess_module
 from dlrm_cache.data.criteo_tsv import BadLines, CriteoFormatError, read_chunks
 from dlrm_cache.data.preprocess import preprocess
 from dlrm_cache.data.synthetic import generate
-from dlrm_cache.data.vocab import Vocabulary
+from dlrm_cache.data.vocab import ValueCounter, Vocabulary
 
 EXCERPT = Path(__file__).resolve().parents[2] / "shared" / "data" / "criteo_excerpt_100.tsv"
 PARSERS = ["native", "arrow"]  # criteo_parse.cpp and its pyarrow fallback
@@ -379,3 +379,26 @@ def test_a_line_without_end_is_refused_in_bounded_memory(tmp_path):
     endless.write_bytes(src.read_bytes() + b"1\t" + b"x" * (5 << 20))
     with pytest.raises(CriteoFormatError, match=r"endless.txt:51: no end of line in [\d,]+ bytes"):
         run([endless], tmp_path / "out", chunk_mb=1, parser="native")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        [],
+        [-1, -1],
+        [0, 2**32 - 1, 2**32 - 1, -1, 7, 0],  # the largest hash next to the empty value
+        list(np.random.default_rng(0).integers(-1, 2**32, 5000)),
+        list(np.random.default_rng(1).integers(-1, 40, 5000)),
+        [2**40, -1, 3],  # not hashes: counted all the same
+    ],
+    ids=["none", "all-empty", "edges", "hashes", "few-values", "wider"],
+)
+def test_value_counter_counts_like_numpy(raw):
+    """The counts of a chunk (32-bit sort, the empty value counted apart) equal np.unique's."""
+    raw = np.array(raw, dtype=np.int64)
+    counter = ValueCounter()
+    counter.add(raw[: len(raw) // 2])
+    counter.add(raw[len(raw) // 2 :])
+    values, counts = counter.result()
+    want_values, want_counts = np.unique(raw, return_counts=True)
+    assert values.tolist() == want_values.tolist() and counts.tolist() == want_counts.tolist()

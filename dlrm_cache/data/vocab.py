@@ -28,8 +28,8 @@ class ValueCounter:
         self._run_size = 0
 
     def add(self, raw: np.ndarray) -> None:
-        v, c = np.unique(raw, return_counts=True)
-        self._runs.append((v, c.astype(np.int64)))
+        v, c = _unique_counts(raw)
+        self._runs.append((v, c))
         self._run_size += len(v)
         if self._run_size > max(1 << 20, len(self.values)):
             self._compact()
@@ -51,6 +51,23 @@ class ValueCounter:
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         self._compact()
         return self.values, self.counts
+
+
+def _unique_counts(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(raw, return_counts=True)``, faster for raw hashes (0 .. 2^32 - 1, and -1 for the
+    empty value): the empty value is counted apart and the rest sorted as 32-bit values (~1.3x)."""
+    present = raw >= 0
+    n_empty = len(raw) - int(np.count_nonzero(present))
+    values = raw[present] if n_empty else raw
+    if len(values) == 0 or values.max() >= 1 << 32 or (n_empty and raw.min() < -1):
+        v, c = np.unique(raw, return_counts=True)
+        return v, c.astype(np.int64)
+    values = np.sort(values.astype(np.uint32))
+    starts = np.flatnonzero(np.concatenate(([True], values[1:] != values[:-1], [True])))
+    v, c = values[starts[:-1]].astype(np.int64), np.diff(starts)
+    if n_empty:
+        v, c = np.concatenate(([-1], v)), np.concatenate(([n_empty], c))
+    return v, c.astype(np.int64)
 
 
 @dataclass
