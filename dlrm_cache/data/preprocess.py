@@ -96,7 +96,9 @@ def split_bounds(cfg: PreprocessRunConfig, files: list[Path]) -> list[tuple[int,
     """Per file, the last line (1-based, inclusive) of train and of val; test is the rest."""
     if cfg.dataset.split == "last_file":
         if len(files) < 2:
-            raise ValueError("dataset.split=last_file needs at least two inputs (train days, then the last day)")
+            raise ValueError(
+                "dataset.split=last_file needs at least two inputs (train days, then the last day)"
+            )
         last = count_lines(files[-1])
         big = np.iinfo(np.int64).max
         return [(big, big)] * (len(files) - 1) + [(0, last // 2)]
@@ -114,8 +116,12 @@ def split_bounds(cfg: PreprocessRunConfig, files: list[Path]) -> list[tuple[int,
 def _fingerprint(cfg: PreprocessRunConfig, files: list[Path]) -> dict:
     return {
         "dataset": asdict(cfg.dataset),
-        "inputs": [{"path": str(f.resolve()), "size": f.stat().st_size, "mtime": f.stat().st_mtime} for f in files],
-        "preprocess": {k: v for k, v in asdict(cfg.preprocess).items() if k not in ("progress", "workers", "parser")},
+        "inputs": [
+            {"path": str(f.resolve()), "size": f.stat().st_size, "mtime": f.stat().st_mtime} for f in files
+        ],
+        "preprocess": {
+            k: v for k, v in asdict(cfg.preprocess).items() if k not in ("progress", "workers", "parser")
+        },
     }
 
 
@@ -150,9 +156,19 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
         del counters  # their counts live on in the vocabularies: not held twice through the write pass
         id_type = pa.int32() if max(len(v) for v in vocabs) < 2**31 else pa.int64()
         schema = pa.schema(
-            [("label", pa.int8())] + [(c, pa.float32()) for c in INT_COLUMNS] + [(c, id_type) for c in CAT_COLUMNS]
+            [("label", pa.int8())]
+            + [(c, pa.float32()) for c in INT_COLUMNS]
+            + [(c, id_type) for c in CAT_COLUMNS]
         )
-        writers = {s: _SplitWriter(tmp / s, schema, opts.row_group_rows, opts.max_file_rows) for s in SPLITS}
+        # Dictionary pages for the columns with few values (dense values, small vocabularies); ids of
+        # a vocabulary of 2^16 or more are written plain: smaller files, and less work, than a
+        # dictionary of up to a row group's worth of values.
+        dictionary = [c for c in schema.names if c not in CAT_COLUMNS]
+        dictionary += [c for c, v in zip(CAT_COLUMNS, vocabs, strict=True) if len(v) < 1 << 16]
+        writers = {
+            s: _SplitWriter(tmp / s, schema, opts.row_group_rows, opts.max_file_rows, dictionary)
+            for s in SPLITS
+        }
         # The vocabularies, the skew report and its plot (a second of matplotlib, whatever the input)
         # are written meanwhile, on a thread of their own; leaving the block waits for it, also on a
         # failure, before the temporary folder it writes into is removed.
@@ -200,14 +216,20 @@ def synthetic_dataset(
     tsv = folder / "train.txt"
     if not tsv.exists():
         generate(
-            SynthConfig(rows=rows, out=str(tsv), seed=seed, cardinality_scale=cardinality_scale, progress=progress)
+            SynthConfig(
+                rows=rows, out=str(tsv), seed=seed, cardinality_scale=cardinality_scale, progress=progress
+            )
         )
     options = PreprocessOptions(progress=progress, row_group_rows=row_group_rows)
-    return preprocess(PreprocessRunConfig(input=[str(tsv)], output_dir=str(folder / "parquet"), preprocess=options))
+    return preprocess(
+        PreprocessRunConfig(input=[str(tsv)], output_dir=str(folder / "parquet"), preprocess=options)
+    )
 
 
 def _same_run(meta: dict, fingerprint: dict) -> bool:
-    return meta.get("schema_version") == SCHEMA_VERSION and all(meta.get(k) == v for k, v in fingerprint.items())
+    return meta.get("schema_version") == SCHEMA_VERSION and all(
+        meta.get(k) == v for k, v in fingerprint.items()
+    )
 
 
 def _replace(tmp: Path, out: Path) -> None:
@@ -259,7 +281,11 @@ class _ParseJob:
 
 
 def _write_splits(
-    spills: list[Path], writers: dict[str, _SplitWriter], vocabs: list[Vocabulary], schema: pa.Schema, progress: bool
+    spills: list[Path],
+    writers: dict[str, _SplitWriter],
+    vocabs: list[Vocabulary],
+    schema: pa.Schema,
+    progress: bool,
 ) -> dict[str, int]:
     """The parsed rows of each spill, re-numbered, into their split's writer (closed at the end); each
     spill is deleted once written. Returns the rows per split."""
@@ -267,7 +293,9 @@ def _write_splits(
     with _progress("write", sum(s.stat().st_size for s in spills), progress) as bar:
         for spill_path in spills:
             on_progress = bar.at(spill_path)
-            with pa.OSFile(str(spill_path)) as source:  # read, not mapped: a mapping would keep every page in RSS
+            with pa.OSFile(
+                str(spill_path)
+            ) as source:  # read, not mapped: a mapping would keep every page in RSS
                 for batch in pa.ipc.open_stream(source):
                     table = _renumbered(batch, vocabs, schema)
                     # A file's lines go train, val, test in order: each split's rows are one slice.
@@ -339,15 +367,20 @@ def _parsed_table(chunk, split: np.ndarray) -> pa.Table:
 def _renumbered(batch: pa.RecordBatch, vocabs: list[Vocabulary], schema: pa.Schema) -> pa.Table:
     id_type = schema.field(CAT_COLUMNS[0]).type
     cols = [batch.column("label")] + [batch.column(c) for c in INT_COLUMNS]
-    cols += [pa.array(v.transform(batch.column(c).to_numpy()), type=id_type) for c, v in zip(CAT_COLUMNS, vocabs, strict=True)]
+    cols += [
+        pa.array(v.transform(batch.column(c).to_numpy()), type=id_type)
+        for c, v in zip(CAT_COLUMNS, vocabs, strict=True)
+    ]
     return pa.Table.from_arrays(cols, schema=schema)
 
 
 class _SplitWriter:
     """``part-00000.parquet``, ``part-00001.parquet``, ... of at most ``max_rows`` rows each."""
 
-    def __init__(self, folder: Path, schema: pa.Schema, row_group_rows: int, max_rows: int):
-        self.folder, self.schema = folder, schema
+    def __init__(
+        self, folder: Path, schema: pa.Schema, row_group_rows: int, max_rows: int, dictionary: list[str]
+    ):
+        self.folder, self.schema, self.dictionary = folder, schema, dictionary
         self.row_group_rows, self.max_rows = row_group_rows, max_rows
         self.writer: pq.ParquetWriter | None = None
         self.parts = self.in_part = 0
@@ -365,7 +398,8 @@ class _SplitWriter:
     def _next_part(self) -> None:
         if self.writer is not None:
             self.writer.close()
-        self.writer = pq.ParquetWriter(self.folder / f"part-{self.parts:05d}.parquet", self.schema)
+        path = self.folder / f"part-{self.parts:05d}.parquet"
+        self.writer = pq.ParquetWriter(path, self.schema, use_dictionary=self.dictionary)
         self.parts += 1
         self.in_part = 0
 
@@ -448,7 +482,9 @@ class _progress:
     """A tqdm bar in input bytes (MB/s) over several files."""
 
     def __init__(self, desc: str, total: int, enabled: bool):
-        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"dlrm-preprocess {desc}", disable=not enabled)
+        self.bar = tqdm(
+            total=total, unit="B", unit_scale=True, desc=f"dlrm-preprocess {desc}", disable=not enabled
+        )
         self.done_files = 0
 
     def __enter__(self):
