@@ -489,6 +489,21 @@ def test_planner_without_a_compiler(monkeypatch, caplog, request):
     assert "planning in Python" in caplog.text
 
 
+def test_the_planner_builds_serial_where_the_compiler_has_no_openmp(monkeypatch, tmp_path, request):
+    """planner.cpp without OpenMP (a compiler that refuses the flag) builds serial and trains the same."""
+    opt = SparseOptimizer("adagrad", lr=0.05)
+    batches = make_batches(20)
+    cfg = cache_cfg("lookahead", 0.2, planner="native")
+    threaded = train(CachedEmbeddingBagCollection(make_tables(), cfg, opt), batches)
+    monkeypatch.setattr(native_build, "OPENMP", ["-fno-such-openmp-flag"])
+    monkeypatch.setenv("DLRM_CACHE_BUILD_DIR", str(tmp_path))
+    native_build.forget()
+    request.addfinalizer(native_build.forget)
+    serial = train(CachedEmbeddingBagCollection(make_tables(), cfg, opt), batches)
+    assert [p.name.split("-")[0] for p in tmp_path.glob("*.so")] == ["planner"]  # the serial build only
+    torch.testing.assert_close(torch.stack(serial), torch.stack(threaded))
+
+
 def test_a_deep_copy_trains_on_its_own():
     """copy.deepcopy gives the copy its own C++ planner (no shared handle, freed twice): the copy and
     the original then train alike."""
