@@ -464,12 +464,13 @@ def _write_skew(folder: Path, skew: dict, curves: dict[str, np.ndarray]) -> None
     fig = Figure(figsize=(8, 5))
     FigureCanvasAgg(fig)
     ax = fig.add_axes((0.09, 0.11, 0.88, 0.85))
-    for name, cov in curves.items():
+    for i, (name, cov) in enumerate(curves.items()):
         if len(cov) < 2 or cov[-1] == 0:
             continue
         at = np.unique(np.geomspace(1, len(cov), num=400).astype(np.int64))  # a few hundred points
-        style = {"color": "k", "lw": 2} if name == "all" else {"lw": 0.8, "alpha": 0.6}
-        ax.plot(at / len(cov), cov[at - 1], label=name, **style)
+        # 26 features, 10 colours: the line style tells apart features of one colour in the legend
+        style = {"color": "k", "lw": 2, "alpha": 1} if name == "all" else {"color": f"C{i % 10}", "ls": ("-", "--", ":")[i // 10]}
+        ax.plot(at / len(cov), cov[at - 1], label=name, **({"lw": 0.8, "alpha": 0.7} | style))
     ax.set_xscale("log")
     ax.set_xlabel("hottest share of rows (cache.ratio)")
     ax.set_ylabel("share of train lookups covered")
