@@ -17,6 +17,7 @@ import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,6 @@ import pyarrow.csv as pacsv
 
 from dlrm_cache.criteo import CAT_COLUMNS, INT_COLUMNS, LABELED_COLUMNS, UNLABELED_COLUMNS
 from dlrm_cache.native_build import choose, load
-
 
 MISSING = -1  # the raw value of an empty categorical field (hashes are 0 .. 2^32 - 1)
 _HEX_VALUE = np.full(256, 255, dtype=np.uint8)
@@ -159,8 +159,6 @@ class _ParseArgs(ctypes.Structure):
     ]
 
 
-
-
 def _parser() -> ctypes.CDLL:
     def declare(lib: ctypes.CDLL) -> None:
         lib.criteo_parse.argtypes = [ctypes.POINTER(_ParseArgs)]
@@ -170,7 +168,13 @@ def _parser() -> ctypes.CDLL:
 
 
 def _read_chunks_native(
-    lib: ctypes.CDLL, path: Path, columns: list[str], chunk_bytes: int, on_bad_lines: str, bad: BadLines, on_progress
+    lib: ctypes.CDLL,
+    path: Path,
+    columns: list[str],
+    chunk_bytes: int,
+    on_bad_lines: str,
+    bad: BadLines,
+    on_progress,
 ) -> Iterator[Chunk]:
     """Blocks of ``chunk_bytes`` cut after their last newline (the rest starts the next block)."""
     raw, stream = open_input(path)
@@ -180,7 +184,9 @@ def _read_chunks_native(
             try:
                 block = stream.read(chunk_bytes)
             except (OSError, pa.ArrowInvalid) as e:
-                raise CriteoFormatError(f"{path}: unreadable after line {line - 1} (truncated or corrupt?): {e}") from None
+                raise CriteoFormatError(
+                    f"{path}: unreadable after line {line - 1} (truncated or corrupt?): {e}"
+                ) from None
             final = not block
             data = rest + block
             if not final:
@@ -228,7 +234,7 @@ def _parse_block(
     bounds.append(len(data))
     address = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
     jobs, first = [], line
-    for lo, hi in zip(bounds, bounds[1:]):
+    for lo, hi in pairwise(bounds):
         newlines = data.count(b"\n", lo, hi)  # every piece but the last ends with one
         jobs.append((address + lo, hi - lo, newlines + 1, first))
         first += newlines
@@ -252,7 +258,9 @@ def _parse_block(
             )
             bad.extend(dropped)
     arrays = [[x[: a.rows] for x in out] for a, out in pieces]
-    label, ints, cats, lines = (np.concatenate(parts) if len(parts) > 1 else parts[0] for parts in zip(*arrays))
+    label, ints, cats, lines = (
+        np.concatenate(parts) if len(parts) > 1 else parts[0] for parts in zip(*arrays, strict=True)
+    )
     labeled = len(columns) == len(LABELED_COLUMNS)
     return Chunk(label if labeled else None, ints, cats, lines), sum(a.lines_seen for a, _ in pieces)
 
@@ -304,11 +312,15 @@ def _read_chunks_arrow(
 
     try:
         reader = pacsv.open_csv(
-        stream,
-        read_options=pacsv.ReadOptions(column_names=columns, block_size=chunk_bytes, use_threads=threads),
-        parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False, invalid_row_handler=on_invalid),
-        convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}, strings_can_be_null=False),
-    )
+            stream,
+            read_options=pacsv.ReadOptions(column_names=columns, block_size=chunk_bytes, use_threads=threads),
+            parse_options=pacsv.ParseOptions(
+                delimiter="\t", quote_char=False, invalid_row_handler=on_invalid
+            ),
+            convert_options=pacsv.ConvertOptions(
+                column_types={c: pa.string() for c in columns}, strings_can_be_null=False
+            ),
+        )
     except (OSError, pa.ArrowInvalid) as e:
         raw.close()
         raise failure(e) from None

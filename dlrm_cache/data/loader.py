@@ -36,7 +36,9 @@ def load_metadata(root: Path) -> dict:
     meta = json.loads(meta_path.read_text())
     version = meta.get("schema_version")
     if version not in SCHEMA_VERSIONS:
-        raise ValueError(f"{meta_path}: schema_version {version!r} is not one this version reads {SCHEMA_VERSIONS}")
+        raise ValueError(
+            f"{meta_path}: schema_version {version!r} is not one this version reads {SCHEMA_VERSIONS}"
+        )
     return meta
 
 
@@ -114,7 +116,10 @@ class ParquetBatches:
             path, g = self.groups[gi]
             pf = files.setdefault(path, pq.ParquetFile(path))
             t = pf.read_row_group(g)
-            cols = [t.column("label").to_numpy(), *(t.column(c).to_numpy() for c in INT_COLUMNS + CAT_COLUMNS)]
+            cols = [
+                t.column("label").to_numpy(),
+                *(t.column(c).to_numpy() for c in INT_COLUMNS + CAT_COLUMNS),
+            ]
             label = cols[0].astype(np.float32)
             dense = np.stack(cols[1:14], axis=1).astype(np.float32)
             cats = np.stack(cols[14:], axis=1).astype(np.int64)
@@ -122,7 +127,9 @@ class ParquetBatches:
                 perm = rng.permutation(len(label))
                 label, dense, cats = label[perm], dense[perm], cats[perm]
             if carry is not None:
-                label, dense, cats = (np.concatenate([a, b]) for a, b in zip(carry, (label, dense, cats), strict=True))
+                label, dense, cats = (
+                    np.concatenate([a, b]) for a, b in zip(carry, (label, dense, cats), strict=True)
+                )
             full = len(label) // self.batch_size * self.batch_size
             for start in range(0, full, self.batch_size):
                 yield self._batch(label, dense, cats, start, start + self.batch_size)
@@ -147,7 +154,9 @@ class ParquetBatches:
             labels = np.concatenate([labels, np.full(pad, -1, dtype=label.dtype)])
         n = len(labels)
         ids = torch.from_numpy(np.ascontiguousarray(cats[rows].T).reshape(-1))
-        kjt = KeyedJaggedTensor(keys=CAT_COLUMNS, values=ids, lengths=torch.ones(n * len(CAT_COLUMNS), dtype=torch.int32))
+        kjt = KeyedJaggedTensor(
+            keys=CAT_COLUMNS, values=ids, lengths=torch.ones(n * len(CAT_COLUMNS), dtype=torch.int32)
+        )
         return Batch(
             dense_features=torch.from_numpy(dense[rows]),
             sparse_features=kjt,

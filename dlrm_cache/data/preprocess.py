@@ -469,7 +469,11 @@ def _write_skew(folder: Path, skew: dict, curves: dict[str, np.ndarray]) -> None
             continue
         at = np.unique(np.geomspace(1, len(cov), num=400).astype(np.int64))  # a few hundred points
         # 26 features, 10 colours: the line style tells apart features of one colour in the legend
-        style = {"color": "k", "lw": 2, "alpha": 1} if name == "all" else {"color": f"C{i % 10}", "ls": ("-", "--", ":")[i // 10]}
+        style = (
+            {"color": "k", "lw": 2, "alpha": 1}
+            if name == "all"
+            else {"color": f"C{i % 10}", "ls": ("-", "--", ":")[i // 10]}
+        )
         ax.plot(at / len(cov), cov[at - 1], label=name, **({"lw": 0.8, "alpha": 0.7} | style))
     ax.set_xscale("log")
     ax.set_xlabel("hottest share of rows (cache.ratio)")

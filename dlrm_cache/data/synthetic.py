@@ -30,7 +30,6 @@ import pyarrow.csv as pacsv
 from tqdm import tqdm
 
 from dlrm_cache.config import SynthConfig
-from dlrm_cache.data.zipf import ZipfSampler
 from dlrm_cache.criteo import (
     CAT_COLUMNS,
     CAT_FEATURE_COUNT,
@@ -38,6 +37,7 @@ from dlrm_cache.criteo import (
     INT_FEATURE_COUNT,
     KAGGLE_CARDINALITIES,
 )
+from dlrm_cache.data.zipf import ZipfSampler
 
 BLOCK_ROWS = 65_536  # rows generated per step: bounds memory, and each block has its own seed
 
@@ -122,7 +122,9 @@ class CriteoSynthesizer:
         cat_missing = rng.random((rows, CAT_FEATURE_COUNT)) < np.array(CAT_MISSING)
         med = np.array([m for m, _ in INT_SHAPE])
         spread = np.array([sd for _, sd in INT_SHAPE])
-        ints = np.floor(med * np.exp(spread * rng.standard_normal((rows, INT_FEATURE_COUNT)))).astype(np.int64)
+        ints = np.floor(med * np.exp(spread * rng.standard_normal((rows, INT_FEATURE_COUNT)))).astype(
+            np.int64
+        )
         negative = rng.random(rows) < I2_NEGATIVE
         ints[negative, 1] = -rng.integers(1, 4, size=int(negative.sum()))
         int_missing = rng.random((rows, INT_FEATURE_COUNT)) < np.array(INT_MISSING)
@@ -181,7 +183,9 @@ def generate(cfg: SynthConfig) -> list[Path]:
     synth = CriteoSynthesizer(cfg)
     write_opts = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
     block_index = 0
-    with tqdm(total=cfg.rows, unit="rows", unit_scale=True, disable=not cfg.progress, desc="dlrm-synth") as bar:
+    with tqdm(
+        total=cfg.rows, unit="rows", unit_scale=True, disable=not cfg.progress, desc="dlrm-synth"
+    ) as bar:
         for path, rows in files:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)

@@ -142,7 +142,9 @@ class _NativeMap:
     def lookup(self, raw: np.ndarray, missing: int) -> np.ndarray:
         raw = np.ascontiguousarray(raw, dtype=np.int64)
         out = np.empty(len(raw), dtype=np.int64)
-        self._lib.vocab_map_lookup(self._handle, raw.ctypes.data_as(_I64), len(raw), missing, out.ctypes.data_as(_I64))
+        self._lib.vocab_map_lookup(
+            self._handle, raw.ctypes.data_as(_I64), len(raw), missing, out.ctypes.data_as(_I64)
+        )
         return out
 
     def __del__(self) -> None:
