@@ -293,9 +293,8 @@ def _write_splits(
     with _progress("write", sum(s.stat().st_size for s in spills), progress) as bar:
         for spill_path in spills:
             on_progress = bar.at(spill_path)
-            with pa.OSFile(
-                str(spill_path)
-            ) as source:  # read, not mapped: a mapping would keep every page in RSS
+            # read, not memory-mapped: a mapping would keep every page of the spill resident
+            with pa.OSFile(str(spill_path)) as source:
                 for batch in pa.ipc.open_stream(source):
                     table = _renumbered(batch, vocabs, schema)
                     # A file's lines go train, val, test in order: each split's rows are one slice.
@@ -468,13 +467,11 @@ def _write_skew(folder: Path, skew: dict, curves: dict[str, np.ndarray]) -> None
         if len(cov) < 2 or cov[-1] == 0:
             continue
         at = np.unique(np.geomspace(1, len(cov), num=400).astype(np.int64))  # a few hundred points
-        # 26 features, 10 colours: the line style tells apart features of one colour in the legend
-        style = (
-            {"color": "k", "lw": 2, "alpha": 1}
-            if name == "all"
-            else {"color": f"C{i % 10}", "ls": ("-", "--", ":")[i // 10]}
-        )
-        ax.plot(at / len(cov), cov[at - 1], label=name, **({"lw": 0.8, "alpha": 0.7} | style))
+        if name == "all":
+            style = {"color": "k", "lw": 2}
+        else:  # 26 features, 10 colours: the line style tells apart features of one colour
+            style = {"color": f"C{i % 10}", "ls": ("-", "--", ":")[i // 10], "lw": 0.8, "alpha": 0.7}
+        ax.plot(at / len(cov), cov[at - 1], label=name, **style)
     ax.set_xscale("log")
     ax.set_xlabel("hottest share of rows (cache.ratio)")
     ax.set_ylabel("share of train lookups covered")
