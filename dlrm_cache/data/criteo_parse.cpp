@@ -33,7 +33,6 @@ struct ParseArgs {
   // first 10 of them
   int64_t bad[2];
   int64_t bad_first[10];
-  int32_t bad_first_reason[10];
   int32_t n_bad_first;
 };
 
@@ -153,10 +152,7 @@ extern "C" void criteo_parse(ParseArgs* a) {
     } else {
       const int reason = bad_field == -1 ? 0 : 1;
       ++a->bad[reason];
-      if (a->n_bad_first < 10) {
-        a->bad_first[a->n_bad_first] = line;
-        a->bad_first_reason[a->n_bad_first++] = reason;
-      }
+      if (a->n_bad_first < 10) a->bad_first[a->n_bad_first++] = line;
     }
     p = next;
     ++line;

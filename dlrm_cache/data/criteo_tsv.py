@@ -154,7 +154,6 @@ class _ParseArgs(ctypes.Structure):
         ("err_len", ctypes.c_int64),
         ("bad", ctypes.c_int64 * 2),
         ("bad_first", ctypes.c_int64 * 10),
-        ("bad_first_reason", ctypes.c_int32 * 10),
         ("n_bad_first", ctypes.c_int32),
     ]
 
