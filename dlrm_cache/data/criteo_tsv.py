@@ -55,6 +55,12 @@ def _bad_value(path: Path, line: int, name: str, value: str) -> CriteoFormatErro
     return CriteoFormatError(f"{path}:{line}: field {name} is {value!r}, expected {what}")
 
 
+def unreadable(path: Path, error: Exception, after_line: int | None = None) -> CriteoFormatError:
+    """A file that cannot be read on (a truncated gzip, an I/O error), and after which line."""
+    where = "" if after_line is None else f" after line {after_line}"
+    return CriteoFormatError(f"{path}: unreadable{where} (truncated or corrupt?): {error}")
+
+
 @dataclass
 class Chunk:
     """The valid rows of one block of lines."""
@@ -92,7 +98,7 @@ def detect_columns(path: Path) -> list[str]:
     try:
         head = stream.read(1 << 16)
     except (OSError, pa.ArrowInvalid) as e:
-        raise CriteoFormatError(f"{path}: unreadable (truncated or corrupt?): {e}") from None
+        raise unreadable(path, e) from None
     finally:
         raw.close()
     if not head:
@@ -183,9 +189,7 @@ def _read_chunks_native(
             try:
                 block = stream.read(chunk_bytes)
             except (OSError, pa.ArrowInvalid) as e:
-                raise CriteoFormatError(
-                    f"{path}: unreadable after line {line - 1} (truncated or corrupt?): {e}"
-                ) from None
+                raise unreadable(path, e, line - 1) from None
             final = not block
             data = rest + block
             if not final:
@@ -306,8 +310,7 @@ def _read_chunks_arrow(
             line, reason = first_bad[0]
             line = line or _first_line_with_wrong_field_count(path, len(columns))
             return CriteoFormatError(f"{path}:{line}: {reason}")
-        where = rows_before + len(parse_skipped)
-        return CriteoFormatError(f"{path}: unreadable after line {where} (truncated or corrupt?): {e}")
+        return unreadable(path, e, rows_before + len(parse_skipped))
 
     try:
         reader = pacsv.open_csv(

@@ -43,10 +43,10 @@ from dlrm_cache.criteo import CAT_COLUMNS, INT_COLUMNS
 from dlrm_cache.data.criteo_tsv import (
     BadLines,
     Chunk,
-    CriteoFormatError,
     detect_columns,
     open_input,
     read_chunks,
+    unreadable,
 )
 from dlrm_cache.data.synthetic import generate, hash_to_hex
 from dlrm_cache.data.vocab import ValueCounter, Vocabulary
@@ -86,7 +86,7 @@ def count_lines(path: Path) -> int:
             lines += block.count(b"\n")
             last = block[-1:]
     except (OSError, pa.ArrowInvalid) as e:
-        raise CriteoFormatError(f"{path}: unreadable (truncated or corrupt?): {e}") from None
+        raise unreadable(path, e) from None
     finally:
         raw.close()
     return lines + (last != b"\n")
