@@ -55,7 +55,7 @@ class _PlanArgs(ctypes.Structure):
         ("from_host", ctypes.c_void_p),
         ("written", ctypes.c_void_p),
         ("short_of", ctypes.c_void_p),
-        ("counts", ctypes.c_int64 * 4),
+        ("counts", ctypes.c_int64 * 3),
     ]
 
 
@@ -171,7 +171,7 @@ class NativePlanner:
             **{k: _ptr(v) for k, v in (out | per_table).items()},
         )
         self._lib.planner_plan(self._handle, ctypes.byref(a))
-        n_over, n_wb, n_load, _ = a.counts
+        n_over, n_wb, n_load = a.counts
         for k, m in (("overflow", n_over), ("wb_rows", n_wb), ("wb_slots", n_wb)):
             out[k] = out[k][:m]
         out["load_rows"], out["load_slots"] = out["load_rows"][:n_load], out["load_slots"][:n_load]

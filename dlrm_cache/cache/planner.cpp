@@ -63,7 +63,7 @@ struct PlanArgs {
   int64_t* from_host;    // (T,) rows served from the host
   int64_t* written;      // (T,) dirty victims
   int64_t* short_of;     // (T,) victims wanted but not available (the batch overflows the cache)
-  int64_t counts[4];     // n_overflow, n_wb, n_load, n_victims
+  int64_t counts[3];     // n_overflow, n_wb, n_load
 };
 
 }  // extern "C"
@@ -168,7 +168,7 @@ struct Planner {
   // Table t's share of the plan: its unique rows are uniq[lo, hi) (uniq is sorted, so each table's
   // rows are a range), and its lists go to the same range [lo, hi) of the output arrays (a table
   // loads, writes back and serves from the host at most as many rows as it has); `n` gets their
-  // lengths: overflow, write-back, load, victims. Tables share no slot, row or pool, so they are
+  // lengths: overflow, write-back, load. Tables share no slot, row or pool, so they are
   // planned at once, each by one thread.
   void plan_table(PlanArgs& a, int64_t t, int64_t lo, int64_t hi, Scratch& sc, int64_t* n) {
     // The slot of every row first, in a pass without branches: the reads of the (large, O(rows))
@@ -189,7 +189,7 @@ struct Planner {
         sc.order.push_back(u);
       }
     }
-    int64_t n_over = 0, n_wb = 0, n_load = 0, n_victims = 0;
+    int64_t n_over = 0, n_wb = 0, n_load = 0;
     int64_t *wb_rows = a.wb_rows + lo, *wb_slots = a.wb_slots + lo;
     int64_t *load_rows = a.load_rows + lo, *load_slots = a.load_slots + lo;
     const int64_t misses = sc.order.size();
@@ -232,7 +232,6 @@ struct Planner {
             a.slots[u] = s;
             load_rows[n_load] = a.uniq[u];
             load_slots[n_load++] = s;
-            ++n_victims;
           } else {
             a.slots[u] = -1;
             over[n_over++] = u;
@@ -284,7 +283,6 @@ struct Planner {
     n[0] = n_over;
     n[1] = n_wb;
     n[2] = n_load;
-    n[3] = n_victims;
   }
 
   void plan(PlanArgs& a) {
@@ -312,7 +310,7 @@ struct Planner {
 #else
       Scratch& sc = scratch[0];
 #endif
-      plan_table(a, t, starts[t], starts[t + 1], sc, &lengths[4 * t]);
+      plan_table(a, t, starts[t], starts[t + 1], sc, &lengths[3 * t]);
     }
     // each table's lists, in table order, to the front of the output arrays
     for (auto& c : a.counts) c = 0;
@@ -320,12 +318,11 @@ struct Planner {
         {a.overflow, nullptr}, {a.wb_rows, a.wb_slots}, {a.load_rows, a.load_slots}};
     for (int64_t t = 0; t < tables; ++t) {
       for (int l = 0; l < 3; ++l) {
-        const int64_t len = lengths[4 * t + l], to = a.counts[l];
+        const int64_t len = lengths[3 * t + l], to = a.counts[l];
         for (int64_t* list : {lists[l].first, lists[l].second})
           if (list && len) std::memmove(list + to, list + starts[t], len * sizeof(int64_t));
         a.counts[l] += len;
       }
-      a.counts[3] += lengths[4 * t + 3];
     }
   }
 };
@@ -350,7 +347,7 @@ void* planner_new(int64_t tables, const int64_t* slot_offsets, const int64_t* ro
   p->floor.resize(tables);
   p->in_pool.resize(slot_offsets[tables]);
   p->starts.resize(tables + 1);
-  p->lengths.resize(4 * tables);
+  p->lengths.resize(3 * tables);
   p->by_size.resize(tables);
   p->reset();
   return p;
