@@ -59,6 +59,11 @@ class _PlanArgs(ctypes.Structure):
     ]
 
 
+# the planner's outputs: one entry per unique row (lists cut to their length after), one per table
+_PER_ROW = ("slots", "overflow", "wb_rows", "wb_slots", "load_rows", "load_slots")
+_PER_TABLE = ("loaded", "from_host", "written", "short_of")
+
+
 def _declare(lib: ctypes.CDLL) -> None:
     lib.planner_new.restype = ctypes.c_void_p
     lib.planner_new.argtypes = [ctypes.c_int64, _I64, _I64, ctypes.c_int, *[ctypes.c_int64] * 4]
@@ -146,10 +151,8 @@ class NativePlanner:
         """Plan ``batch`` for ``step``, updating ``g``'s bookkeeping; returns the slots, the positions
         served from the host, the rows to write back and to load, and per-table counts."""
         n = len(batch.uniq)
-        out = {k: torch.empty(n, dtype=torch.int64) for k in ("slots", "overflow", "wb_rows", "wb_slots")}
-        out |= {k: torch.empty(n, dtype=torch.int64) for k in ("load_rows", "load_slots")}
-        per_table = {k: torch.zeros(self.tables, dtype=torch.int64) for k in ("loaded", "from_host")}
-        per_table |= {k: torch.zeros(self.tables, dtype=torch.int64) for k in ("written", "short_of")}
+        out = {k: torch.empty(n, dtype=torch.int64) for k in _PER_ROW}
+        per_table = {k: torch.zeros(self.tables, dtype=torch.int64) for k in _PER_TABLE}
         a = _PlanArgs(
             n_uniq=n,
             uniq=_ptr(batch.uniq),
