@@ -291,7 +291,6 @@ struct Planner {
     for (int64_t t = 0; t <= tables; ++t)
       starts[t] = std::lower_bound(a.uniq, a.uniq + U, row_offsets[t]) - a.uniq;
     if (policy == kLookahead) miss_key.resize(U);
-    std::fill(lengths.begin(), lengths.end(), 0);
 #ifdef _OPENMP
     scratch.resize(std::max<size_t>(scratch.size(), omp_get_max_threads()));
 #else
