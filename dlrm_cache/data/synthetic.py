@@ -57,7 +57,8 @@ _CAT_EFFECT_STD = {0: 0.6, 1: 0.5, 6: 0.6, 9: 0.5, 12: 0.7, 14: 0.6, 17: 0.5, 23
 _CROSSES = [((0, 12), 0.6), ((6, 17), 0.6)]
 
 _MASK32 = np.uint64(0xFFFFFFFF)
-_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+# byte -> its two hex digits, as one little-endian uint16 (first digit in the low byte)
+_HEX_PAIRS = np.array([ord(f"{b:02x}"[0]) | ord(f"{b:02x}"[1]) << 8 for b in range(256)], dtype=np.uint16)
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -90,10 +91,10 @@ def rank_to_hash(rank: np.ndarray, feature: int) -> np.ndarray:
 
 
 def hash_to_hex(h: np.ndarray) -> np.ndarray:
-    """uint32 values -> fixed-width 8-digit lowercase hex (dtype ``S8``), vectorized."""
-    shifts = np.arange(28, -4, -4, dtype=np.uint64)
-    nibbles = (h.astype(np.uint64)[:, None] >> shifts) & np.uint64(0xF)
-    return np.ascontiguousarray(_HEX[nibbles]).view("S8").ravel()
+    """uint32 values -> fixed-width 8-digit lowercase hex (dtype ``S8``), vectorized: each value's four
+    bytes, most significant first, looked up as digit pairs."""
+    big_endian = np.ascontiguousarray(h, dtype=">u4").view(np.uint8).reshape(-1, 4)
+    return _HEX_PAIRS[big_endian].view("S8").ravel()
 
 
 @dataclass
