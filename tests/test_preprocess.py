@@ -393,12 +393,22 @@ def test_a_line_without_end_is_refused_in_bounded_memory(tmp_path):
     ],
     ids=["none", "all-empty", "edges", "hashes", "few-values", "wider"],
 )
-def test_value_counter_counts_like_numpy(raw):
-    """The counts of a chunk (32-bit sort, the empty value counted apart) equal np.unique's."""
+@pytest.mark.parametrize("native", [True, False], ids=["hash-table", "numpy"])
+def test_value_counter_counts_like_numpy(raw, native):
+    """The counts of two chunks (C++ hash table; or 32-bit sorts, the empty value counted apart), and
+    of two counters merged, equal np.unique's."""
     raw = np.array(raw, dtype=np.int64)
-    counter = ValueCounter()
+    counter, other = ValueCounter(native), ValueCounter(native)
     counter.add(raw[: len(raw) // 2])
     counter.add(raw[len(raw) // 2 :])
-    values, counts = counter.result()
+    other.add(np.array([[v, 0] for v in raw[::-1]], dtype=np.int64).reshape(-1, 2)[:, 0])  # strided
+    assert (counter._table is not None) == native  # the path under test is the one taken
     want_values, want_counts = np.unique(raw, return_counts=True)
-    assert values.tolist() == want_values.tolist() and counts.tolist() == want_counts.tolist()
+    values, counts = counter.result()
+    order = np.argsort(values)
+    assert values[order].tolist() == want_values.tolist() and counts[order].tolist() == want_counts.tolist()
+    counter.merge(other)
+    values, counts = counter.result()
+    order = np.argsort(values)
+    assert values[order].tolist() == want_values.tolist()
+    assert counts[order].tolist() == (2 * want_counts).tolist()

@@ -15,11 +15,14 @@ struct ParseArgs {
   int32_t n_fields;  // 40 (labeled) or 39
   int32_t skip_bad;  // 0: stop at the first bad line; 1: drop bad lines and count them
   int64_t first_line;  // the line number of buf's first line
-  // out, room for every line of buf
+  // out, room for every line of buf; ints and cats column by column: column k's value of row r at
+  // [k * stride + r] (the caller's column-major arrays for several pieces of a block, each piece's
+  // pointers at its first row)
   int8_t* label;  // (rows,) unused when n_fields == 39
-  int64_t* ints;  // (rows, 13)
-  int64_t* cats;  // (rows, 26)
+  int64_t* ints;  // 13 columns
+  int64_t* cats;  // 26 columns
   int64_t* lines;  // (rows,) line number of each row
+  int64_t stride;
   int64_t rows;
   int64_t lines_seen;  // lines in buf, empty ones included
   // the first bad line (skip_bad == 0): its number, the field (-1: a wrong number of fields, then
@@ -126,8 +129,8 @@ extern "C" void criteo_parse(ParseArgs* a) {
           a->label[row] = static_cast<int8_t>(ok && *f == '1');
         } else {
           const int k = field - (labeled ? 1 : 0);
-          ok = k < kInts ? parse_int(f, n, a->ints + row * kInts + k)
-                         : parse_hex(f, n, a->cats + row * kCats + (k - kInts));
+          ok = k < kInts ? parse_int(f, n, a->ints + k * a->stride + row)
+                         : parse_hex(f, n, a->cats + (k - kInts) * a->stride + row);
         }
         if (!ok) {
           bad_field = field;

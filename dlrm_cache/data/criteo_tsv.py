@@ -63,7 +63,8 @@ def unreadable(path: Path, error: Exception, after_line: int | None = None) -> C
 
 @dataclass
 class Chunk:
-    """The valid rows of one block of lines."""
+    """The valid rows of one block of lines. ``ints`` and ``cats`` are column-major (Fortran order)
+    where the parser can: a column (what is counted, transformed and written) is then contiguous."""
 
     label: np.ndarray | None  # (n,) int8, None for the unlabeled layout
     ints: np.ndarray  # (n, 13) int64, missing -> 0
@@ -151,6 +152,7 @@ class _ParseArgs(ctypes.Structure):
         ("ints", ctypes.c_void_p),
         ("cats", ctypes.c_void_p),
         ("lines", ctypes.c_void_p),
+        ("stride", ctypes.c_int64),
         ("rows", ctypes.c_int64),
         ("lines_seen", ctypes.c_int64),
         ("err_line", ctypes.c_int64),
@@ -236,17 +238,26 @@ def _parse_block(
             bounds.append(cut)
     bounds.append(len(data))
     address = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
-    jobs, first = [], line
+    jobs, first, row = [], line, 0
     for lo, hi in pairwise(bounds):
         newlines = data.count(b"\n", lo, hi)  # every piece but the last ends with one
-        jobs.append((address + lo, hi - lo, newlines + 1, first))
+        lines = newlines + (data[hi - 1 : hi] != b"\n")
+        jobs.append((address + lo, hi - lo, first, row))
         first += newlines
+        row += lines
+    # One set of arrays for the block, a row per line (its pieces' rows end to end), column-major.
+    out = (
+        np.empty(row, dtype=np.int8),
+        np.empty((row, len(INT_COLUMNS)), dtype=np.int64, order="F"),
+        np.empty((row, len(CAT_COLUMNS)), dtype=np.int64, order="F"),
+        np.empty(row, dtype=np.int64),
+    )
     if len(jobs) > 1:
         _pool = _pool or ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="dlrm-parse")
-        pieces = list(_pool.map(lambda job: _parse_piece(lib, len(columns), on_bad_lines, *job), jobs))
+        pieces = list(_pool.map(lambda job: _parse_piece(lib, len(columns), on_bad_lines, out, *job), jobs))
     else:
-        pieces = [_parse_piece(lib, len(columns), on_bad_lines, *jobs[0])]
-    for a, _ in pieces:  # the first bad line of the block, in piece order
+        pieces = [_parse_piece(lib, len(columns), on_bad_lines, out, *jobs[0])]
+    for a in pieces:  # the first bad line of the block, in piece order
         if a.err_line:
             if a.err_field < 0:
                 raise CriteoFormatError(f"{path}:{a.err_line}: {_field_count(a.err_fields, len(columns))}")
@@ -260,26 +271,26 @@ def _parse_block(
                 reasons={r: int(c) for r, c in zip((WRONG_FIELD_COUNT, BAD_VALUE), a.bad, strict=True) if c},
             )
             bad.extend(dropped)
-    arrays = [[x[: a.rows] for x in out] for a, out in pieces]
-    label, ints, cats, lines = (
-        np.concatenate(parts) if len(parts) > 1 else parts[0] for parts in zip(*arrays, strict=True)
-    )
+    if sum(a.rows for a in pieces) < row:  # empty or skipped lines left rows unused: close the gaps
+        keep = np.concatenate([np.arange(r0, r0 + a.rows) for (*_, r0), a in zip(jobs, pieces, strict=True)])
+        out = tuple(np.asfortranarray(x[keep]) for x in out)
+    label, ints, cats, lines = out
     labeled = len(columns) == len(LABELED_COLUMNS)
-    return Chunk(label if labeled else None, ints, cats, lines), sum(a.lines_seen for a, _ in pieces)
+    return Chunk(label if labeled else None, ints, cats, lines), sum(a.lines_seen for a in pieces)
 
 
-def _parse_piece(lib: ctypes.CDLL, fields: int, on_bad_lines: str, buf: int, size: int, n: int, line: int):
-    """Parse ``size`` bytes at address ``buf`` (at most ``n`` lines, the first numbered ``line``)."""
-    out = (
-        np.empty(n, dtype=np.int8),
-        np.empty((n, len(INT_COLUMNS)), dtype=np.int64),
-        np.empty((n, len(CAT_COLUMNS)), dtype=np.int64),
-        np.empty(n, dtype=np.int64),
-    )
+def _parse_piece(
+    lib: ctypes.CDLL, fields: int, on_bad_lines: str, out, buf: int, size: int, line: int, row: int
+):
+    """Parse ``size`` bytes at address ``buf`` (lines numbered from ``line``) into the block's arrays
+    ``out`` from row ``row`` on."""
     a = _ParseArgs(buf=buf, len=size, n_fields=fields, skip_bad=on_bad_lines == "skip", first_line=line)
-    a.label, a.ints, a.cats, a.lines = (x.ctypes.data for x in out)
+    label, ints, cats, lines = out
+    a.label = label.ctypes.data + row
+    a.ints, a.cats, a.lines = (x.ctypes.data + 8 * row for x in (ints, cats, lines))
+    a.stride = len(lines)
     lib.criteo_parse(ctypes.byref(a))
-    return a, out
+    return a
 
 
 def _read_chunks_arrow(

@@ -1,9 +1,10 @@
 """Id frequencies and the frequency-ranked re-numbering (NVTabular's Categorify: fit -> finalize ->
 transform).
 
-``ValueCounter`` counts raw values of one feature over chunks in bounded work: per-chunk counts are
-kept as sorted runs and merged when the runs outgrow the merged table (an LSM-style amortized merge),
-and two counters merge the same way, so counting can run one file per process. ``Vocabulary`` ranks
+``ValueCounter`` counts raw values of one feature over chunks: in a hash table (``vocab_map.cpp``, one
+probe or two per value) where the C++ library builds, else as sorted per-chunk runs merged when they
+outgrow the merged table (an LSM-style amortized merge). Two counters merge as sorted runs, so counting
+can run one file per process. ``Vocabulary`` ranks
 values by descending train count (ties by raw value, the empty value ranked like any other); values
 seen fewer than ``min_count`` times, and values never seen in train, share one "rare" id ranked by its
 total train count. The hottest k rows are then ids 0..k-1.
@@ -21,13 +22,19 @@ from dlrm_cache.native_build import NativeUnavailable, load
 
 
 class ValueCounter:
-    def __init__(self) -> None:
-        self.values = np.empty(0, dtype=np.int64)  # sorted, unique
+    def __init__(self, native: bool = True) -> None:
+        """``native``: count in the C++ hash table where it builds (the same counts either way)."""
+        self.values = np.empty(0, dtype=np.int64)  # unique (sorted, once merged)
         self.counts = np.empty(0, dtype=np.int64)
         self._runs: list[tuple[np.ndarray, np.ndarray]] = []
         self._run_size = 0
+        self._table = _NativeCounter.create() if native else None
 
     def add(self, raw: np.ndarray) -> None:
+        """Count ``raw`` (int64 raw values, -1 .. 2^32 - 1 as the parsers give them; any stride)."""
+        if self._table is not None:
+            self._table.add(raw)
+            return
         v, c = _unique_counts(raw)
         self._runs.append((v, c))
         self._run_size += len(v)
@@ -40,7 +47,13 @@ class ValueCounter:
         self._compact()
 
     def _compact(self) -> None:
+        if self._table is not None:  # from here on, counted as runs
+            self._runs.append(self._table.export())
+            self._table = None
         if not self._runs:
+            return
+        if len(self.values) == 0 and len(self._runs) == 1:  # one run: its values are distinct already
+            (self.values, self.counts), self._runs, self._run_size = self._runs[0], [], 0
             return
         v = np.concatenate([self.values, *(r[0] for r in self._runs)])
         c = np.concatenate([self.counts, *(r[1] for r in self._runs)])
@@ -49,8 +62,13 @@ class ValueCounter:
         self._runs, self._run_size = [], 0
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """The distinct values (in no particular order) and their counts."""
         self._compact()
         return self.values, self.counts
+
+    def __getstate__(self) -> dict:
+        self._compact()  # a counter crosses a process boundary as arrays, not as a C++ table
+        return self.__dict__
 
 
 def _unique_counts(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -123,6 +141,15 @@ _I64 = ctypes.POINTER(ctypes.c_int64)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
+    lib.value_counter_new.restype = ctypes.c_void_p
+    lib.value_counter_new.argtypes = []
+    lib.value_counter_free.argtypes = [ctypes.c_void_p]
+    lib.value_counter_add.argtypes = [ctypes.c_void_p, _I64, ctypes.c_int64, ctypes.c_int64]
+    lib.value_counter_add.restype = None
+    lib.value_counter_size.argtypes = [ctypes.c_void_p]
+    lib.value_counter_size.restype = ctypes.c_int64
+    lib.value_counter_export.argtypes = [ctypes.c_void_p, _I64, _I64]
+    lib.value_counter_export.restype = None
     lib.vocab_map_new.restype = ctypes.c_void_p
     lib.vocab_map_new.argtypes = [_I64, _I64, ctypes.c_int64]
     lib.vocab_map_free.argtypes = [ctypes.c_void_p]
@@ -151,3 +178,40 @@ class _NativeMap:
         if getattr(self, "_handle", None) is not None:
             self._lib.vocab_map_free(self._handle)
             self._handle = None
+
+
+class _NativeCounter:
+    """Counts per distinct raw value in a hash table (``vocab_map.cpp``); ``add`` releases the GIL."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self._lib = lib
+        self._handle = lib.value_counter_new()
+
+    @classmethod
+    def create(cls) -> _NativeCounter | None:
+        """A counter, or None where the C++ library does not build (numpy counts instead)."""
+        try:
+            return cls(load(Path(__file__).with_name("vocab_map.cpp"), _declare))
+        except NativeUnavailable:
+            return None
+
+    def add(self, raw: np.ndarray) -> None:
+        if raw.dtype != np.int64 or raw.ndim != 1 or raw.strides[0] % 8:
+            raw = np.ascontiguousarray(raw, dtype=np.int64).reshape(-1)
+        stride = raw.strides[0] // 8 if len(raw) > 1 else 1
+        self._lib.value_counter_add(self._handle, raw.ctypes.data_as(_I64), len(raw), stride)
+
+    def export(self) -> tuple[np.ndarray, np.ndarray]:
+        """The distinct values and their counts; the table is freed."""
+        n = self._lib.value_counter_size(self._handle)
+        values, counts = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+        self._lib.value_counter_export(self._handle, values.ctypes.data_as(_I64), counts.ctypes.data_as(_I64))
+        self._free()
+        return values, counts
+
+    def _free(self) -> None:
+        if getattr(self, "_handle", None) is not None:
+            self._lib.value_counter_free(self._handle)
+            self._handle = None
+
+    __del__ = _free
