@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -42,7 +43,6 @@ from dlrm_cache.config import PreprocessOptions, PreprocessRunConfig, SynthConfi
 from dlrm_cache.criteo import CAT_COLUMNS, INT_COLUMNS
 from dlrm_cache.data.criteo_tsv import (
     BadLines,
-    Chunk,
     detect_columns,
     open_input,
     read_chunks,
@@ -55,6 +55,7 @@ SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
 SKEW_POINTS = [0.001, 0.005, 0.01, 0.015, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]  # shares of rows
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def resolve_inputs(patterns: list[str]) -> list[Path]:
@@ -295,10 +296,13 @@ def _write_splits(
             on_progress = bar.at(spill_path)
             # read, not memory-mapped: a mapping would keep every page of the spill resident
             with pa.OSFile(str(spill_path)) as source:
-                for batch in pa.ipc.open_stream(source):
-                    table = _renumbered(batch, vocabs, schema)
+                renumbered = (
+                    (batch.column("split").to_numpy(), _renumbered(batch, vocabs, schema))
+                    for batch in pa.ipc.open_stream(source)
+                )
+                for split, table in _read_ahead(renumbered):
                     # A file's lines go train, val, test in order: each split's rows are one slice.
-                    ends = np.searchsorted(batch.column("split").to_numpy(), np.arange(1, len(SPLITS) + 1))
+                    ends = np.searchsorted(split, np.arange(1, len(SPLITS) + 1))
                     for s, lo, hi in zip(SPLITS, [0, *ends[:-1]], ends, strict=True):
                         if hi > lo:
                             writers[s].write(table.slice(lo, hi - lo))
@@ -310,14 +314,15 @@ def _write_splits(
     return rows
 
 
-def _read_ahead(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
-    """``chunks`` in order, the next one read and parsed on a thread while the caller counts and spills
-    the current one (one chunk ahead: memory stays bounded by the chunk size)."""
-    with ThreadPoolExecutor(1, thread_name_prefix="dlrm-preprocess-read") as reader:
-        pending = reader.submit(next, chunks, None)
-        while (chunk := pending.result()) is not None:
-            pending = reader.submit(next, chunks, None)
-            yield chunk
+def _read_ahead(items: Iterator[T]) -> Iterator[T]:
+    """``items`` in order, the next one made on a thread while the caller works on the current one
+    (chunks read and parsed while one is counted and spilled; chunks re-numbered while one is written).
+    One item ahead: memory stays bounded by the chunk size."""
+    with ThreadPoolExecutor(1, thread_name_prefix="dlrm-preprocess-ahead") as ahead:
+        pending = ahead.submit(next, items, None)
+        while (item := pending.result()) is not None:
+            pending = ahead.submit(next, items, None)
+            yield item
 
 
 def _parse_all(jobs: list[_ParseJob], workers: int, progress: bool) -> tuple[list[ValueCounter], BadLines]:
@@ -422,7 +427,9 @@ def _write_vocab(folder: Path, vocabs: list[Vocabulary]) -> None:
                 "train_count": pa.array(v.count),
             }
         )
-        pq.write_table(table, folder / f"{name}.parquet")
+        # No dictionary pages: ids and raw values are all distinct (0.16 -> 0.10 s, 14 -> 11 MB for 26
+        # vocabularies of 0.9M ids in all).
+        pq.write_table(table, folder / f"{name}.parquet", use_dictionary=False)
 
 
 def coverage(vocabs: list[Vocabulary]) -> dict[str, np.ndarray]:
