@@ -153,7 +153,9 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
             for f, cols, bound, spill in zip(files, layouts, bounds, spills, strict=True)
         ]
         counters, bad = _parse_all(jobs, opts.workers or os.cpu_count() or 1, opts.progress)
-        vocabs = [Vocabulary.fit(*c.result(), opts.min_count) for c in counters]
+        with ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="dlrm-preprocess-fit") as pool:
+            # numpy's sorts release the GIL: the 26 features are ranked side by side
+            vocabs = list(pool.map(lambda c: Vocabulary.fit(*c.result(), opts.min_count), counters))
         del counters  # their counts live on in the vocabularies: not held twice through the write pass
         id_type = pa.int32() if max(len(v) for v in vocabs) < 2**31 else pa.int64()
         schema = pa.schema(
