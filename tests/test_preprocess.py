@@ -356,6 +356,23 @@ def test_a_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.txt"], "nothing half-written"
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["hashes", "wider-values"])
+def test_vocabulary_ranks_by_count_then_value(wide):
+    """Ids by descending train count, ties by raw value, the rare bucket after the kept values of its
+    count: against a plain sort of (-count, value) tuples (one 64-bit key for raw hashes; lexsort for
+    values that do not fit it)."""
+    rng = np.random.default_rng(3)
+    values = np.unique(np.concatenate([[-1], rng.integers(0, 2**40 if wide else 2**32, 3000)]))
+    counts = rng.integers(3, 8, len(values))
+    counts[[5, 50]] = [1, 2]  # the rare bucket's count, 3, ties with kept values'
+    vocab = Vocabulary.fit(values, counts, min_count=3)
+    kept = sorted((-int(c), int(v)) for v, c in zip(values, counts, strict=True) if c >= 3)
+    rare = (-int(counts[counts < 3].sum()), np.iinfo(np.int64).max)
+    expected = sorted([*kept, rare])
+    assert vocab.rare_id == expected.index(rare)
+    assert [(-int(c), int(v)) for v, c in zip(vocab.raw, vocab.count, strict=True)] == expected
+
+
 def test_vocabulary_hash_lookup_matches_the_binary_search():
     """vocab_map.cpp's hash table and the sorted-array fallback give every raw value the same id:
     kept values, values under min_count and values never counted (both the rare id), and -1 (empty)."""

@@ -96,25 +96,20 @@ class Vocabulary:
     raw: np.ndarray  # (V,) int64 raw value per new id
     count: np.ndarray  # (V,) int64 train count per new id: non-increasing (hottest first)
     rare_id: int
-    _sorted_raw: np.ndarray  # kept values, sorted, for lookups
-    _sorted_id: np.ndarray
     native: bool = True  # look values up in vocab_map.cpp's hash table where it builds
     _map: _NativeMap | None = field(default=None, init=False, repr=False, compare=False)
+    _sorted: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def fit(cls, values: np.ndarray, counts: np.ndarray, min_count: int) -> Vocabulary:
         keep = counts >= min_count
-        kept_v, kept_c = values[keep], counts[keep]
+        raw, cnt = _by_rank(values[keep], counts[keep])
+        # The rare bucket ranks by its count, after the kept values of the same count (as the value
+        # "+inf" would).
         rare_count = int(counts[~keep].sum())
-        # Rank: descending count, ties by raw value; the rare bucket sorts as the value "+inf".
-        raw = np.concatenate([kept_v, [np.iinfo(np.int64).max]])
-        cnt = np.concatenate([kept_c, [rare_count]])
-        order = np.lexsort((raw, -cnt))
-        raw, cnt = raw[order], cnt[order]
-        rare_id = int(np.nonzero(order == len(kept_v))[0][0])
-        ids = np.delete(np.arange(len(raw)), rare_id)
-        sorter = np.argsort(raw[ids], kind="stable")
-        return cls(raw, cnt, rare_id, raw[ids][sorter], ids[sorter])
+        rare_id = int(np.searchsorted(-cnt, -rare_count, side="right"))
+        raw = np.insert(raw, rare_id, np.iinfo(np.int64).max)
+        return cls(raw, np.insert(cnt, rare_id, rare_count), rare_id)
 
     def __len__(self) -> int:
         return len(self.raw)
@@ -126,15 +121,36 @@ class Vocabulary:
         """Raw values -> new ids; values not kept map to ``rare_id``."""
         if self.native and self._map is None:
             try:
-                self._map = _NativeMap(self._sorted_raw, self._sorted_id)
+                ids = np.delete(np.arange(len(self.raw)), self.rare_id)
+                self._map = _NativeMap(self.raw[ids], ids)
             except NativeUnavailable:
                 self.native = False  # the binary search below gives the same ids
         if self._map is not None:
             return self._map.lookup(raw, self.rare_id)
-        pos = np.searchsorted(self._sorted_raw, raw)
-        pos = np.minimum(pos, len(self._sorted_raw) - 1) if len(self._sorted_raw) else pos
-        found = self._sorted_raw[pos] == raw if len(self._sorted_raw) else np.zeros(len(raw), dtype=bool)
-        return np.where(found, self._sorted_id[pos] if len(self._sorted_id) else 0, self.rare_id)
+        if self._sorted is None:  # the kept values in ascending order, and their ids
+            ids = np.delete(np.arange(len(self.raw)), self.rare_id)
+            sorter = np.argsort(self.raw[ids], kind="stable")
+            self._sorted = self.raw[ids][sorter], ids[sorter]
+        keys, ids = self._sorted
+        if len(keys) == 0:
+            return np.full(len(raw), self.rare_id, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(keys, raw), len(keys) - 1)
+        return np.where(keys[pos] == raw, ids[pos], self.rare_id)
+
+
+def _by_rank(values: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct ``values`` and their ``counts``, by descending count, ties by ascending value. Raw
+    hashes (-1 .. 2^32 - 1) with counts under 2^30 sort as one 64-bit key (count rank, value): one
+    plain sort instead of lexsort's two stable ones."""
+    if len(values) == 0:
+        return values.astype(np.int64), counts.astype(np.int64)
+    top = int(counts.max())
+    if values.min() >= -1 and values.max() < 1 << 32 and top < 1 << 30:
+        key = ((top - counts) << 33) | (values + 1)
+        key.sort()
+        return (key & ((1 << 33) - 1)) - 1, top - (key >> 33)
+    order = np.lexsort((values, -counts))
+    return values[order], counts[order]
 
 
 _I64 = ctypes.POINTER(ctypes.c_int64)
