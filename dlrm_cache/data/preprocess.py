@@ -81,16 +81,17 @@ def _natural_key(s: str) -> list:
 
 def count_lines(path: Path) -> int:
     raw, stream = open_input(path)
-    lines, last = 0, b"\n"
+    buf = bytearray(1 << 24)
+    lines, last = 0, ord("\n")
     try:
-        while block := stream.read(1 << 24):
-            lines += block.count(b"\n")
-            last = block[-1:]
+        while got := stream.readinto(buf):
+            lines += buf.count(b"\n", 0, got)
+            last = buf[got - 1]
     except (OSError, pa.ArrowInvalid) as e:
         raise unreadable(path, e) from None
     finally:
         raw.close()
-    return lines + (last != b"\n")
+    return lines + (last != ord("\n"))
 
 
 def split_bounds(cfg: PreprocessRunConfig, files: list[Path]) -> list[tuple[int, int]]:
