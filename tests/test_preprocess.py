@@ -429,3 +429,13 @@ def test_value_counter_counts_like_numpy(raw, native):
     order = np.argsort(values)
     assert values[order].tolist() == want_values.tolist()
     assert counts[order].tolist() == (2 * want_counts).tolist()
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+def test_count_lines_counts_a_last_line_without_its_newline(tmp_path, gz):
+    """The line count that places the split boundaries: every line, the last one with or without
+    its newline, empty lines included."""
+    for content, lines in [(b"", 0), (b"a", 1), (b"a\n", 1), (b"a\nb", 2), (b"a\n\nb\n", 3), (b"\n\n", 2)]:
+        path = tmp_path / ("f.txt.gz" if gz else "f.txt")
+        path.write_bytes(gzip.compress(content) if gz else content)
+        assert preprocess_module.count_lines(path) == lines, content
