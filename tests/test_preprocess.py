@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -439,3 +440,6 @@ def test_count_lines_counts_a_last_line_without_its_newline(tmp_path, gz):
         path = tmp_path / ("f.txt.gz" if gz else "f.txt")
         path.write_bytes(gzip.compress(content) if gz else content)
         assert preprocess_module.count_lines(path) == lines, content
+    stopped = threading.Event()
+    stopped.set()  # a failed run stops a count still running beside the parse
+    assert preprocess_module.count_lines(path, stopped) == (-1 if lines else 0)

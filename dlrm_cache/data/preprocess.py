@@ -28,8 +28,9 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -79,12 +80,15 @@ def _natural_key(s: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
-def count_lines(path: Path) -> int:
+def count_lines(path: Path, stop: threading.Event | None = None) -> int:
+    """The lines of ``path``, the last one with or without its newline; -1 once ``stop`` is set."""
     raw, stream = open_input(path)
     buf = bytearray(1 << 24)
     lines, last = 0, ord("\n")
     try:
         while got := stream.readinto(buf):
+            if stop is not None and stop.is_set():
+                return -1
             lines += buf.count(b"\n", 0, got)
             last = buf[got - 1]
     except (OSError, pa.ArrowInvalid) as e:
@@ -94,25 +98,32 @@ def count_lines(path: Path) -> int:
     return lines + (last != ord("\n"))
 
 
-def split_bounds(cfg: PreprocessRunConfig, files: list[Path]) -> list[tuple[int, int]]:
-    """Per file, the last line (1-based, inclusive) of train and of val; test is the rest."""
+def split_bounds(
+    cfg: PreprocessRunConfig, files: list[Path], stop: threading.Event
+) -> tuple[list[int], Future]:
+    """Per file, the last line (1-based, inclusive) of train, and (a future of) the last line of val;
+    test is the rest. The parse pass needs the train ends (it counts train values only), the write
+    pass the val ends: with ``split=last_file`` the last file's line count, which places its val/test
+    boundary, runs on a thread of its own beside the parse pass (``stop`` ends it early) instead of
+    before it. With ``split=fraction`` every file is counted first."""
+    big = np.iinfo(np.int64).max
     if cfg.dataset.split == "last_file":
         if len(files) < 2:
             raise ValueError(
                 "dataset.split=last_file needs at least two inputs (train days, then the last day)"
             )
-        last = count_lines(files[-1])
-        big = np.iinfo(np.int64).max
-        return [(big, big)] * (len(files) - 1) + [(0, last // 2)]
+        counting = ThreadPoolExecutor(1, thread_name_prefix="dlrm-preprocess-lines")
+        val_ends = counting.submit(lambda: [big] * (len(files) - 1) + [count_lines(files[-1], stop) // 2])
+        counting.shutdown(wait=False)  # its thread ends with its one task
+        return [big] * (len(files) - 1) + [0], val_ends
     counts = [count_lines(f) for f in files]
     total = sum(counts)
     train_end = int(total * cfg.dataset.train_fraction)
     val_end = train_end + (total - train_end) // 2
-    bounds, start = [], 0
-    for n in counts:
-        bounds.append((train_end - start, val_end - start))
-        start += n
-    return bounds
+    starts = np.cumsum([0, *counts[:-1]]).tolist()
+    val_ends: Future = Future()
+    val_ends.set_result([val_end - start for start in starts])
+    return [train_end - start for start in starts], val_ends
 
 
 def _fingerprint(cfg: PreprocessRunConfig, files: list[Path]) -> dict:
@@ -143,15 +154,16 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
             what = "a different dataset" if meta.is_file() else "files that are not a preprocessed dataset"
             raise FileExistsError(f"output_dir {out} already holds {what}; pass overwrite=true to replace it")
     layouts = [detect_columns(f) for f in files]
-    bounds = split_bounds(cfg, files)
+    stop = threading.Event()  # set on a failure: a line count still running gives up
+    train_ends, val_ends = split_bounds(cfg, files, stop)
     opts = cfg.preprocess
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         spills = [tmp / f"_parsed-{n}.arrow" for n in range(len(files))]
         jobs = [
-            _ParseJob(f, cols, bound, spill, opts.chunk_mb << 20, opts.on_bad_lines, opts.parser)
-            for f, cols, bound, spill in zip(files, layouts, bounds, spills, strict=True)
+            _ParseJob(f, cols, train_end, spill, opts.chunk_mb << 20, opts.on_bad_lines, opts.parser)
+            for f, cols, train_end, spill in zip(files, layouts, train_ends, spills, strict=True)
         ]
         counters, bad = _parse_all(jobs, opts.workers or os.cpu_count() or 1, opts.progress)
         with ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="dlrm-preprocess-fit") as pool:
@@ -176,9 +188,10 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
         # The vocabularies, the skew report and its plot (a second of matplotlib, whatever the input)
         # are written meanwhile, on a thread of their own; leaving the block waits for it, also on a
         # failure, before the temporary folder it writes into is removed.
+        bounds = list(zip(train_ends, val_ends.result(), strict=True))
         with ThreadPoolExecutor(1, thread_name_prefix="dlrm-preprocess-stats") as stats:
             skew_done = stats.submit(_write_stats, tmp, vocabs)
-            rows = _write_splits(spills, writers, vocabs, schema, opts.progress)
+            rows = _write_splits(spills, bounds, writers, vocabs, schema, opts.progress)
             skew = skew_done.result()
         metadata = {
             "schema_version": SCHEMA_VERSION,
@@ -201,6 +214,7 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
             log.warning("skipped %d bad lines (first: %s)", bad.count, ", ".join(bad.first))
         _replace(tmp, out)
     except BaseException:
+        stop.set()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
@@ -248,11 +262,11 @@ def _replace(tmp: Path, out: Path) -> None:
 
 @dataclass
 class _ParseJob:
-    """Parse one input: spill its rows to ``spill``, count its train values."""
+    """Parse one input: spill its rows (with their line numbers) to ``spill``, count its train values."""
 
     path: Path
     columns: list[str]
-    bounds: tuple[int, int]  # last train line, last val line
+    train_end: int  # its last train line
     spill: Path
     chunk_bytes: int
     on_bad_lines: str
@@ -261,7 +275,6 @@ class _ParseJob:
     def run(self, on_progress=None) -> tuple[list[ValueCounter], BadLines]:
         bad = BadLines()
         counters = [ValueCounter() for _ in CAT_COLUMNS]
-        train_end, val_end = self.bounds
         with (
             pa.OSFile(str(self.spill), "wb") as sink,
             pa.ipc.new_stream(sink, _PARSED) as spill,
@@ -271,12 +284,11 @@ class _ParseJob:
                 self.path, self.columns, self.chunk_bytes, self.on_bad_lines, bad, on_progress, self.parser
             )
             for chunk in _read_ahead(chunks):
-                split = np.where(chunk.lines <= train_end, 0, np.where(chunk.lines <= val_end, 1, 2))
-                train = split == 0
-                # Columns counted side by side (numpy's sort releases the GIL), while the rows are spilled.
+                train = chunk.lines <= self.train_end
+                # Columns counted side by side (the counters release the GIL), while the rows are spilled.
                 cats = chunk.cats if train.all() else chunk.cats[train]
                 counted = [pool.submit(c.add, cats[:, j]) for j, c in enumerate(counters)]
-                spill.write_table(_parsed_table(chunk, split))
+                spill.write_table(_parsed_table(chunk))
                 for done in counted:
                     done.result()
         for c in counters:
@@ -286,26 +298,28 @@ class _ParseJob:
 
 def _write_splits(
     spills: list[Path],
+    bounds: list[tuple[int, int]],
     writers: dict[str, _SplitWriter],
     vocabs: list[Vocabulary],
     schema: pa.Schema,
     progress: bool,
 ) -> dict[str, int]:
-    """The parsed rows of each spill, re-numbered, into their split's writer (closed at the end); each
-    spill is deleted once written. Returns the rows per split."""
+    """The parsed rows of each spill, re-numbered, into their split's writer (closed at the end): rows
+    up to the file's last train line (``bounds``) train, then up to its last val line val, the rest
+    test. Each spill is deleted once written. Returns the rows per split."""
     rows = dict.fromkeys(SPLITS, 0)
     with _progress("write", sum(s.stat().st_size for s in spills), progress) as bar:
-        for spill_path in spills:
+        for spill_path, (train_end, val_end) in zip(spills, bounds, strict=True):
             on_progress = bar.at(spill_path)
             # read, not memory-mapped: a mapping would keep every page of the spill resident
             with pa.OSFile(str(spill_path)) as source:
                 renumbered = (
-                    (batch.column("split").to_numpy(), _renumbered(batch, vocabs, schema))
+                    (batch.column("line").to_numpy(), _renumbered(batch, vocabs, schema))
                     for batch in pa.ipc.open_stream(source)
                 )
-                for split, table in _read_ahead(renumbered):
+                for lines, table in _read_ahead(renumbered):
                     # A file's lines go train, val, test in order: each split's rows are one slice.
-                    ends = np.searchsorted(split, np.arange(1, len(SPLITS) + 1))
+                    ends = [*np.searchsorted(lines, [train_end, val_end], side="right"), len(lines)]
                     for s, lo, hi in zip(SPLITS, [0, *ends[:-1]], ends, strict=True):
                         if hi > lo:
                             writers[s].write(table.slice(lo, hi - lo))
@@ -356,18 +370,18 @@ _PARSED = pa.schema(
     [("label", pa.int8())]
     + [(c, pa.float32()) for c in INT_COLUMNS]
     + [(c, pa.int64()) for c in CAT_COLUMNS]
-    + [("split", pa.int8())]
+    + [("line", pa.int64())]
 )
 
 
-def _parsed_table(chunk, split: np.ndarray) -> pa.Table:
+def _parsed_table(chunk) -> pa.Table:
     n = len(chunk.lines)
     label = chunk.label if chunk.label is not None else np.full(n, -1, dtype=np.int8)
     dense = np.log1p(np.maximum(chunk.ints, 0)).astype(np.float32)
     cols = [pa.array(label)]
     cols += [pa.array(dense[:, j]) for j in range(len(INT_COLUMNS))]
     cols += [pa.array(chunk.cats[:, j]) for j in range(len(CAT_COLUMNS))]
-    cols.append(pa.array(split.astype(np.int8)))
+    cols.append(pa.array(chunk.lines))
     return pa.Table.from_arrays(cols, schema=_PARSED)
 
 
