@@ -44,7 +44,6 @@ struct ParseArgs {
 namespace {
 
 constexpr int kInts = 13;
-constexpr int kCats = 26;
 
 // The value of each byte as a hex digit, -1 for the bytes that are not one.
 struct HexTable {
