@@ -121,21 +121,25 @@ class Vocabulary:
         """Raw values -> new ids; values not kept map to ``rare_id``."""
         if self.native and self._map is None:
             try:
-                ids = np.delete(np.arange(len(self.raw)), self.rare_id)
-                self._map = _NativeMap(self.raw[ids], ids)
+                self._map = _NativeMap(*self._kept())
             except NativeUnavailable:
                 self.native = False  # the binary search below gives the same ids
         if self._map is not None:
             return self._map.lookup(raw, self.rare_id)
         if self._sorted is None:  # the kept values in ascending order, and their ids
-            ids = np.delete(np.arange(len(self.raw)), self.rare_id)
-            sorter = np.argsort(self.raw[ids], kind="stable")
-            self._sorted = self.raw[ids][sorter], ids[sorter]
+            keys, ids = self._kept()
+            sorter = np.argsort(keys, kind="stable")
+            self._sorted = keys[sorter], ids[sorter]
         keys, ids = self._sorted
         if len(keys) == 0:
             return np.full(len(raw), self.rare_id, dtype=np.int64)
         pos = np.minimum(np.searchsorted(keys, raw), len(keys) - 1)
         return np.where(keys[pos] == raw, ids[pos], self.rare_id)
+
+    def _kept(self) -> tuple[np.ndarray, np.ndarray]:
+        """The kept raw values and their ids (every id but the rare bucket's), in id order."""
+        ids = np.delete(np.arange(len(self.raw)), self.rare_id)
+        return self.raw[ids], ids
 
 
 def _by_rank(values: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
