@@ -78,7 +78,7 @@ class CachedEmbeddingBagCollection(nn.Module):
         unknown = set(freqs) - {t.name for t in tables}
         if unknown:
             raise ValueError(f"row_frequencies names unknown tables: {sorted(unknown)}")
-        planner = "python" if cache.policy == "none" else native.resolve(cache.planner)
+        planner = native.resolve(cache.planner)
         by_kind: dict[tuple[int, PoolingType], list[EmbeddingBagConfig]] = {}
         for t in tables:
             by_kind.setdefault((t.embedding_dim, t.pooling), []).append(t)

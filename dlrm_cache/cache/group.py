@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from dlrm_cache.cache import policy as pol
 from dlrm_cache.cache.future import FutureIndex
 from dlrm_cache.cache.host import HostTable, TableShard
-from dlrm_cache.cache.native import NativePlanner
+from dlrm_cache.cache.native import NativePlanner, RowKernels
 from dlrm_cache.cache.optim import SparseOptimizer
 
 if TYPE_CHECKING:  # the cache core runs without torchrec (and so without fbgemm): plain PyTorch
@@ -128,7 +128,7 @@ class TableGroup:
     ):
         """``shards``: for tables that are shards of larger ones (TorchRec sharding), where each sits in
         its full table (initial values are those of the full table's rows and columns). ``planner``:
-        ``native`` (the C++ planner, ``native.py``) or ``python``."""
+        ``native`` (the C++ planner, ``native.py``, and on the CPU its row copies) or ``python``."""
         self.configs = configs
         self.features = [f for c in configs for f in c.feature_names]
         self.dim = configs[0].embedding_dim
@@ -170,6 +170,7 @@ class TableGroup:
         self._inflight: StepPlan | None = None
         self._overflow_logged: set[int] = set()
         self.future: FutureIndex | None = None
+        self._rows = RowKernels() if planner == "native" and device.type == "cpu" else None
         if self.resident:
             # The whole table lives on the device: the baseline (policy=none). The cache *is* the table.
             self.host = None
@@ -331,7 +332,7 @@ class TableGroup:
         for t in torch.nonzero(r["short_of"]).squeeze(1).tolist():
             self._log_overflow(t, batch, int(r["short_of"][t]))
         overflow = r["overflow"] if len(r["overflow"]) else None
-        return StepPlan(batch, step, r["slots"], overflow, scratch=self.slot_offsets[-1])
+        return StepPlan(batch, step, r["slots"], overflow, scratch=self._scratch())
 
     def _plan_python(self, batch: PreparedBatch, step: int, pin_floor: int, host_rows) -> StepPlan:
         """The planner in tensor operations: the reference for (and the fallback of) ``planner.cpp``."""
@@ -378,7 +379,11 @@ class TableGroup:
         if self.access_count is not None:
             self.access_count[uniq] += batch.occurrences
         self._track_pool(slots[cached])
-        return StepPlan(batch, step, slots, overflow, scratch=self.slot_offsets[-1])
+        return StepPlan(batch, step, slots, overflow, scratch=self._scratch())
+
+    def _scratch(self) -> int | None:
+        """The scratch row for a plan's ``write_slots`` (where the rows go back by ``index_copy_``)."""
+        return None if self._rows is not None else self.slot_offsets[-1]
 
     def _slot_keys(self, slots: torch.Tensor) -> torch.Tensor:
         """Current eviction keys of filled slots (largest = evict first)."""
@@ -534,8 +539,8 @@ class TableGroup:
         """Cache slots back into host rows (the data only)."""
         if not slots.numel():
             return
-        if self._native is not None and self.device.type == "cpu":
-            self._native.copy_rows(self.cache, slots, self.host.data, rows)
+        if self._rows is not None:
+            self._rows.copy(self.cache, slots, self.host.data, rows)
         else:
             self.host.data.index_copy_(0, rows, self.cache.index_select(0, slots.to(self.device)).cpu())
 
@@ -543,8 +548,8 @@ class TableGroup:
         """Host rows into cache slots (the data only)."""
         if not rows.numel():
             return
-        if self._native is not None and self.device.type == "cpu":
-            self._native.copy_rows(self.host.data, rows, self.cache, slots)
+        if self._rows is not None:
+            self._rows.copy(self.host.data, rows, self.cache, slots)
         else:
             self.cache.index_copy_(
                 0, slots.to(self.device), self.host.data.index_select(0, rows).to(self.device)
@@ -566,6 +571,9 @@ class TableGroup:
 
     def gather(self, plan: StepPlan) -> torch.Tensor:
         """The step's unique rows (U, width) on the device; overflow rows come from the host."""
+        if self._rows is not None:
+            host = None if plan.overflow is None else self.host.data
+            return self._rows.gather(self.cache, plan.slots, host, plan.batch.uniq)
         if plan.overflow is None:
             return self.cache.index_select(0, self._dev(plan, "slots", plan.slots))
         # Every position reads a slot (overflow ones slot 0), then the host rows replace those.
@@ -608,7 +616,13 @@ class TableGroup:
         grad_rows.index_add_(0, self._dev(plan, "inverse", b.inverse), per_id)
         rows = plan.rows
         self.optimizer.update(rows, grad_rows, plan.step)
-        if plan.overflow is None:
+        if self._rows is not None:
+            dirty = None if self.resident else self.dirty
+            host = None if plan.overflow is None else self.host.data
+            self._rows.scatter(rows, plan.slots, b.uniq, self.cache, dirty, host)
+            if plan.overflow is not None:
+                self.stats.written += self.count_per_table(plan.host_rows)
+        elif plan.overflow is None:
             self.cache.index_copy_(0, self._dev(plan, "slots", plan.slots), rows)
             if not self.resident:
                 self.dirty[plan.slots] = True

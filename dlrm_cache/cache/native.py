@@ -75,6 +75,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.future_add.restype = None
     lib.copy_rows.argtypes = [ptr, ptr, ptr, ptr, i64, i64]
     lib.copy_rows.restype = None
+    lib.gather_rows.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ptr]
+    lib.gather_rows.restype = None
+    lib.scatter_rows.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr]
+    lib.scatter_rows.restype = None
 
 
 def library() -> ctypes.CDLL:
@@ -95,6 +99,62 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     if t.device.type != "cpu" or not t.is_contiguous():
         raise ValueError("the planner needs contiguous host tensors")
     return t.data_ptr()
+
+
+def _rows_ptr(t: torch.Tensor | None, width: int) -> int | None:
+    if t is not None and (t.dtype != torch.float32 or t.shape[1] != width):
+        raise ValueError(f"row copies need float32 rows of width {width}, got {t.dtype} {tuple(t.shape)}")
+    return _ptr(t)
+
+
+class RowKernels:
+    """Row copies between the cache and the host tier where both are host memory (the CPU): one
+    ``memcpy`` per row on the threads, instead of torch's ``index_copy_`` / ``index_select`` (about 3x
+    slower for ``index_copy_``: ``scripts/bench_cache_step.py``). Rows are float32 of one width; indices
+    int64; all contiguous host tensors."""
+
+    def __init__(self) -> None:
+        self._lib = library()
+
+    def __reduce__(self):
+        """A copy (``copy.deepcopy``, pickle) loads the library again (a ctypes handle has no copy)."""
+        return RowKernels, ()
+
+    def copy(self, src: torch.Tensor, src_rows: torch.Tensor, dst: torch.Tensor, dst_rows: torch.Tensor) -> None:
+        """``dst[dst_rows] = src[src_rows]``."""
+        w = src.shape[1]
+        self._lib.copy_rows(_rows_ptr(src, w), _ptr(src_rows), _rows_ptr(dst, w), _ptr(dst_rows), len(src_rows), w)
+
+    def gather(
+        self, cache: torch.Tensor, slots: torch.Tensor, host: torch.Tensor | None, host_rows: torch.Tensor
+    ) -> torch.Tensor:
+        """``cache[slots[u]]`` for each ``u``, or ``host[host_rows[u]]`` where ``slots[u] < 0`` (then
+        ``host`` must be given)."""
+        w = cache.shape[1]
+        out = torch.empty(len(slots), w)
+        self._lib.gather_rows(
+            _rows_ptr(cache, w), _ptr(slots), _rows_ptr(host, w), _ptr(host_rows), len(slots), w, _ptr(out)
+        )
+        return out
+
+    def scatter(
+        self,
+        rows: torch.Tensor,
+        slots: torch.Tensor,
+        host_rows: torch.Tensor,
+        cache: torch.Tensor,
+        dirty: torch.Tensor | None,
+        host: torch.Tensor | None,
+    ) -> None:
+        """``rows[u]`` to ``cache[slots[u]]`` (marking ``dirty[slots[u]]`` where given), or to
+        ``host[host_rows[u]]`` where ``slots[u] < 0``."""
+        w = cache.shape[1]
+        if dirty is not None and dirty.dtype != torch.bool:
+            raise ValueError("dirty bits must be a bool tensor")
+        self._lib.scatter_rows(
+            _rows_ptr(rows, w), _ptr(slots), _ptr(host_rows), len(slots), w, _rows_ptr(cache, w), _ptr(dirty),
+            _rows_ptr(host, w),
+        )  # fmt: skip
 
 
 class NativePlanner:
@@ -124,15 +184,6 @@ class NativePlanner:
     def reset(self) -> None:
         """Forget the candidate pools (after the group's bookkeeping was reset)."""
         self._lib.planner_reset(self._handle)
-
-    def copy_rows(
-        self, src: torch.Tensor, src_rows: torch.Tensor, dst: torch.Tensor, dst_rows: torch.Tensor
-    ) -> None:
-        """``dst[dst_rows] = src[src_rows]`` for two contiguous float32 host tensors of equal width."""
-        if not (src.dtype == dst.dtype == torch.float32 and src.shape[1] == dst.shape[1]):
-            raise ValueError("copy_rows needs float32 tables of one width")
-        src_rows, dst_rows = src_rows.contiguous(), dst_rows.contiguous()
-        self._lib.copy_rows(_ptr(src), _ptr(src_rows), _ptr(dst), _ptr(dst_rows), len(src_rows), src.shape[1])
 
     def register_future(self, g: TableGroup, uniq: torch.Tensor) -> tuple[int, int]:
         """``g.register_future`` in one pass: the batch's rows into ``g.future`` (its sequence number
