@@ -120,10 +120,11 @@ class RowKernels:
         """A copy (``copy.deepcopy``, pickle) loads the library again (a ctypes handle has no copy)."""
         return RowKernels, ()
 
-    def copy(self, src: torch.Tensor, src_rows: torch.Tensor, dst: torch.Tensor, dst_rows: torch.Tensor) -> None:
+    def copy(self, src: torch.Tensor, src_rows: torch.Tensor, dst: torch.Tensor, dst_rows: torch.Tensor):
         """``dst[dst_rows] = src[src_rows]``."""
         w = src.shape[1]
-        self._lib.copy_rows(_rows_ptr(src, w), _ptr(src_rows), _rows_ptr(dst, w), _ptr(dst_rows), len(src_rows), w)
+        n = len(src_rows)
+        self._lib.copy_rows(_rows_ptr(src, w), _ptr(src_rows), _rows_ptr(dst, w), _ptr(dst_rows), n, w)
 
     def gather(
         self, cache: torch.Tensor, slots: torch.Tensor, host: torch.Tensor | None, host_rows: torch.Tensor
