@@ -303,11 +303,10 @@ class TableGroup:
         ``host_rows``: rows the batch in flight updates on the host; loading them now would read them
         stale, so this batch reads them from the host too, at its forward, after that update."""
         t0 = time.perf_counter()
-        uniq = batch.uniq
-        self.stats.lookups += batch.lookups
-        self.stats.touched += self.count_per_table(uniq)
         if self.resident:
-            plan = StepPlan(batch, step, uniq, None)
+            self.stats.lookups += batch.lookups
+            self.stats.touched += self.count_per_table(batch.uniq)
+            plan = StepPlan(batch, step, batch.uniq, None)
         else:
             plan = self._plan_cached(batch, step, pin_floor, host_rows)
         self.stats.bookkeeping_s += time.perf_counter() - t0
@@ -323,20 +322,22 @@ class TableGroup:
             )
         if self._native is None:
             return self._plan_python(batch, step, pin_floor, host_rows)
-        r = self._native.plan(self, batch, step, pin_floor, host_rows)
-        self._copy_out(r["wb_slots"], r["wb_rows"])  # dirty victims out before their slots are overwritten
-        self._copy_in(r["load_rows"], r["load_slots"])
-        self.stats.loaded += r["loaded"]
-        self.stats.overflow += r["from_host"]
-        self.stats.written += r["written"]
-        for t in torch.nonzero(r["short_of"]).squeeze(1).tolist():
-            self._log_overflow(t, batch, int(r["short_of"][t]))
+        copied = self._rows is not None  # the planner copies the rows itself
+        r = self._native.plan(self, batch, step, pin_floor, host_rows, copy_rows=copied)
+        if not copied:
+            self._copy_out(r["wb_slots"], r["wb_rows"])  # dirty victims out first: their slots are reused
+            self._copy_in(r["load_rows"], r["load_slots"])
+        if r["short"]:
+            for t in torch.nonzero(r["short_of"]).squeeze(1).tolist():
+                self._log_overflow(t, batch, int(r["short_of"][t]))
         overflow = r["overflow"] if len(r["overflow"]) else None
         return StepPlan(batch, step, r["slots"], overflow, scratch=self._scratch())
 
     def _plan_python(self, batch: PreparedBatch, step: int, pin_floor: int, host_rows) -> StepPlan:
         """The planner in tensor operations: the reference for (and the fallback of) ``planner.cpp``."""
         uniq = batch.uniq
+        self.stats.lookups += batch.lookups
+        self.stats.touched += self.count_per_table(uniq)
         slots = self.row_to_slot[uniq].to(torch.int64)
         hit = slots >= 0
         self.pin_until[slots[hit]] = step

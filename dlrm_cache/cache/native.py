@@ -45,23 +45,28 @@ class _PlanArgs(ctypes.Structure):
         ("last_used", ctypes.c_void_p),
         ("access_count", ctypes.c_void_p),
         ("coldness", ctypes.c_void_p),
+        ("host", ctypes.c_void_p),
+        ("cache", ctypes.c_void_p),
+        ("width", ctypes.c_int64),
         ("slots", ctypes.c_void_p),
         ("overflow", ctypes.c_void_p),
         ("wb_rows", ctypes.c_void_p),
         ("wb_slots", ctypes.c_void_p),
         ("load_rows", ctypes.c_void_p),
         ("load_slots", ctypes.c_void_p),
-        ("loaded", ctypes.c_void_p),
-        ("from_host", ctypes.c_void_p),
-        ("written", ctypes.c_void_p),
         ("short_of", ctypes.c_void_p),
-        ("counts", ctypes.c_int64 * 3),
+        ("counts", ctypes.c_int64 * 4),
+        ("lookups", ctypes.c_void_p),
+        ("stat_lookups", ctypes.c_void_p),
+        ("stat_touched", ctypes.c_void_p),
+        ("stat_loaded", ctypes.c_void_p),
+        ("stat_from_host", ctypes.c_void_p),
+        ("stat_written", ctypes.c_void_p),
     ]
 
 
-# the planner's outputs: one entry per unique row (lists cut to their length after), one per table
+# the planner's outputs of one entry per unique row (the lists cut to their lengths after)
 _PER_ROW = ("slots", "overflow", "wb_rows", "wb_slots", "load_rows", "load_slots")
-_PER_TABLE = ("loaded", "from_host", "written", "short_of")
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -198,13 +203,24 @@ class NativePlanner:
         return seq, base
 
     def plan(
-        self, g: TableGroup, batch: PreparedBatch, step: int, pin_floor: int, host_rows: torch.Tensor | None
-    ) -> dict[str, torch.Tensor]:
-        """Plan ``batch`` for ``step``, updating ``g``'s bookkeeping; returns the slots, the positions
-        served from the host, the rows to write back and to load, and per-table counts."""
+        self,
+        g: TableGroup,
+        batch: PreparedBatch,
+        step: int,
+        pin_floor: int,
+        host_rows: torch.Tensor | None,
+        copy_rows: bool,
+    ) -> dict[str, torch.Tensor | int]:
+        """Plan ``batch`` for ``step``, updating ``g``'s bookkeeping and counters (``g.stats``); with
+        ``copy_rows`` (both tiers in host memory) also write back the dirty victims and load the
+        misses. Returns the slots, the positions served from the host, the rows to write back and to
+        load (the caller copies them without ``copy_rows``), and per table the victims wanted but not
+        available (``short_of``, with their sum ``short``)."""
         n = len(batch.uniq)
-        out = {k: torch.empty(n, dtype=torch.int64) for k in _PER_ROW}
-        per_table = {k: torch.zeros(self.tables, dtype=torch.int64) for k in _PER_TABLE}
+        buf = torch.empty(len(_PER_ROW) * n + self.tables, dtype=torch.int64)
+        out = dict(zip(_PER_ROW, buf[: len(_PER_ROW) * n].view(len(_PER_ROW), n), strict=True))
+        out["short_of"] = buf[len(_PER_ROW) * n :]
+        s = g.stats
         a = _PlanArgs(
             n_uniq=n,
             uniq=_ptr(batch.uniq),
@@ -223,14 +239,23 @@ class NativePlanner:
             last_used=_ptr(g.last_used),
             access_count=_ptr(g.access_count),
             coldness=_ptr(g._coldness_table),
-            **{k: _ptr(v) for k, v in (out | per_table).items()},
+            host=_ptr(g.host.data) if copy_rows else None,
+            cache=_ptr(g.cache) if copy_rows else None,
+            width=g.width,
+            **{k: _ptr(v) for k, v in out.items()},
+            lookups=_ptr(batch.lookups),
+            stat_lookups=_ptr(s.lookups),
+            stat_touched=_ptr(s.touched),
+            stat_loaded=_ptr(s.loaded),
+            stat_from_host=_ptr(s.overflow),
+            stat_written=_ptr(s.written),
         )
         self._lib.planner_plan(self._handle, ctypes.byref(a))
-        n_over, n_wb, n_load = a.counts
+        n_over, n_wb, n_load, out["short"] = a.counts
         for k, m in (("overflow", n_over), ("wb_rows", n_wb), ("wb_slots", n_wb)):
             out[k] = out[k][:m]
         out["load_rows"], out["load_slots"] = out["load_rows"][:n_load], out["load_slots"][:n_load]
-        return out | per_table
+        return out
 
     def __del__(self) -> None:
         handle = getattr(self, "_handle", None)

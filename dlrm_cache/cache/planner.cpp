@@ -52,6 +52,10 @@ struct PlanArgs {
   int64_t* last_used;     // lru
   int64_t* access_count;  // lfu (per row)
   const int64_t* coldness;  // per row; null: the row itself
+  // the rows, where both tiers are in host memory (else null: the caller copies, from the lists)
+  float* host;
+  float* cache;
+  int64_t width;
   // out, each of capacity U (T for the per-table ones)
   int64_t* slots;        // (U,) slot of each unique row, -1: served from the host
   int64_t* overflow;     // positions in uniq served from the host, ascending
@@ -59,11 +63,16 @@ struct PlanArgs {
   int64_t* wb_slots;
   int64_t* load_rows;    // ...then load host[load_rows] into cache[load_slots]
   int64_t* load_slots;
-  int64_t* loaded;       // (T,) misses, rows served from the host included
-  int64_t* from_host;    // (T,) rows served from the host
-  int64_t* written;      // (T,) dirty victims
   int64_t* short_of;     // (T,) victims wanted but not available (the batch overflows the cache)
-  int64_t counts[3];     // n_overflow, n_wb, n_load
+  int64_t counts[4];     // n_overflow, n_wb, n_load, and the sum of short_of
+  // the group's counters (T,), added to: ids looked up (from `lookups`), unique rows, misses (rows
+  // served from the host included), rows served from the host, dirty victims written back
+  const int64_t* lookups;
+  int64_t* stat_lookups;
+  int64_t* stat_touched;
+  int64_t* stat_loaded;
+  int64_t* stat_from_host;
+  int64_t* stat_written;
 };
 
 }  // extern "C"
@@ -168,8 +177,8 @@ struct Planner {
   // Table t's share of the plan: its unique rows are uniq[lo, hi) (uniq is sorted, so each table's
   // rows are a range), and its lists go to the same range [lo, hi) of the output arrays (a table
   // loads, writes back and serves from the host at most as many rows as it has); `n` gets their
-  // lengths: overflow, write-back, load. Tables share no slot, row or pool, so they are
-  // planned at once, each by one thread.
+  // lengths: overflow, write-back, load. With `a.host`, it also copies its rows. Tables share no
+  // slot, row, pool or counter, so they are planned at once, each by one thread.
   void plan_table(PlanArgs& a, int64_t t, int64_t lo, int64_t hi, Scratch& sc, int64_t* n) {
     // The slot of every row first, in a pass without branches: the reads of the (large, O(rows))
     // row -> slot map are then independent and overlap, instead of waiting behind mispredicted
@@ -193,9 +202,11 @@ struct Planner {
     int64_t *wb_rows = a.wb_rows + lo, *wb_slots = a.wb_slots + lo;
     int64_t *load_rows = a.load_rows + lo, *load_slots = a.load_slots + lo;
     const int64_t misses = sc.order.size();
-    a.loaded[t] = misses + n_held;
-    a.from_host[t] = n_held;
-    a.written[t] = a.short_of[t] = 0;
+    a.stat_lookups[t] += a.lookups[t];
+    a.stat_touched[t] += hi - lo;
+    a.stat_loaded[t] += misses + n_held;
+    a.stat_from_host[t] += n_held;
+    a.short_of[t] = 0;
     const bool lookahead = policy == kLookahead;
     if (misses) {
       // admission order: nearest next use, then hottest (lookahead); else row order
@@ -235,11 +246,18 @@ struct Planner {
           } else {
             a.slots[u] = -1;
             over[n_over++] = u;
-            a.from_host[t] += 1;
+            a.stat_from_host[t] += 1;
           }
         }
-        a.written[t] = n_wb;
+        a.stat_written[t] += n_wb;
       }
+    }
+    if (a.host) {  // dirty victims out before their slots are overwritten
+      const int64_t w = a.width;
+      for (int64_t k = 0; k < n_wb; ++k)
+        std::memcpy(a.host + wb_rows[k] * w, a.cache + wb_slots[k] * w, w * sizeof(float));
+      for (int64_t k = 0; k < n_load; ++k)
+        std::memcpy(a.cache + load_slots[k] * w, a.host + load_rows[k] * w, w * sizeof(float));
     }
     for (int64_t k = 0; k < n_load; ++k) {
       const int64_t s = load_slots[k];
@@ -313,6 +331,7 @@ struct Planner {
     }
     // each table's lists, in table order, to the front of the output arrays
     for (auto& c : a.counts) c = 0;
+    for (int64_t t = 0; t < tables; ++t) a.counts[3] += a.short_of[t];
     const std::pair<int64_t*, int64_t*> lists[] = {
         {a.overflow, nullptr}, {a.wb_rows, a.wb_slots}, {a.load_rows, a.load_slots}};
     for (int64_t t = 0; t < tables; ++t) {
