@@ -80,6 +80,9 @@ struct PlanArgs {
 namespace {
 
 constexpr int64_t kParallelCopyRows = 256;  // copy_rows: fewer rows are copied on one thread
+// Loops over rows or slots at random places in large arrays ask for the element this many
+// iterations ahead (software prefetch): the loads are independent, but the hardware cannot guess them.
+constexpr int64_t kAhead = 16;
 
 using Keyed = std::vector<std::pair<int64_t, int64_t>>;  // (eviction key, slot)
 
@@ -153,7 +156,16 @@ struct Planner {
   void candidates(const PlanArgs& a, int64_t t, int64_t need, int64_t n, Keyed& keyed) {
     for (int attempt = 0; attempt < 2; ++attempt) {
       keyed.clear();
-      for (int64_t s : pool[t]) {
+      const std::vector<int64_t>& members = pool[t];
+      const int64_t m = members.size();
+      for (int64_t i = 0; i < m; ++i) {
+        if (i + kAhead < m) {
+          const int64_t ahead = members[i + kAhead];
+          __builtin_prefetch(a.slot_to_row + ahead);
+          __builtin_prefetch(a.pin_until + ahead);
+          if (policy == kLookahead) __builtin_prefetch(a.next_use + ahead);
+        }
+        const int64_t s = members[i];
         const int64_t k = key(a, s);
         if (k >= floor[t] && a.pin_until[s] < a.pin_floor) keyed.emplace_back(k, s);
       }
@@ -183,7 +195,10 @@ struct Planner {
     // The slot of every row first, in a pass without branches: the reads of the (large, O(rows))
     // row -> slot map are then independent and overlap, instead of waiting behind mispredicted
     // hit/miss branches.
-    for (int64_t u = lo; u < hi; ++u) a.slots[u] = a.row_to_slot[a.uniq[u]];
+    for (int64_t u = lo; u < hi; ++u) {
+      if (u + kAhead < hi) __builtin_prefetch(a.row_to_slot + a.uniq[u + kAhead]);
+      a.slots[u] = a.row_to_slot[a.uniq[u]];
+    }
     sc.order.clear();
     int64_t* over = a.overflow + lo;  // positions served from the host, ascending (merged below)
     int64_t n_held = 0;
