@@ -124,9 +124,10 @@ class CachedEmbeddingBagCollection(nn.Module):
 
     def prefetch(self) -> None:
         """Plan the next enqueued batch and load its missing rows, on the bookkeeping thread while the
-        current batch computes (inline on the CPU). Rows the in-flight batch needs are never evicted,
-        and rows it updates on the host (overflow) are read from the host at the next forward, after
-        that update: nothing is read stale."""
+        current batch computes (on the CPU, ``forward`` has done so already where that batch was
+        enqueued by then). Rows the in-flight batch needs are never evicted, and rows it updates on
+        the host (overflow) are read from the host at the next forward, after that update: nothing
+        is read stale."""
         if self._planned is not None or not self._queue:
             return
         self._planned = self._submit_plan(self._queue[0][1])
@@ -193,11 +194,17 @@ class CachedEmbeddingBagCollection(nn.Module):
             planned = self._submit_plan(done)
         self._planned = None
         plans = planned.result()
-        trigger = torch.empty(0, requires_grad=True)
-        outs = []
         for g, plan in zip(self.groups, plans, strict=True):
             g.begin_step(plan)
-            outs.append(_FusedLookup.apply(trigger, g, plan))
+        if self.device.type == "cpu":
+            # The plan runs inline on the CPU: the next batch's is made here, once this batch's rows
+            # are gathered. It is the plan prefetch() would make between forward and backward (the
+            # bookkeeping does not change in between), made while the processor's caches hold
+            # nothing the step still needs; made later, its scans and row copies pushed the step's
+            # activations out of them and the backward pass paid for it.
+            self.prefetch()
+        trigger = torch.empty(0, requires_grad=True)
+        outs = [_FusedLookup.apply(trigger, g, plan) for g, plan in zip(self.groups, plans, strict=True)]
         return self._keyed(outs)
 
     def _keyed(self, outs: list[torch.Tensor]) -> KeyedTensor:
