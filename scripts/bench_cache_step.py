@@ -90,12 +90,12 @@ def main() -> None:
         pairs = [(none.run(args.block), cached.run(args.block)) for _ in range(blocks)]
         s = cached.ebc.stats()
         base, step = (sum(p[k] for p in pairs) / (blocks * args.block) for k in (0, 1))
-        per_block = statistics.median(c / n for n, c in pairs)
+        q1, per_block, q3 = statistics.quantiles([c / n for n, c in pairs], n=4)
         timed = blocks * args.block
         loaded = (s["rows_loaded"] - before["rows_loaded"]) / timed
         book = (s["bookkeeping_s"] - before["bookkeeping_s"]) / timed
         print(f"lookahead ratio={ratio:<6} {step * 1e3:6.2f} ms/step, none {base * 1e3:6.2f} ms/step", end="")
-        print(f" = {step / base:.3f}x (median over blocks {per_block:.3f}x)", end="; ")
+        print(f" = {step / base:.3f}x (blocks: median {per_block:.3f}x, IQR {q1:.3f}-{q3:.3f})", end="; ")
         print(f"bookkeeping {book * 1e3:.2f} ms/step, {loaded:,.0f} rows loaded/step", end=", ")
         print(f"{book / max(loaded, 1) * 1e6:.2f} us/loaded row")
         cached.ebc.close()
