@@ -7,8 +7,10 @@ Drives the cache core (``dlrm_cache.cache.group.TableGroup``) directly, so it ne
 numpy: no torchrec, no fbgemm (neither can travel to a lent GPU machine). A step = plan (host
 bookkeeping, loads), gather + pool (forward), the row gradients of a fixed upstream gradient and the
 fused row-wise Adagrad update (backward); the same for both runs. Ids: Zipf(1.05) over the Kaggle
-cardinalities times ``--scale``, handed to the cache ``--lookahead`` batches ahead. Target (issue):
-cached throughput >= 0.9x the all-on-device throughput.
+cardinalities times ``--scale``, handed to the cache ``--lookahead`` batches ahead. The plans come
+from the C++ planner where the machine's compiler builds it, as in training (``--planner``; ``auto``
+falls back to the Python planner with a warning). Target (issue): cached throughput >= 0.9x the
+all-on-device throughput.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from dlrm_cache.cache import native
 from dlrm_cache.cache.group import TableGroup
 from dlrm_cache.cache.optim import SparseOptimizer
 from dlrm_cache.criteo import CAT_COLUMNS, KAGGLE_CARDINALITIES
@@ -50,7 +53,9 @@ def run(policy: str, args, trace: list[np.ndarray], device: torch.device) -> tup
         else max(1, round(args.ratio * t.num_embeddings))
         for t in tables
     ]
-    g = TableGroup(tables, caps, policy, SparseOptimizer("adagrad", lr=0.01), device, warmup_ratio=0.7)
+    opt = SparseOptimizer("adagrad", lr=0.01)
+    planner = native.resolve(args.planner)
+    g = TableGroup(tables, caps, policy, opt, device, warmup_ratio=0.7, planner=planner)
     offsets = g.feature_row_offset.numpy()[:, None]
     bags = torch.arange(args.batch * len(tables) + 1, dtype=torch.int64)
     lookups = torch.full((len(tables),), args.batch, dtype=torch.int64)
@@ -97,6 +102,9 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=20)
     ap.add_argument("--ratio", type=float, default=0.015)
     ap.add_argument("--lookahead", type=int, default=256)
+    ap.add_argument(
+        "--planner", default="auto", help="cache.planner: auto (C++ where it builds), native, python"
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
