@@ -288,7 +288,7 @@ class CachedEmbeddingBagCollection(nn.Module):
                     "lookups": int(s.lookups[t]),
                     "rows_touched": int(s.touched[t]),
                     "rows_loaded": int(s.loaded[t]),
-                    "rows_written": int(s.written[t]),
+                    "rows_written": int(s.written[t] + s.written_by_update[t]),
                     "rows_from_host": int(s.overflow[t]),
                     "warmup_rows": int(s.warmup[t]),
                 }

@@ -92,12 +92,16 @@ class StepPlan:
 
 @dataclass
 class GroupStats:
-    """Counters in host memory (no device sync to read them); one entry per table."""
+    """Counters in host memory (no device sync to read them); one entry per table. The planner (on the
+    bookkeeping thread with a CUDA device) and the update (on the training thread) add to counters of
+    their own: rows written back are ``written`` (dirty victims, flushes) + ``written_by_update``
+    (rows served from the host, updated there)."""
 
     lookups: torch.Tensor
     touched: torch.Tensor
     loaded: torch.Tensor
     written: torch.Tensor
+    written_by_update: torch.Tensor
     overflow: torch.Tensor
     warmup: torch.Tensor
     eval_lookups: torch.Tensor
@@ -106,7 +110,7 @@ class GroupStats:
 
     @classmethod
     def zeros(cls, tables: int) -> GroupStats:
-        z = [torch.zeros(tables, dtype=torch.int64) for _ in range(8)]
+        z = [torch.zeros(tables, dtype=torch.int64) for _ in range(9)]
         return cls(*z)
 
 
@@ -622,7 +626,7 @@ class TableGroup:
             host = None if plan.overflow is None else self.host.data
             self._rows.scatter(rows, plan.slots, b.uniq, self.cache, dirty, host)
             if plan.overflow is not None:
-                self.stats.written += self.count_per_table(plan.host_rows)
+                self.stats.written_by_update += self.count_per_table(plan.host_rows)
         elif plan.overflow is None:
             self.cache.index_copy_(0, self._dev(plan, "slots", plan.slots), rows)
             if not self.resident:
@@ -632,7 +636,7 @@ class TableGroup:
             self._dirty_and_scratch[plan.write_slots] = True
             host = rows.index_select(0, self._dev(plan, "overflow", plan.overflow)).to("cpu")
             self.host.data.index_copy_(0, plan.host_rows, host)
-            self.stats.written += self.count_per_table(plan.host_rows)
+            self.stats.written_by_update += self.count_per_table(plan.host_rows)
         plan.rows = None
         if self._inflight is plan:
             self._inflight = None
