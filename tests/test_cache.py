@@ -14,6 +14,7 @@ from dlrm_cache import native_build
 from dlrm_cache.cache import group as group_module
 from dlrm_cache.cache.collection import CachedEmbeddingBagCollection
 from dlrm_cache.cache.future import FutureIndex
+from dlrm_cache.cache.native import RowKernels
 from dlrm_cache.cache.optim import SparseOptimizer
 from dlrm_cache.cache.policy import NO_NEXT_USE
 from dlrm_cache.config import CacheConfig, ConfigError
@@ -542,3 +543,34 @@ def test_future_index_gives_each_rows_next_use_while_its_arena_wraps_and_grows()
         ]
         assert got.tolist() == want, f"batch {i}"
     assert wrapped and len(future.arena) > 8
+
+
+@pytest.mark.parametrize("n", [5, 700], ids=["one-thread", "threads"])
+def test_the_row_kernels_copy_as_torch_indexing_does(n):
+    """Gather reads each row from its slot, or from the host where the slot is -1; scatter writes each
+    back to its slot (setting its dirty bit) or to the host; copy is ``dst[j] = src[i]``."""
+    g = torch.Generator().manual_seed(0)
+    cache, host = torch.randn(1000, 9, generator=g), torch.randn(5000, 9, generator=g)
+    slots = torch.randperm(1000, generator=g)[:n]
+    slots[::3] = -1
+    host_rows = torch.randperm(5000, generator=g)[:n]
+    kernels = RowKernels()
+    out = kernels.gather(cache, slots, host, host_rows)
+    expected = torch.where((slots >= 0).unsqueeze(1), cache[slots.clamp(min=0)], host[host_rows])
+    assert torch.equal(out, expected)
+
+    rows = torch.randn(n, 9, generator=g)
+    new_cache, new_host, dirty = cache.clone(), host.clone(), torch.zeros(1000, dtype=torch.bool)
+    kernels.scatter(rows, slots, host_rows, new_cache, dirty, new_host)
+    in_cache = slots >= 0
+    want_cache, want_host = cache.clone(), host.clone()
+    want_cache[slots[in_cache]] = rows[in_cache]
+    want_host[host_rows[~in_cache]] = rows[~in_cache]
+    assert torch.equal(new_cache, want_cache) and torch.equal(new_host, want_host)
+    assert torch.equal(dirty.nonzero().squeeze(1), slots[in_cache].sort().values)
+
+    dst = slots[in_cache]  # distinct slots
+    kernels.copy(host, host_rows[: len(dst)], new_cache, dst)
+    assert torch.equal(new_cache[dst], host[host_rows[: len(dst)]])
+    with pytest.raises(ValueError, match="int64 row indices"):
+        kernels.gather(cache, slots.to(torch.int32), host, host_rows)
