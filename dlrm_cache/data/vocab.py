@@ -4,10 +4,10 @@ transform).
 ``ValueCounter`` counts raw values of one feature over chunks: in a hash table (``vocab_map.cpp``, one
 probe or two per value) where the C++ library builds, else as sorted per-chunk runs merged when they
 outgrow the merged table (an LSM-style amortized merge). Two counters merge as sorted runs, so counting
-can run one file per process. ``Vocabulary`` ranks
-values by descending train count (ties by raw value, the empty value ranked like any other); values
-seen fewer than ``min_count`` times, and values never seen in train, share one "rare" id ranked by its
-total train count. The hottest k rows are then ids 0..k-1.
+can run one file per process. ``Vocabulary`` ranks values by descending train count (ties by raw
+value, the empty value ranked like any other); values seen fewer than ``min_count`` times, and values
+never seen in train, share one "rare" id ranked by its total train count. The hottest k rows are then
+ids 0..k-1.
 """
 
 from __future__ import annotations

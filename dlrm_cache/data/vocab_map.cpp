@@ -89,7 +89,6 @@ void value_counter_export(const void* counter, int64_t* values, int64_t* counts)
   }
 }
 
-
 // keys: n distinct raw values; ids: their new ids.
 void* vocab_map_new(const int64_t* keys, const int64_t* ids, int64_t n) {
   auto* m = new Map();
