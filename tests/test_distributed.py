@@ -14,7 +14,7 @@ import torch
 from dlrm_cache.cache.optim import SparseOptimizer
 from dlrm_cache.config import CacheConfig
 from dlrm_cache.data.preprocess import synthetic_dataset
-from dlrm_cache.distributed.checkpoint import find_checkpoint, load_meta
+from dlrm_cache.distributed.checkpoint import find_checkpoint, load_meta, pieces
 from dlrm_cache.distributed.planner import LOADS, FrequencyCacheStatistics, TableStats, plan_cache
 
 COMMON = [
@@ -57,13 +57,10 @@ def tables(run_dir) -> dict[str, torch.Tensor]:
     """Full tables (weight | optimizer state) assembled from every rank's checkpoint file."""
     folder = find_checkpoint(run_dir)
     out: dict[str, torch.Tensor] = {}
-    for r in range(load_meta(folder)["world_size"]):
-        for p in torch.load(folder / f"embeddings-rank{r}.pt"):
-            w = out.setdefault(p["table"], torch.full((p["full_rows"], p["full_dim"]), float("nan")))
-            rows, cols = p["weight"].shape
-            w[p["row_offset"] : p["row_offset"] + rows, p["col_offset"] : p["col_offset"] + cols] = p[
-                "weight"
-            ]
+    for p in pieces(folder, load_meta(folder)["world_size"]):
+        w = out.setdefault(p.table, torch.full((p.full_rows, p.full_dim), float("nan")))
+        rows, cols = p.rows, p.cols
+        w[p.row_offset : p.row_offset + rows, p.col_offset : p.col_offset + cols] = p.read(0, rows)[:, :cols]
     return out
 
 
@@ -123,7 +120,7 @@ def test_every_rank_writes_into_rank_0s_run_dir(dataset, tmp_path):
     ok(run(2, str(tmp_path / "run_${oc.env:RANK}"), dataset, "train.max_steps=2"))
     first = tmp_path / "run_0"
     assert (first / "summary.json").is_file() and (first / "metrics.jsonl").is_file()
-    assert {"meta.pt", "embeddings-rank0.pt", "embeddings-rank1.pt"} <= {
+    assert {"meta.pt", "embeddings-rank0.json", "embeddings-rank1.json"} <= {
         p.name for p in (first / "checkpoint").iterdir()
     }
     assert not any(
@@ -318,50 +315,47 @@ def test_torchrecs_prefetch_hook_hands_the_kernel_the_next_batch():
 
 
 def test_checkpoint_pieces_reassemble_into_any_column_split(tmp_path):
-    """Adam's per-column moments and Adagrad's per-row state follow their columns across splits."""
+    """Adam's per-column moments and Adagrad's per-row state follow their columns across splits:
+    a whole table -> two column halves (two ranks) -> a whole table and a middle column shard."""
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
     from dlrm_cache.cache import CachedEmbeddingBagCollection
     from dlrm_cache.cache.host import TableShard
-    from dlrm_cache.distributed.checkpoint import embedding_pieces, load_embeddings
+    from dlrm_cache.distributed.checkpoint import load_embeddings, write_embeddings
+
+    def rows_of(ebc):
+        return ebc.groups[0].table_rows(0).clone()
 
     for kind in ("adam", "adagrad"):
         opt = SparseOptimizer(kind, lr=0.05)
 
-        def table(cols):
-            return EmbeddingBagConfig(num_embeddings=50, embedding_dim=cols, name="t", feature_names=["f"])
+        def shard(cols, col_offset=0):
+            table = EmbeddingBagConfig(num_embeddings=50, embedding_dim=cols, name="t", feature_names=["f"])
+            spec = {"t": TableShard(0, col_offset, 50, 8)}
+            return CachedEmbeddingBagCollection([table], CacheConfig(policy="none"), opt, shards=spec), spec
 
-        whole = CachedEmbeddingBagCollection([table(8)], CacheConfig(policy="none"), opt)
+        whole, _ = shard(8)
         ids = torch.randint(0, 50, (64,), generator=torch.Generator().manual_seed(0))
         batch = KeyedJaggedTensor(keys=["f"], values=ids, lengths=torch.ones(64, dtype=torch.int32))
         whole(batch).values().pow(2).sum().backward()  # one fused update: non-zero optimizer state
-        (piece,) = embedding_pieces([(whole, {})])
-        width = opt.state_width(4)
-        folder = tmp_path / kind
-        folder.mkdir()
-        for rank, c in enumerate((0, 4)):  # written as two column halves by two ranks
-            state = (
-                torch.cat([piece["state"][:, c : c + 4], piece["state"][:, 8 + c : 12 + c]], 1)
-                if opt.state_per_column
-                else piece["state"][:, :width]
-            )
-            half = dict(piece, col_offset=c, weight=piece["weight"][:, c : c + 4], state=state)
-            torch.save([half], folder / f"embeddings-rank{rank}.pt")
-        again = CachedEmbeddingBagCollection([table(8)], CacheConfig(policy="none"), opt)
-        middle = CachedEmbeddingBagCollection(
-            [table(4)], CacheConfig(policy="none"), opt, shards={"t": TableShard(0, 2, 50, 8)}
-        )
-        load_embeddings(folder, 2, [(again, {}), (middle, {"t": TableShard(0, 2, 50, 8)})])
-        (p_again,) = embedding_pieces([(again, {})])
-        torch.testing.assert_close(p_again["weight"], piece["weight"])
-        (p_mid,) = embedding_pieces([(middle, {"t": TableShard(0, 2, 50, 8)})])
-        torch.testing.assert_close(p_mid["weight"], piece["weight"][:, 2:6])
-        if opt.state_per_column:
-            torch.testing.assert_close(p_again["state"], piece["state"])
-            torch.testing.assert_close(
-                p_mid["state"], torch.cat([piece["state"][:, 2:6], piece["state"][:, 10:14]], 1)
-            )
+        expected = rows_of(whole)
+        state = expected[:, 8:]
+        assert state.abs().sum() > 0
+        (one := tmp_path / f"{kind}-1").mkdir()
+        write_embeddings(one, 0, [(whole, {})])
+        halves = [shard(4, c) for c in (0, 4)]
+        load_embeddings(one, 1, halves)
+        (two := tmp_path / f"{kind}-2").mkdir()
+        for rank, half in enumerate(halves):
+            write_embeddings(two, rank, [half])
+        again, middle = shard(8), shard(4, 2)
+        load_embeddings(two, 2, [again, middle])
+        assert torch.equal(rows_of(again[0])[:, :8], expected[:, :8])
+        assert torch.equal(rows_of(middle[0])[:, :4], expected[:, 2:6])
+        if opt.state_per_column:  # [m | v], each column with its weight
+            assert torch.equal(rows_of(again[0]), expected)
+            assert torch.equal(rows_of(middle[0])[:, 4:], torch.cat([state[:, 2:6], state[:, 10:14]], 1))
         else:  # one value per row: the piece holding the shard's first column gives it
-            torch.testing.assert_close(p_mid["state"], piece["state"])
-        assert p_mid["optimizer_step"] == piece["optimizer_step"] == 1
+            assert torch.equal(rows_of(middle[0])[:, 4:], state)
+        assert again[0].optimizer_step == middle[0].optimizer_step == 1

@@ -277,8 +277,11 @@ class CachedEmbeddingBagCollection(nn.Module):
         self._drain()
         tables, totals = {}, dict.fromkeys(COUNTERS, 0)
         eval_lookups = eval_host = 0
-        bytes_h2d = bytes_d2h = 0
+        bytes_h2d = bytes_d2h = disk_read = disk_written = 0
         for g in self.groups:
+            if g.host is not None:
+                disk_read += g.host.read_bytes
+                disk_written += g.host.write_bytes
             s = g.stats
             row_bytes = g.width * 4
             for t, cfg in enumerate(g.configs):
@@ -307,6 +310,10 @@ class CachedEmbeddingBagCollection(nn.Module):
             "hit_rate_unique": _hit_rate(totals["rows_loaded"], totals["rows_touched"]),
             "bytes_h2d": bytes_h2d,
             "bytes_d2h": bytes_d2h,
+            # disk I/O of a mapped host tier (cache.host=mmap) while training
+            "disk_read_bytes": disk_read,
+            "disk_write_bytes": disk_written,
+            **_disk_per_row(disk_read, disk_written, totals),
             "bookkeeping_s": sum(g.stats.bookkeeping_s for g in self.groups),
             "eval": {"lookups": eval_lookups, "rows_from_host": eval_host},
             "tables": tables,
@@ -321,9 +328,22 @@ class CachedEmbeddingBagCollection(nn.Module):
                 rows = g.table_rows(t)
                 destination[f"{prefix}embedding_bags.{cfg.name}.weight"] = rows[:, : g.dim].clone()
                 destination[f"{prefix}embedding_bags.{cfg.name}.optimizer_state"] = rows[:, g.dim :].clone()
-        # Updates applied so far: a batch planned ahead by prefetch() has not been trained on yet.
-        applied = self._step - (1 if self._planned is not None else 0)
-        destination[f"{prefix}optimizer_step"] = torch.tensor(applied)
+        destination[f"{prefix}optimizer_step"] = torch.tensor(self.optimizer_step)
+
+    @property
+    def optimizer_step(self) -> int:
+        """Updates applied so far (a batch planned ahead by prefetch() has not been trained on yet)."""
+        return self._step - (1 if self._planned is not None else 0)
+
+    def restored(self, optimizer_step: int) -> None:
+        """After the tables' rows were written in place (``TableGroup.write_table_rows``): continue from
+        ``optimizer_step`` updates, the caches dropped and warmed up again."""
+        self._step = optimizer_step
+        self._planned = None
+        self._drain()
+        queued = [prepared.result() for _, prepared in self._queue]
+        for i, g in enumerate(self.groups):
+            g.rebuild([p[i] for p in queued])
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -343,19 +363,16 @@ class CachedEmbeddingBagCollection(nn.Module):
                         f"{w_key}: weight+state of shape {tuple(rows.shape)}, expected {(g.rows[t], g.width)}"
                     )
                     continue
-                g.load_table_rows(t, rows)
+                g.write_table_rows(t, 0, rows)
+        step = self._step
         if f"{prefix}optimizer_step" in state_dict:
-            self._step = int(state_dict[f"{prefix}optimizer_step"])
+            step = int(state_dict[f"{prefix}optimizer_step"])
         else:
             missing_keys.append(f"{prefix}optimizer_step")
         if strict:
             ours = set(expected)
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in ours)
-        self._planned = None
-        self._drain()
-        queued = [prepared.result() for _, prepared in self._queue]
-        for i, g in enumerate(self.groups):
-            g.rebuild([p[i] for p in queued])
+        self.restored(step)
 
 
 def _to_sample_major(ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -412,14 +429,23 @@ def merge_stats(parts: list[dict]) -> dict:
                 mine[c] += t[c]
     for t in tables.values():
         t["hit_rate_unique"] = _hit_rate(t["rows_loaded"], t["rows_touched"])
-    totals = {c: sum(s[c] for s in parts) for c in (*COUNTERS, "bytes_h2d", "bytes_d2h", "bookkeeping_s")}
+    summed = (*COUNTERS, "bytes_h2d", "bytes_d2h", "disk_read_bytes", "disk_write_bytes", "bookkeeping_s")
+    totals = {c: sum(s[c] for s in parts) for c in summed}
     return {
         "policy": parts[0]["policy"],
         "ratio": parts[0]["ratio"],
         **totals,
+        **_disk_per_row(totals["disk_read_bytes"], totals["disk_write_bytes"], totals),
         "hit_rate_unique": _hit_rate(totals["rows_loaded"], totals["rows_touched"]),
         "eval": {k: sum(s["eval"][k] for s in parts) for k in ("lookups", "rows_from_host")},
         "tables": tables,
+    }
+
+
+def _disk_per_row(read: int, written: int, totals: dict) -> dict:
+    return {
+        "disk_read_bytes_per_row_loaded": read / max(1, totals["rows_loaded"]),
+        "disk_write_bytes_per_row_written": written / max(1, totals["rows_written"]),
     }
 
 

@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import InitVar, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import torch
 import torch.nn.functional as F
 
 from dlrm_cache.cache import policy as pol
 from dlrm_cache.cache.future import FutureIndex
-from dlrm_cache.cache.host import HostTable, TableShard
+from dlrm_cache.cache.host import HostTable, TableShard, stream_rows
 from dlrm_cache.cache.native import NativePlanner, RowKernels
 from dlrm_cache.cache.optim import SparseOptimizer
 
@@ -312,7 +313,8 @@ class TableGroup:
             self.stats.touched += self.count_per_table(batch.uniq)
             plan = StepPlan(batch, step, batch.uniq, None)
         else:
-            plan = self._plan_cached(batch, step, pin_floor, host_rows)
+            with self.host.measured():
+                plan = self._plan_cached(batch, step, pin_floor, host_rows)
         self.stats.bookkeeping_s += time.perf_counter() - t0
         return plan
 
@@ -601,8 +603,13 @@ class TableGroup:
         return pooled.view(b.batch_size, -1)
 
     def begin_step(self, plan: StepPlan) -> None:
-        plan.rows = self.gather(plan)
+        with self._host_io(plan):
+            plan.rows = self.gather(plan)
         self._inflight = plan
+
+    def _host_io(self, plan: StepPlan) -> AbstractContextManager:
+        """Counts the disk I/O of a step's work with rows served from the (mapped) host."""
+        return nullcontext() if plan.overflow is None else self.host.measured()
 
     @torch.no_grad()
     def apply_gradients(self, plan: StepPlan, grad_out: torch.Tensor) -> None:
@@ -619,8 +626,16 @@ class TableGroup:
         )
         grad_rows = torch.zeros(len(b.uniq), dim, device=self.device)
         grad_rows.index_add_(0, self._dev(plan, "inverse", b.inverse), per_id)
-        rows = plan.rows
-        self.optimizer.update(rows, grad_rows, plan.step)
+        self.optimizer.update(plan.rows, grad_rows, plan.step)
+        with self._host_io(plan):
+            self._write_back(plan)
+        plan.rows = None
+        if self._inflight is plan:
+            self._inflight = None
+
+    def _write_back(self, plan: StepPlan) -> None:
+        """The step's updated rows into their slots (marked dirty), or to the host where served from it."""
+        b, rows = plan.batch, plan.rows
         if self._rows is not None:
             dirty = None if self.resident else self.dirty
             host = None if plan.overflow is None else self.host.data
@@ -637,9 +652,6 @@ class TableGroup:
             host = rows.index_select(0, self._dev(plan, "overflow", plan.overflow)).to("cpu")
             self.host.data.index_copy_(0, plan.host_rows, host)
             self.stats.written_by_update += self.count_per_table(plan.host_rows)
-        plan.rows = None
-        if self._inflight is plan:
-            self._inflight = None
 
     @torch.no_grad()
     def lookup_readonly(self, batch: PreparedBatch) -> torch.Tensor:
@@ -664,7 +676,8 @@ class TableGroup:
         slots = torch.nonzero(self.dirty).squeeze(1)
         if slots.numel():
             rows = self.slot_to_row[slots]
-            self._copy_out(slots, rows)
+            with self.host.measured():
+                self._copy_out(slots, rows)
             self.stats.written += self.count_unsorted_per_table(rows)
             self.dirty[slots] = False
 
@@ -673,12 +686,26 @@ class TableGroup:
         lo, hi = self.row_offsets[t], self.row_offsets[t + 1]
         return (self.cache if self.resident else self.host.data)[lo:hi]
 
-    @torch.no_grad()
-    def load_table_rows(self, t: int, rows: torch.Tensor) -> None:
+    def save_table(self, t: int, out: BinaryIO) -> None:
+        """Stream table ``t``'s rows (host layout) into the open file ``out``, in bounded memory
+        (call ``flush`` first)."""
         lo, hi = self.row_offsets[t], self.row_offsets[t + 1]
-        (self.cache if self.resident else self.host.data)[lo:hi] = rows.to(
-            self.cache.device if self.resident else "cpu"
-        )
+        if self.resident:
+            stream_rows(self.cache, lo, hi - lo, out)
+        else:
+            self.host.save_rows(lo, hi - lo, out)
+
+    @torch.no_grad()
+    def write_table_rows(self, t: int, first: int, rows: torch.Tensor) -> None:
+        """Rows ``[first, first + len(rows))`` of table ``t`` become ``rows`` (host layout); call
+        ``rebuild`` once done."""
+        lo = self.row_offsets[t] + first
+        if lo + len(rows) > self.row_offsets[t + 1]:
+            raise ValueError(f"table {self.configs[t].name}: rows up to {first + len(rows)} of {self.rows[t]}")
+        if self.resident:
+            self.cache[lo : lo + len(rows)] = rows.to(self.device)
+        else:
+            self.host.write_rows(lo, rows)
 
     def rebuild(self, queued: list[PreparedBatch]) -> None:
         """After the host rows changed underneath: drop the cache and warm it up again."""

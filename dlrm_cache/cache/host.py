@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import logging
+import mmap
+import os
 import shutil
 import tempfile
 import weakref
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
-import numpy as np
 import torch
+from tqdm import tqdm
 
 if TYPE_CHECKING:
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
+log = logging.getLogger(__name__)
 _INIT_CHUNK_ROWS = 1 << 18  # initialise huge tables a chunk at a time (bounded extra memory)
+CHUNK_BYTES = 64 << 20  # rows streamed to and from files this many bytes at a time
+PROGRESS_BYTES = 1 << 30  # initialising or streaming more than this shows a progress bar
+GB = 1e9
 
 
 @dataclass(frozen=True)
@@ -37,23 +46,45 @@ class TableShard:
 class HostTable:
     """A (rows, width) float32 array in RAM (pinned when ``pin``) or in a file-backed memory map.
 
-    A memory-mapped table is scratch space (checkpoints hold the real copy): its file, and the
-    temporary folder made for it when no ``mmap_dir`` is given, go when the table is closed or
-    garbage-collected, or at interpreter exit."""
+    A memory-mapped table is scratch space (checkpoints hold the real copy). Its file is allocated
+    whole when made (a file system without room refuses it then, not with a crash mid-training) and
+    mapped with random-access advice, so a missed row reads its own page or two, not the kernel's
+    readahead window around it. Bulk transfers (initialisation, checkpoints) go through the file, not
+    the mapping: whole pages written are never read first. The file, and the temporary folder made
+    for it when no ``mmap_dir`` is given, go when the table is closed or garbage-collected, or at
+    interpreter exit.
+
+    For a mapped table, ``read_bytes`` / ``write_bytes`` add up the disk I/O of the calls made under
+    ``measured()`` (the process's ``/proc/self/io`` before and after: other threads' I/O in those
+    moments counts too)."""
 
     def __init__(self, rows: int, width: int, kind: str, mmap_dir: str | None, name: str, pin: bool):
         self.path: Path | None = None
-        if kind == "mmap":
-            folder = Path(mmap_dir) if mmap_dir else Path(tempfile.mkdtemp(prefix="dlrm_cache_host_"))
-            folder.mkdir(parents=True, exist_ok=True)
-            self.path = folder / f"{name}.f32"
-            self.data = torch.from_numpy(
-                np.memmap(self.path, dtype=np.float32, mode="w+", shape=(rows, width))
-            )
-            self._cleanup = weakref.finalize(self, _remove, self.path, None if mmap_dir else folder)
-        else:
+        self.name = name
+        self.row_bytes = width * 4
+        self.read_bytes = self.write_bytes = 0
+        if kind != "mmap":
             self.data = torch.zeros(rows, width, dtype=torch.float32, pin_memory=pin)
             self._cleanup = None
+            return
+        folder = Path(mmap_dir) if mmap_dir else Path(tempfile.mkdtemp(prefix="dlrm_cache_host_"))
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"{name}.f32"
+        size = rows * self.row_bytes
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._cleanup = weakref.finalize(self, _remove, self._fd, self.path, None if mmap_dir else folder)
+        try:
+            _allocate(self._fd, size, folder)
+        except BaseException:
+            self._cleanup()
+            raise
+        self._map = mmap.mmap(self._fd, size)
+        self._map.madvise(mmap.MADV_RANDOM)
+        self.data = torch.frombuffer(self._map, dtype=torch.float32).view(rows, width)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.shape[0] * self.row_bytes
 
     def initialize(
         self,
@@ -70,33 +101,150 @@ class HostTable:
         rows at a time, each chunk from a seed of its own, so a shard of a table (``shards[t]``: which
         rows and columns of the full table this one is) gets exactly the values those rows and columns
         have in the whole table, whatever the sharding."""
-        for t, cfg in enumerate(configs):
-            shard = shards[t] if shards else TableShard.whole(cfg)
-            rows = row_offsets[t + 1] - row_offsets[t]
-            table_seed = seed * 1_000_003 + zlib.crc32(cfg.name.encode())
-            first, last = shard.row_offset, shard.row_offset + rows
-            for chunk in range(first // _INIT_CHUNK_ROWS, -(-last // _INIT_CHUNK_ROWS)):
-                lo, hi = chunk * _INIT_CHUNK_ROWS, min((chunk + 1) * _INIT_CHUNK_ROWS, shard.full_rows)
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(table_seed * 65_537 + chunk)
-                    w = torch.empty(hi - lo, shard.full_dim)
-                    if getattr(cfg, "init_fn", None) is not None:
-                        cfg.init_fn(w)
-                    else:  # TorchRec's default bounds
-                        bound = (1 / shard.full_rows) ** 0.5
-                        w.uniform_(-bound, bound)
-                a, b = max(lo, first), min(hi, last)
-                dst = slice(row_offsets[t] + a - first, row_offsets[t] + b - first)
-                self.data[dst, :dim] = w[a - lo : b - lo, shard.col_offset : shard.col_offset + dim]
-                self.data[dst, dim:] = 0
+        width = self.data.shape[1]
+        with self._progress("initialising") as bar:
+            for t, cfg in enumerate(configs):
+                shard = shards[t] if shards else TableShard.whole(cfg)
+                rows = row_offsets[t + 1] - row_offsets[t]
+                table_seed = seed * 1_000_003 + zlib.crc32(cfg.name.encode())
+                first, last = shard.row_offset, shard.row_offset + rows
+                for chunk in range(first // _INIT_CHUNK_ROWS, -(-last // _INIT_CHUNK_ROWS)):
+                    lo, hi = chunk * _INIT_CHUNK_ROWS, min((chunk + 1) * _INIT_CHUNK_ROWS, shard.full_rows)
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(table_seed * 65_537 + chunk)
+                        w = torch.empty(hi - lo, shard.full_dim)
+                        if getattr(cfg, "init_fn", None) is not None:
+                            cfg.init_fn(w)
+                        else:  # TorchRec's default bounds
+                            bound = (1 / shard.full_rows) ** 0.5
+                            w.uniform_(-bound, bound)
+                    a, b = max(lo, first), min(hi, last)
+                    block = torch.zeros(b - a, width)
+                    block[:, :dim] = w[a - lo : b - lo, shard.col_offset : shard.col_offset + dim]
+                    self.write_rows(row_offsets[t] + a - first, block)
+                    bar.update((b - a) * self.row_bytes)
+
+    def write_rows(self, first: int, rows: torch.Tensor) -> None:
+        """Rows ``[first, first + len(rows))`` become ``rows`` (a mapped table: through the file)."""
+        if self.path is None:
+            self.data[first : first + len(rows)] = rows
+            return
+        _pwrite(self._fd, memoryview(rows.contiguous().numpy()).cast("B"), first * self.row_bytes)
+
+    def save_rows(self, first: int, count: int, out: BinaryIO) -> None:
+        """Stream rows ``[first, first + count)`` into the open file ``out`` in bounded memory."""
+        out.flush()
+        if self.path is not None:
+            _copy_file_range(self._fd, first * self.row_bytes, count * self.row_bytes, out.fileno())
+            return
+        stream_rows(self.data, first, count, out)
+
+    @contextmanager
+    def measured(self) -> Iterator[None]:
+        """Add the disk I/O done inside the block to ``read_bytes`` / ``write_bytes`` (mapped tables)."""
+        if self.path is None:
+            yield
+            return
+        before = process_io()
+        try:
+            yield
+        finally:
+            after = process_io()
+            self.read_bytes += after[0] - before[0]
+            self.write_bytes += after[1] - before[1]
+
+    @contextmanager
+    def _progress(self, what: str) -> Iterator[tqdm]:
+        big = self.nbytes >= PROGRESS_BYTES
+        if big:
+            log.info("%s host table %s (%.1f GB)", what, self.name, self.nbytes / GB)
+        with tqdm(total=self.nbytes, desc=f"{what} {self.name[:30]}", unit="B", unit_scale=True,
+                  disable=not big, leave=False) as bar:  # fmt: skip
+            yield bar
 
     def close(self) -> None:
         if self._cleanup is not None:
-            del self.data  # unmaps the file
+            del self.data
+            try:
+                self._map.close()
+            except BufferError:  # a view of the rows is still alive: the mapping goes with it
+                pass
             self._cleanup()
 
 
-def _remove(path: Path, folder: Path | None) -> None:
+def stream_rows(data: torch.Tensor, first: int, count: int, out: BinaryIO) -> None:
+    """Write rows ``[first, first + count)`` of ``data`` (any device) to ``out``, a chunk at a time."""
+    step = max(1, CHUNK_BYTES // (data.shape[1] * 4))
+    for a in range(first, first + count, step):
+        out.write(memoryview(data[a : min(a + step, first + count)].cpu().numpy()).cast("B"))
+
+
+def process_io() -> tuple[int, int]:
+    """This process's disk bytes read and written so far (``/proc/self/io``; zeros where absent)."""
+    try:
+        text = Path("/proc/self/io").read_text()
+    except OSError:
+        return 0, 0
+    fields = dict(line.split(": ") for line in text.splitlines())
+    return int(fields["read_bytes"]), int(fields["write_bytes"])
+
+
+def _allocate(fd: int, size: int, folder: Path) -> None:
+    """Reserve the file's blocks now, or refuse with how much room is needed and free."""
+    free = shutil.disk_usage(folder).free
+    message = (
+        f"cache.mmap_dir={folder}: the host table needs {size / GB:.2f} GB, "
+        f"the file system has {free / GB:.2f} GB free"
+    )
+    if size > free:
+        raise OSError(28, message)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno != 28:  # ENOSPC
+            raise
+        raise OSError(28, message) from None
+
+
+def _pread(fd: int, count: int, offset: int) -> bytes:
+    parts = []
+    while count:
+        part = os.pread(fd, min(count, CHUNK_BYTES), offset)
+        if not part:
+            raise OSError(5, f"unexpected end of file at byte {offset}")
+        parts.append(part)
+        count, offset = count - len(part), offset + len(part)
+    return b"".join(parts)
+
+
+def _pwrite(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def _copy_file_range(src: int, offset: int, count: int, dst: int) -> None:
+    """Copy ``count`` bytes of ``src`` from ``offset`` to the end of ``dst``, in the kernel where it
+    can (no user memory), else a chunk at a time."""
+    start = os.lseek(dst, 0, os.SEEK_END)
+    try:
+        while count:
+            n = os.copy_file_range(src, dst, min(count, CHUNK_BYTES), offset, start)
+            if n == 0:
+                raise OSError(5, f"unexpected end of file at byte {offset}")
+            count, offset, start = count - n, offset + n, start + n
+    except OSError as e:
+        if e.errno not in (18, 22, 38, 95):  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP: copy by hand
+            raise
+        while count:
+            part = _pread(src, min(count, CHUNK_BYTES), offset)
+            _pwrite(dst, memoryview(part), start)
+            count, offset, start = count - len(part), offset + len(part), start + len(part)
+    os.lseek(dst, start, os.SEEK_SET)
+
+
+def _remove(fd: int, path: Path, folder: Path | None) -> None:
+    os.close(fd)
     path.unlink(missing_ok=True)
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)

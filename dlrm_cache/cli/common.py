@@ -22,13 +22,13 @@ def run_cli(name: str, job: Callable[[], None]) -> None:
         name = f"{name} [rank {rank.rank}]"
     try:
         job()
-    except (
-        ConfigError,
-        FileExistsError,
-        FileNotFoundError,
-        ValueError,
-        TrainingError,
-        NativeUnavailable,
-    ) as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+    except (ConfigError, ValueError, TrainingError, NativeUnavailable) as e:
+        _fail(name, str(e))
+    except OSError as e:  # what the OS said (no room, no permission, ...) about the file it names
+        where = f"{e.filename}: " if e.filename else ""
+        _fail(name, f"{where}{e.strerror or e}")
+
+
+def _fail(name: str, message: str) -> None:
+    print(f"{name}: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)

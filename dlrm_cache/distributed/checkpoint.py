@@ -1,64 +1,89 @@
-"""Checkpoints of cached tables that load on any number of ranks.
+"""Checkpoints of cached tables that load on any number of ranks, in bounded memory.
 
 TorchRec skips ``customized_kernel`` tables in its state handling, so the cache writes its own: every
-rank saves the flushed rows of the shards it holds (weight and optimizer state, with where each shard
-sits in its full table) to ``embeddings-rank<r>.pt``; a loader, whatever its own sharding, assembles
-each of its shards from the pieces that overlap it (files are memory-mapped, so a rank reads only what
-it needs). Written with N ranks, a checkpoint loads with M ranks, or in one unsharded process.
+rank streams the flushed rows of the shards it holds (weight and optimizer state, the host layout) into
+one raw float32 file per shard, ``rank<r>.<table>.f32``, and lists them, with where each shard sits in
+its full table, in ``embeddings-rank<r>.json``. A loader, whatever its own sharding, assembles each of
+its shards a chunk of rows at a time from the pieces that overlap it. Neither side ever holds a whole
+table: a mapped host table is copied file to file by the kernel, memory ones a chunk at a time. Written
+with N ranks, a checkpoint loads with M ranks, or in one unsharded process.
 
 Optimizer state follows the weight it belongs to: Adam's moments column by column; row-wise Adagrad's
 one value per row is exact for whole tables; a column shard keeps its own (as FBGEMM's row-wise
 optimizers under column-wise sharding do), and a shard loaded from a different column split takes
 the state of the piece holding its first column.
 
-A checkpoint is a folder written beside the previous one and swapped in by renames, so a crash at any
-point leaves a whole checkpoint (the old or the new) that ``find_checkpoint`` returns.
+A checkpoint is a folder written beside the previous one and swapped in by renames; each file in it
+is written under a temporary name, synced and renamed, and ``meta.pt`` comes last. So a crash at any
+point, or a full disk, leaves a whole checkpoint (the old or the new) that ``find_checkpoint`` returns.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
+from dlrm_cache.cache import host as host_tier
 from dlrm_cache.cache.collection import CachedEmbeddingBagCollection
+from dlrm_cache.cache.group import TableGroup
 from dlrm_cache.cache.host import TableShard
 from dlrm_cache.cache.optim import SparseOptimizer
 
-FORMAT = 1
+FORMAT = 2
+READS = (1, 2)  # format 1: every rank's pieces as tensors in one embeddings-rank<r>.pt
 META = "meta.pt"  # written last: a folder without it is incomplete
 CURRENT, NEW, OLD = "checkpoint", "checkpoint.new", "checkpoint.old"
 
 Collections = list[tuple[CachedEmbeddingBagCollection, dict[str, TableShard]]]
 
 
-def _rank_file(folder: Path, rank: int) -> Path:
-    return folder / f"embeddings-rank{rank}.pt"
+def _index_file(folder: Path, rank: int) -> Path:
+    return folder / f"embeddings-rank{rank}.json"
 
 
-def embedding_pieces(collections: Collections) -> list[dict]:
-    """This rank's shards: rows (flushed) and where each sits in its full table."""
+@contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A file that appears under ``path`` whole (written as ``path.tmp``, synced, renamed) or not at
+    all (the temporary file is removed on any failure)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_embeddings(folder: Path, rank: int, collections: Collections) -> None:
+    """This rank's shards, flushed, into ``folder``: a raw file of rows per shard, then their index."""
     pieces = []
     for ebc, shards in collections:
-        state = ebc.state_dict()
-        for cfg in ebc.embedding_bag_configs():
-            shard = shards.get(cfg.name, TableShard.whole(cfg))
-            pieces.append(
-                {
-                    "table": cfg.name,
-                    "row_offset": shard.row_offset,
-                    "col_offset": shard.col_offset,
-                    "full_rows": shard.full_rows,
-                    "full_dim": shard.full_dim,
-                    "weight": state[f"embedding_bags.{cfg.name}.weight"],
-                    "state": state[f"embedding_bags.{cfg.name}.optimizer_state"],
-                    "optimizer_step": int(state["optimizer_step"]),
-                }
-            )
-    return pieces
+        ebc.flush()
+        for g in ebc.groups:
+            for t, cfg in enumerate(g.configs):
+                shard = shards.get(cfg.name, TableShard.whole(cfg))
+                name = f"rank{rank}.{cfg.name}.f32"
+                with atomic_file(folder / name) as f:
+                    g.save_table(t, f)
+                pieces.append(
+                    {"table": cfg.name, "file": name, "rows": g.rows[t], "cols": g.dim, "width": g.width,
+                     "row_offset": shard.row_offset, "col_offset": shard.col_offset,
+                     "full_rows": shard.full_rows, "full_dim": shard.full_dim,
+                     "optimizer_step": ebc.optimizer_step}  # fmt: skip
+                )
+    with atomic_file(_index_file(folder, rank)) as f:
+        f.write(json.dumps({"format": FORMAT, "pieces": pieces}, indent=1).encode())
 
 
 def save(
@@ -70,16 +95,28 @@ def save(
     barrier: Callable[[], None],
 ) -> Path:
     """Every rank writes its pieces into ``checkpoint.new/``; then rank 0 writes ``meta()`` (dense model,
-    optimizer, step, ...) and swaps the folder in. Collective: every rank must call it."""
+    optimizer, step, ...) and swaps the folder in. Collective: every rank must call it. A failure to
+    write (a full disk) removes what this rank wrote and raises one ``OSError`` saying so: the previous
+    checkpoint stays as it was."""
     new = run_dir / NEW
     if rank == 0:
         shutil.rmtree(new, ignore_errors=True)
         new.mkdir(parents=True)
     barrier()
-    torch.save(embedding_pieces(collections), _rank_file(new, rank))
+    try:
+        write_embeddings(new, rank, collections)
+    except OSError as e:
+        _give_up(run_dir, rank, e)
     barrier()
     if rank == 0:
-        torch.save({**meta(), "format": FORMAT, "world_size": world_size}, new / META)
+        try:
+            missing = [r for r in range(world_size) if not _index_file(new, r).is_file()]
+            if missing:
+                raise FileNotFoundError(2, f"ranks {missing} wrote no pieces", str(new))
+            with atomic_file(new / META) as f:
+                torch.save({**meta(), "format": FORMAT, "world_size": world_size}, f)
+        except OSError as e:
+            _give_up(run_dir, rank, e)
         current, old = run_dir / CURRENT, run_dir / OLD
         shutil.rmtree(old, ignore_errors=True)
         if current.exists():
@@ -88,6 +125,19 @@ def save(
         shutil.rmtree(old, ignore_errors=True)
     barrier()
     return run_dir / CURRENT
+
+
+def _give_up(run_dir: Path, rank: int, error: OSError) -> None:
+    new = run_dir / NEW
+    if rank == 0:
+        shutil.rmtree(new, ignore_errors=True)
+    else:
+        for f in new.glob(f"rank{rank}.*"):
+            f.unlink(missing_ok=True)
+    previous = find_checkpoint(run_dir)
+    kept = f"the previous one, {previous}, is intact" if previous else "there is no earlier one"
+    where = f"{error.filename}: " if error.filename else ""
+    raise OSError(error.errno, f"checkpoint not written ({where}{error.strerror or error}); {kept}") from error
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:
@@ -101,75 +151,135 @@ def find_checkpoint(run_dir: Path) -> Path | None:
 
 def load_meta(folder: Path) -> dict:
     meta = torch.load(folder / META, weights_only=False)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{folder}: checkpoint format {meta.get('format')!r}, this version reads {FORMAT}")
+    if meta.get("format") not in READS:
+        raise ValueError(f"{folder}: checkpoint format {meta.get('format')!r}, this version reads {READS}")
     return meta
+
+
+@dataclass
+class Piece:
+    """One rank's shard of a table in a checkpoint: where it sits, and its rows ``[weight | state]``."""
+
+    table: str
+    rows: int
+    cols: int
+    row_offset: int
+    col_offset: int
+    full_rows: int
+    full_dim: int
+    optimizer_step: int
+    read: Callable[[int, int], torch.Tensor]  # rows [lo, hi) of the piece, (hi - lo, width)
+
+
+def pieces(folder: Path, world_size: int) -> list[Piece]:
+    """The pieces of a checkpoint's tables in the files of its ``world_size`` ranks (none is read yet)."""
+    found = []
+    for r in range(world_size):
+        index = _index_file(folder, r)
+        if index.is_file():
+            found += _raw_pieces(folder, index)
+            continue
+        legacy = folder / f"embeddings-rank{r}.pt"
+        if not legacy.is_file():
+            raise FileNotFoundError(f"{index}: missing (the checkpoint was written by {world_size} ranks)")
+        found += [_tensor_piece(p) for p in torch.load(legacy, mmap=True, weights_only=True)]
+    return found
+
+
+def _raw_pieces(folder: Path, index: Path) -> list[Piece]:
+    try:
+        listed = json.loads(index.read_text())["pieces"]
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{index}: not a checkpoint index ({e})") from None
+    pieces = []
+    for p in listed:
+        path, row_bytes = folder / p["file"], p["width"] * 4
+        size = path.stat().st_size if path.is_file() else None
+        if size != p["rows"] * row_bytes:
+            raise ValueError(f"{path}: {size} bytes, the index says {p['rows']} rows of {row_bytes} bytes")
+
+        def read(lo: int, hi: int, path=path, row_bytes=row_bytes, width=p["width"]) -> torch.Tensor:
+            with open(path, "rb") as f:
+                f.seek(lo * row_bytes)
+                data = bytearray(f.read((hi - lo) * row_bytes))
+            return torch.frombuffer(data, dtype=torch.float32).view(hi - lo, width)
+
+        fields = {k: p[k] for k in ("table", "rows", "cols", "row_offset", "col_offset", "full_rows",
+                                    "full_dim", "optimizer_step")}  # fmt: skip
+        pieces.append(Piece(**fields, read=read))
+    return pieces
+
+
+def _tensor_piece(p: dict) -> Piece:
+    weight, state = p["weight"], p["state"]
+
+    def read(lo: int, hi: int) -> torch.Tensor:
+        return torch.cat([weight[lo:hi], state[lo:hi]], dim=1)
+
+    return Piece(p["table"], weight.shape[0], weight.shape[1], p["row_offset"], p["col_offset"],
+                  p["full_rows"], p["full_dim"], p["optimizer_step"], read)  # fmt: skip
 
 
 def load_embeddings(folder: Path, world_size: int, collections: Collections) -> None:
     """Fill every local shard from the pieces that overlap it, in the files of the ``world_size`` ranks
-    that wrote the checkpoint (``load_meta(folder)["world_size"]``)."""
-    pieces = []
-    for r in range(world_size):
-        path = _rank_file(folder, r)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing (the checkpoint was written by {world_size} ranks)")
-        pieces += torch.load(path, mmap=True, weights_only=True)
-    by_table: dict[str, list[dict]] = {}
-    for p in pieces:
-        by_table.setdefault(p["table"], []).append(p)
+    that wrote the checkpoint (``load_meta(folder)["world_size"]``), a chunk of rows at a time."""
+    by_table: dict[str, list[Piece]] = {}
+    for p in pieces(folder, world_size):
+        by_table.setdefault(p.table, []).append(p)
     for ebc, shards in collections:
-        state = {}
         steps = set()
-        for cfg in ebc.embedding_bag_configs():
-            shard = shards.get(cfg.name, TableShard.whole(cfg))
-            found = by_table.get(cfg.name)
-            if not found:
-                raise ValueError(f"{folder}: no rows for table {cfg.name!r}")
-            weight, opt_state = _assemble(
-                cfg.name, shard, cfg.num_embeddings, cfg.embedding_dim, found, ebc.optimizer
-            )
-            state[f"embedding_bags.{cfg.name}.weight"] = weight
-            state[f"embedding_bags.{cfg.name}.optimizer_state"] = opt_state
-            steps.update(p["optimizer_step"] for p in found)
+        for g in ebc.groups:
+            for t, cfg in enumerate(g.configs):
+                found = by_table.get(cfg.name)
+                if not found:
+                    raise ValueError(f"{folder}: no rows for table {cfg.name!r}")
+                _fill(g, t, shards.get(cfg.name, TableShard.whole(cfg)), found, ebc.optimizer)
+                steps.update(p.optimizer_step for p in found)
         if len(steps) != 1:
             raise ValueError(f"{folder}: pieces at different optimizer steps {sorted(steps)}")
-        state["optimizer_step"] = torch.tensor(steps.pop())
-        ebc.load_state_dict(state)
+        ebc.restored(steps.pop())
 
 
-def _assemble(
-    name: str, shard: TableShard, rows: int, cols: int, pieces: list[dict], optimizer: SparseOptimizer
-) -> tuple[torch.Tensor, torch.Tensor]:
-    full = {(p["full_rows"], p["full_dim"]) for p in pieces}
+def _fill(g: TableGroup, t: int, shard: TableShard, pieces: list[Piece], optimizer: SparseOptimizer) -> None:
+    """Table ``t`` of ``g`` (the shard ``shard`` of its full table) from ``pieces``, chunk by chunk."""
+    name, rows, cols = g.configs[t].name, g.rows[t], g.dim
+    full = {(p.full_rows, p.full_dim) for p in pieces}
     if full != {(shard.full_rows, shard.full_dim)}:
         raise ValueError(
             f"table {name!r}: the checkpoint has shape {full}, the model {shard.full_rows, shard.full_dim}"
         )
-    state_width = optimizer.state_width(cols)
-    weight = torch.empty(rows, cols)
-    state = torch.zeros(rows, state_width)
-    r0, c0 = shard.row_offset, shard.col_offset
     covered = 0  # cells filled (pieces of one checkpoint never overlap)
-    for p in pieces:
-        pr, pc = p["row_offset"], p["col_offset"]
-        pw = p["weight"]
-        lo_r, hi_r = max(r0, pr), min(r0 + rows, pr + pw.shape[0])
-        lo_c, hi_c = max(c0, pc), min(c0 + cols, pc + pw.shape[1])
-        if lo_r >= hi_r or lo_c >= hi_c:
-            continue
-        dst = (slice(lo_r - r0, hi_r - r0), slice(lo_c - c0, hi_c - c0))
-        src = (slice(lo_r - pr, hi_r - pr), slice(lo_c - pc, hi_c - pc))
-        weight[dst] = pw[src]
-        covered += (hi_r - lo_r) * (hi_c - lo_c)
-        if optimizer.state_per_column:
-            pcols = pw.shape[1]
-            for half in range(2):
-                state[dst[0], half * cols + dst[1].start : half * cols + dst[1].stop] = p["state"][
-                    src[0], half * pcols + src[1].start : half * pcols + src[1].stop
-                ]
-        elif state_width and pc <= c0 < pc + pw.shape[1]:  # the piece holding this shard's first column
-            state[dst[0]] = p["state"][src[0]]
+    chunk_rows = max(1, host_tier.CHUNK_BYTES // (g.width * 4))
+    r0, c0 = shard.row_offset, shard.col_offset
+    for first in range(0, rows, chunk_rows):
+        last = min(rows, first + chunk_rows)
+        block = torch.zeros(last - first, g.width)
+        for p in pieces:
+            covered += _copy_overlap(p, block, r0 + first, r0 + last, c0, cols, optimizer)
+        g.write_table_rows(t, first, block)
     if covered != rows * cols:
         raise ValueError(f"table {name!r}: the checkpoint does not cover rows/columns this shard holds")
-    return weight, state
+
+
+def _copy_overlap(
+    p: Piece, block: torch.Tensor, lo: int, hi: int, c0: int, cols: int, optimizer: SparseOptimizer
+) -> int:
+    """Copy into ``block`` (full-table rows ``[lo, hi)``, columns ``[c0, c0 + cols)``, then their state)
+    what piece ``p`` holds of it; returns the weight cells copied."""
+    lo_r, hi_r = max(lo, p.row_offset), min(hi, p.row_offset + p.rows)
+    lo_c, hi_c = max(c0, p.col_offset), min(c0 + cols, p.col_offset + p.cols)
+    if lo_r >= hi_r or lo_c >= hi_c:
+        return 0
+    src = p.read(lo_r - p.row_offset, hi_r - p.row_offset)
+    dst_rows = slice(lo_r - lo, hi_r - lo)
+    a, b = lo_c - c0, hi_c - c0  # destination columns
+    pa, pb = lo_c - p.col_offset, hi_c - p.col_offset  # source columns
+    block[dst_rows, a:b] = src[:, pa:pb]
+    if optimizer.state_per_column:
+        for half in range(2):
+            block[dst_rows, cols * (1 + half) + a : cols * (1 + half) + b] = src[
+                :, p.cols * (1 + half) + pa : p.cols * (1 + half) + pb
+            ]
+    elif optimizer.state_width(cols) and p.col_offset <= c0 < p.col_offset + p.cols:
+        block[dst_rows, cols:] = src[:, p.cols :]  # the piece holding this shard's first column
+    return (hi_r - lo_r) * (hi_c - lo_c)
