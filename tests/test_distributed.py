@@ -330,7 +330,7 @@ def test_checkpoint_pieces_reassemble_into_any_column_split(tmp_path):
     for kind in ("adam", "adagrad"):
         opt = SparseOptimizer(kind, lr=0.05)
 
-        def shard(cols, col_offset=0):
+        def shard(cols, col_offset=0, opt=opt):
             table = EmbeddingBagConfig(num_embeddings=50, embedding_dim=cols, name="t", feature_names=["f"])
             spec = {"t": TableShard(0, col_offset, 50, 8)}
             return CachedEmbeddingBagCollection([table], CacheConfig(policy="none"), opt, shards=spec), spec

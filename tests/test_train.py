@@ -131,7 +131,8 @@ def test_a_killed_run_resumes_to_the_same_parameters(dataset, tmp_path):
         torch.testing.assert_close(b["model"][k], a["model"][k], atol=1e-6, rtol=1e-5, msg=k)
     ta, tb = (pieces(d / "checkpoint", 1) for d in (straight, killed))
     for pa, pb in zip(ta, tb, strict=True):
-        torch.testing.assert_close(pb.read(0, pb.rows), pa.read(0, pa.rows), atol=1e-6, rtol=1e-5, msg=pa.table)
+        rows_a, rows_b = pa.read(0, pa.rows), pb.read(0, pb.rows)
+        torch.testing.assert_close(rows_b, rows_a, atol=1e-6, rtol=1e-5, msg=pa.table)
 
 
 def test_bad_data_path_and_schema_version(dataset, tmp_path):

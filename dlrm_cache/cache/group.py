@@ -701,7 +701,8 @@ class TableGroup:
         ``rebuild`` once done."""
         lo = self.row_offsets[t] + first
         if lo + len(rows) > self.row_offsets[t + 1]:
-            raise ValueError(f"table {self.configs[t].name}: rows up to {first + len(rows)} of {self.rows[t]}")
+            name, end = self.configs[t].name, first + len(rows)
+            raise ValueError(f"table {name}: rows up to {end} written, it has {self.rows[t]}")
         if self.resident:
             self.cache[lo : lo + len(rows)] = rows.to(self.device)
         else:

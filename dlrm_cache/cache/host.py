@@ -10,7 +10,7 @@ import tempfile
 import weakref
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -165,10 +165,8 @@ class HostTable:
     def close(self) -> None:
         if self._cleanup is not None:
             del self.data
-            try:
+            with suppress(BufferError):  # a view of the rows is still alive: the mapping goes with it
                 self._map.close()
-            except BufferError:  # a view of the rows is still alive: the mapping goes with it
-                pass
             self._cleanup()
 
 

@@ -77,10 +77,18 @@ def write_embeddings(folder: Path, rank: int, collections: Collections) -> None:
                 with atomic_file(folder / name) as f:
                     g.save_table(t, f)
                 pieces.append(
-                    {"table": cfg.name, "file": name, "rows": g.rows[t], "cols": g.dim, "width": g.width,
-                     "row_offset": shard.row_offset, "col_offset": shard.col_offset,
-                     "full_rows": shard.full_rows, "full_dim": shard.full_dim,
-                     "optimizer_step": ebc.optimizer_step}  # fmt: skip
+                    {
+                        "table": cfg.name,
+                        "file": name,
+                        "rows": g.rows[t],
+                        "cols": g.dim,
+                        "width": g.width,
+                        "row_offset": shard.row_offset,
+                        "col_offset": shard.col_offset,
+                        "full_rows": shard.full_rows,
+                        "full_dim": shard.full_dim,
+                        "optimizer_step": ebc.optimizer_step,
+                    }  # fmt: skip
                 )
     with atomic_file(_index_file(folder, rank)) as f:
         f.write(json.dumps({"format": FORMAT, "pieces": pieces}, indent=1).encode())
@@ -137,7 +145,8 @@ def _give_up(run_dir: Path, rank: int, error: OSError) -> None:
     previous = find_checkpoint(run_dir)
     kept = f"the previous one, {previous}, is intact" if previous else "there is no earlier one"
     where = f"{error.filename}: " if error.filename else ""
-    raise OSError(error.errno, f"checkpoint not written ({where}{error.strerror or error}); {kept}") from error
+    message = f"checkpoint not written ({where}{error.strerror or error}); {kept}"
+    raise OSError(error.errno, message) from error
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:
