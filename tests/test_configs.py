@@ -104,3 +104,24 @@ def test_installed_package_finds_its_configs_from_any_directory(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert len(out.read_text().splitlines()) == 10
+
+
+@pytest.mark.parametrize(
+    "error,line",
+    [
+        (PermissionError(13, "Permission denied", "/data/out"), "/data/out: Permission denied"),
+        (OSError(28, "checkpoint not written (No space left on device)"),
+         "checkpoint not written (No space left on device)"),
+        (FileNotFoundError("data.path=/nope: no such folder"), "data.path=/nope: no such folder"),
+    ],
+)  # fmt: skip
+def test_what_the_os_says_is_one_line_naming_the_file_and_exit_2(error, line, capsys):
+    from dlrm_cache.cli.common import EXIT_BAD_INPUT, run_cli
+
+    def job():
+        raise error
+
+    with pytest.raises(SystemExit) as stopped:
+        run_cli("dlrm-x", job)
+    assert stopped.value.code == EXIT_BAD_INPUT
+    assert capsys.readouterr().err == f"dlrm-x: error: {line}\n"

@@ -374,7 +374,8 @@ def _train(cfg: TrainRunConfig, run_dir: Path, rank: Rank, sharded: bool, device
 
 def _cache_summary(stats: dict) -> dict:
     keep = ("policy", "ratio", "hit_rate_unique", "rows_loaded", "rows_touched", "rows_from_host",
-            "bytes_h2d", "bytes_d2h", "warmup_rows", "bookkeeping_s")  # fmt: skip
+            "bytes_h2d", "bytes_d2h", "warmup_rows", "bookkeeping_s", "disk_read_bytes", "disk_write_bytes",
+            "disk_read_bytes_per_row_loaded", "disk_write_bytes_per_row_written")  # fmt: skip
     tables = {
         n: {k: t[k] for k in ("capacity", "rows", "rows_loaded", "rows_touched")}
         for n, t in stats["tables"].items()
