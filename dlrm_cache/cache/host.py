@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 import torch
-from tqdm import tqdm
 
 if TYPE_CHECKING:
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -154,12 +153,15 @@ class HostTable:
             self.write_bytes += after[1] - before[1]
 
     @contextmanager
-    def _progress(self, what: str) -> Iterator[tqdm]:
-        big = self.nbytes >= PROGRESS_BYTES
-        if big:
-            log.info("%s host table %s (%.1f GB)", what, self.name, self.nbytes / GB)
-        with tqdm(total=self.nbytes, desc=f"{what} {self.name[:30]}", unit="B", unit_scale=True,
-                  disable=not big, leave=False) as bar:  # fmt: skip
+    def _progress(self, what: str) -> Iterator:
+        """A progress bar in bytes for work on a table of a GB or more (a no-op bar below that)."""
+        if self.nbytes < PROGRESS_BYTES:
+            yield _NoBar()
+            return
+        from tqdm import tqdm  # only here: the core itself needs nothing but torch
+
+        log.info("%s host table %s (%.1f GB)", what, self.name, self.nbytes / GB)
+        with tqdm(total=self.nbytes, desc=f"{what} {self.name[:30]}", unit="B", unit_scale=True) as bar:
             yield bar
 
     def close(self) -> None:
@@ -168,6 +170,11 @@ class HostTable:
             with suppress(BufferError):  # a view of the rows is still alive: the mapping goes with it
                 self._map.close()
             self._cleanup()
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
 
 
 def stream_rows(data: torch.Tensor, first: int, count: int, out: BinaryIO) -> None:
