@@ -1,6 +1,7 @@
 """dlrm-train end to end on small generated data."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -151,7 +152,7 @@ def test_bad_data_path_and_schema_version(dataset, tmp_path):
 def test_resume_with_another_config_is_refused(dataset, tmp_path):
     train(config(dataset, train=TrainLoopConfig(batch_size=512, max_steps=3)), tmp_path / "r")
     other = config(dataset, train=TrainLoopConfig(batch_size=256, max_steps=6, resume=True))
-    with pytest.raises(TrainingError, match="another config"):
+    with pytest.raises(TrainingError, match=r"other values: train.batch_size \(512 then, 256 now\)$"):
         train(other, tmp_path / "r")
 
 
@@ -160,9 +161,13 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(dataset, tmp
     cfg = config(
         dataset, optim=optim, train=TrainLoopConfig(batch_size=512, max_steps=20, checkpoint_every=1)
     )
-    with pytest.raises(TrainingError, match=r"loss is (nan|inf) at step \d+; last good checkpoint kept"):
+    kept = r"the last checkpoint, .*checkpoint \(step \d+\), is kept"
+    with pytest.raises(TrainingError, match=rf"loss is (nan|inf) at step \d+; {kept}"):
         train(cfg, tmp_path / "r")
     assert (tmp_path / "r" / "checkpoint" / META).exists()
+    never = replace(cfg, train=replace(cfg.train, checkpoint_every=0))
+    with pytest.raises(TrainingError, match=r"at step \d+; no checkpoint was written"):
+        train(never, tmp_path / "never")
 
 
 def test_an_empty_split_gives_nan_metrics_not_a_crash(tmp_path):
@@ -170,3 +175,82 @@ def test_an_empty_split_gives_nan_metrics_not_a_crash(tmp_path):
     summary = train(config(root, train=TrainLoopConfig(batch_size=2, max_steps=2)), tmp_path / "r")
     assert summary["steps"] == 2
     assert np.isnan(summary["val_auc"])  # 7 rows: 6 train, 0 val, 1 test
+
+
+def test_unlabelled_data_is_refused_before_training(tmp_path):
+    from dlrm_cache.config import PreprocessRunConfig, SynthConfig
+    from dlrm_cache.data.preprocess import preprocess
+    from dlrm_cache.data.synthetic import generate
+
+    generate(SynthConfig(rows=300, out=str(tmp_path / "test.txt"), labeled=False, progress=False))
+    root = preprocess(
+        PreprocessRunConfig(input=[str(tmp_path / "test.txt")], output_dir=str(tmp_path / "pq"))
+    )
+    with pytest.raises(TrainingError, match=r"pq: the dataset has no labels \(made from 39-field input\)"):
+        train(config(root, train=TrainLoopConfig(batch_size=64)), tmp_path / "r")
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_a_train_split_smaller_than_a_batch_is_refused(dataset, tmp_path):
+    rows = json.loads((dataset / "metadata.json").read_text())["rows"]["train"]
+    with pytest.raises(TrainingError, match=rf"the train split has {rows} rows, fewer than one batch"):
+        train(config(dataset, train=TrainLoopConfig(batch_size=rows + 1)), tmp_path / "r")
+
+
+def broken_copy(dataset, tmp_path, damage):
+    root = tmp_path / "copy"
+    shutil.copytree(dataset, root)
+    damage(root)
+    return root
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda r: (r / "metadata.json").write_text('{"schema_version": 1, "rows": '),
+         "metadata.json: not a readable metadata"),
+        (lambda r: next((r / "train").glob("part-*")).write_bytes(b"PAR1 not really"),
+         r"part-\d+.parquet: not a readable Parquet part"),
+        (lambda r: next((r / "val").glob("part-*")).unlink(), "no part-"),
+        (lambda r: shutil.copy(next((r / "train").glob("part-*")), next((r / "val").glob("part-*"))),
+         "its parts hold .* rows, metadata.json says"),
+    ],
+)  # fmt: skip
+def test_damaged_datasets_are_refused_naming_the_file(dataset, tmp_path, damage, message):
+    root = broken_copy(dataset, tmp_path, damage)
+    with pytest.raises(ValueError, match=message):
+        train(config(root), tmp_path / "r")
+
+
+def test_the_trained_model_is_checkpointed_before_the_final_evaluation(dataset, tmp_path, monkeypatch):
+    from dlrm_cache.train import trainer
+
+    def fail(*a, **k):
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr(trainer, "evaluate", fail)
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        train(config(dataset, train=TrainLoopConfig(batch_size=512, max_steps=4)), tmp_path / "r")
+    assert load_meta(find_checkpoint(tmp_path / "r"))["step"] == 4
+
+
+def test_a_run_dir_with_a_checkpoint_is_never_trained_over_without_resume(dataset, tmp_path, caplog):
+    cfg = config(dataset, train=TrainLoopConfig(batch_size=512, max_steps=3))
+    train(cfg, tmp_path / "r")
+    before = (tmp_path / "r" / "checkpoint" / META).read_bytes()
+    with pytest.raises(TrainingError, match=r"holds a checkpoint \(step 3\): pass train.resume=true"):
+        train(replace(cfg, train=replace(cfg.train, max_steps=5)), tmp_path / "r")
+    assert (tmp_path / "r" / "checkpoint" / META).read_bytes() == before
+    resumed = train(replace(cfg, train=replace(cfg.train, resume=True)), tmp_path / "fresh")
+    assert (
+        resumed["steps"] == 3 and "no checkpoint in" in caplog.text and "starting from step 0" in caplog.text
+    )
+
+
+def test_a_corrupt_checkpoint_is_refused_naming_the_file(dataset, tmp_path):
+    cfg = config(dataset, train=TrainLoopConfig(batch_size=512, max_steps=2))
+    train(cfg, tmp_path / "r")
+    meta = tmp_path / "r" / "checkpoint" / META
+    meta.write_bytes(meta.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"meta.pt: not a readable checkpoint"):
+        train(replace(cfg, train=replace(cfg.train, resume=True)), tmp_path / "r")

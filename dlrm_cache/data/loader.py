@@ -33,12 +33,30 @@ def load_metadata(root: Path) -> dict:
         raise FileNotFoundError(f"data.path={root}: no such folder")
     if not meta_path.is_file():
         raise ValueError(f"data.path={root}: not a dlrm-preprocess output (no metadata.json)")
-    meta = json.loads(meta_path.read_text())
-    version = meta.get("schema_version")
+    try:
+        meta = json.loads(meta_path.read_text())
+        version = meta.get("schema_version")
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{meta_path}: not a readable metadata file ({e})") from None
     if version not in SCHEMA_VERSIONS:
         raise ValueError(
             f"{meta_path}: schema_version {version!r} is not one this version reads {SCHEMA_VERSIONS}"
         )
+    return meta
+
+
+COLUMNS = ["label", *INT_COLUMNS, *CAT_COLUMNS]
+
+
+def _footer(path: Path) -> pq.FileMetaData:
+    """A part's footer (no data read), refused unless it is a readable part with the dataset's columns."""
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"{path}: not a readable Parquet part ({e})") from None
+    names = meta.schema.names
+    if names != COLUMNS:
+        raise ValueError(f"{path}: columns {names[:3]}... ({len(names)}), expected {COLUMNS[:3]}... (40)")
     return meta
 
 
@@ -65,8 +83,15 @@ class ParquetBatches:
         files = sorted((root / split).glob("part-*.parquet"))
         if not files:
             raise ValueError(f"{root / split}: no part-*.parquet files")
-        self.groups = [(f, g) for f in files for g in range(pq.ParquetFile(f).num_row_groups)]
-        self.rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        footers = [_footer(f) for f in files]
+        self.groups = [(f, g) for f, m in zip(files, footers, strict=True) for g in range(m.num_row_groups)]
+        self.rows = sum(m.num_rows for m in footers)
+        expected = load_metadata(root)["rows"][split]
+        if self.rows != expected:
+            raise ValueError(
+                f"{root / split}: its parts hold {self.rows} rows, metadata.json says {expected} "
+                "(a part missing, added or replaced)"
+            )
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.shuffle, self.seed, self.drop_last, self.pin_memory = shuffle, seed, drop_last, pin_memory
         self.pad_shares = pad_shares

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -159,7 +160,10 @@ def find_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_meta(folder: Path) -> dict:
-    meta = torch.load(folder / META, weights_only=False)
+    try:
+        meta = torch.load(folder / META, weights_only=False)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{folder / META}: not a readable checkpoint ({e})") from None
     if meta.get("format") not in READS:
         raise ValueError(f"{folder}: checkpoint format {meta.get('format')!r}, this version reads {READS}")
     return meta

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -174,6 +175,53 @@ def _lookahead(local: Iterator, future: Iterator | None, cache, depth: int) -> I
     yield from ahead
 
 
+def _check_trainable(root: Path, meta: dict, batch_size: int) -> None:
+    """Refuse, before any work, a dataset this run cannot train on."""
+    if not any(meta.get("labeled", [True])):
+        raise TrainingError(
+            f"data.path={root}: the dataset has no labels (made from 39-field input); "
+            "dlrm-train needs labelled data"
+        )
+    train_rows = meta["rows"]["train"]
+    if train_rows < batch_size:
+        raise TrainingError(
+            f"data.path={root}: the train split has {train_rows} rows, fewer than one batch "
+            f"(train.batch_size={batch_size}): no step would train"
+        )
+
+
+def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """The keys (dotted) whose values differ between two nested configs, with both values."""
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} ({a!r} then, {b!r} now)")
+    return out
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Drop the records a killed run wrote after its last checkpoint (they are trained again)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _record_step(line) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
+def _record_step(line: str) -> float:
+    """A metrics record's step; a line cut short by a kill counts as after any step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError):
+        return math.inf
+
+
 def _comparable(cfg: TrainRunConfig) -> dict:
     """The config a resumed run must share with the run it continues (any number of ranks)."""
     d = asdict(cfg)
@@ -242,19 +290,7 @@ def _train(cfg: TrainRunConfig, run_dir: Path, rank: Rank, sharded: bool, device
             root = default_dataset(cfg)
     meta = load_metadata(root)
     bs = cfg.train.batch_size
-    plan = None
-    if sharded or cfg.cache.device_budget_gb:
-        plan = plan_tables(cfg, root, rank.world_size)
-        if lead:
-            log.info("%s", plan.describe())
-    if sharded:
-        model, cache = build_sharded_model(cfg, meta, device, plan)
-        collections = cache.collections()
-    else:
-        model, cache = build_model(cfg, meta, device, plan)
-        collections = [(cache, {})]
-    unwrapped = model.module if sharded else model
-    dense_opt = _dense_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    _check_trainable(root, meta, bs)
     pin = device.type == "cuda"
     shares = dict(rank=rank.rank, world_size=rank.world_size, pin_memory=pin)
     loaders = {
@@ -270,11 +306,34 @@ def _train(cfg: TrainRunConfig, run_dir: Path, rank: Rank, sharded: bool, device
     if cfg.train.max_steps:
         total = min(total, cfg.train.max_steps)
     step, metrics_path = 0, run_dir / "metrics.jsonl"
-    found = ckpt.find_checkpoint(run_dir) if cfg.train.resume else None
-    if found:
-        state = ckpt.load_meta(found)
-        if state["config"] != _comparable(cfg):
-            raise TrainingError(f"train.resume=true: {found} was written with another config")
+    found = ckpt.find_checkpoint(run_dir)
+    state = ckpt.load_meta(found) if found else None
+    if state and not cfg.train.resume:
+        raise TrainingError(
+            f"{run_dir} holds a checkpoint (step {state['step']}): pass train.resume=true to continue it, "
+            "or choose another hydra.run.dir"
+        )
+    if cfg.train.resume and not found and lead:
+        log.warning("train.resume=true: no checkpoint in %s; starting from step 0", run_dir)
+    if state:
+        differ = _differences(state["config"], _comparable(cfg))
+        if differ:
+            differ = ", ".join(differ)
+            raise TrainingError(f"train.resume=true: {found} was written with other values: {differ}")
+    plan = None
+    if sharded or cfg.cache.device_budget_gb:
+        plan = plan_tables(cfg, root, rank.world_size)
+        if lead:
+            log.info("%s", plan.describe())
+    if sharded:
+        model, cache = build_sharded_model(cfg, meta, device, plan)
+        collections = cache.collections()
+    else:
+        model, cache = build_model(cfg, meta, device, plan)
+        collections = [(cache, {})]
+    unwrapped = model.module if sharded else model
+    dense_opt = _dense_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    if state:
         load_dense_state(unwrapped, state["model"])
         dense_opt.load_state_dict(state["dense_optimizer"])
         ckpt.load_embeddings(found, state["world_size"], collections)
@@ -282,6 +341,7 @@ def _train(cfg: TrainRunConfig, run_dir: Path, rank: Rank, sharded: bool, device
         step = state["step"]
         if lead:
             log.info("resuming %s at step %d (written by %d rank(s))", run_dir, step, state["world_size"])
+            _keep_metrics_until(metrics_path, step)
     elif lead and metrics_path.exists():
         metrics_path.unlink()
 
@@ -321,9 +381,13 @@ def _train(cfg: TrainRunConfig, run_dir: Path, rank: Rank, sharded: bool, device
                     reported /= rank.world_size
                 loss_value = float(reported)
                 if not math.isfinite(loss_value):
-                    raise TrainingError(
-                        f"loss is {loss_value} at step {step + 1}; last good checkpoint kept in {run_dir}"
+                    last = ckpt.find_checkpoint(run_dir)
+                    kept = (
+                        f"the last checkpoint, {last} (step {ckpt.load_meta(last)['step']}), is kept"
+                        if last
+                        else "no checkpoint was written (train.checkpoint_every=0 or not reached)"
                     )
+                    raise TrainingError(f"loss is {loss_value} at step {step + 1}; {kept}")
                 dense_opt.step()
                 step += 1
                 samples += len(batch.labels) * rank.world_size
@@ -351,9 +415,9 @@ def _train(cfg: TrainRunConfig, run_dir: Path, rank: Rank, sharded: bool, device
         bar.close()
         train_seconds = time.perf_counter() - t_start
         train_stats = cache.stats()  # before evaluation: the training figures alone
+        checkpoint()  # the trained model is safe before anything else can fail
         val = evaluate(model, loaders["val"], device)
         test = evaluate(model, loaders["test"], device)
-        checkpoint()
         eval_stats = cache.stats()["eval"]
     finally:
         if metrics:
