@@ -120,21 +120,34 @@ class HostTable:
                     a, b = max(lo, first), min(hi, last)
                     block = torch.zeros(b - a, width)
                     block[:, :dim] = w[a - lo : b - lo, shard.col_offset : shard.col_offset + dim]
-                    self.write_rows(row_offsets[t] + a - first, block)
+                    # through the mapping: a new file's pages are not read first, and each page
+                    # stays a page of its own in the page cache (see write_rows)
+                    self.data[row_offsets[t] + a - first : row_offsets[t] + b - first] = block
                     bar.update((b - a) * self.row_bytes)
 
     def write_rows(self, first: int, rows: torch.Tensor) -> None:
-        """Rows ``[first, first + len(rows))`` become ``rows`` (a mapped table: through the file)."""
+        """Rows ``[first, first + len(rows))`` become ``rows``. A mapped table writes them through the
+        file (whole pages are not read first) and then drops them from the page cache: the kernel
+        caches what ``pwrite`` and ``read`` bring in as large folios, and a row written later through
+        the mapping would dirty, and send to the disk, a whole folio (hundreds of KB) instead of its
+        page."""
         if self.path is None:
             self.data[first : first + len(rows)] = rows
             return
-        _pwrite(self._fd, memoryview(rows.contiguous().numpy()).cast("B"), first * self.row_bytes)
+        offset = first * self.row_bytes
+        _pwrite(self._fd, memoryview(rows.contiguous().numpy()).cast("B"), offset)
+        os.fdatasync(self._fd)
+        os.posix_fadvise(self._fd, offset, len(rows) * self.row_bytes, os.POSIX_FADV_DONTNEED)
 
     def save_rows(self, first: int, count: int, out: BinaryIO) -> None:
         """Stream rows ``[first, first + count)`` into the open file ``out`` in bounded memory."""
         out.flush()
         if self.path is not None:
-            _copy_file_range(self._fd, first * self.row_bytes, count * self.row_bytes, out.fileno())
+            offset, size = first * self.row_bytes, count * self.row_bytes
+            _copy_file_range(self._fd, offset, size, out.fileno())
+            # what the copy read in is not left as large folios for the mapping (see write_rows);
+            # the pages the mapping holds stay
+            os.posix_fadvise(self._fd, offset, size, os.POSIX_FADV_DONTNEED)
             return
         stream_rows(self.data, first, count, out)
 

@@ -60,6 +60,7 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # not kept in the page cache
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
