@@ -7,7 +7,7 @@ dataclasses. Only the ``cli`` layer sees a ``DictConfig``; library code takes th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
@@ -322,8 +322,25 @@ def to_config(cfg: DictConfig | dict, schema: type[T]) -> T:
     """Turn a composed config into ``schema``, raising ``ConfigError`` with the key on any problem."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
-        return OmegaConf.to_object(merged)  # runs __post_init__
+        made = OmegaConf.to_object(merged)  # runs __post_init__
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         msg = str(e).splitlines()[0]
         raise ConfigError(f"{key}: {msg}" if key else msg) from None
+    # Hydra's `+key=value` adds keys to a typed config too; no schema has them
+    given = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=False)
+    extra = _extra_keys(given, asdict(made))
+    if extra:
+        raise ConfigError(f"{extra[0]}: no such key in {schema.__name__} (a typo?)")
+    return made
+
+
+def _extra_keys(given: dict, known: dict, prefix: str = "") -> list[str]:
+    """Dotted keys of ``given`` that ``known`` lacks."""
+    out = []
+    for key, value in given.items():
+        if key not in known:
+            out.append(f"{prefix}{key}")
+        elif isinstance(value, dict) and isinstance(known[key], dict):
+            out += _extra_keys(value, known[key], f"{prefix}{key}.")
+    return out

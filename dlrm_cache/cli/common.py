@@ -3,6 +3,7 @@ Imports nothing heavy: ``dlrm-preprocess`` and ``dlrm-synth`` never load torch."
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 
@@ -12,6 +13,7 @@ from dlrm_cache.native_build import NativeUnavailable
 from dlrm_cache.train.errors import TrainingError
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 
 def run_cli(name: str, job: Callable[[], None]) -> None:
@@ -20,13 +22,21 @@ def run_cli(name: str, job: Callable[[], None]) -> None:
     rank = current_rank()
     if rank.world_size > 1:
         name = f"{name} [rank {rank.rank}]"
+    signal.signal(signal.SIGTERM, _interrupted)  # cleans up as Ctrl-C does
     try:
         job()
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except (ConfigError, ValueError, TrainingError, NativeUnavailable) as e:
         _fail(name, str(e))
     except OSError as e:  # what the OS said (no room, no permission, ...) about the file it names
         where = f"{e.filename}: " if e.filename else ""
         _fail(name, f"{where}{e.strerror or e}")
+
+
+def _interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _fail(name: str, message: str) -> None:

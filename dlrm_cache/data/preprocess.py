@@ -54,6 +54,7 @@ from dlrm_cache.data.vocab import ValueCounter, Vocabulary
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
+OUTPUTS = {*SPLITS, "vocab", "stats", "metadata.json"}  # what a dataset folder holds
 SKEW_POINTS = [0.001, 0.005, 0.01, 0.015, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]  # shares of rows
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -143,20 +144,40 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
     ``FileNotFoundError`` (missing input), ``FileExistsError`` (output holds something else)."""
     files = resolve_inputs(cfg.input)
     out = Path(cfg.output_dir)
+    for f in files:
+        if f.resolve().is_relative_to(out.resolve()):
+            raise ValueError(
+                f"output_dir {out} holds the input {f}: choose an output_dir apart from the inputs"
+            )
     fingerprint = _fingerprint(cfg, files)
     if out.exists():
-        meta = out / "metadata.json"
-        same = meta.is_file() and _same_run(json.loads(meta.read_text()), fingerprint)
-        if same and not cfg.overwrite:
+        if not out.is_dir():
+            raise FileExistsError(f"output_dir {out} is a file, not a folder")
+        meta = _our_metadata(out)
+        if meta is not None and _same_run(meta, fingerprint) and not cfg.overwrite:
             log.info("%s already holds this dataset; nothing to do (overwrite=true redoes it)", out)
             return out
-        if not cfg.overwrite:
-            what = "a different dataset" if meta.is_file() else "files that are not a preprocessed dataset"
+        if not cfg.overwrite and any(out.iterdir()):
+            what = "a different dataset" if meta is not None else "files that are not a preprocessed dataset"
             raise FileExistsError(f"output_dir {out} already holds {what}; pass overwrite=true to replace it")
+        foreign = sorted(p.name for p in out.iterdir() if meta is None or p.name not in OUTPUTS)
+        if foreign:
+            raise FileExistsError(
+                f"output_dir {out} holds what dlrm-preprocess did not write ({', '.join(foreign[:5])}); "
+                "overwrite=true replaces only a preprocessed dataset: move them or choose another output_dir"
+            )
     layouts = [detect_columns(f) for f in files]
+    labeled = [cols[0] == "label" for cols in layouts]
+    if any(labeled) and not all(labeled):
+        with_labels, without = files[labeled.index(True)], files[labeled.index(False)]
+        raise ValueError(
+            f"input {with_labels} has labels (40 fields) but {without} has none (39 fields): "
+            "preprocess labelled and unlabelled files apart"
+        )
     opts = cfg.preprocess
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _remove_leftovers(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     stop = threading.Event()  # set on a failure: a line count still running gives up
     try:
         train_ends, val_ends = split_bounds(cfg, files, stop)
@@ -197,7 +218,7 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
             "schema_version": SCHEMA_VERSION,
             **fingerprint,
             "dataset_name": cfg.dataset.name,
-            "labeled": [cols[0] == "label" for cols in layouts],
+            "labeled": labeled,
             "rows": rows,
             "split_lines": [
                 {"file": str(f), "train_last_line": min(t, 2**62), "val_last_line": min(v, 2**62)}
@@ -230,17 +251,27 @@ def synthetic_dataset(
 ) -> Path:
     """Generated Criteo-format data (``folder/train.txt``, made once) preprocessed into
     ``folder/parquet`` (reused when already made from it): ``dlrm-train``'s built-in default, and the
-    data of the tests and benchmarks. Returns the preprocessed folder."""
-    tsv = folder / "train.txt"
-    if not tsv.exists():
-        generate(
-            SynthConfig(
-                rows=rows, out=str(tsv), seed=seed, cardinality_scale=cardinality_scale, progress=progress
-            )
-        )
+    data of the tests and benchmarks. Returns the preprocessed folder. The TSV is made again when it
+    was made with other ``rows``, ``cardinality_scale`` or ``seed`` (``train.txt.json`` says which)."""
+    tsv, made_with = folder / "train.txt", folder / "train.txt.json"
+    wanted = {"rows": rows, "cardinality_scale": cardinality_scale, "seed": seed}
+    try:
+        current = tsv.exists() and json.loads(made_with.read_text()) == wanted
+    except (OSError, ValueError):
+        current = False
+    if not current:
+        if tsv.exists():
+            log.info("%s was made with other data.synthetic_* values: making it again", tsv)
+        made_with.unlink(missing_ok=True)
+        synth = SynthConfig(rows=rows, out=str(tsv), seed=seed, cardinality_scale=cardinality_scale,
+                            progress=progress, overwrite=True)  # fmt: skip
+        generate(synth)
+        made_with.write_text(json.dumps(wanted))
     options = PreprocessOptions(progress=progress, row_group_rows=row_group_rows)
     return preprocess(
-        PreprocessRunConfig(input=[str(tsv)], output_dir=str(folder / "parquet"), preprocess=options)
+        PreprocessRunConfig(
+            input=[str(tsv)], output_dir=str(folder / "parquet"), preprocess=options, overwrite=not current
+        )
     )
 
 
@@ -250,14 +281,59 @@ def _same_run(meta: dict, fingerprint: dict) -> bool:
     )
 
 
+def _our_metadata(out: Path) -> dict | None:
+    """``out``'s metadata when it is a dataset this command wrote, else None."""
+    try:
+        meta = json.loads((out / "metadata.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and "schema_version" in meta else None
+
+
 def _replace(tmp: Path, out: Path) -> None:
-    if out.exists():
+    """``tmp`` becomes ``out``; an ``out`` already there holds only this command's outputs (checked)."""
+    if out.exists() and any(out.iterdir()):
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
         tmp.rename(out)
         shutil.rmtree(old)
     else:
+        if out.exists():
+            out.rmdir()
         tmp.rename(out)
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Remove the temporary folders that runs for ``out`` killed before they could clean up left
+    beside it (their process is gone); name those that cannot be told to be such."""
+    for path in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*")):
+        if not path.is_dir():
+            continue
+        match = re.fullmatch(rf"\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)(?:-.*)?", path.name)
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e9
+        if match is None:
+            log.warning(
+                "%s (%.2f GB) looks left by an interrupted run: remove it if none is running", path, size
+            )
+            continue
+        pid = int(match[1])
+        if _alive(pid):
+            log.warning(
+                "%s (%.2f GB) belongs to a running dlrm-preprocess (pid %d): left alone", path, size, pid
+            )
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        log.warning("removed %s (%.2f GB), left by an interrupted run (pid %d)", path, size, pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 @dataclass
@@ -352,10 +428,16 @@ def _parse_all(jobs: list[_ParseJob], workers: int, progress: bool) -> tuple[lis
         else:
             ctx = multiprocessing.get_context("spawn")  # pyarrow's thread pools do not survive fork
             with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
-                futures = [pool.submit(job.run) for job in jobs]
-                for job, future in zip(jobs, futures, strict=True):
-                    future.result()
-                    bar.at(job.path)(job.path.stat().st_size)
+                try:
+                    futures = [pool.submit(job.run) for job in jobs]
+                    for job, future in zip(jobs, futures, strict=True):
+                        future.result()
+                        bar.at(job.path)(job.path.stat().st_size)
+                except BaseException:  # a failure, Ctrl-C, SIGTERM: stop the other parses now
+                    for process in list(getattr(pool, "_processes", {}).values()):
+                        process.terminate()
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
                 results = [f.result() for f in futures]
     counters, bad = results[0]
     for more, more_bad in results[1:]:
