@@ -7,9 +7,11 @@ import mmap
 import os
 import shutil
 import tempfile
+import threading
 import weakref
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _INIT_CHUNK_ROWS = 1 << 18  # initialise huge tables a chunk at a time (bounded extra memory)
+_ADVISE_ROWS = 256  # readahead hints given per measured() window
 CHUNK_BYTES = 64 << 20  # rows streamed to and from files this many bytes at a time
 PROGRESS_BYTES = 1 << 30  # initialising or streaming more than this shows a progress bar
 GB = 1e9
@@ -48,10 +51,10 @@ class HostTable:
     A memory-mapped table is scratch space (checkpoints hold the real copy). Its file is allocated
     whole when made (a file system without room refuses it then, not with a crash mid-training) and
     mapped with random-access advice, so a missed row reads its own page or two, not the kernel's
-    readahead window around it. Bulk transfers (initialisation, checkpoints) go through the file, not
-    the mapping: whole pages written are never read first. The file, and the temporary folder made
-    for it when no ``mmap_dir`` is given, go when the table is closed or garbage-collected, or at
-    interpreter exit.
+    readahead window around it; ``will_need`` has the pages of rows a batch will miss read ahead.
+    Loads and checkpoints go through the file, not the mapping (see ``write_rows``). The file, and
+    the temporary folder made for it when no ``mmap_dir`` is given, go when the table is closed or
+    garbage-collected, or at interpreter exit.
 
     For a mapped table, ``read_bytes`` / ``write_bytes`` add up the disk I/O of the calls made under
     ``measured()`` (the process's ``/proc/self/io`` before and after: other threads' I/O in those
@@ -62,6 +65,7 @@ class HostTable:
         self.name = name
         self.row_bytes = width * 4
         self.read_bytes = self.write_bytes = 0
+        self._advisor: ThreadPoolExecutor | None = None  # the readahead thread (will_need)
         if kind != "mmap":
             self.data = torch.zeros(rows, width, dtype=torch.float32, pin_memory=pin)
             self._cleanup = None
@@ -69,6 +73,7 @@ class HostTable:
         folder = Path(mmap_dir) if mmap_dir else Path(tempfile.mkdtemp(prefix="dlrm_cache_host_"))
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"{name}.f32"
+        self._io_lock = threading.Lock()  # one measured() window at a time
         size = rows * self.row_bytes
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         self._cleanup = weakref.finalize(self, _remove, self._fd, self.path, None if mmap_dir else folder)
@@ -151,19 +156,36 @@ class HostTable:
             return
         stream_rows(self.data, first, count, out)
 
+    def will_need(self, rows: torch.Tensor) -> None:
+        """Have the kernel read these rows' pages now, in the background (a mapped table): the rows of a
+        batch enqueued ahead are then in the page cache when its step copies them, read side by side
+        (a queue of requests) instead of one page fault at a time."""
+        if self.path is None or not len(rows):
+            return
+        if self._advisor is None:
+            self._advisor = ThreadPoolExecutor(1, thread_name_prefix="dlrm-cache-readahead")
+        self._advisor.submit(self._advise, (rows * self.row_bytes).tolist())
+
+    def _advise(self, offsets: list[int]) -> None:
+        for i in range(0, len(offsets), _ADVISE_ROWS):
+            with self.measured():
+                for offset in offsets[i : i + _ADVISE_ROWS]:
+                    os.posix_fadvise(self._fd, offset, self.row_bytes, os.POSIX_FADV_WILLNEED)
+
     @contextmanager
     def measured(self) -> Iterator[None]:
         """Add the disk I/O done inside the block to ``read_bytes`` / ``write_bytes`` (mapped tables)."""
         if self.path is None:
             yield
             return
-        before = process_io()
-        try:
-            yield
-        finally:
-            after = process_io()
-            self.read_bytes += after[0] - before[0]
-            self.write_bytes += after[1] - before[1]
+        with self._io_lock:
+            before = process_io()
+            try:
+                yield
+            finally:
+                after = process_io()
+                self.read_bytes += after[0] - before[0]
+                self.write_bytes += after[1] - before[1]
 
     @contextmanager
     def _progress(self, what: str) -> Iterator:
@@ -178,6 +200,8 @@ class HostTable:
             yield bar
 
     def close(self) -> None:
+        if self._advisor is not None:
+            self._advisor.shutdown(wait=True, cancel_futures=True)
         if self._cleanup is not None:
             del self.data
             with suppress(BufferError):  # a view of the rows is still alive: the mapping goes with it
