@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
+from tqdm import tqdm
 
 from dlrm_cache.cache import host as host_tier
 from dlrm_cache.cache.collection import CachedEmbeddingBagCollection
@@ -70,28 +71,30 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
 def write_embeddings(folder: Path, rank: int, collections: Collections) -> None:
     """This rank's shards, flushed, into ``folder``: a raw file of rows per shard, then their index."""
     pieces = []
-    for ebc, shards in collections:
-        ebc.flush()
-        for g in ebc.groups:
-            for t, cfg in enumerate(g.configs):
-                shard = shards.get(cfg.name, TableShard.whole(cfg))
-                name = f"rank{rank}.{cfg.name}.f32"
-                with atomic_file(folder / name) as f:
-                    g.save_table(t, f)
-                pieces.append(
-                    {
-                        "table": cfg.name,
-                        "file": name,
-                        "rows": g.rows[t],
-                        "cols": g.dim,
-                        "width": g.width,
-                        "row_offset": shard.row_offset,
-                        "col_offset": shard.col_offset,
-                        "full_rows": shard.full_rows,
-                        "full_dim": shard.full_dim,
-                        "optimizer_step": ebc.optimizer_step,
-                    }  # fmt: skip
-                )
+    with _progress("checkpoint: saving", collections) as bar:
+        for ebc, shards in collections:
+            ebc.flush()
+            for g in ebc.groups:
+                for t, cfg in enumerate(g.configs):
+                    shard = shards.get(cfg.name, TableShard.whole(cfg))
+                    name = f"rank{rank}.{cfg.name}.f32"
+                    with atomic_file(folder / name) as f:
+                        g.save_table(t, f)
+                    bar.update(g.rows[t] * g.width * 4)
+                    pieces.append(
+                        {
+                            "table": cfg.name,
+                            "file": name,
+                            "rows": g.rows[t],
+                            "cols": g.dim,
+                            "width": g.width,
+                            "row_offset": shard.row_offset,
+                            "col_offset": shard.col_offset,
+                            "full_rows": shard.full_rows,
+                            "full_dim": shard.full_dim,
+                            "optimizer_step": ebc.optimizer_step,
+                        }  # fmt: skip
+                    )
     with atomic_file(_index_file(folder, rank)) as f:
         f.write(json.dumps({"format": FORMAT, "pieces": pieces}, indent=1).encode())
 
@@ -240,18 +243,26 @@ def load_embeddings(folder: Path, world_size: int, collections: Collections) -> 
     by_table: dict[str, list[Piece]] = {}
     for p in pieces(folder, world_size):
         by_table.setdefault(p.table, []).append(p)
-    for ebc, shards in collections:
-        steps = set()
-        for g in ebc.groups:
-            for t, cfg in enumerate(g.configs):
-                found = by_table.get(cfg.name)
-                if not found:
-                    raise ValueError(f"{folder}: no rows for table {cfg.name!r}")
-                _fill(g, t, shards.get(cfg.name, TableShard.whole(cfg)), found, ebc.optimizer)
-                steps.update(p.optimizer_step for p in found)
-        if len(steps) != 1:
-            raise ValueError(f"{folder}: pieces at different optimizer steps {sorted(steps)}")
-        ebc.restored(steps.pop())
+    with _progress("checkpoint: loading", collections) as bar:
+        for ebc, shards in collections:
+            steps = set()
+            for g in ebc.groups:
+                for t, cfg in enumerate(g.configs):
+                    found = by_table.get(cfg.name)
+                    if not found:
+                        raise ValueError(f"{folder}: no rows for table {cfg.name!r}")
+                    _fill(g, t, shards.get(cfg.name, TableShard.whole(cfg)), found, ebc.optimizer)
+                    steps.update(p.optimizer_step for p in found)
+                    bar.update(g.rows[t] * g.width * 4)
+            if len(steps) != 1:
+                raise ValueError(f"{folder}: pieces at different optimizer steps {sorted(steps)}")
+            ebc.restored(steps.pop())
+
+
+def _progress(what: str, collections: Collections) -> tqdm:
+    """A bar in bytes over this rank's tables, shown when they hold ``host_tier.PROGRESS_BYTES`` or more."""
+    total = sum(r * g.width * 4 for ebc, _ in collections for g in ebc.groups for r in g.rows)
+    return tqdm(total=total, desc=what, unit="B", unit_scale=True, disable=total < host_tier.PROGRESS_BYTES)
 
 
 def _fill(g: TableGroup, t: int, shard: TableShard, pieces: list[Piece], optimizer: SparseOptimizer) -> None:
