@@ -264,9 +264,12 @@ class TrainerConfig:
     # (table_wise) or, for tables above cache.full_table_rows, split by columns over all ranks.
     sharding: str = "table_wise"
     sharded: bool = False  # use the sharded path (TorchRec DistributedModelParallel) at world size 1 too
+    collective_timeout_min: float = 10.0  # a collective waiting longer fails (a rank died) instead of hanging
 
     def __post_init__(self) -> None:
         _require_choice("trainer.device", self.device, ("cpu", "cuda"))
+        timeout = self.collective_timeout_min
+        _require(timeout > 0, "trainer.collective_timeout_min", timeout, "minutes > 0")
         _require_choice("trainer.sharding", self.sharding, ("table_wise", "column_wise"))
 
 

@@ -74,6 +74,8 @@ def test_group_choice_reaches_the_schema():
         ("optim.sparse=rmsprop", "optim.sparse"),
         ("train.batch_size=0", "train.batch_size"),
         ("model.embedding_dim=32", "model.dense_arch_layer_sizes"),
+        ("trainer.collective_timeout_min=0", "trainer.collective_timeout_min"),
+        ("+train.max_step=3", "train.max_step: no such key"),
     ],
 )
 def test_impossible_values_name_the_key(override, key):

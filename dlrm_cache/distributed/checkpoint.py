@@ -126,8 +126,9 @@ def save(
             missing = [r for r in range(world_size) if not _index_file(new, r).is_file()]
             if missing:
                 raise FileNotFoundError(2, f"ranks {missing} wrote no pieces", str(new))
-            with atomic_file(new / META) as f:
-                torch.save({**meta(), "format": FORMAT, "world_size": world_size}, f)
+            with atomic_file(new / META) as f:  # on the host, whatever device each tensor came from
+                state = {**meta(), "format": FORMAT, "world_size": world_size}
+                torch.save(_to_host(state), f)
         except OSError as e:
             _give_up(run_dir, rank, e)
         current, old = run_dir / CURRENT, run_dir / OLD
@@ -138,6 +139,16 @@ def save(
         shutil.rmtree(old, ignore_errors=True)
     barrier()
     return run_dir / CURRENT
+
+
+def _to_host(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _to_host(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_host(v) for v in value)
+    return value
 
 
 def _give_up(run_dir: Path, rank: int, error: OSError) -> None:
@@ -165,7 +176,7 @@ def find_checkpoint(run_dir: Path) -> Path | None:
 
 def load_meta(folder: Path) -> dict:
     try:
-        meta = torch.load(folder / META, weights_only=False)
+        meta = torch.load(folder / META, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
         raise ValueError(f"{folder / META}: not a readable checkpoint ({e})") from None
     if meta.get("format") not in READS:
@@ -199,7 +210,9 @@ def pieces(folder: Path, world_size: int) -> list[Piece]:
         legacy = folder / f"embeddings-rank{r}.pt"
         if not legacy.is_file():
             raise FileNotFoundError(f"{index}: missing (the checkpoint was written by {world_size} ranks)")
-        found += [_tensor_piece(p) for p in torch.load(legacy, mmap=True, weights_only=True)]
+        found += [
+            _tensor_piece(p) for p in torch.load(legacy, map_location="cpu", mmap=True, weights_only=True)
+        ]
     return found
 
 

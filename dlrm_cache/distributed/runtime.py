@@ -19,19 +19,20 @@ from dlrm_cache.distributed.sharder import CachedEmbeddingBagCollectionSharder, 
 
 SPARSE_ARCH = "sparse_arch"  # TorchRec's DLRM / DLRM_DCN: the child that holds the tables ...
 EBC_FQN = f"{SPARSE_ARCH}.embedding_bag_collection"  # ... in this module
-TIMEOUT = datetime.timedelta(minutes=10)  # a collective waiting longer than this fails instead of hanging
 
 
-def init_process_group(device: torch.device, rank: Rank) -> None:
-    """gloo on CPU, NCCL on CUDA; a single process outside torchrun gets a group of one (in-memory store)."""
+def init_process_group(device: torch.device, rank: Rank, timeout_min: float = 10.0) -> None:
+    """gloo on CPU, NCCL on CUDA; a single process outside torchrun gets a group of one (in-memory
+    store). A collective waiting longer than ``timeout_min`` minutes fails instead of hanging."""
     if dist.is_initialized():
         return
+    timeout = datetime.timedelta(minutes=timeout_min)
     if rank.world_size == 1 and "MASTER_ADDR" not in os.environ:
         store = dist.HashStore()
-        dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=TIMEOUT)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=timeout)
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=rank.rank, world_size=rank.world_size, timeout=TIMEOUT)
+    dist.init_process_group(backend, rank=rank.rank, world_size=rank.world_size, timeout=timeout)
 
 
 class ShardedCache:

@@ -143,7 +143,7 @@ def evaluate(model: torch.nn.Module, loader: ParquetBatches, device: torch.devic
     auroc = torchmetrics.classification.BinaryAUROC(sync_on_compute=sharded).to(device)
     loss_sum, n = torch.zeros((), dtype=torch.float64), 0
     for batch in loader.batches(epoch=0):
-        logits = model(batch.dense_features.to(device), batch.sparse_features).squeeze(1)
+        logits = model(batch.dense_features.to(device), _sparse_input(batch, device, sharded)).squeeze(1)
         labels = batch.labels.to(device)
         real = labels >= 0
         logits, labels = logits[real], labels[real]
@@ -153,13 +153,20 @@ def evaluate(model: torch.nn.Module, loader: ParquetBatches, device: torch.devic
         n += len(labels)
         auroc.update(torch.sigmoid(logits), labels.long())
     model.train()
-    totals = torch.tensor([float(loss_sum), n], dtype=torch.float64)
+    totals = torch.tensor([float(loss_sum), n], dtype=torch.float64, device=device)  # NCCL: on the device
     if sharded:
         dist.all_reduce(totals)
     if totals[1] == 0:  # an empty split (a tiny dataset): nothing to score
         log.warning("the %s split is empty: no AUC or log loss", loader.split)
         return {"auc": float("nan"), "logloss": float("nan"), "samples": 0}
     return {"auc": float(auroc.compute()), "logloss": float(totals[0] / totals[1]), "samples": int(totals[1])}
+
+
+def _sparse_input(batch, device: torch.device, sharded: bool):
+    """The ids as the model takes them: on the host for the cache; on the device for TorchRec's input
+    distribution when sharded (its all-to-all builds its splits where the ids are, and NCCL takes
+    device tensors only)."""
+    return batch.sparse_features.to(device, non_blocking=True) if sharded else batch.sparse_features
 
 
 def _lookahead(local: Iterator, future: Iterator | None, cache, depth: int) -> Iterator:
@@ -260,7 +267,7 @@ def train(cfg: TrainRunConfig, run_dir: Path) -> dict:
         device = torch.device("cuda", rank.local_rank)
         torch.cuda.set_device(device)
     if sharded:
-        init_process_group(device, rank)
+        init_process_group(device, rank, cfg.trainer.collective_timeout_min)
         # One run dir for all ranks: rank 0's (each rank's Hydra names its own, from its start time).
         shared = [str(run_dir)]
         dist.broadcast_object_list(shared, src=0)
@@ -367,7 +374,7 @@ def _train(cfg: TrainRunConfig, run_dir: Path, rank: Rank, sharded: bool, device
                     group["lr"] = base_lrs[0] * factor
                 cache.set_learning_rate(base_lrs[1] * factor)
                 logits = model(
-                    batch.dense_features.to(device, non_blocking=True), batch.sparse_features
+                    batch.dense_features.to(device, non_blocking=True), _sparse_input(batch, device, sharded)
                 ).squeeze(1)
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(
                     logits, batch.labels.to(device, non_blocking=True)
@@ -375,7 +382,7 @@ def _train(cfg: TrainRunConfig, run_dir: Path, rank: Rank, sharded: bool, device
                 cache.prefetch()
                 dense_opt.zero_grad()
                 loss.backward()
-                reported = loss.detach().double().cpu()
+                reported = loss.detach().double()  # on the device: NCCL reduces nothing else
                 if sharded:  # the global batch's mean loss, as one process would see it
                     dist.all_reduce(reported)
                     reported /= rank.world_size
