@@ -153,10 +153,18 @@ class CacheConfig:
     # Who plans each step's loads and evictions: native (C++, built on first use), python, or auto
     # (native where a C++ compiler is found, else python with a warning). Same plans either way.
     planner: str = "auto"
+    # Where each step is planned: inline (on the training thread, between the step's phases) or on a
+    # bookkeeping thread of its own while the step computes; auto: inline on the CPU, thread on CUDA.
+    bookkeeping: str = "auto"
+    # Who copies rows between host and cache: native (C++ memcpy per row, CPU device and native planner
+    # only) or torch (index_select / index_copy_); auto: native where it can, torch elsewhere.
+    row_copies: str = "auto"
 
     def __post_init__(self) -> None:
         _require_choice("cache.policy", self.policy, CACHE_POLICIES)
         _require_choice("cache.planner", self.planner, ("auto", "native", "python"))
+        _require_choice("cache.bookkeeping", self.bookkeeping, ("auto", "inline", "thread"))
+        _require_choice("cache.row_copies", self.row_copies, ("auto", "native", "torch"))
         _require(self.device_budget_gb >= 0, "cache.device_budget_gb", self.device_budget_gb, ">= 0")
         _require(0 < self.ratio <= 1, "cache.ratio", self.ratio, "a share in (0, 1]")
         for name, r in self.table_ratios.items():
@@ -165,6 +173,10 @@ class CacheConfig:
         _require(self.lookahead >= 0, "cache.lookahead", self.lookahead, "a number of batches >= 0")
         _require(0 <= self.warmup_ratio <= 1, "cache.warmup_ratio", self.warmup_ratio, "a share in [0, 1]")
         _require_choice("cache.host", self.host, ("memory", "mmap"))
+
+    def bookkeeping_thread(self, device_type: str) -> bool:
+        """Whether steps are planned on a bookkeeping thread of their own (``cache.bookkeeping``)."""
+        return self.bookkeeping == "thread" or (self.bookkeeping == "auto" and device_type == "cuda")
 
     def keeps_whole(self, rows: int) -> bool:
         """Whether a table of ``rows`` lives wholly on the device: ``policy=none``, or a small table."""

@@ -117,15 +117,27 @@ def assert_same_state(a, b, atol=0.0):
         torch.testing.assert_close(sa[k], sb[k], atol=atol, rtol=0, msg=k)
 
 
-@pytest.mark.parametrize("planner", ["native", "python"])
+# Every way a step can run (planner, row copies, bookkeeping): the CPU's default, CUDA's branches
+# (torch copies, a bookkeeping thread) run here on the CPU, and the Python planner.
+MODES = {
+    "native-inline": {"planner": "native", "row_copies": "native", "bookkeeping": "inline"},
+    "native-thread": {"planner": "native", "row_copies": "native", "bookkeeping": "thread"},
+    "native-torchcopies-inline": {"planner": "native", "row_copies": "torch", "bookkeeping": "inline"},
+    "native-torchcopies-thread": {"planner": "native", "row_copies": "torch", "bookkeeping": "thread"},
+    "python-inline": {"planner": "python", "row_copies": "torch", "bookkeeping": "inline"},
+    "python-thread": {"planner": "python", "row_copies": "torch", "bookkeeping": "thread"},
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("ratio", [0.002, 0.2], ids=["tiny-overflows", "normal"])
-def test_every_policy_trains_like_all_on_device(policy, optimizer, ratio, planner, caplog):
+def test_every_policy_trains_like_all_on_device(policy, optimizer, ratio, mode, caplog):
     opt = SparseOptimizer(optimizer, lr=0.05)
     batches = make_batches(60)
     reference = CachedEmbeddingBagCollection(make_tables(), CacheConfig(policy="none"), opt)
-    cfg = cache_cfg(policy, ratio, lookahead=3, planner=planner)
+    cfg = cache_cfg(policy, ratio, lookahead=3, **MODES[mode])
     cached = CachedEmbeddingBagCollection(make_tables(), cfg, opt)
     with caplog.at_level(logging.WARNING):
         expected = train(reference, batches, lookahead=3)
@@ -145,13 +157,14 @@ def test_every_policy_trains_like_all_on_device(policy, optimizer, ratio, planne
             assert stats["rows_from_host"] == 0
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("one_hot", [False, True], ids=["multi-hot", "one-hot"])
 @pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
-def test_sgd_matches_nn_embedding_bag_and_torch_sgd(pooling, one_hot):
+def test_sgd_matches_nn_embedding_bag_and_torch_sgd(pooling, one_hot, mode):
     tables = make_tables(dim=8, pooling=pooling)
     batches = make_batches(30, one_hot=one_hot)
     ebc = CachedEmbeddingBagCollection(
-        tables, cache_cfg("lookahead", 0.02, lookahead=2), SparseOptimizer("sgd", lr=0.1)
+        tables, cache_cfg("lookahead", 0.02, lookahead=2, **MODES[mode]), SparseOptimizer("sgd", lr=0.1)
     )
     bags = reference_bags(ebc, mode="sum" if pooling == PoolingType.SUM else "mean")
     sgd = torch.optim.SGD([b.weight for b in bags], lr=0.1)
@@ -376,6 +389,8 @@ def test_forward_must_follow_the_enqueued_order():
         ({"policy": "fifo"}, "cache.policy"),
         ({"warmup_ratio": 2.0}, "cache.warmup_ratio"),
         ({"host": "disk"}, "cache.host"),
+        ({"bookkeeping": "async"}, "cache.bookkeeping"),
+        ({"row_copies": "memcpy"}, "cache.row_copies"),
     ],
 )
 def test_bad_cache_config_names_the_key(kwargs, key):
@@ -574,3 +589,12 @@ def test_the_row_kernels_copy_as_torch_indexing_does(n):
     assert torch.equal(new_cache[dst], host[host_rows[: len(dst)]])
     with pytest.raises(ValueError, match="int64 row indices"):
         kernels.gather(cache, slots.to(torch.int32), host, host_rows)
+
+
+def test_native_row_copies_need_the_native_planner_on_the_cpu():
+    with pytest.raises(ValueError, match="cache.row_copies=native needs the native planner on the CPU"):
+        CachedEmbeddingBagCollection(
+            make_tables(),
+            cache_cfg("lru", 0.1, planner="python", row_copies="native"),
+            SparseOptimizer("sgd"),
+        )

@@ -65,6 +65,15 @@ def test_cached_training_matches_all_on_device_step_by_step(dataset, tmp_path, s
     assert cached["cache"]["rows_loaded"] > 0 and plain["cache"]["rows_loaded"] == 0
 
 
+def test_a_bookkeeping_thread_trains_like_inline_bookkeeping_step_for_step(dataset, tmp_path):
+    inline = train(config(dataset), tmp_path / "inline")
+    threaded_cache = replace(config(dataset).cache, bookkeeping="thread", row_copies="torch")
+    threaded = train(config(dataset, cache=threaded_cache), tmp_path / "thread")
+    assert losses(tmp_path / "thread") == losses(tmp_path / "inline")
+    assert threaded["test_auc"] == inline["test_auc"]
+    assert threaded["cache"]["rows_loaded"] == inline["cache"]["rows_loaded"] > 0
+
+
 @pytest.mark.slow
 def test_learns_clearly_better_than_chance_and_dense_only(dataset, tmp_path):
     summary = train(

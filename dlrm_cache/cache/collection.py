@@ -79,6 +79,14 @@ class CachedEmbeddingBagCollection(nn.Module):
         if unknown:
             raise ValueError(f"row_frequencies names unknown tables: {sorted(unknown)}")
         planner = native.resolve(cache.planner)
+        if cache.row_copies == "native" and (planner != "native" or self.device.type != "cpu"):
+            raise ValueError(
+                f"cache.row_copies=native needs the native planner on the CPU device "
+                f"(planner {planner}, device {self.device.type}): use row_copies=torch or auto"
+            )
+        # the bookkeeping thread, where it runs: off the training thread on CUDA (see _submit)
+        self.threaded = cache.bookkeeping_thread(self.device.type)  # see _submit
+        native_copies = planner == "native" and self.device.type == "cpu" and cache.row_copies != "torch"
         by_kind: dict[tuple[int, PoolingType], list[EmbeddingBagConfig]] = {}
         for t in tables:
             by_kind.setdefault((t.embedding_dim, t.pooling), []).append(t)
@@ -96,6 +104,7 @@ class CachedEmbeddingBagCollection(nn.Module):
                 seed=seed,
                 shards=[shards.get(c.name, TableShard.whole(c)) for c in cfgs] if shards else None,
                 planner=planner,
+                native_copies=native_copies,
             )
             for cfgs in by_kind.values()
         ]
@@ -153,10 +162,11 @@ class CachedEmbeddingBagCollection(nn.Module):
     def _submit(self, fn, *args) -> Future:
         """Run ``fn`` on the bookkeeping thread, after everything submitted before it (in order).
 
-        On the CPU it runs right here instead: the step's own compute already uses every core
-        (intra-op threads), and a second busy thread slowed both down (bench_cache_step.py: the
-        threaded step cost more than the inline one, for ``policy=none`` too)."""
-        if self.device.type == "cpu":
+        Inline (``cache.bookkeeping``, the CPU's default) it runs right here instead: on the CPU the
+        step's own compute already uses every core (intra-op threads), and a second busy thread slowed
+        both down (bench_cache_step.py: the threaded step cost more than the inline one, for
+        ``policy=none`` too)."""
+        if not self.threaded:
             done: Future = Future()
             try:
                 done.set_result(fn(*args))
@@ -196,8 +206,8 @@ class CachedEmbeddingBagCollection(nn.Module):
         plans = planned.result()
         for g, plan in zip(self.groups, plans, strict=True):
             g.begin_step(plan)
-        if self.device.type == "cpu":
-            # The plan runs inline on the CPU: the next batch's is made here, once this batch's rows
+        if not self.threaded:
+            # The plan runs inline: the next batch's is made here, once this batch's rows
             # are gathered. It is the plan prefetch() would make between forward and backward (the
             # bookkeeping does not change in between), made while the processor's caches hold
             # nothing the step still needs; made later, its scans and row copies pushed the step's

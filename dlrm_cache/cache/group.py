@@ -130,10 +130,13 @@ class TableGroup:
         seed: int = 0,
         shards: list[TableShard] | None = None,
         planner: str = "python",
+        native_copies: bool | None = None,
     ):
         """``shards``: for tables that are shards of larger ones (TorchRec sharding), where each sits in
         its full table (initial values are those of the full table's rows and columns). ``planner``:
-        ``native`` (the C++ planner, ``native.py``, and on the CPU its row copies) or ``python``."""
+        ``native`` (the C++ planner, ``native.py``) or ``python``. ``native_copies``: rows copied by
+        C++ (``RowKernels``, CPU device with the native planner only) rather than torch; by default
+        wherever they can be."""
         self.configs = configs
         self.features = [f for c in configs for f in c.feature_names]
         self.dim = configs[0].embedding_dim
@@ -175,7 +178,9 @@ class TableGroup:
         self._inflight: StepPlan | None = None
         self._overflow_logged: set[int] = set()
         self.future: FutureIndex | None = None
-        self._rows = RowKernels() if planner == "native" and device.type == "cpu" else None
+        if native_copies is None:
+            native_copies = planner == "native" and device.type == "cpu"
+        self._rows = RowKernels() if native_copies else None
         if self.resident:
             # The whole table lives on the device: the baseline (policy=none). The cache *is* the table.
             self.host = None
