@@ -36,6 +36,7 @@ from dlrm_cache.cache.future import FutureIndex
 from dlrm_cache.cache.host import HostTable, TableShard, stream_rows
 from dlrm_cache.cache.native import NativePlanner, RowKernels
 from dlrm_cache.cache.optim import SparseOptimizer
+from dlrm_cache.cache.transfer import DeviceTransfers
 
 if TYPE_CHECKING:  # the cache core runs without torchrec (and so without fbgemm): plain PyTorch
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -75,6 +76,7 @@ class StepPlan:
     slots: torch.Tensor  # (U,) cache slot of each unique row, -1 for rows served from the host
     overflow: torch.Tensor | None  # positions in `uniq` of the rows served from the host (sorted)
     rows: torch.Tensor | None = None  # (U, width) on the device, set by `gather`
+    ready: torch.cuda.Event | None = None  # CUDA: recorded once the loads this step gathers are done
     device_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     # With overflow, worked out with the plan (off the training thread): the global rows served from
     # the host; for training (`scratch`: the cache's scratch row), the slot each unique row is written
@@ -168,11 +170,8 @@ class TableGroup:
         self.feature_table = torch.tensor(feature_table, dtype=torch.int64)
         self.resident = self.capacities == self.rows and policy == "none"
         total_rows = self.row_offsets[-1]
-        pin = device.type == "cuda"
         name = "_".join(c.name for c in configs)[:100]
-        host = HostTable(
-            total_rows, self.width, "memory" if self.resident else host_kind, mmap_dir, name, pin
-        )
+        host = HostTable(total_rows, self.width, "memory" if self.resident else host_kind, mmap_dir, name)
         host.initialize(configs, self.row_offsets, self.dim, seed, shards)
         self.stats = GroupStats.zeros(len(configs))
         self._inflight: StepPlan | None = None
@@ -181,12 +180,16 @@ class TableGroup:
         if native_copies is None:
             native_copies = planner == "native" and device.type == "cpu"
         self._rows = RowKernels() if native_copies else None
+        self._transfers: DeviceTransfers | None = None
         if self.resident:
             # The whole table lives on the device: the baseline (policy=none). The cache *is* the table.
             self.host = None
             self.cache = host.data.to(device)
             return
         self.host = host
+        # On CUDA, loads and write-backs on a copy stream through pinned staging (transfer.py)
+        if device.type == "cuda":
+            self._transfers = DeviceTransfers(device, self.width)
         # The cache's slots, and after them one scratch row: the updated rows of a step are written
         # back in one indexed copy, those served from the host (overflow) into the scratch row.
         self._cache_and_scratch = torch.zeros(self.slot_offsets[-1] + 1, self.width, device=device)
@@ -322,6 +325,8 @@ class TableGroup:
         else:
             with self.host.measured():
                 plan = self._plan_cached(batch, step, pin_floor, host_rows)
+            if self._transfers is not None:  # the step's gather waits for the loads made so far
+                plan.ready = self._transfers.ready
         self.stats.bookkeeping_s += time.perf_counter() - t0
         return plan
 
@@ -555,6 +560,8 @@ class TableGroup:
             return
         if self._rows is not None:
             self._rows.copy(self.cache, slots, self.host.data, rows)
+        elif self._transfers is not None:
+            self._transfers.write_back(self.cache, slots, self.host.data, rows)
         else:
             self.host.data.index_copy_(0, rows, self.cache.index_select(0, slots.to(self.device)).cpu())
 
@@ -564,6 +571,8 @@ class TableGroup:
             return
         if self._rows is not None:
             self._rows.copy(self.host.data, rows, self.cache, slots)
+        elif self._transfers is not None:
+            self._transfers.load(self.host.data, rows, self.cache, slots)
         else:
             self.cache.index_copy_(
                 0, slots.to(self.device), self.host.data.index_select(0, rows).to(self.device)
@@ -610,6 +619,8 @@ class TableGroup:
         return pooled.view(b.batch_size, -1)
 
     def begin_step(self, plan: StepPlan) -> None:
+        if self._transfers is not None:
+            self._transfers.wait_ready(plan.ready)
         with self._host_io(plan):
             plan.rows = self.gather(plan)
         self._inflight = plan
@@ -636,6 +647,8 @@ class TableGroup:
         self.optimizer.update(plan.rows, grad_rows, plan.step)
         with self._host_io(plan):
             self._write_back(plan)
+        if self._transfers is not None:  # later copies of these slots wait for this update
+            self._transfers.after_update()
         plan.rows = None
         if self._inflight is plan:
             self._inflight = None
@@ -664,6 +677,8 @@ class TableGroup:
     def lookup_readonly(self, batch: PreparedBatch) -> torch.Tensor:
         """Evaluation: hits from the cache, misses straight from the host; nothing admitted or written."""
         self.stats.eval_lookups += batch.lookups
+        if self._transfers is not None:
+            self._transfers.wait_ready(self._transfers.ready)
         if self.resident:
             plan = StepPlan(batch, 0, batch.uniq, None)
         else:

@@ -46,7 +46,7 @@ class TableShard:
 
 
 class HostTable:
-    """A (rows, width) float32 array in RAM (pinned when ``pin``) or in a file-backed memory map.
+    """A (rows, width) float32 array in RAM (pageable: see ``transfer.py``) or in a file-backed memory map.
 
     A memory-mapped table is scratch space (checkpoints hold the real copy). Its file is allocated
     whole when made (a file system without room refuses it then, not with a crash mid-training) and
@@ -60,14 +60,14 @@ class HostTable:
     ``measured()`` (the process's ``/proc/self/io`` before and after: other threads' I/O in those
     moments counts too)."""
 
-    def __init__(self, rows: int, width: int, kind: str, mmap_dir: str | None, name: str, pin: bool):
+    def __init__(self, rows: int, width: int, kind: str, mmap_dir: str | None, name: str):
         self.path: Path | None = None
         self.name = name
         self.row_bytes = width * 4
         self.read_bytes = self.write_bytes = 0
         self._advisor: ThreadPoolExecutor | None = None  # the readahead thread (will_need)
         if kind != "mmap":
-            self.data = torch.zeros(rows, width, dtype=torch.float32, pin_memory=pin)
+            self.data = torch.zeros(rows, width, dtype=torch.float32)
             self._cleanup = None
             return
         folder = Path(mmap_dir) if mmap_dir else Path(tempfile.mkdtemp(prefix="dlrm_cache_host_"))
