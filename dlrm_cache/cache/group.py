@@ -283,7 +283,7 @@ class TableGroup:
         uniq, inverse, occurrences = torch.unique(
             global_ids, sorted=True, return_inverse=True, return_counts=True
         )
-        if self.host is not None:  # a mapped host tier reads the rows this batch will miss meanwhile
+        if self.host is not None and self.host.mapped:  # the rows this batch will miss, read meanwhile
             self.host.will_need(uniq[self.row_to_slot[uniq] < 0])
         lengths = offsets[1:] - offsets[:-1]
         one_hot = len(global_ids) == len(lengths) and bool((lengths == 1).all())

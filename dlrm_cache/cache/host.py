@@ -87,6 +87,10 @@ class HostTable:
         self.data = torch.frombuffer(self._map, dtype=torch.float32).view(rows, width)
 
     @property
+    def mapped(self) -> bool:
+        return self.path is not None
+
+    @property
     def nbytes(self) -> int:
         return self.data.shape[0] * self.row_bytes
 
@@ -136,7 +140,7 @@ class HostTable:
         caches what ``pwrite`` and ``read`` bring in as large folios, and a row written later through
         the mapping would dirty, and send to the disk, a whole folio (hundreds of KB) instead of its
         page."""
-        if self.path is None:
+        if not self.mapped:
             self.data[first : first + len(rows)] = rows
             return
         offset = first * self.row_bytes
@@ -147,7 +151,7 @@ class HostTable:
     def save_rows(self, first: int, count: int, out: BinaryIO) -> None:
         """Stream rows ``[first, first + count)`` into the open file ``out`` in bounded memory."""
         out.flush()
-        if self.path is not None:
+        if self.mapped:
             offset, size = first * self.row_bytes, count * self.row_bytes
             _copy_file_range(self._fd, offset, size, out.fileno())
             # what the copy read in is not left as large folios for the mapping (see write_rows);
@@ -160,7 +164,7 @@ class HostTable:
         """Have the kernel read these rows' pages now, in the background (a mapped table): the rows of a
         batch enqueued ahead are then in the page cache when its step copies them, read side by side
         (a queue of requests) instead of one page fault at a time."""
-        if self.path is None or not len(rows):
+        if not self.mapped or not len(rows):
             return
         if self._advisor is None:
             self._advisor = ThreadPoolExecutor(1, thread_name_prefix="dlrm-cache-readahead")
@@ -175,7 +179,7 @@ class HostTable:
     @contextmanager
     def measured(self) -> Iterator[None]:
         """Add the disk I/O done inside the block to ``read_bytes`` / ``write_bytes`` (mapped tables)."""
-        if self.path is None:
+        if not self.mapped:
             yield
             return
         with self._io_lock:
