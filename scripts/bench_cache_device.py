@@ -19,7 +19,6 @@ import argparse
 import gc
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,19 +26,9 @@ import torch
 from dlrm_cache.cache import native
 from dlrm_cache.cache.group import TableGroup
 from dlrm_cache.cache.optim import SparseOptimizer
+from dlrm_cache.cache.table import TableSpec
 from dlrm_cache.criteo import CAT_COLUMNS, KAGGLE_CARDINALITIES
 from dlrm_cache.data.zipf import ZipfSampler
-
-
-@dataclass
-class TableSpec:
-    """The fields the cache core reads from a TorchRec ``EmbeddingBagConfig``."""
-
-    name: str
-    num_embeddings: int
-    embedding_dim: int
-    feature_names: list[str] = field(default_factory=list)
-    pooling: str = "SUM"
 
 
 def run(policy: str, args, trace: list[np.ndarray], device: torch.device) -> tuple[float, dict]:

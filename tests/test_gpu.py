@@ -3,31 +3,19 @@
 nothing but a CUDA torch runs it (``scripts/gpu_check.sh``). The CPU cases run everywhere and show
 that the check itself holds; the CUDA cases are marked ``gpu`` and skipped without a CUDA device."""
 
-from dataclasses import dataclass, field
-
 import pytest
 import torch
 
 from dlrm_cache.cache import native
 from dlrm_cache.cache.group import TableGroup
 from dlrm_cache.cache.optim import SparseOptimizer
+from dlrm_cache.cache.table import TableSpec
 
 ROWS = [40, 3000, 600]
 DEVICES = [
     pytest.param("cpu", id="cpu"),
     pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
 ]
-
-
-@dataclass
-class Table:
-    """The fields the core reads from a TorchRec ``EmbeddingBagConfig``."""
-
-    name: str
-    num_embeddings: int
-    embedding_dim: int
-    feature_names: list[str] = field(default_factory=list)
-    pooling: str = "SUM"
 
 
 def batches(steps: int, batch: int = 32, seed: int = 0) -> list[torch.Tensor]:
@@ -42,7 +30,7 @@ def batches(steps: int, batch: int = 32, seed: int = 0) -> list[torch.Tensor]:
 def run(device, policy, optimizer, ratio, ids, planner="python", lookahead=3):
     """Train a group through ``ids`` as the trainer drives it; the pooled outputs per step and the
     final rows (on the host)."""
-    tables = [Table(f"t{i}", n, 8, [f"f{i}"]) for i, n in enumerate(ROWS)]
+    tables = [TableSpec(f"t{i}", n, 8, [f"f{i}"]) for i, n in enumerate(ROWS)]
     caps = [n if policy == "none" or n <= 50 else max(1, round(ratio * n)) for n in ROWS]
     opt = SparseOptimizer(optimizer, lr=0.05)
     g = TableGroup(tables, caps, policy, opt, torch.device(device), warmup_ratio=0.5, planner=planner)
