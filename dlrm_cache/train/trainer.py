@@ -264,6 +264,11 @@ def train(cfg: TrainRunConfig, run_dir: Path) -> dict:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise TrainingError("trainer.device=cuda but no CUDA device is available (use trainer=cpu)")
+        if rank.local_rank >= torch.cuda.device_count():
+            raise TrainingError(
+                f"local rank {rank.local_rank} needs GPU {rank.local_rank}, but {torch.cuda.device_count()} "
+                "are visible (CUDA_VISIBLE_DEVICES?): start at most one process per GPU"
+            )
         device = torch.device("cuda", rank.local_rank)
         torch.cuda.set_device(device)
     if sharded:
