@@ -12,6 +12,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm_cache import native_build
 from dlrm_cache.cache import group as group_module
+from dlrm_cache.cache import python_planner
 from dlrm_cache.cache.collection import CachedEmbeddingBagCollection
 from dlrm_cache.cache.future import FutureIndex
 from dlrm_cache.cache.native import RowKernels
@@ -451,9 +452,9 @@ def test_the_native_planner_makes_the_python_planners_plans(policy, ratio, paral
     planner.cpp must pick exactly the slots, victims and host-served rows the Python planner picks,
     whether it plans the tables one after the other or at once on several threads. Small candidate
     pools make both refill and rebuild their pools often."""
-    monkeypatch.setattr(group_module, "_POOL_MIN", 3)
-    monkeypatch.setattr(group_module, "_POOL_FACTOR", 2)
-    monkeypatch.setattr(group_module, "_POOL_REBUILD", 2)
+    monkeypatch.setattr(python_planner, "POOL_MIN", 3)
+    monkeypatch.setattr(python_planner, "POOL_FACTOR", 2)
+    monkeypatch.setattr(python_planner, "POOL_REBUILD", 2)
     monkeypatch.setattr(group_module, "_PARALLEL_ROWS", parallel_rows)
     plans = {"native": [], "python": []}
     plan = group_module.TableGroup.plan
@@ -474,9 +475,15 @@ def test_the_native_planner_makes_the_python_planners_plans(policy, ratio, paral
         )
         train(ebc, batches, lookahead=4)
         g = ebc.groups[0]
-        states[planner] = [g.row_to_slot, g.slot_to_row, g.dirty, g.filled, g.pin_until]
+        states[planner] = [
+            g.state.row_to_slot,
+            g.state.slot_to_row,
+            g.state.dirty,
+            g.state.filled,
+            g.state.pin_until,
+        ]
         if policy == "lookahead":
-            states[planner] += [g.next_use, g.future.last_pos, g.future.arena]
+            states[planner] += [g.state.next_use, g.future.last_pos, g.future.arena]
         stats[planner] = {k: v for k, v in ebc.stats().items() if k != "bookkeeping_s"}
     assert len(plans["native"]) == len(plans["python"]) == len(batches)
     for step, (n, p) in enumerate(zip(plans["native"], plans["python"], strict=True)):

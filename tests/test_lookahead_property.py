@@ -37,9 +37,9 @@ def test_rows_needed_in_the_window_stay_cached(batches, lookahead):
             ebc.enqueue(kjts[i + lookahead])
         window = {r for ids in batches[i + 1 : i + 1 + lookahead] for r in ids}
         needed = window | set(batches[i])
-        cached_before = set(group.slot_to_row[group.slot_to_row >= 0].tolist())
+        cached_before = set(group.state.slot_to_row[group.state.slot_to_row >= 0].tolist())
         ebc(kjt).values().sum().backward()
-        cached_after = set(group.slot_to_row[group.slot_to_row >= 0].tolist())
+        cached_after = set(group.state.slot_to_row[group.state.slot_to_row >= 0].tolist())
         if len(needed) <= CAPACITY:
             evicted = cached_before - cached_after
             assert not (evicted & window), f"step {i}: evicted {evicted & window}, needed within the window"

@@ -13,7 +13,9 @@ A training step for one batch:
    free slots, then evict by policy among slots no in-flight batch needs (dirty victims are written
    back to the host), and load the missing rows host -> device. Rows that cannot be admitted because a
    batch needs more rows than a table's cache holds are served from the host for that step
-   (``overflow``), so training goes on exactly.
+   (``overflow``), so training goes on exactly. The planner (``native.NativePlanner``, C++, or
+   ``python_planner.PythonPlanner``) updates the ``slots.SlotState`` and returns a ``SlotPlan``; the
+   group copies what it lists (``transfer.py`` on CUDA) and turns it into the step's ``StepPlan``.
 3. ``gather`` + ``pool`` (forward): the step's unique rows, then ``embedding_bag`` over them.
 4. ``apply_gradients`` (backward): the summed gradient of each unique row, the fused optimizer update
    of weight and state together, the rows written back to their slots (marked dirty) or, for overflow
@@ -32,22 +34,18 @@ import torch
 import torch.nn.functional as F
 
 from dlrm_cache.cache import policy as pol
+from dlrm_cache.cache import python_planner
 from dlrm_cache.cache.future import FutureIndex
 from dlrm_cache.cache.host import HostTable, TableShard, stream_rows
 from dlrm_cache.cache.native import NativePlanner, RowKernels
 from dlrm_cache.cache.optim import SparseOptimizer
+from dlrm_cache.cache.slots import SlotState
 from dlrm_cache.cache.transfer import DeviceTransfers
 
 if TYPE_CHECKING:  # the cache core runs without torchrec (and so without fbgemm): plain PyTorch
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 log = logging.getLogger(__name__)
-_PINNED_NEVER = -(1 << 62)
-_INT64_MIN = torch.iinfo(torch.int64).min
-_INT64_MAX = torch.iinfo(torch.int64).max
-_POOL_MIN = 4096  # eviction candidates kept per table, at least
-_POOL_FACTOR = 16  # ... and at least this many times the evictions asked for
-_POOL_REBUILD = 4  # rebuild a pool that has grown to this many times its target size
 _PARALLEL_ROWS = 4096  # the C++ planner plans a step of this many unique rows or more on several threads
 
 
@@ -208,8 +206,10 @@ class TableGroup:
             self.future = FutureIndex(total_rows)
         # LFU's counts cover every row and survive eviction and re-admission.
         self.access_count = torch.zeros(total_rows, dtype=torch.int64) if policy == "lfu" else None
-        tuning = (_POOL_MIN, _POOL_FACTOR, _POOL_REBUILD, _PARALLEL_ROWS)
-        self._native = None
+        # the C++ planner's candidate pools sized as the Python planner's
+        pools = python_planner.POOL_MIN, python_planner.POOL_FACTOR, python_planner.POOL_REBUILD
+        tuning = (*pools, _PARALLEL_ROWS)
+        self._native = self._python = None
         if planner == "native":
             self._native = NativePlanner(self.slot_offsets, self.row_offsets, policy, tuning)
         self._reset_cache([])
@@ -218,31 +218,20 @@ class TableGroup:
     def _reset_cache(self, queued: list[PreparedBatch]) -> None:
         """Empty the cache (the host must hold every row), then warm it up with the hottest rows;
         ``queued``: the enqueued batches not yet consumed, whose uses the lookahead policy needs."""
-        total_rows, capacity = self.row_offsets[-1], self.slot_offsets[-1]
-        self.row_to_slot = torch.full((total_rows,), -1, dtype=torch.int32)
-        self.slot_to_row = torch.full((capacity,), -1, dtype=torch.int64)
-        self.filled = torch.zeros(len(self.configs), dtype=torch.int64)  # slots in use per table
-        # a dirty bit per slot, and one for the scratch row (set with it, never read)
-        self._dirty_and_scratch = torch.zeros(capacity + 1, dtype=torch.bool)
-        self.dirty = self._dirty_and_scratch[:-1]
-        self.pin_until = torch.full((capacity,), _PINNED_NEVER, dtype=torch.int64)
-        # Eviction candidates per table (see _best_candidates); an empty pool with the top floor knows
-        # nothing.
+        tables = len(self.configs)
+        self.state = SlotState.empty(self.row_offsets[-1], self.slot_offsets[-1], tables, self.policy)
         if self._native is not None:
             self._native.reset()
+        elif self._python is None:
+            self._python = python_planner.PythonPlanner(self)
         else:
-            self._pool = [torch.empty(0, dtype=torch.int64) for _ in self.configs]
-            self._pool_floor = torch.full((len(self.configs),), _INT64_MAX, dtype=torch.int64)
-            self._in_pool = torch.zeros(capacity, dtype=torch.bool)
-        self.last_used = torch.zeros(capacity, dtype=torch.int64) if self.policy == "lru" else None
-        if self.policy == "lookahead":
-            self.next_use = torch.full((capacity,), pol.NO_NEXT_USE, dtype=torch.int64)
+            self._python.reset()
         self._inflight = None
         self._warm_up()
         for p in reversed(queued):  # nearest use last, so it wins
             if p.seq is not None:
-                s = self.row_to_slot[p.uniq].to(torch.int64)
-                self.next_use[s[s >= 0]] = p.seq
+                s = self.state.row_to_slot[p.uniq].to(torch.int64)
+                self.state.next_use[s[s >= 0]] = p.seq
 
     def _warm_up(self) -> None:
         for t, cap in enumerate(self.capacities):
@@ -257,10 +246,10 @@ class TableGroup:
                 rows = torch.topk(coldness, k, largest=False).indices + lo
             slots = torch.arange(self.slot_offsets[t], self.slot_offsets[t] + k, dtype=torch.int64)
             self._load(rows, slots)
-            self.filled[t] = k
+            self.state.filled[t] = k
             self.stats.warmup[t] += k
 
-    def _coldness(self, rows: torch.Tensor) -> torch.Tensor:
+    def coldness(self, rows: torch.Tensor) -> torch.Tensor:
         """Static coldness of global rows: from train counts, or the row itself for ranked ids."""
         return rows if self._coldness_table is None else self._coldness_table[rows]
 
@@ -284,7 +273,7 @@ class TableGroup:
             global_ids, sorted=True, return_inverse=True, return_counts=True
         )
         if self.host is not None and self.host.mapped:  # the rows this batch will miss, read meanwhile
-            self.host.will_need(uniq[self.row_to_slot[uniq] < 0])
+            self.host.will_need(uniq[self.state.row_to_slot[uniq] < 0])
         lengths = offsets[1:] - offsets[:-1]
         one_hot = len(global_ids) == len(lengths) and bool((lengths == 1).all())
         bag_of_id = None if one_hot else torch.repeat_interleave(torch.arange(len(lengths)), lengths)
@@ -298,9 +287,9 @@ class TableGroup:
             batch.seq, batch.arena_base = self._native.register_future(self, batch.uniq)
             return
         batch.seq, batch.arena_base = self.future.add(batch.uniq)
-        s = self.row_to_slot[batch.uniq].to(torch.int64)
+        s = self.state.row_to_slot[batch.uniq].to(torch.int64)
         s = s[s >= 0]
-        self.next_use[s] = torch.minimum(self.next_use[s], torch.tensor(batch.seq))
+        self.state.next_use[s] = torch.minimum(self.state.next_use[s], torch.tensor(batch.seq))
 
     def pin_floor(self, step: int) -> int:
         """Slots used at or after this step stay: those of ``step`` and of a batch still in flight."""
@@ -339,199 +328,20 @@ class TableGroup:
                 else self.future.consume(batch.arena_base, len(batch.uniq))
             )
         if self._native is None:
-            return self._plan_python(batch, step, pin_floor, host_rows)
-        copied = self._rows is not None  # the planner copies the rows itself
-        r = self._native.plan(self, batch, step, pin_floor, host_rows, copy_rows=copied)
+            p, copied = self._python.plan(batch, step, pin_floor, host_rows), False
+        else:
+            copied = self._rows is not None  # the C++ planner copies the rows itself
+            p = self._native.plan(self, batch, step, pin_floor, host_rows, copy_rows=copied)
         if not copied:
-            self._copy_out(r["wb_slots"], r["wb_rows"])  # dirty victims out first: their slots are reused
-            self._copy_in(r["load_rows"], r["load_slots"])
-        if r["short"]:
-            for t in torch.nonzero(r["short_of"]).squeeze(1).tolist():
-                self._log_overflow(t, batch, int(r["short_of"][t]))
-        overflow = r["overflow"] if len(r["overflow"]) else None
-        return StepPlan(batch, step, r["slots"], overflow, scratch=self._scratch())
-
-    def _plan_python(self, batch: PreparedBatch, step: int, pin_floor: int, host_rows) -> StepPlan:
-        """The planner in tensor operations: the reference for (and the fallback of) ``planner.cpp``."""
-        uniq = batch.uniq
-        self.stats.lookups += batch.lookups
-        self.stats.touched += self.count_per_table(uniq)
-        slots = self.row_to_slot[uniq].to(torch.int64)
-        hit = slots >= 0
-        self.pin_until[slots[hit]] = step
-        miss_pos = torch.nonzero(~hit).squeeze(1)
-        overflow = held_pos = None
-        if host_rows is not None and miss_pos.numel():
-            held = torch.isin(uniq[miss_pos], host_rows)
-            if bool(held.any()):
-                held_pos, miss_pos = miss_pos[held], miss_pos[~held]
-        lookahead = self.future is not None
-        next_use = batch.next_use
-        if miss_pos.numel():
-            miss_rows = uniq[miss_pos]
-            per_table_t = self.count_per_table(miss_rows)
-            if lookahead:
-                miss_key = pol.lookahead_key(next_use[miss_pos], self._coldness(miss_rows))
-            assigned, victims = self._assign_slots(
-                batch, miss_rows, per_table_t, miss_key if lookahead else None, pin_floor
-            )
-            if victims.numel():
-                self._evict(victims)
-            admit = assigned >= 0
-            self._load(miss_rows[admit], assigned[admit])
-            self.pin_until[assigned[admit]] = step
-            slots[miss_pos] = assigned
-            self.stats.loaded += per_table_t
-            if not bool(admit.all()):
-                overflow = miss_pos[~admit]
-                self.stats.overflow += self.count_per_table(uniq[overflow])
-        if held_pos is not None:
-            held_per_table = self.count_per_table(uniq[held_pos])
-            self.stats.loaded += held_per_table
-            self.stats.overflow += held_per_table
-            overflow = held_pos if overflow is None else torch.sort(torch.cat([overflow, held_pos])).values
-        cached = slots >= 0
-        if lookahead:
-            self.next_use[slots[cached]] = next_use[cached]
-        if self.last_used is not None:
-            self.last_used[slots[cached]] = step
-        if self.access_count is not None:
-            self.access_count[uniq] += batch.occurrences
-        self._track_pool(slots[cached])
-        return StepPlan(batch, step, slots, overflow, scratch=self._scratch())
+            self._copy_out(p.write_back_slots, p.write_back_rows)  # victims out first: their slots are reused
+            self._copy_in(p.load_rows, p.load_slots)
+        for t in torch.nonzero(p.short_of).squeeze(1).tolist():
+            self._log_overflow(t, batch, int(p.short_of[t]))
+        return StepPlan(batch, step, p.slots, p.overflow, scratch=self._scratch())
 
     def _scratch(self) -> int | None:
         """The scratch row for a plan's ``write_slots`` (where the rows go back by ``index_copy_``)."""
         return None if self._rows is not None else self.slot_offsets[-1]
-
-    def _slot_keys(self, slots: torch.Tensor) -> torch.Tensor:
-        """Current eviction keys of filled slots (largest = evict first)."""
-        if self.policy == "lru":
-            return pol.lru_key(self.last_used[slots])
-        rows = self.slot_to_row[slots]
-        if self.policy == "lfu":
-            return pol.coldness_from_counts(self.access_count[rows])
-        if self.policy == "freq":
-            return self._coldness(rows)
-        return pol.lookahead_key(self.next_use[slots], self._coldness(rows))
-
-    def _assign_slots(
-        self, batch, miss_rows, per_table, miss_key, pin_floor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A slot for each miss (-1: served from the host this step) and the victims to evict, for all
-        tables at once: free slots first, then victims by policy, most evictable first, never pinned.
-
-        Misses are admitted in order of value (``miss_key`` ascending: nearest next use, then hottest)
-        and, with ``miss_key`` (lookahead), a miss displaces a cached row only if that row is worth
-        less (Belady with bypass). Victim choice is exact but costs O(misses), not O(cache): each
-        table's candidates come from a pool holding every slot whose key may be >= its floor (all
-        others are known to be below it); see ``_track_pool``."""
-        n_miss = len(miss_rows)
-        tables = torch.repeat_interleave(torch.arange(len(self.configs)), per_table, output_size=n_miss)
-        first_miss = torch.cumsum(per_table, 0) - per_table
-        take = torch.minimum(per_table, self._capacity_t - self.filled)  # free slots used
-        need = per_table - take  # victims wanted
-        old_filled = self.filled.clone()
-        self.filled += take
-        # Candidates: the pools of the tables that need victims (rebuilt where they run short).
-        needy = torch.nonzero(need > 0).squeeze(1).tolist()
-        cand, cand_keys, avail = self._best_candidates(needy, need, old_filled, pin_floor)
-        first_cand = torch.cumsum(avail, 0) - avail
-        for t in torch.nonzero(avail < need).squeeze(1).tolist():
-            self._log_overflow(t, batch, int(need[t] - avail[t]))
-        # Misses in admission order within each table, and their rank there.
-        if miss_key is None:
-            admit_order = torch.arange(n_miss)
-        else:
-            admit_order = torch.argsort(miss_key, stable=True)
-            admit_order = admit_order[torch.argsort(tables[admit_order], stable=True)]
-        t_of = tables[admit_order]
-        rank = torch.arange(n_miss) - first_miss[t_of]
-        assigned_in_order = torch.full((n_miss,), -1, dtype=torch.int64)
-        free = rank < take[t_of]
-        assigned_in_order[free] = self._slot_starts[t_of[free]] + old_filled[t_of[free]] + rank[free]
-        j = rank - take[t_of]  # victim index within the table
-        use = (j >= 0) & (j < avail[t_of])
-        victim_at = first_cand[t_of[use]] + j[use]
-        if miss_key is not None:
-            worth = cand_keys[victim_at] > miss_key[admit_order[use]]
-            use[use.clone()] = worth
-            victim_at = victim_at[worth]
-        assigned_in_order[use] = cand[victim_at]
-        assigned = torch.empty_like(assigned_in_order).index_copy_(0, admit_order, assigned_in_order)
-        return assigned, cand[victim_at]
-
-    def _best_candidates(self, needy: list[int], need, filled, pin_floor) -> tuple[torch.Tensor, ...]:
-        """For the ``needy`` tables, up to ``need[t]`` victims each: (slots, keys), grouped by table in
-        table order, most evictable first, and how many each table got. Candidates are the unpinned
-        pool members at or above their table's floor; a pool that cannot cover its table's need is
-        rebuilt from a full scan first."""
-        empty = torch.empty(0, dtype=torch.int64)
-        got = torch.zeros(len(self.configs), dtype=torch.int64)
-        if not needy:
-            return empty, empty, got
-        for attempt in range(2):
-            pools = [self._pool[t] for t in needy]
-            sizes = torch.tensor([len(p) for p in pools], dtype=torch.int64)
-            cand = torch.cat(pools)
-            row = torch.repeat_interleave(torch.arange(len(needy)), sizes, output_size=len(cand))
-            tab = torch.tensor(needy, dtype=torch.int64)[row]
-            keys = self._slot_keys(cand)
-            usable = (keys >= self._pool_floor[tab]) & (self.pin_until[cand] < pin_floor)
-            count = torch.zeros(len(needy), dtype=torch.int64).index_add_(0, row, usable.to(torch.int64))
-            short = [
-                t
-                for r, t in enumerate(needy)
-                if (count[r] < need[t] and self._pool_floor[t] != _INT64_MIN)  # not already every slot
-                or len(self._pool[t]) > _pool_limit(int(need[t]))
-            ]
-            if not short or attempt:
-                break
-            for t in short:
-                self._refresh_pool(t, int(need[t]), int(filled[t]))
-        if not bool(usable.any()):
-            return empty, empty, got
-        # One top-k over a (tables, pool) matrix instead of one per table.
-        col = torch.arange(len(cand)) - (torch.cumsum(sizes, 0) - sizes)[row]
-        matrix = torch.full((len(needy), int(sizes.max())), _INT64_MIN, dtype=torch.int64)
-        matrix[row[usable], col[usable]] = keys[usable]
-        want = need[needy]
-        values, idx = torch.topk(matrix, min(int(want.max()), matrix.shape[1]), dim=1)
-        keep = (torch.arange(values.shape[1]) < want.unsqueeze(1)) & (values > _INT64_MIN)
-        slots = torch.full_like(matrix, -1)
-        slots[row, col] = cand
-        chosen = torch.gather(slots, 1, idx)
-        got[needy] = keep.sum(dim=1)
-        return chosen[keep], values[keep], got
-
-    def _refresh_pool(self, t: int, k: int, filled: int) -> None:
-        """Rebuild table ``t``'s pool from a full scan: its top ``max(_POOL_MIN, _POOL_FACTOR * k)`` keys."""
-        lo = self.slot_offsets[t]
-        hi = lo + filled
-        self._in_pool[self._pool[t]] = False
-        if hi == lo:
-            self._pool[t] = torch.empty(0, dtype=torch.int64)
-            self._pool_floor[t] = _INT64_MIN
-            return
-        full = self._slot_keys(torch.arange(lo, hi, dtype=torch.int64))
-        m = min(hi - lo, max(_POOL_MIN, _POOL_FACTOR * k))
-        keys, idx = torch.topk(full, m)
-        self._pool[t] = idx + lo
-        self._in_pool[self._pool[t]] = True
-        self._pool_floor[t] = int(keys[-1]) if m < hi - lo else _INT64_MIN
-
-    def _track_pool(self, slots: torch.Tensor) -> None:
-        """Slots whose keys may have risen this step (the rows it touched or admitted) join their
-        table's pool if they reach its floor, keeping every slot outside a pool below its floor."""
-        keys = self._slot_keys(slots)
-        tables = torch.searchsorted(self._slot_ends, slots, right=True)
-        join = (keys >= self._pool_floor[tables]) & ~self._in_pool[slots]
-        if not bool(join.any()):
-            return
-        slots, tables = slots[join], tables[join]
-        self._in_pool[slots] = True
-        for t in torch.unique(tables).tolist():
-            self._pool[t] = torch.cat([self._pool[t], slots[tables == t]])
 
     def _log_overflow(self, t: int, batch: PreparedBatch, short: int) -> None:
         if t in self._overflow_logged:
@@ -544,15 +354,6 @@ class TableGroup:
             "(ratio >= %.4g, twice that with prefetch) avoids this. Logged once.",
             self.configs[t].name, need, self.capacities[t], short, need, need / self.rows[t],
         )  # fmt: skip
-
-    def _evict(self, victims: torch.Tensor) -> None:
-        rows = self.slot_to_row[victims]
-        dirty = self.dirty[victims]
-        if bool(dirty.any()):
-            self._copy_out(victims[dirty], rows[dirty])
-            self.stats.written += self.count_unsorted_per_table(rows[dirty])
-        self.row_to_slot[rows] = -1
-        self.slot_to_row[victims] = -1
 
     def _copy_out(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
         """Cache slots back into host rows (the data only)."""
@@ -582,9 +383,7 @@ class TableGroup:
         if rows.numel() == 0:
             return
         self._copy_in(rows, slots)
-        self.row_to_slot[rows] = slots.to(torch.int32)
-        self.slot_to_row[slots] = rows
-        self.dirty[slots] = False
+        self.state.admit(rows, slots)
 
     # ---------------------------------------------------------------- compute
     def _dev(self, plan: StepPlan, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -657,7 +456,7 @@ class TableGroup:
         """The step's updated rows into their slots (marked dirty), or to the host where served from it."""
         b, rows = plan.batch, plan.rows
         if self._rows is not None:
-            dirty = None if self.resident else self.dirty
+            dirty = None if self.resident else self.state.dirty
             host = None if plan.overflow is None else self.host.data
             self._rows.scatter(rows, plan.slots, b.uniq, self.cache, dirty, host)
             if plan.overflow is not None:
@@ -665,10 +464,10 @@ class TableGroup:
         elif plan.overflow is None:
             self.cache.index_copy_(0, self._dev(plan, "slots", plan.slots), rows)
             if not self.resident:
-                self.dirty[plan.slots] = True
+                self.state.dirty[plan.slots] = True
         else:
             self._cache_and_scratch.index_copy_(0, self._dev(plan, "write_slots", plan.write_slots), rows)
-            self._dirty_and_scratch[plan.write_slots] = True
+            self.state.dirty_and_scratch[plan.write_slots] = True
             host = rows.index_select(0, self._dev(plan, "overflow", plan.overflow)).to("cpu")
             self.host.data.index_copy_(0, plan.host_rows, host)
             self.stats.written_by_update += self.count_per_table(plan.host_rows)
@@ -682,7 +481,7 @@ class TableGroup:
         if self.resident:
             plan = StepPlan(batch, 0, batch.uniq, None)
         else:
-            slots = self.row_to_slot[batch.uniq].to(torch.int64)
+            slots = self.state.row_to_slot[batch.uniq].to(torch.int64)
             miss = torch.nonzero(slots < 0).squeeze(1)
             plan = StepPlan(batch, 0, slots, miss if miss.numel() else None)
             if miss.numel():
@@ -695,13 +494,13 @@ class TableGroup:
         """Write every dirty cached row back to the host (they stay cached, now clean)."""
         if self.resident:
             return
-        slots = torch.nonzero(self.dirty).squeeze(1)
+        slots = torch.nonzero(self.state.dirty).squeeze(1)
         if slots.numel():
-            rows = self.slot_to_row[slots]
+            rows = self.state.slot_to_row[slots]
             with self.host.measured():
                 self._copy_out(slots, rows)
             self.stats.written += self.count_unsorted_per_table(rows)
-            self.dirty[slots] = False
+            self.state.dirty[slots] = False
 
     def table_rows(self, t: int) -> torch.Tensor:
         """Table ``t``'s rows ``[weight | state]`` in the host layout (call ``flush`` first)."""
@@ -739,8 +538,3 @@ class TableGroup:
     def close(self) -> None:
         if self.host is not None:
             self.host.close()
-
-
-def _pool_limit(k: int) -> int:
-    """A pool grown past this many candidates (for ``k`` evictions) is rebuilt smaller."""
-    return _POOL_REBUILD * max(_POOL_MIN, _POOL_FACTOR * k)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dlrm_cache.cache.policy import NO_NEXT_USE
+from dlrm_cache.cache.slots import SlotPlan
 from dlrm_cache.native_build import choose, load
 
 if TYPE_CHECKING:
@@ -212,7 +213,7 @@ class NativePlanner:
         seq, base = f.open(len(uniq))
         self._lib.future_add(
             self._handle, _ptr(uniq), len(uniq), seq, base, f.tail, _ptr(f.last_pos), _ptr(f.arena),
-            len(f.arena), NO_NEXT_USE, _ptr(g.row_to_slot), _ptr(g.next_use),
+            len(f.arena), NO_NEXT_USE, _ptr(g.state.row_to_slot), _ptr(g.state.next_use),
         )  # fmt: skip
         return seq, base
 
@@ -224,12 +225,10 @@ class NativePlanner:
         pin_floor: int,
         host_rows: torch.Tensor | None,
         copy_rows: bool,
-    ) -> dict[str, torch.Tensor | int]:
-        """Plan ``batch`` for ``step``, updating ``g``'s bookkeeping and counters (``g.stats``); with
+    ) -> SlotPlan:
+        """Plan ``batch`` for ``step``, updating ``g``'s slot state and counters (``g.stats``); with
         ``copy_rows`` (both tiers in host memory) also write back the dirty victims and load the
-        misses. Returns the slots, the positions served from the host, the rows to write back and to
-        load (the caller copies them without ``copy_rows``), and per table the victims wanted but not
-        available (``short_of``, with their sum ``short``)."""
+        misses (the plan then lists none to copy)."""
         n = len(batch.uniq)
         buf = torch.empty(len(_PER_ROW) * n + self.tables, dtype=torch.int64)
         out = dict(zip(_PER_ROW, buf[: len(_PER_ROW) * n].view(len(_PER_ROW), n), strict=True))
@@ -244,13 +243,13 @@ class NativePlanner:
             pin_floor=pin_floor,
             host_rows=_ptr(host_rows),
             n_host=0 if host_rows is None else len(host_rows),
-            row_to_slot=_ptr(g.row_to_slot),
-            slot_to_row=_ptr(g.slot_to_row),
-            filled=_ptr(g.filled),
-            dirty=_ptr(g.dirty),
-            pin_until=_ptr(g.pin_until),
-            next_use=_ptr(getattr(g, "next_use", None)),
-            last_used=_ptr(g.last_used),
+            row_to_slot=_ptr(g.state.row_to_slot),
+            slot_to_row=_ptr(g.state.slot_to_row),
+            filled=_ptr(g.state.filled),
+            dirty=_ptr(g.state.dirty),
+            pin_until=_ptr(g.state.pin_until),
+            next_use=_ptr(g.state.next_use),
+            last_used=_ptr(g.state.last_used),
             access_count=_ptr(g.access_count),
             coldness=_ptr(g._coldness_table),
             host=_ptr(g.host.data) if copy_rows else None,
@@ -265,11 +264,11 @@ class NativePlanner:
             stat_written=_ptr(s.written),
         )
         self._lib.planner_plan(self._handle, ctypes.byref(a))
-        n_over, n_wb, n_load, out["short"] = a.counts
-        for k, m in (("overflow", n_over), ("wb_rows", n_wb), ("wb_slots", n_wb)):
-            out[k] = out[k][:m]
-        out["load_rows"], out["load_slots"] = out["load_rows"][:n_load], out["load_slots"][:n_load]
-        return out
+        n_over, n_wb, n_load, _ = a.counts
+        return SlotPlan(
+            out["slots"], out["overflow"][:n_over] if n_over else None, out["wb_rows"][:n_wb],
+            out["wb_slots"][:n_wb], out["load_rows"][:n_load], out["load_slots"][:n_load], out["short_of"],
+        )  # fmt: skip
 
     def __del__(self) -> None:
         handle = getattr(self, "_handle", None)
