@@ -19,6 +19,7 @@ import argparse
 import gc
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -56,19 +57,41 @@ def run(policy: str, args, trace: list[np.ndarray], device: torch.device) -> tup
         return p
 
     grad = torch.randn(args.batch, len(tables) * args.dim, device=device)
-    ahead = deque(prepare(ids) for ids in trace[: args.lookahead])
-    t0 = 0.0
+    # The bookkeeping (prepare, plan) in order on a thread of its own where training puts it
+    # (cache.bookkeeping), the step's compute on this one: the plan of step t + 1 runs during step t.
+    worker = ThreadPoolExecutor(1) if threaded(args, device) else None
+
+    def submit(fn, *a) -> Future:
+        if worker is not None:
+            return worker.submit(fn, *a)
+        done: Future = Future()
+        done.set_result(fn(*a))
+        return done
+
+    def plan_next(step: int) -> Future:  # read on this thread, as the collection does
+        batch, floor, held = ahead.popleft(), g.pin_floor(step), g.inflight_host_rows()
+        return submit(lambda: g.plan(batch.result(), step, floor, held))
+
+    ahead = deque(submit(prepare, ids) for ids in trace[: args.lookahead])
+    t0, compute, loads = 0.0, [], None
+    planned = plan_next(1)
     for step, _ in enumerate(trace, start=1):
         if step == args.warm + 1:
             if device.type == "cuda":
                 torch.cuda.synchronize()
+                loads = g.record_load_timings()
             t0 = time.perf_counter()
         if step - 1 + args.lookahead < len(trace):
-            ahead.append(prepare(trace[step - 1 + args.lookahead]))
-        plan = g.plan(ahead.popleft(), step, g.pin_floor(step))
+            ahead.append(submit(prepare, trace[step - 1 + args.lookahead]))
+        plan = planned.result()
         g.begin_step(plan)
+        started = _event(device) if loads is not None else None
         g.pool(plan, plan.rows)
+        if step < len(trace):
+            planned = plan_next(step + 1)  # prefetch: while this step computes
         g.apply_gradients(plan, grad)
+        if started is not None:
+            compute.append((started, _event(device)))
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - t0) / (len(trace) - args.warm)
@@ -77,8 +100,35 @@ def run(policy: str, args, trace: list[np.ndarray], device: torch.device) -> tup
         "touched": int(g.stats.touched.sum()),
         "book": g.stats.bookkeeping_s,
     }
+    if loads:
+        stats["load_ms"], stats["overlap_ms"] = _overlap(loads, compute)
+    if worker is not None:
+        worker.shutdown()
     g.close()
     return seconds, stats
+
+
+def threaded(args, device: torch.device) -> bool:
+    return args.bookkeeping == "thread" or (args.bookkeeping == "auto" and device.type == "cuda")
+
+
+def _event(device: torch.device) -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+def _overlap(loads: list, compute: list) -> tuple[float, float]:
+    """Total time of the copy stream's loads and how much of it ran while a step computed (ms), from
+    CUDA events (all on one clock: milliseconds since the first compute event)."""
+    base = compute[0][0]
+    spans = sorted((base.elapsed_time(a), base.elapsed_time(b)) for a, b in compute)
+    total = covered = 0.0
+    for a, b in loads:
+        lo, hi = base.elapsed_time(a), base.elapsed_time(b)
+        total += hi - lo
+        covered += sum(max(0.0, min(hi, e) - max(lo, s)) for s, e in spans)
+    return total, covered
 
 
 def main() -> None:
@@ -93,6 +143,9 @@ def main() -> None:
     ap.add_argument("--lookahead", type=int, default=256)
     ap.add_argument(
         "--planner", default="auto", help="cache.planner: auto (C++ where it builds), native, python"
+    )
+    ap.add_argument(
+        "--bookkeeping", default="auto", help="cache.bookkeeping: auto (a thread on CUDA), inline, thread"
     )
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -113,9 +166,16 @@ def main() -> None:
         print(
             f"{policy:10s} {secs * 1e3:8.2f} ms/step {1 / secs:8.1f} it/s  {base / secs:5.2f}x none", end="  "
         )
-        print(
-            f"unique hit rate {hit:.3f}, bookkeeping {s['book'] / (args.warm + args.steps) * 1e3:.2f} ms/step"
-        )
+        book = s["book"] / (args.warm + args.steps) * 1e3
+        print(f"unique hit rate {hit:.3f}, bookkeeping {book:.2f} ms/step", end="")
+        if (
+            "load_ms" in s
+        ):  # CUDA: the loads' copies on the copy stream, and how much of them ran during compute
+            share = s["overlap_ms"] / s["load_ms"] if s["load_ms"] else 1.0
+            print(
+                f", loads {s['load_ms'] / args.steps:.3f} ms/step, {share:.0%} of it during compute", end=""
+            )
+        print()
 
 
 if __name__ == "__main__":

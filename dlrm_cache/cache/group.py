@@ -424,6 +424,14 @@ class TableGroup:
             plan.rows = self.gather(plan)
         self._inflight = plan
 
+    def record_load_timings(self) -> list | None:
+        """CUDA: from now on, the (start, end) timing events of every load's copies (for benchmarks);
+        None elsewhere."""
+        if self._transfers is None:
+            return None
+        self._transfers.load_timings = []
+        return self._transfers.load_timings
+
     def _host_io(self, plan: StepPlan) -> AbstractContextManager:
         """Counts the disk I/O of a step's work with rows served from the (mapped) host."""
         return nullcontext() if plan.overflow is None else self.host.measured()

@@ -52,6 +52,8 @@ class DeviceTransfers:
         self._write_backs = _Staging(width)
         self._updated: torch.cuda.Event | None = None  # the compute stream's last update
         self.ready: torch.cuda.Event | None = None  # after the latest loads
+        # (start, end) timing events of every load's copies, where a benchmark asks for them
+        self.load_timings: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
 
     def after_update(self) -> None:
         """Training thread, after a step's update is queued: later copies wait for it."""
@@ -83,10 +85,13 @@ class DeviceTransfers:
         torch.index_select(host, 0, rows, out=staging)
         with torch.cuda.stream(self.stream):
             self._begin()
+            timing = None if self.load_timings is None else _timed(self.stream)
             on_device = staging.to(self.device, non_blocking=True)
             cache.index_copy_(0, slots.to(self.device, non_blocking=True), on_device)
             done = torch.cuda.Event()
             done.record(self.stream)
+            if timing is not None:
+                self.load_timings.append((timing, _timed(self.stream)))
         self._loads.busy = done
         self.ready = done
 
@@ -94,3 +99,9 @@ class DeviceTransfers:
         """Training thread: the compute stream waits for a step's loads (the host does not)."""
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
+
+
+def _timed(stream: torch.cuda.Stream) -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(stream)
+    return event
