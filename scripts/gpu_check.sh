@@ -6,7 +6,8 @@
 #
 # 1. tests/test_gpu.py on CUDA: every policy x optimizer x (overflowing, normal) cache, Python and
 #    C++ planners, against every table held whole, step by step, and CUDA against the CPU;
-# 2. scripts/bench_cache_device.py: cached at 1.5% against policy=none, ms/step and hit rate.
+# 2. scripts/bench_cache_device.py: cached at 1.5% against policy=none, ms/step, hit rate, and the
+#    loads' copy time with the share of it that overlapped compute (CUDA events).
 # pytest comes from the machine, or from .gpu_deps/ carried with the tree
 # (`pip install --target .gpu_deps pytest` here); without either, step 1 stops the check.
 set -euo pipefail

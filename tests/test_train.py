@@ -263,3 +263,16 @@ def test_a_corrupt_checkpoint_is_refused_naming_the_file(dataset, tmp_path):
     meta.write_bytes(meta.read_bytes()[:100])
     with pytest.raises(ValueError, match=r"meta.pt: not a readable checkpoint"):
         train(replace(cfg, train=replace(cfg.train, resume=True)), tmp_path / "r")
+
+
+def test_a_gpu_run_without_the_gpus_it_needs_is_refused_before_any_work(dataset, tmp_path, monkeypatch):
+    gpu = config(dataset, trainer=replace(config(dataset).trainer, device="cuda"))
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainingError, match="trainer.device=cuda but no CUDA device is available"):
+            train(gpu, tmp_path / "r")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(TrainingError, match=r"local rank 2 needs GPU 2, but 2 are visible"):
+        train(gpu, tmp_path / "r")
+    assert not (tmp_path / "r").exists()
