@@ -79,14 +79,8 @@ class CachedEmbeddingBagCollection(nn.Module):
         if unknown:
             raise ValueError(f"row_frequencies names unknown tables: {sorted(unknown)}")
         planner = native.resolve(cache.planner)
-        if cache.row_copies == "native" and (planner != "native" or self.device.type != "cpu"):
-            raise ValueError(
-                f"cache.row_copies=native needs the native planner on the CPU device "
-                f"(planner {planner}, device {self.device.type}): use row_copies=torch or auto"
-            )
-        # the bookkeeping thread, where it runs: off the training thread on CUDA (see _submit)
         self.threaded = cache.bookkeeping_thread(self.device.type)  # see _submit
-        native_copies = planner == "native" and self.device.type == "cpu" and cache.row_copies != "torch"
+        native_copies = {"auto": None, "native": True, "torch": False}[cache.row_copies]
         by_kind: dict[tuple[int, PoolingType], list[EmbeddingBagConfig]] = {}
         for t in tables:
             by_kind.setdefault((t.embedding_dim, t.pooling), []).append(t)

@@ -135,8 +135,14 @@ class TableGroup:
         """``shards``: for tables that are shards of larger ones (TorchRec sharding), where each sits in
         its full table (initial values are those of the full table's rows and columns). ``planner``:
         ``native`` (the C++ planner, ``native.py``) or ``python``. ``native_copies``: rows copied by
-        C++ (``RowKernels``, CPU device with the native planner only) rather than torch; by default
-        wherever they can be."""
+        C++ (``RowKernels``, CPU device with the native planner only) rather than torch; None: wherever
+        they can be."""
+        can_copy_natively = planner == "native" and device.type == "cpu"
+        if native_copies and not can_copy_natively:
+            raise ValueError(
+                f"cache.row_copies=native needs the native planner on the CPU device "
+                f"(planner {planner}, device {device.type}): use row_copies=torch or auto"
+            )
         self.configs = configs
         self.features = [f for c in configs for f in c.feature_names]
         self.dim = configs[0].embedding_dim
@@ -175,9 +181,7 @@ class TableGroup:
         self._inflight: StepPlan | None = None
         self._overflow_logged: set[int] = set()
         self.future: FutureIndex | None = None
-        if native_copies is None:
-            native_copies = planner == "native" and device.type == "cpu"
-        self._rows = RowKernels() if native_copies else None
+        self._rows = RowKernels() if (can_copy_natively if native_copies is None else native_copies) else None
         self._transfers: DeviceTransfers | None = None
         if self.resident:
             # The whole table lives on the device: the baseline (policy=none). The cache *is* the table.
