@@ -63,7 +63,7 @@ def test_preprocess_killed_at_random_moments_reruns_to_the_uninterrupted_output(
     for trial in range(3):
         out = tmp_path / f"killed{trial}"
         proc = subprocess.Popen([*PREPROCESS, inputs, f"output_dir={out}"], stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.3, 0.7) * took)
+        time.sleep(rng.uniform(0.25, 0.5) * took)  # well before the end: runs vary in speed
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert not out.exists(), "killed before it finished"
@@ -222,7 +222,7 @@ def test_training_killed_at_random_moments_resumes_to_the_uninterrupted_result(d
         proc = subprocess.Popen(
             [*args, f"hydra.run.dir={run_dir}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        time.sleep(rng.uniform(0.5, 0.9) * took)
+        time.sleep(rng.uniform(0.4, 0.75) * took)  # well before the end: runs vary in speed
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         at_kill = find_checkpoint(run_dir)
