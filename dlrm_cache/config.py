@@ -133,6 +133,7 @@ class PreprocessRunConfig:
 
 CACHE_POLICIES = ("none", "lru", "lfu", "freq", "lookahead")
 DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
+SHARDINGS = ("table_wise", "column_wise", "hybrid")
 
 
 @dataclass
@@ -268,21 +269,42 @@ class ModelConfig:
 
 
 @dataclass
+class NetworkConfig:
+    """Bandwidths per rank, GB/s (1e9 bytes), for the hybrid split's cost model (``trainer.network.*``).
+    Defaults: one NVLink node, HugeCTR's documented figures (all-to-all 190, all-reduce 130) and PCIe
+    Gen5 x16 between host and device; between InfiniBand nodes (HDR, 200 Gb/s a GPU) use 25 and 25."""
+
+    all_to_all_gb_per_s: float = 190.0
+    all_reduce_gb_per_s: float = 130.0
+    host_to_device_gb_per_s: float = 50.0
+
+    def __post_init__(self) -> None:
+        for key in ("all_to_all_gb_per_s", "all_reduce_gb_per_s", "host_to_device_gb_per_s"):
+            _require(getattr(self, key) > 0, f"trainer.network.{key}", getattr(self, key), "GB/s > 0")
+
+
+@dataclass
 class TrainerConfig:
     """Where training runs (``trainer=cpu|gpu``)."""
 
     device: str = "cpu"
     # Several processes (torchrun), or sharded=true: tables placed on ranks by the planner, whole
-    # (table_wise) or, for tables above cache.full_table_rows, split by columns over all ranks.
+    # (table_wise) or, for tables above cache.full_table_rows, split by columns over all ranks
+    # (column_wise); or hybrid: each table's hottest rows replicated on every rank, the rest table-wise.
     sharding: str = "table_wise"
     sharded: bool = False  # use the sharded path (TorchRec DistributedModelParallel) at world size 1 too
     collective_timeout_min: float = 10.0  # a collective waiting longer fails (a rank died) instead of hanging
+    # hybrid: replicated rows per table, instead of the cost model's choice (table name -> rows)
+    hot_rows: dict[str, int] = field(default_factory=dict)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
 
     def __post_init__(self) -> None:
         _require_choice("trainer.device", self.device, ("cpu", "cuda"))
         timeout = self.collective_timeout_min
         _require(timeout > 0, "trainer.collective_timeout_min", timeout, "minutes > 0")
-        _require_choice("trainer.sharding", self.sharding, ("table_wise", "column_wise"))
+        _require_choice("trainer.sharding", self.sharding, SHARDINGS)
+        for name, rows in self.hot_rows.items():
+            _require(rows >= 0, f"trainer.hot_rows.{name}", rows, "rows >= 0")
 
 
 @dataclass

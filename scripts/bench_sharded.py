@@ -82,7 +82,7 @@ def worker(args) -> None:
     times: dict[str, float] = defaultdict(float)
     if sharded:
         init_process_group(device, rank)
-        plan = plan_tables(cfg, root, rank.world_size)
+        plan, _ = plan_tables(cfg, root, rank.world_size)
         model, cache = build_sharded_model(cfg, meta, device, plan)
         sm = model.module.get_submodule(EBC_FQN)
         sm.input_dist = _timed(times, "input_dist", sm.input_dist, force_wait=2)

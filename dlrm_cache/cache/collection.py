@@ -420,9 +420,9 @@ def _checksum(t: torch.Tensor) -> int:
     return int((t * torch.arange(1, len(t) + 1, dtype=torch.int64, device=t.device)).sum())
 
 
-def merge_stats(parts: list[dict]) -> dict:
-    """The ``stats()`` of several caches (of one model's shards) as one: counters summed, the shards of
-    one table together (``shards`` counts them)."""
+def merge_stats(parts: list[dict], cache: CacheConfig) -> dict:
+    """The ``stats()`` of several caches (of one model's shards; none where every row is replicated)
+    as one: counters summed, the shards of one table together (``shards`` counts them)."""
     tables: dict[str, dict] = {}
     for s in parts:
         for name, t in s["tables"].items():
@@ -436,8 +436,8 @@ def merge_stats(parts: list[dict]) -> dict:
     summed = (*COUNTERS, "bytes_h2d", "bytes_d2h", "disk_read_bytes", "disk_write_bytes", "bookkeeping_s")
     totals = {c: sum(s[c] for s in parts) for c in summed}
     return {
-        "policy": parts[0]["policy"],
-        "ratio": parts[0]["ratio"],
+        "policy": cache.policy,
+        "ratio": cache.ratio,
         **totals,
         **_disk_per_row(totals["disk_read_bytes"], totals["disk_write_bytes"], totals),
         "hit_rate_unique": _hit_rate(totals["rows_loaded"], totals["rows_touched"]),

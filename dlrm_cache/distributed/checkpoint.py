@@ -44,6 +44,8 @@ READS = (1, 2)  # format 1: every rank's pieces as tensors in one embeddings-ran
 META = "meta.pt"  # written last: a folder without it is incomplete
 CURRENT, NEW, OLD = "checkpoint", "checkpoint.new", "checkpoint.old"
 
+# A cache collection, or anything with its checkpoint interface (``hot_rows.HotRows``), and where
+# each of its tables sits in the full table (absent: the whole table).
 Collections = list[tuple[CachedEmbeddingBagCollection, dict[str, TableShard]]]
 
 
@@ -71,13 +73,17 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
 def write_embeddings(folder: Path, rank: int, collections: Collections) -> None:
     """This rank's shards, flushed, into ``folder``: a raw file of rows per shard, then their index."""
     pieces = []
+    if rank != 0:  # replicated rows (the hybrid sharding's hot rows) are written once, by rank 0
+        collections = [(ebc, shards) for ebc, shards in collections if not getattr(ebc, "replicated", False)]
     with _progress("checkpoint: saving", collections) as bar:
         for ebc, shards in collections:
             ebc.flush()
             for g in ebc.groups:
                 for t, cfg in enumerate(g.configs):
                     shard = shards.get(cfg.name, TableShard.whole(cfg))
-                    name = f"rank{rank}.{cfg.name}.f32"
+                    # a table's hot and cold rows (hybrid) are two pieces on rank 0
+                    at = f"@{shard.row_offset}" if shard.row_offset else ""
+                    name = f"rank{rank}.{cfg.name}{at}.f32"
                     with atomic_file(folder / name) as f:
                         g.save_table(t, f)
                     bar.update(g.rows[t] * g.width * 4)
@@ -258,6 +264,8 @@ def load_embeddings(folder: Path, world_size: int, collections: Collections) -> 
         by_table.setdefault(p.table, []).append(p)
     with _progress("checkpoint: loading", collections) as bar:
         for ebc, shards in collections:
+            if not ebc.groups:  # no rows (a hybrid split with nothing hot)
+                continue
             steps = set()
             for g in ebc.groups:
                 for t, cfg in enumerate(g.configs):

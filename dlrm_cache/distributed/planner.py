@@ -159,7 +159,10 @@ def plan_cache(
     cache: CacheConfig,
     optimizer: SparseOptimizer,
     sharding: str = "table_wise",
+    placement: dict[str, int] | None = None,
 ) -> CachePlan:
+    """``placement``: table -> rank, given (the hybrid split places its cold parts itself); otherwise
+    searched as the module docstring says."""
     if world_size < 1:
         raise ValueError(f"world_size={world_size}: expected >= 1")
     names = [t.name for t in tables]
@@ -205,22 +208,27 @@ def plan_cache(
     }
     total = fixed.sum(axis=0) + sum(whole_costs.values(), np.zeros(len(LOADS)))
     norm = np.where(total > 0, total / world_size, 1.0)
-    starts = []
-    greedy, g_loads = {}, fixed.copy()
-    for name in sorted(whole_costs, key=lambda n: -float((whole_costs[n] / norm).max())):
-        after = (g_loads + whole_costs[name]) / norm  # (ranks, loads) if the table went to each rank
-        r = int(np.argmin(after.max(axis=1) + 1e-9 * after.sum(axis=1)))
-        greedy[name] = [r]
-        g_loads[r] += whole_costs[name]
-    starts.append(greedy)
-    rng = np.random.default_rng(0)  # a few seeded restarts of the local search: the plan is deterministic
-    starts += [{n: [int(rng.integers(world_size))] for n in whole_costs} for _ in range(_RESTARTS)]
+    if placement is not None:
+        starts = [{n: [placement[n]] for n in whole_costs}]
+    else:
+        greedy, g_loads = {}, fixed.copy()
+        for name in sorted(whole_costs, key=lambda n: -float((whole_costs[n] / norm).max())):
+            after = (g_loads + whole_costs[name]) / norm  # (ranks, loads) if the table went to each rank
+            r = int(np.argmin(after.max(axis=1) + 1e-9 * after.sum(axis=1)))
+            greedy[name] = [r]
+            g_loads[r] += whole_costs[name]
+        rng = np.random.default_rng(0)  # seeded restarts of the local search: the plan is deterministic
+        starts = [
+            greedy,
+            *({n: [int(rng.integers(world_size))] for n in whole_costs} for _ in range(_RESTARTS)),
+        ]
     best = None
     for start in starts:
         trial = fixed.copy()
         for n, (r,) in start.items():
             trial[r] += whole_costs[n]
-        _improve(start, whole_costs, trial, norm)
+        if placement is None:
+            _improve(start, whole_costs, trial, norm)
         if best is None or _score(trial, norm) < _score(best[1], norm):
             best = (start, trial)
     placed.update(best[0])

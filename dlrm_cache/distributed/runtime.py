@@ -13,12 +13,16 @@ from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm_cache.cache.collection import merge_stats
+from dlrm_cache.config import CacheConfig
+from dlrm_cache.distributed.hybrid import HybridEmbeddingBagCollection
+from dlrm_cache.distributed.hybrid_plan import HybridPlan
 from dlrm_cache.distributed.planner import CachePlan
 from dlrm_cache.distributed.rank import Rank
 from dlrm_cache.distributed.sharder import CachedEmbeddingBagCollectionSharder, CachedEmbeddingKernel
 
 SPARSE_ARCH = "sparse_arch"  # TorchRec's DLRM / DLRM_DCN: the child that holds the tables ...
 EBC_FQN = f"{SPARSE_ARCH}.embedding_bag_collection"  # ... in this module
+COLD_FQN = f"{EBC_FQN}.cold"  # a HybridEmbeddingBagCollection's cold tables
 
 
 def init_process_group(device: torch.device, rank: Rank, timeout_min: float = 10.0) -> None:
@@ -39,8 +43,9 @@ class ShardedCache:
     """This rank's cache kernels, with the interface the trainer uses on an unsharded
     ``CachedEmbeddingBagCollection``."""
 
-    def __init__(self, kernels: list[CachedEmbeddingKernel]):
+    def __init__(self, kernels: list[CachedEmbeddingKernel], cache_config: CacheConfig):
         self.kernels = kernels
+        self.cache_config = cache_config
 
     def enqueue(self, global_features: KeyedJaggedTensor) -> None:
         """A future global batch (``world_size=1`` loader order: rank 0's samples first)."""
@@ -70,7 +75,34 @@ class ShardedCache:
         """Every rank's cache counters together (a collective: every rank calls it)."""
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, [k.cache.stats() for k in self.kernels])
-        return merge_stats([s for rank_stats in gathered for s in rank_stats])
+        return merge_stats([s for rank_stats in gathered for s in rank_stats], self.cache_config)
+
+
+class HybridCache(ShardedCache):
+    """The hybrid sharding's caches (over the cold rows) and its replicated hot rows."""
+
+    def __init__(self, kernels: list[CachedEmbeddingKernel], hybrid: HybridEmbeddingBagCollection,
+                 cache_config: CacheConfig):  # fmt: skip
+        super().__init__(kernels, cache_config)
+        self.hybrid = hybrid
+
+    def enqueue(self, global_features: KeyedJaggedTensor) -> None:
+        """A future global batch: its cold features, as each owner will receive them."""
+        if self.kernels:
+            cold = self.hybrid.layout.global_cold(global_features, dist.get_world_size())
+            super().enqueue(cold)
+
+    def set_learning_rate(self, lr: float) -> None:
+        super().set_learning_rate(lr)
+        self.hybrid.hot.set_learning_rate(lr)
+
+    def close(self) -> None:
+        super().close()
+        self.hybrid.hot.close()
+
+    def collections(self):
+        """The cold caches, then the hot rows (written by rank 0 alone: they are the same on every rank)."""
+        return [*super().collections(), (self.hybrid.hot, self.hybrid.hot.shards)]
 
 
 def shard_model(
@@ -90,4 +122,27 @@ def shard_model(
         sharders=[sharder],
     )
     sharded = dmp.module.get_submodule(EBC_FQN)
-    return dmp, ShardedCache(sharded.cached_kernels())
+    return dmp, ShardedCache(sharded.cached_kernels(), plan.cache)
+
+
+def shard_hybrid_model(
+    model: torch.nn.Module,
+    plan: HybridPlan,
+    sharder: CachedEmbeddingBagCollectionSharder,
+    device: torch.device,
+) -> tuple[DistributedModelParallel, HybridCache]:
+    """``model`` (a DLRM over a ``HybridEmbeddingBagCollection``) with its cold tables sharded by ``plan``."""
+    hybrid = model.get_submodule(EBC_FQN)
+    module_plans = {}
+    if hybrid.cold is not None:
+        module_plans[COLD_FQN] = plan.torchrec_plan(hybrid.cold, sharder, device_type=device.type)
+    dmp = DistributedModelParallel(
+        model,
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
+        device=device,
+        plan=ShardingPlan(module_plans),
+        sharders=[sharder],
+    )
+    hybrid = dmp.module.get_submodule(EBC_FQN)
+    kernels = hybrid.cold.cached_kernels() if hybrid.cold is not None else []
+    return dmp, HybridCache(kernels, hybrid, plan.cache)

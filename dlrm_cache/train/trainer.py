@@ -23,12 +23,14 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torchmetrics
+from torch.nn.parallel import DistributedDataParallel
 from torchrec import EmbeddingBagCollection
 from torchrec.models.dlrm import DLRM, DLRM_DCN
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -40,9 +42,20 @@ from dlrm_cache.criteo import CAT_COLUMNS, INT_FEATURE_COUNT, table_name
 from dlrm_cache.data.loader import ParquetBatches, load_metadata
 from dlrm_cache.data.preprocess import synthetic_dataset
 from dlrm_cache.distributed import checkpoint as ckpt
+from dlrm_cache.distributed.comm_counter import CommCounter
+from dlrm_cache.distributed.comm_model import StepBytes, sharded_bytes
+from dlrm_cache.distributed.hot_rows import HotRows
+from dlrm_cache.distributed.hybrid import HybridEmbeddingBagCollection, HybridLayout
+from dlrm_cache.distributed.hybrid_plan import HybridPlan, plan_hybrid
 from dlrm_cache.distributed.planner import CachePlan, load_table_stats, plan_cache
 from dlrm_cache.distributed.rank import Rank, current_rank
-from dlrm_cache.distributed.runtime import SPARSE_ARCH, ShardedCache, init_process_group, shard_model
+from dlrm_cache.distributed.runtime import (
+    SPARSE_ARCH,
+    ShardedCache,
+    init_process_group,
+    shard_hybrid_model,
+    shard_model,
+)
 from dlrm_cache.distributed.sharder import CachedEmbeddingBagCollectionSharder
 from dlrm_cache.train.errors import TrainingError
 
@@ -88,11 +101,23 @@ def _dlrm(cfg: TrainRunConfig, ebc: torch.nn.Module, device: torch.device) -> to
     return DLRM(**common)
 
 
-def plan_tables(cfg: TrainRunConfig, root: Path, world_size: int) -> CachePlan:
-    """The planner's placement and cache sizes from the dataset's frequency statistics."""
+def plan_tables(
+    cfg: TrainRunConfig, root: Path, world_size: int, sharded: bool = True
+) -> tuple[CachePlan | HybridPlan, StepBytes]:
+    """The planner's placement and cache sizes from the dataset's frequency statistics, and the bytes
+    the cost model expects a step to send (unsharded: placement on one rank, whatever the sharding)."""
     tables = {table_name(f): f for f in CAT_COLUMNS}
     stats = load_table_stats(root, tables, {t: cfg.model.embedding_dim for t in tables})
-    return plan_cache(stats, world_size, cfg.cache, _sparse_optimizer(cfg), cfg.trainer.sharding)
+    t = cfg.trainer
+    if t.sharding == "hybrid" and sharded:
+        plan = plan_hybrid(
+            stats, world_size, cfg.train.batch_size, cfg.cache, _sparse_optimizer(cfg), t.network, t.hot_rows
+        )
+        return plan, plan.predicted
+    plan = plan_cache(
+        stats, world_size, cfg.cache, _sparse_optimizer(cfg), t.sharding if sharded else "table_wise"
+    )
+    return plan, StepBytes(sharded_bytes(stats, plan.sharding, cfg.train.batch_size, world_size))
 
 
 def build_model(
@@ -107,11 +132,22 @@ def build_model(
 
 
 def build_sharded_model(
-    cfg: TrainRunConfig, meta: dict, device: torch.device, plan: CachePlan
+    cfg: TrainRunConfig, meta: dict, device: torch.device, plan: CachePlan | HybridPlan
 ) -> tuple[torch.nn.Module, ShardedCache]:
     """The model sharded over the process group by ``plan`` (collective: every rank calls it)."""
+    optimizer = _sparse_optimizer(cfg)
+    if isinstance(plan, HybridPlan):
+        configs = _tables(cfg, meta)
+        hot = HotRows(configs, plan.hot_rows, optimizer, device, seed=cfg.seed, group=dist.new_group())
+        at = {name: hot.row_offset(name) for name in hot.names}
+        layout = HybridLayout(configs, plan.hot_rows, plan.owners, at)
+        ebc = HybridEmbeddingBagCollection(configs, layout, hot)
+        sharder = CachedEmbeddingBagCollectionSharder(
+            plan.cache, optimizer, seed=cfg.seed, cold_tables=layout.cold_tables
+        )
+        return shard_hybrid_model(_dlrm(cfg, ebc, device), plan, sharder, device)
     ebc = EmbeddingBagCollection(_tables(cfg, meta), device=torch.device("meta"))
-    sharder = CachedEmbeddingBagCollectionSharder(plan.cache, _sparse_optimizer(cfg), seed=cfg.seed)
+    sharder = CachedEmbeddingBagCollectionSharder(plan.cache, optimizer, seed=cfg.seed)
     return shard_model(_dlrm(cfg, ebc, device), plan, sharder, device)
 
 
@@ -233,7 +269,8 @@ def _comparable(cfg: TrainRunConfig) -> dict:
     """The config a resumed run must share with the run it continues (any number of ranks)."""
     d = asdict(cfg)
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("resume", "max_steps", "epochs")}
-    d["trainer"] = {k: v for k, v in d["trainer"].items() if k not in ("sharding", "sharded")}
+    placement = ("sharding", "sharded", "hot_rows", "network")
+    d["trainer"] = {k: v for k, v in d["trainer"].items() if k not in placement}
     return d
 
 
@@ -271,6 +308,11 @@ def train(cfg: TrainRunConfig, run_dir: Path) -> dict:
             )
         device = torch.device("cuda", rank.local_rank)
         torch.cuda.set_device(device)
+    if cfg.trainer.hot_rows and not (sharded and cfg.trainer.sharding == "hybrid"):
+        raise TrainingError("trainer.hot_rows is read only by a sharded run with trainer.sharding=hybrid")
+    early_plan = None  # bad hybrid settings are refused before any process group work
+    if sharded and cfg.trainer.sharding == "hybrid" and cfg.data.path:
+        early_plan = plan_tables(cfg, Path(cfg.data.path), rank.world_size)
     if sharded:
         init_process_group(device, rank, cfg.trainer.collective_timeout_min)
         # One run dir for all ranks: rank 0's (each rank's Hydra names its own, from its start time).
@@ -278,7 +320,7 @@ def train(cfg: TrainRunConfig, run_dir: Path) -> dict:
         dist.broadcast_object_list(shared, src=0)
         run_dir = Path(shared[0])
     try:
-        return _train(cfg, run_dir, rank, sharded, device)
+        return _train(cfg, run_dir, rank, sharded, device, early_plan)
     finally:
         if sharded and dist.is_initialized():
             dist.destroy_process_group()
@@ -289,7 +331,9 @@ def _barrier(sharded: bool) -> None:
         dist.barrier()
 
 
-def _train(cfg: TrainRunConfig, run_dir: Path, rank: Rank, sharded: bool, device: torch.device) -> dict:
+def _train(
+    cfg: TrainRunConfig, run_dir: Path, rank: Rank, sharded: bool, device: torch.device, early_plan=None
+) -> dict:
     lead = rank.rank == 0  # writes the outputs, prints
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.data.path:
@@ -332,14 +376,20 @@ def _train(cfg: TrainRunConfig, run_dir: Path, rank: Rank, sharded: bool, device
         if differ:
             differ = ", ".join(differ)
             raise TrainingError(f"train.resume=true: {found} was written with other values: {differ}")
-    plan = None
+    plan = predicted = None
     if sharded or cfg.cache.device_budget_gb:
-        plan = plan_tables(cfg, root, rank.world_size)
+        plan, predicted = early_plan or plan_tables(cfg, root, rank.world_size, sharded)
         if lead:
             log.info("%s", plan.describe())
+            if sharded and not isinstance(plan, HybridPlan):
+                log.info("predicted all-to-all per step: %.3f MB", predicted.all_to_all / 1e6)
+    counter = CommCounter() if sharded else None
     if sharded:
         model, cache = build_sharded_model(cfg, meta, device, plan)
         collections = cache.collections()
+        counter.install()
+        if isinstance(model._dmp_wrapped_module, DistributedDataParallel):
+            counter.hook_ddp(model._dmp_wrapped_module)
     else:
         model, cache = build_model(cfg, meta, device, plan)
         collections = [(cache, {})]
@@ -366,7 +416,7 @@ def _train(cfg: TrainRunConfig, run_dir: Path, rank: Rank, sharded: bool, device
 
     base_lrs = (cfg.optim.dense_lr, cfg.optim.sparse_lr)
     bar = tqdm(total=total, initial=step, desc="dlrm-train", unit="step", disable=not lead)
-    t_start, samples, last_val = time.perf_counter(), 0, None
+    t_start, samples, last_val, counted_steps = time.perf_counter(), 0, None, 0
     metrics = metrics_path.open("a") if lead else None
     try:
         while step < total:
@@ -378,15 +428,18 @@ def _train(cfg: TrainRunConfig, run_dir: Path, rank: Rank, sharded: bool, device
                 for group in dense_opt.param_groups:
                     group["lr"] = base_lrs[0] * factor
                 cache.set_learning_rate(base_lrs[1] * factor)
-                logits = model(
-                    batch.dense_features.to(device, non_blocking=True), _sparse_input(batch, device, sharded)
-                ).squeeze(1)
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                    logits, batch.labels.to(device, non_blocking=True)
-                )
-                cache.prefetch()
-                dense_opt.zero_grad()
-                loss.backward()
+                with counter.step() if counter else nullcontext():
+                    logits = model(
+                        batch.dense_features.to(device, non_blocking=True),
+                        _sparse_input(batch, device, sharded),
+                    ).squeeze(1)
+                    loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                        logits, batch.labels.to(device, non_blocking=True)
+                    )
+                    cache.prefetch()
+                    dense_opt.zero_grad()
+                    loss.backward()
+                counted_steps += 1
                 reported = loss.detach().double()  # on the device: NCCL reduces nothing else
                 if sharded:  # the global batch's mean loss, as one process would see it
                     dist.all_reduce(reported)
@@ -431,10 +484,13 @@ def _train(cfg: TrainRunConfig, run_dir: Path, rank: Rank, sharded: bool, device
         val = evaluate(model, loaders["val"], device)
         test = evaluate(model, loaders["test"], device)
         eval_stats = cache.stats()["eval"]
+        comm = _comm_summary(counter.totals(), counted_steps, predicted) if counter else None
     finally:
         if metrics:
             metrics.close()
         cache.close()
+        if counter:
+            counter.uninstall()
     summary = {
         "val_auc": val["auc"], "val_logloss": val["logloss"],
         "test_auc": test["auc"], "test_logloss": test["logloss"],
@@ -443,9 +499,25 @@ def _train(cfg: TrainRunConfig, run_dir: Path, rank: Rank, sharded: bool, device
         "run_dir": str(run_dir),
         "cache": {**_cache_summary(train_stats), "eval": eval_stats},
     }  # fmt: skip
+    if comm:
+        summary["comm"] = comm
     if lead:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _comm_summary(totals: dict, steps: int, predicted: StepBytes) -> dict:
+    """Bytes per training step, all ranks together: measured (``CommCounter``) and modeled."""
+    per = max(1, steps)
+    return {
+        "all_to_all_bytes_per_step": totals["all_to_all"] / per,
+        "all_reduce_bytes_per_step": totals["all_reduce"] / per,
+        "dense_all_reduce_bytes_per_step": totals["dense_all_reduce"] / per,
+        "predicted_bytes_per_step": predicted.network,
+        "predicted_all_to_all_bytes_per_step": predicted.all_to_all,
+        "predicted_all_reduce_bytes_per_step": predicted.all_reduce,
+        "steps_counted": steps,
+    }
 
 
 def _cache_summary(stats: dict) -> dict:

@@ -1,0 +1,284 @@
+"""``trainer.sharding=hybrid``: hot rows replicated on every rank, cold rows sharded behind the cache.
+
+Ids are numbered by frequency, so the hot rows of table ``t`` are ``[0, H_t)`` (``H_t`` chosen by
+``comm_model``); tables of at most ``cache.full_table_rows`` rows are hot whole. A rank's batch is
+split before TorchRec's input distribution:
+
+- **hot ids** are looked up in the rank's own replica (``HotRows``), for its own samples only;
+- **cold ids** travel, and only they: each rank that owns cold rows holds one *cold table*, the cold
+  rows of its tables one after the other, looked up through one feature, ``cold_rank<r>``. The cold
+  feature's bags are the (sample, feature) bags that have cold ids, not every sample's, so TorchRec's
+  all-to-alls move the cold ids, their bag lengths and one pooled row (and its gradient) per cold bag.
+  All cold features of a batch share one stride, the largest number of cold bags of any owner on that
+  rank (the others padded with empty bags); strides may differ between ranks (TorchRec sends them).
+
+The pooled output is the sum of the two parts per bag (mean pooling divides that sum by the bag's
+length), in TorchRec's ``KeyedTensor`` layout: ``HybridEmbeddingBagCollection`` stands where an
+``EmbeddingBagCollection`` stands in ``torchrec.models.dlrm.DLRM``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from dlrm_cache.cache.collection import CachedEmbeddingBagCollection, feature_index
+from dlrm_cache.distributed.hot_rows import HotRows
+
+COLD_FEATURE = "cold_rank{}"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A table's cold rows ``[hot_rows, rows)`` inside its owner's cold table."""
+
+    table: str
+    feature: str
+    hot_rows: int
+    rows: int
+
+    @property
+    def cold_rows(self) -> int:
+        return self.rows - self.hot_rows
+
+
+def cold_tables(configs: list[EmbeddingBagConfig], hot_rows: dict[str, int], owners: dict[str, int]):
+    """Each owner's cold table: ``{cold_rank<r>: (Segment, ...)}``, owners in rank order, a table's
+    segment in the order of ``configs``."""
+    out: dict[str, list[Segment]] = {}
+    for r in sorted(set(owners.values())):
+        out[COLD_FEATURE.format(r)] = [
+            Segment(c.name, c.feature_names[0], hot_rows.get(c.name, 0), c.num_embeddings)
+            for c in configs
+            if owners.get(c.name) == r and hot_rows.get(c.name, 0) < c.num_embeddings
+        ]
+    return {k: tuple(v) for k, v in out.items() if v}
+
+
+@dataclass
+class Split:
+    """One batch split: hot ids (rows of the replicated block) in sample-major bag order with their
+    bag offsets; the cold features; and, per cold feature, the sample-major bags its first rows pool."""
+
+    hot_ids: torch.Tensor
+    hot_offsets: torch.Tensor
+    cold: KeyedJaggedTensor | None
+    cold_bags: list[torch.Tensor]
+    lengths: torch.Tensor  # (B * F,) sample-major bag lengths (mean pooling)
+
+
+class HybridLayout:
+    """Where every id of a batch goes: which rows of each feature's table are hot (and where they sit in
+    the replicated block), and which cold table serves the rest (and at which of its rows)."""
+
+    def __init__(self, configs: list[EmbeddingBagConfig], hot_rows: dict[str, int], owners: dict[str, int],
+                 hot_offsets: dict[str, int]):  # fmt: skip
+        if any(len(c.feature_names) != 1 for c in configs):
+            raise ValueError("hybrid sharding takes one feature per table")
+        self.configs = configs
+        self.features = [c.feature_names[0] for c in configs]
+        self.cold_tables = cold_tables(configs, hot_rows, owners)
+        self.cold_features = list(self.cold_tables)
+        segment_of = {s.table: (v, s) for v, segs in enumerate(self.cold_tables.values()) for s in segs}
+        hot, rows, owner, shift, hot_at = [], [], [], [], []
+        for c in configs:
+            h = min(hot_rows.get(c.name, 0), c.num_embeddings)
+            hot.append(h)
+            rows.append(c.num_embeddings)
+            hot_at.append(hot_offsets.get(c.name, 0))
+            v, seg = segment_of.get(c.name, (-1, None))
+            owner.append(v)
+            start = 0
+            if seg is not None:
+                segs = list(self.cold_tables.values())[v]
+                start = sum(s.cold_rows for s in segs[: segs.index(seg)])
+            shift.append(start - h)  # cold id -> row of the cold table
+        self._hot, self._rows, self._owner = (torch.tensor(x, dtype=torch.int64) for x in (hot, rows, owner))
+        self._shift, self._hot_at = torch.tensor(shift), torch.tensor(hot_at, dtype=torch.int64)
+        self._mean = torch.tensor([c.pooling == PoolingType.MEAN for c in configs])
+        self._owner_features = [
+            torch.tensor([f for f, o in enumerate(owner) if o == v], dtype=torch.int64)
+            for v in range(len(self.cold_features))
+        ]
+
+    def split(self, kjt: KeyedJaggedTensor) -> Split:
+        """This rank's batch, split (tensors stay on the ids' device)."""
+        index = feature_index(kjt, self.features)
+        if list(kjt.keys()) != self.features:
+            kjt = kjt.permute([index[f] for f in self.features])
+        nf, batch = len(self.features), kjt.stride()
+        dev = kjt.values().device
+        lengths = kjt.lengths().to(torch.int64).view(nf, batch)
+        ids = kjt.values().to(torch.int64)
+        n = len(ids)
+        feature = torch.repeat_interleave(torch.arange(nf, device=dev), lengths.sum(dim=1), output_size=n)
+        rows = self._rows.to(dev)[feature]
+        bad = (ids < 0) | (ids >= rows)
+        if bool(bad.any()):
+            pos = int(torch.nonzero(bad)[0])
+            f = int(feature[pos])
+            raise ValueError(
+                f"feature {self.features[f]!r}: id {int(ids[pos])} is outside its table "
+                f"{self.configs[f].name!r} of {int(self._rows[f])} rows"
+            )
+        bag_fm = torch.repeat_interleave(
+            torch.arange(nf * batch, device=dev), lengths.reshape(-1), output_size=n
+        )
+        bag_sm = (bag_fm % batch) * nf + bag_fm // batch
+        hot = ids < self._hot.to(dev)[feature]
+        hot_sm = bag_sm[hot]
+        order = torch.argsort(hot_sm, stable=True)
+        hot_ids = (ids + self._hot_at.to(dev)[feature])[hot][order]
+        hot_offsets = torch.zeros(nf * batch + 1, dtype=torch.int64, device=dev)
+        torch.cumsum(torch.bincount(hot_sm, minlength=nf * batch), 0, out=hot_offsets[1:])
+        lengths_sm = lengths.t().reshape(-1)
+        if not self.cold_features:
+            return Split(hot_ids, hot_offsets, None, [], lengths_sm)
+        cold = ~hot
+        cold_lengths = torch.bincount(bag_fm[cold], minlength=nf * batch).view(nf, batch)
+        cold_rows = ids + self._shift.to(dev)[feature]
+        owner = self._owner.to(dev)[feature]
+        values, bag_lengths, bags = [], [], []
+        for v, features in enumerate(self._owner_features):
+            features = features.to(dev)
+            per_bag = cold_lengths.index_select(0, features).reshape(-1)  # (F_v * B,), feature-major
+            mine = torch.nonzero(per_bag).squeeze(1)
+            values.append(cold_rows[cold & (owner == v)])
+            bag_lengths.append(per_bag[mine])
+            f = features[mine // batch]
+            bags.append((mine % batch) * nf + f)
+        stride = max(1, max(len(b) for b in bags))
+        padded = [torch.nn.functional.pad(x, (0, stride - len(x))) for x in bag_lengths]
+        cold_kjt = KeyedJaggedTensor(
+            keys=self.cold_features,
+            values=torch.cat(values),
+            lengths=torch.cat(padded).to(torch.int32),
+            stride=stride,
+        )
+        return Split(hot_ids, hot_offsets, cold_kjt, bags, lengths_sm)
+
+    def global_cold(self, kjt: KeyedJaggedTensor, world_size: int) -> KeyedJaggedTensor:
+        """The cold features of a global batch as TorchRec's input distribution hands them to their
+        owners: every rank's share split as that rank splits it, rank 0's bags first."""
+        parts = [self.split(share).cold for share in _shares(kjt, world_size)]
+        nv = len(self.cold_features)
+        lengths, values = [], []
+        for v in range(nv):
+            for p in parts:
+                per_key = p.length_per_key()
+                start = sum(per_key[:v])
+                lengths.append(p.lengths()[v * p.stride() : (v + 1) * p.stride()])
+                values.append(p.values()[start : start + per_key[v]])
+        return KeyedJaggedTensor(
+            keys=self.cold_features,
+            values=torch.cat(values),
+            lengths=torch.cat(lengths),
+            stride=sum(p.stride() for p in parts),
+        )
+
+
+def _shares(kjt: KeyedJaggedTensor, world_size: int) -> list[KeyedJaggedTensor]:
+    """A global batch cut into the ranks' equal consecutive shares of samples (the loader's cut)."""
+    nf, batch = len(kjt.keys()), kjt.stride()
+    share = batch // world_size
+    lengths = kjt.lengths().view(nf, batch)
+    starts = torch.cumsum(kjt.lengths(), 0) - kjt.lengths()
+    out = []
+    for r in range(world_size):
+        mine = lengths[:, r * share : (r + 1) * share]
+        first = starts.view(nf, batch)[:, r * share]
+        pieces = [kjt.values()[int(first[f]) : int(first[f]) + int(mine[f].sum())] for f in range(nf)]
+        out.append(KeyedJaggedTensor(keys=kjt.keys(), values=torch.cat(pieces), lengths=mine.reshape(-1),
+                                     stride=share))  # fmt: skip
+    return out
+
+
+class HybridEmbeddingBagCollection(nn.Module):
+    """``EmbeddingBagCollection``'s interface over replicated hot rows and the cold tables (``cold``,
+    an ``EmbeddingBagCollection`` on the ``meta`` device for ``DistributedModelParallel`` to shard
+    with the cache as its kernel; ``None`` when every row is hot)."""
+
+    def __init__(self, configs: list[EmbeddingBagConfig], layout: HybridLayout, hot: HotRows):
+        super().__init__()
+        dims = {c.embedding_dim for c in configs}
+        if len(dims) != 1:
+            raise ValueError(f"hybrid sharding takes one embedding dim for all tables, not {sorted(dims)}")
+        self._configs = configs
+        self.layout = layout
+        object.__setattr__(self, "hot", hot)  # not a submodule: its rows are no parameters (HotRows)
+        self.dim = dims.pop()
+        cold = [
+            EmbeddingBagConfig(
+                num_embeddings=sum(s.cold_rows for s in segs),
+                embedding_dim=self.dim,
+                name=name,
+                feature_names=[name],
+                pooling=PoolingType.SUM,
+            )  # fmt: skip
+            for name, segs in layout.cold_tables.items()
+        ]
+        self.cold = EmbeddingBagCollection(cold, device=torch.device("meta")) if cold else None
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        return self._configs
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        split = self.layout.split(features)
+        nf, batch = len(self.layout.features), features.stride()
+        bags = nf * batch
+        dev = features.values().device
+        if self.hot.groups:
+            pooled = self.hot.pooled(split.hot_ids, split.hot_offsets, bags)
+        else:
+            pooled = torch.zeros(bags, self.dim, device=dev)
+        if split.cold is not None:
+            cold = self.cold(split.cold).values()  # (stride, cold features * D)
+            for v, where in enumerate(split.cold_bags):
+                block = cold[: len(where), v * self.dim : (v + 1) * self.dim]
+                pooled = pooled.index_add(0, where, block)
+        mean = self.layout._mean.to(dev)
+        if bool(mean.any()):
+            scale = torch.where(mean.repeat(batch), 1 / split.lengths.clamp(min=1).to(pooled.dtype), 1.0)
+            pooled = pooled * scale.unsqueeze(1)
+        return KeyedTensor(
+            keys=self.layout.features,
+            length_per_key=[self.dim] * nf,
+            values=pooled.view(batch, nf * self.dim),
+            key_dim=1,
+        )
+
+
+class ColdCollection(CachedEmbeddingBagCollection):
+    """The cache over one owner's cold table: ``tables`` (the cold rows of each real table, under its
+    own name, so stats and checkpoints are per real table) one after the other in one group, looked up
+    through the single feature ``feature`` whose ids are rows of the whole cold table."""
+
+    def __init__(self, feature: str, tables: list[EmbeddingBagConfig], *args, **kwargs):
+        super().__init__(tables, *args, **kwargs)
+        if len(self.groups) != 1:
+            raise ValueError(f"{feature}: its tables must share one embedding dim and pooling")
+        self.feature = feature
+
+    def _prepare(self, kjt: KeyedJaggedTensor):
+        if kjt.values().device.type != "cpu":
+            kjt = kjt.to(torch.device("cpu"))
+        (g,) = self.groups
+        ids = kjt.values().to(torch.int64)
+        lengths = kjt.lengths().to(torch.int64)
+        total = g.row_offsets[-1]
+        bad = (ids < 0) | (ids >= total)
+        if bool(bad.any()):
+            raise ValueError(f"{self.feature}: row {int(ids[bad][0])} is outside its {total} rows")
+        offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        return [g.prepare(ids, offsets, len(lengths), g.count_unsorted_per_table(ids))]
+
+    def _keyed(self, outs: list[torch.Tensor]) -> KeyedTensor:
+        return KeyedTensor(
+            keys=[self.feature], length_per_key=[self.groups[0].dim], values=outs[0], key_dim=1
+        )
