@@ -7,7 +7,8 @@ together, one id per bag (Criteo's layout), ``D`` the embedding dim:
 - **All-to-all** (TorchRec's input and output distribution): to a table's owner, each other rank sends
   its bags' lengths (int32) and ids (int64); the owner returns one pooled row per bag (float32,
   ``D / W`` columns from each owner under column-wise sharding) and gets its gradient back. Table-wise:
-  ``(W - 1) B (4 + 8 + 8 D)`` per table; plus one exchange of split sizes per step, ``24 W (W - 1)``.
+  ``(W - 1) B (4 + 8 + 8 D)`` per table; plus one exchange of split sizes per step and sharding type
+  (TorchRec distributes each type's input on its own), ``24 W (W - 1)``.
   Hybrid: only the cold bags travel; rank ``r``'s cold features share one stride, the largest count of
   cold bags any owner has among its samples (expected from a normal approximation of each owner's
   count: the mean and spread of a sum of independent lookups).
@@ -77,7 +78,7 @@ def sharded_bytes(
     w, b = world_size, global_batch / world_size
     if w == 1:
         return 0.0
-    total = splits_bytes(w)
+    total = splits_bytes(w) * len({kinds.get(t.name, "table_wise") for t in tables})  # an input dist each
     for t in tables:
         ids = (w - 1) * b * t.features * (LENGTH_BYTES + ID_BYTES)
         if kinds.get(t.name) == "column_wise":
