@@ -12,8 +12,10 @@ together, one id per bag (Criteo's layout), ``D`` the embedding dim:
   Hybrid: only the cold bags travel; rank ``r``'s cold features share one stride, the largest count of
   cold bags any owner has among its samples (expected from a normal approximation of each owner's
   count: the mean and spread of a sum of independent lookups).
-- **All-reduce** of the hot rows' gradients (``hot_rows``): a dense ``(sum H_t, D [+1])`` float32
-  buffer, as a ring all-reduce sends it, ``2 (W - 1)`` times its size.
+- **All-reduce** of the hot rows' gradients (``hot_rows``), as a ring all-reduce sends it, ``2 (W - 1)``
+  times its size: a byte per hot row (which the global batch touched), then the touched rows'
+  gradients, ``D`` floats each; a row with lookup probability ``p`` is touched with probability
+  ``1 - (1 - p)^G``.
 - **Host <-> device**: the cache's misses, a row (weight and state) each, from the hit share of the rows
   a cold part's cache holds (its hottest).
 
@@ -114,21 +116,32 @@ def _erf(x: np.ndarray) -> np.ndarray:
     return s * (1 - poly * np.exp(-a * a))
 
 
+def hot_sync_bytes(
+    tables: list[TableStats], hot: dict[str, int], global_batch: int, world_size: int
+) -> float:
+    """The hot rows' synchronisation: the touched-row bytes, then the touched rows' gradients."""
+    if world_size == 1:
+        return 0.0
+    rows = sum(hot.get(t.name, 0) for t in tables)
+    touched = sum(t.expected_touched(hot.get(t.name, 0), global_batch * t.features) for t in tables)
+    return 2 * (world_size - 1) * (rows + touched * tables[0].dim * FLOAT_BYTES)
+
+
+def dense_sync_bytes(tables: list[TableStats], hot: dict[str, int], world_size: int) -> float:
+    """What a dense all-reduce of every hot row's gradient would send instead."""
+    rows = sum(hot.get(t.name, 0) for t in tables)
+    return 2 * (world_size - 1) * rows * tables[0].dim * FLOAT_BYTES
+
+
 def hybrid_bytes(
-    tables: list[TableStats],
-    hot: dict[str, int],
-    owners: dict[str, int],
-    global_batch: int,
-    world_size: int,
-    sync_width: int,
+    tables: list[TableStats], hot: dict[str, int], owners: dict[str, int], global_batch: int, world_size: int
 ) -> StepBytes:
     """Network bytes per step of the hybrid split ``hot`` (rows per table) with cold parts on ``owners``
-    (table -> rank); ``sync_width``: floats per hot row in the gradient all-reduce."""
+    (table -> rank)."""
     w, b = world_size, global_batch / world_size
-    hot_total = sum(hot.get(t.name, 0) for t in tables)
-    reduce = 2 * (w - 1) * hot_total * sync_width * FLOAT_BYTES
     if w == 1:
         return StepBytes(0.0, 0.0)
+    reduce = hot_sync_bytes(tables, hot, global_batch, w)
     by_owner: dict[int, list[TableStats]] = {}
     for t in tables:
         if t.name in owners and hot.get(t.name, 0) < t.rows:
@@ -164,15 +177,14 @@ def place_cold(tables: list[TableStats], hot: dict[str, int], world_size: int) -
     return owners
 
 
-def hot_rows_at(tables: list[TableStats], threshold: float, global_batch: int, whole: set[str],
-                fixed: dict[str, int]) -> dict[str, int]:  # fmt: skip
+def hot_rows_at(
+    tables: list[TableStats], threshold: float, global_batch: int, fixed: dict[str, int]
+) -> dict[str, int]:
     """Rows per table looked up at least ``threshold`` times per global batch (expected)."""
     out = {}
     for t in tables:
         if t.name in fixed:
             out[t.name] = fixed[t.name]
-        elif t.name in whole:
-            out[t.name] = t.rows
         elif t.counts is None or t._cum[-1] == 0:
             out[t.name] = t.rows if global_batch * t.features / t.rows >= threshold else 0
         else:
@@ -182,19 +194,21 @@ def hot_rows_at(tables: list[TableStats], threshold: float, global_batch: int, w
 
 
 def candidate_thresholds(tables: list[TableStats], global_batch: int, limit: int = 600) -> np.ndarray:
-    """Every distinct expected-lookups level of the tables' rows, or ``limit`` log-spaced ones between
-    them when there are more; +inf (nothing hot) first."""
+    """Every distinct expected-lookups level of the tables' rows when there are few rows, else ``limit``
+    log-spaced levels between the lowest and the highest; +inf (nothing hot) first."""
     levels = []
     for t in tables:
-        if t.counts is not None and t._cum[-1] > 0:
-            per_count = global_batch * t.features / t._cum[-1]
-            levels.append(np.unique(t.counts[t.counts > 0]) * per_count)
-        else:
+        if t.counts is None or t._cum[-1] == 0:
             levels.append(np.array([global_batch * t.features / t.rows]))
+            continue
+        per_count = global_batch * t.features / t._cum[-1]
+        positive = t.counts[: int(np.searchsorted(t._neg, 0.0, side="left"))]
+        few = len(positive) <= limit
+        levels.append((np.unique(positive) if few else positive[[0, -1]]) * per_count)
     every = np.unique(np.concatenate(levels)) if levels else np.array([])
-    if len(every) > limit:
-        every = np.unique(np.geomspace(every[0], every[-1], limit))
-        every = np.unique(np.concatenate([every, every * (1 - 1e-12)]))
+    if len(every) > limit or sum(t.rows for t in tables) > limit:
+        grid = np.geomspace(every[0], every[-1], limit) if len(every) else every
+        every = np.unique(np.concatenate([grid, grid * (1 - 1e-12), every if len(every) <= limit else []]))
     return np.concatenate([[np.inf], every[::-1]])
 
 
@@ -207,10 +221,10 @@ class HotChoice:
     threshold: float
 
 
-def evaluate(tables, hot, world_size, global_batch, sync_width, row_bytes, net, cold_cache_rows) -> HotChoice:
+def evaluate(tables, hot, world_size, global_batch, row_bytes, net, cold_cache_rows) -> HotChoice:
     """The bytes and modeled time of one split (its cold parts placed by ``place_cold``)."""
     owners = place_cold(tables, hot, world_size)
-    bytes_ = hybrid_bytes(tables, hot, owners, global_batch, world_size, sync_width)
+    bytes_ = hybrid_bytes(tables, hot, owners, global_batch, world_size)
     bytes_.host_to_device = (
         sum(
             global_batch
@@ -228,45 +242,27 @@ def choose_hot_rows(
     world_size: int,
     global_batch: int,
     net: Network,
-    sync_width: int,
     row_bytes: int,
     hot_budget_bytes: float,
-    whole: set[str],
     fixed: dict[str, int],
     cold_cache_rows,
 ) -> HotChoice:
     """The split with the least modeled time whose hot rows fit ``hot_budget_bytes`` per rank
-    (``math.inf``: no limit): tables in ``whole`` are hot whole, those in ``fixed`` keep their rows.
+    (``math.inf``: no limit); tables in ``fixed`` keep their rows.
     ``cold_cache_rows(table, hot)``: the cache rows its cold part gets."""
     best = None
     for threshold in candidate_thresholds(tables, global_batch):
-        hot = hot_rows_at(tables, threshold, global_batch, whole, fixed)
+        hot = hot_rows_at(tables, threshold, global_batch, fixed)
         if sum(hot.values()) * row_bytes > hot_budget_bytes:
             continue
-        choice = evaluate(tables, hot, world_size, global_batch, sync_width, row_bytes, net, cold_cache_rows)
+        choice = evaluate(tables, hot, world_size, global_batch, row_bytes, net, cold_cache_rows)
         choice.threshold = float(threshold)
         if best is None or choice.seconds < best.seconds - 1e-15:
             best = choice
     if best is None:
-        need = sum(hot_rows_at(tables, math.inf, global_batch, whole, fixed).values()) * row_bytes
+        need = sum(hot_rows_at(tables, math.inf, global_batch, fixed).values()) * row_bytes
         raise ValueError(
             f"cache.device_budget_gb: the rows every rank must replicate need {need / 2**30:.3f} GB, "
             f"more than the {hot_budget_bytes / 2**30:.3f} GB budget"
         )
     return best
-
-
-def sparse_sync_bytes(tables: list[TableStats], hot: dict[str, int], global_batch: int, world_size: int,
-                      sync_width: int) -> float:  # fmt: skip
-    """What synchronising only the touched hot rows would send instead (all-gather of each rank's
-    distinct touched rows and their ids): each rank's rows to every other rank."""
-    w, b = world_size, global_batch / world_size
-    total = 0.0
-    for t in tables:
-        h = hot.get(t.name, 0)
-        if not h or t.counts is None:
-            continue
-        p = t.counts[:h] / t._cum[-1]
-        touched = float((-np.expm1(b * t.features * np.log1p(-np.minimum(p, 1 - 1e-12)))).sum())
-        total += w * (w - 1) * touched * (sync_width * FLOAT_BYTES + ID_BYTES)
-    return total

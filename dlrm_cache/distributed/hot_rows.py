@@ -2,20 +2,16 @@
 
 ``dlrm-preprocess`` numbers ids by frequency, so a table's hot rows are its first ``H_t``. Every rank
 keeps the same copy (one resident ``TableGroup``: weight and optimizer state on the device) and serves
-its own samples' hot lookups from it; nothing of the lookup crosses the network. In backward each rank
-adds its samples' gradients into one dense ``(sum H_t, D)`` buffer (plus, for Adam, a column counting
-the lookups of each row), the buffer is all-reduced, and every rank applies the same fused update to
-the rows the global batch touched, from the same bytes: the replicas stay bit-identical.
+its own samples' hot lookups from it; nothing of the lookup crosses the network. In backward the ranks
+agree on the rows the global batch touched (a byte per hot row, all-reduced by max), all-reduce the
+gradients of those rows only, and every rank applies the same fused update to them from the same bytes:
+the replicas stay bit-identical, and lazy Adam (``torch.optim.SparseAdam``: an untouched row keeps its
+moments) is exact, since the touched rows are known whatever their gradients.
 
-Why a dense all-reduce rather than only the touched rows: the planner makes a row hot only when its
-expected lookups per global batch pay for its share of the all-reduce, so at its split most hot rows
-are touched every step, and the sparse alternative (each rank's touched ids and rows, all-gathered)
-would send ids besides the rows, every rank's copy of a row every other rank also touched, and one
-more round trip for the sizes; ``comm_model.sparse_sync_bytes`` gives its figure beside the dense one.
-
-Adam is lazy (``torch.optim.SparseAdam``): a row the global batch did not touch keeps its moments, so
-the touched rows must be known exactly, hence the count column. SGD and row-wise Adagrad leave a row
-with a zero gradient unchanged, so they need none.
+Why the touched rows rather than a dense all-reduce of all ``sum H_t`` rows: the first all-reduce costs
+one byte a row, ``1 / (4 D)`` of a row's gradient, so this never sends more than ``1 + 1 / (4 D)`` times
+the dense all-reduce and sends less as soon as some hot row goes untouched in a step, which most rows
+of the small tables replicated whole do (``comm_model.hot_sync_bytes`` has both figures).
 """
 
 from __future__ import annotations
@@ -94,37 +90,32 @@ class HotRows:
 
     @torch.no_grad()
     def update(self, ids: torch.Tensor, offsets: torch.Tensor, grad_bags: torch.Tensor) -> None:
-        """The synchronous fused update: every rank's gradients summed, divided by the number of ranks
-        (each rank's loss is the mean over its share of the global batch), applied to the touched rows."""
+        """The synchronous fused update of the rows the global batch touched: which ones (a byte per
+        row, all-reduced by max), then their gradients, summed over ranks and divided by the number of
+        ranks (each rank's loss is the mean over its share of the global batch)."""
         g = self.groups[0]
-        width = self.dim + (1 if self.optimizer.kind == "adam" else 0)
-        buffer = torch.zeros(g.row_offsets[-1], width, device=self.device)
         lengths = offsets[1:] - offsets[:-1]
         bag_of_id = torch.repeat_interleave(
             torch.arange(len(lengths), device=self.device), lengths, output_size=len(ids)
         )
-        per_id = grad_bags.index_select(0, bag_of_id)
-        buffer[:, : self.dim].index_add_(0, ids, per_id)
-        if width > self.dim:
-            buffer[:, self.dim].index_add_(0, ids, torch.ones(len(ids), device=self.device))
-        world = 1
-        if dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
-            dist.all_reduce(buffer, group=self.process_group)
-            world = dist.get_world_size(self.process_group)
-        self.optimizer_step += 1
-        touched = (
-            torch.nonzero(buffer[:, self.dim] > 0).squeeze(1)
-            if width > self.dim
-            else torch.nonzero(buffer[:, : self.dim].abs().sum(dim=1) > 0).squeeze(1)
-        )
-        if not touched.numel():
-            return
-        grad = buffer.index_select(0, touched)[:, : self.dim]
+        touched = torch.zeros(g.row_offsets[-1], dtype=torch.uint8, device=self.device)
+        touched[ids] = 1
+        world = dist.get_world_size(self.process_group) if dist.is_initialized() else 1
         if world > 1:
+            dist.all_reduce(touched, op=dist.ReduceOp.MAX, group=self.process_group)
+        self.optimizer_step += 1
+        rows = torch.nonzero(touched).squeeze(1)
+        if not rows.numel():
+            return
+        position = torch.cumsum(touched, 0, dtype=torch.int64) - 1  # row -> its place among `rows`
+        grad = torch.zeros(len(rows), self.dim, device=self.device)
+        grad.index_add_(0, position[ids], grad_bags.index_select(0, bag_of_id))
+        if world > 1:
+            dist.all_reduce(grad, group=self.process_group)
             grad /= world
-        rows = g.cache.index_select(0, touched)
-        self.optimizer.update(rows, grad, self.optimizer_step)
-        g.cache.index_copy_(0, touched, rows)
+        values = g.cache.index_select(0, rows)
+        self.optimizer.update(values, grad, self.optimizer_step)
+        g.cache.index_copy_(0, rows, values)
 
     def set_learning_rate(self, lr: float) -> None:
         self.optimizer = replace(self.optimizer, lr=lr)

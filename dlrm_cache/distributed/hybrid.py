@@ -1,8 +1,8 @@
 """``trainer.sharding=hybrid``: hot rows replicated on every rank, cold rows sharded behind the cache.
 
 Ids are numbered by frequency, so the hot rows of table ``t`` are ``[0, H_t)`` (``H_t`` chosen by
-``comm_model``); tables of at most ``cache.full_table_rows`` rows are hot whole. A rank's batch is
-split before TorchRec's input distribution:
+``comm_model`` for every table, small ones too: a row is replicated only where that sends fewer bytes
+than sharding it). A rank's batch is split before TorchRec's input distribution:
 
 - **hot ids** are looked up in the rank's own replica (``HotRows``), for its own samples only;
 - **cold ids** travel, and only they: each rank that owns cold rows holds one *cold table*, the cold

@@ -22,11 +22,6 @@ def network(cfg: NetworkConfig) -> comm_model.Network:
     )
 
 
-def sync_width(optimizer: SparseOptimizer, dim: int) -> int:
-    """Floats per hot row in the gradient all-reduce: the gradient, and Adam's touch count."""
-    return dim + (1 if optimizer.kind == "adam" else 0)
-
-
 @dataclass
 class HybridPlan:
     world_size: int
@@ -40,7 +35,7 @@ class HybridPlan:
     seconds: float
     table_wise_seconds: float
     hot_bytes_per_rank: float
-    sparse_sync_bytes: float  # the touched-rows-only alternative to the dense all-reduce
+    dense_sync_bytes: float  # what a dense all-reduce of every hot row would send instead
     rows: dict[str, int]
     cold_shares: dict[str, float]  # share of each table's lookups that are cold
 
@@ -59,7 +54,7 @@ class HybridPlan:
         p, t = self.predicted, self.table_wise
         lines.append(
             f"  predicted per step: all-to-all {p.all_to_all / 1e6:.3f} MB, hot-row all-reduce "
-            f"{p.all_reduce / 1e6:.3f} MB (touched rows only: {self.sparse_sync_bytes / 1e6:.3f} MB), "
+            f"{p.all_reduce / 1e6:.3f} MB (dense: {self.dense_sync_bytes / 1e6:.3f} MB), "
             f"host<->device {p.host_to_device / 1e6:.3f} MB; "
             f"replicated rows {self.hot_bytes_per_rank / GB:.4f} GB a rank"
         )
@@ -109,8 +104,6 @@ def plan_hybrid(
         raise ValueError(f"hybrid sharding takes one embedding dim for all tables, not {sorted(dims)}")
     dim = dims.pop()
     row_bytes = 4 * (dim + optimizer.state_width(dim))
-    width = sync_width(optimizer, dim)
-    whole = {t.name for t in tables if t.rows <= cache.full_table_rows and t.name not in fixed}
     budget = cache.device_budget_gb * GB if cache.device_budget_gb else math.inf
     net_ = network(net)
 
@@ -119,7 +112,7 @@ def plan_hybrid(
         return cache.capacity(t.name, cold_rows) if cold_rows > 0 else 0
 
     choice = comm_model.choose_hot_rows(
-        tables, world_size, global_batch, net_, width, row_bytes, budget, whole, fixed, cold_cache_rows
+        tables, world_size, global_batch, net_, row_bytes, budget, fixed, cold_cache_rows
     )
     hot = choice.hot_rows
     hot_bytes = sum(hot.values()) * row_bytes
@@ -144,6 +137,6 @@ def plan_hybrid(
     return HybridPlan(
         world_size, global_batch, hot, choice.owners, cold, cold.cache if cold else cache, choice.predicted,
         tw, choice.seconds, tw.seconds(net_, world_size), hot_bytes,
-        comm_model.sparse_sync_bytes(tables, hot, global_batch, world_size, width),
+        comm_model.dense_sync_bytes(tables, hot, world_size),
         {t.name: t.rows for t in tables}, {t.name: comm_model.cold_share(t, hot[t.name]) for t in tables},
     )  # fmt: skip

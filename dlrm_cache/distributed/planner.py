@@ -50,6 +50,8 @@ class TableStats:
     features: int = 1  # lookups per sample (features that use the table, one id each)
     counts: np.ndarray | None = None
     _cum: np.ndarray | None = field(default=None, init=False, repr=False)  # cumulative counts
+    _neg: np.ndarray | None = field(default=None, init=False, repr=False)  # -counts, ascending (search)
+    _touched: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.counts is not None:
@@ -60,6 +62,7 @@ class TableStats:
                 raise ValueError(f"table {self.name}: counts must be hottest first (non-increasing)")
             self.counts = c
             self._cum = np.concatenate([[0.0], np.cumsum(c)])
+            self._neg = -c
 
     def hit_share(self, k: int) -> float:
         """Share of lookups served by a cache of the ``k`` hottest rows."""
@@ -68,11 +71,27 @@ class TableStats:
             return k / self.rows
         return float(self._cum[k] / self._cum[-1])
 
+    def expected_touched(self, k: int, lookups: float) -> float:
+        """Expected distinct rows among the ``k`` hottest that ``lookups`` lookups touch (each row with
+        probability ``1 - (1 - p)^lookups``); prefix sums cached per ``lookups``, grown as needed."""
+        k = min(max(k, 0), self.rows)
+        if not k:
+            return 0.0
+        if self.counts is None or self._cum[-1] == 0:
+            return k * -math.expm1(lookups * math.log1p(-1 / self.rows)) if self.rows > 1 else 1.0
+        cum = self._touched.get(lookups)
+        if cum is None or len(cum) <= k:
+            n = min(self.rows, max(k, 2 * (len(cum) - 1) if cum is not None else 1024))
+            p = np.minimum(self.counts[:n] / self._cum[-1], 1 - 1e-12)
+            cum = np.concatenate([[0.0], np.cumsum(-np.expm1(lookups * np.log1p(-p)))])
+            self._touched[lookups] = cum
+        return float(cum[k])
+
     def rows_at_least(self, threshold: float) -> int:
         """How many rows have a count >= ``threshold`` (uniform unknown counts: all or none)."""
         if self.counts is None:
             return self.rows if threshold <= 1 else 0
-        return int(np.searchsorted(-self.counts, -threshold, side="right"))
+        return int(np.searchsorted(self._neg, -threshold, side="right"))
 
 
 def load_table_stats(root: Path, tables: dict[str, str], dims: dict[str, int]) -> list[TableStats]:
