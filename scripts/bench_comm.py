@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -151,16 +152,22 @@ def torchrec_worker(root: str, steps: int, batch: int, dim: int) -> None:
     counter.install()
     loader = ParquetBatches(Path(root), "train", batch, rank=rank, world_size=w)
     done = 0
-    for b in loader.batches(epoch=0):
-        with counter.step():
-            model(b.sparse_features).values().sum().backward()
-        done += 1
-        if done == steps:
-            break
+    with closing(loader.batches(epoch=0)) as stream:  # stops the loader's reading thread
+        for b in stream:
+            with counter.step():
+                model(b.sparse_features).values().sum().backward()
+            done += 1
+            if done == steps:
+                break
     totals = counter.totals()
     if rank == 0:
         print("TORCHREC " + json.dumps({k: v / done for k, v in totals.items()}), flush=True)
+    dist.barrier()
     dist.destroy_process_group()
+    # At interpreter exit some runs of this stock module abort in a C++ thread's destructor
+    # ("terminate called without an active exception"), after all work is done: leave at once.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def torchrec_bytes(root: Path, ranks: int, args) -> dict:
