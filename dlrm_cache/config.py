@@ -39,10 +39,12 @@ class SynthConfig:
     out: str = "data/synth/train.txt"
     seed: int = 0
     zipf: float = 1.05  # exponent s of P(rank k) ~ 1 / (k + 1)^s, per feature
-    cardinalities: list[int] | None = None  # None: the published Criteo Kaggle cardinalities
+    # kaggle | terabyte (the published per-feature cardinalities of Criteo Kaggle / 1TB), or 26 numbers
+    cardinalities: Any = "kaggle"
     cardinality_scale: float = 1.0  # multiplies every cardinality (rounded, at least 1)
     labeled: bool = True  # False: the 39-field unlabeled layout of Kaggle's test.txt
-    layout: str = "kaggle"  # kaggle: one file at `out`; terabyte: `out`/day_0 .. day_{days-1}
+    # kaggle: one file at `out`; terabyte: `out`/day_0 .. day_{days-1}; None: as the cardinalities
+    layout: str | None = None
     days: int = 24
     gzip: bool = False
     overwrite: bool = False
@@ -53,10 +55,17 @@ class SynthConfig:
         _require(bool(self.out), "out", self.out, "an output path")
         _require(self.zipf > 0, "zipf", self.zipf, "an exponent > 0")
         _require(self.cardinality_scale > 0, "cardinality_scale", self.cardinality_scale, "a factor > 0")
-        if self.cardinalities is not None:
+        if self.cardinalities is None:
+            self.cardinalities = "kaggle"
+        if isinstance(self.cardinalities, str):
+            _require_choice("cardinalities", self.cardinalities, ("kaggle", "terabyte"))
+        else:
+            self.cardinalities = list(self.cardinalities)
             _require(len(self.cardinalities) == 26, "cardinalities", self.cardinalities, "26 values")
             for i, c in enumerate(self.cardinalities):
-                _require(c >= 1, f"cardinalities[{i}]", c, "a cardinality >= 1")
+                _require(isinstance(c, int) and c >= 1, f"cardinalities[{i}]", c, "a cardinality >= 1")
+        if self.layout is None:
+            self.layout = "terabyte" if self.cardinalities == "terabyte" else "kaggle"
         _require_choice("layout", self.layout, ("kaggle", "terabyte"))
         _require(self.days >= 1, "days", self.days, "at least 1 day")
         if self.layout == "terabyte":
@@ -99,6 +108,12 @@ class PreprocessOptions:
     max_file_rows: int = 4_000_000  # start a new part file after this many rows
     workers: int = 0  # processes parsing input files in parallel (one file each); 0: one per core
     progress: bool = True
+    # The whole command's memory, GB: past it, counting goes out of core (spilled beside the output).
+    # 0: half the machine's RAM.
+    memory_gb: float = 0.0
+    # The DLRM reference's / MLPerf's hashing: every categorical value becomes int(hex, 16) % this
+    # before counting (40000000 gives MLPerf's Criteo 1TB tables); 0: off. The empty value stays apart.
+    max_ind_range: int = 0
 
     def __post_init__(self) -> None:
         _require(self.min_count >= 1, "preprocess.min_count", self.min_count, ">= 1")
@@ -107,6 +122,8 @@ class PreprocessOptions:
         _require(self.chunk_mb >= 1, "preprocess.chunk_mb", self.chunk_mb, ">= 1")
         _require(self.row_group_rows >= 1, "preprocess.row_group_rows", self.row_group_rows, ">= 1")
         _require(self.workers >= 0, "preprocess.workers", self.workers, ">= 0 (0: one per core)")
+        _require(self.memory_gb >= 0, "preprocess.memory_gb", self.memory_gb, "GB >= 0 (0: half the RAM)")
+        _require(self.max_ind_range >= 0, "preprocess.max_ind_range", self.max_ind_range, ">= 0 (0: off)")
         _require(self.max_file_rows >= self.row_group_rows, "preprocess.max_file_rows", self.max_file_rows,
                  f">= preprocess.row_group_rows ({self.row_group_rows})")  # fmt: skip
 

@@ -17,6 +17,14 @@ KAGGLE_CARDINALITIES = [
 ]  # fmt: skip
 
 
+# Criteo 1TB: distinct raw values per feature over its 24 days (882,774,559 in all)
+TERABYTE_CARDINALITIES = [
+    227605432, 39060, 17295, 7424, 20265, 3, 7122, 1543, 63, 130229467, 3067956, 405282, 10, 2209,
+    11938, 155, 4, 976, 14, 292775614, 40790948, 187188510, 590152, 12973, 108, 36,
+]  # fmt: skip
+CARDINALITY_PROFILES = {"kaggle": KAGGLE_CARDINALITIES, "terabyte": TERABYTE_CARDINALITIES}
+
+
 def table_name(feature: str) -> str:
     """TorchRec's DLRM convention: feature ``cat_3`` lives in table ``t_cat_3``."""
     return f"t_{feature}"

@@ -49,8 +49,10 @@ from dlrm_cache.data.criteo_tsv import (
     read_chunks,
     unreadable,
 )
+from dlrm_cache.data.memory_budget import GB, MemoryBudget, memory_budget
+from dlrm_cache.data.spilled_counts import SpilledCounter
 from dlrm_cache.data.synthetic import generate, hash_to_hex
-from dlrm_cache.data.vocab import ValueCounter, Vocabulary
+from dlrm_cache.data.vocab import Vocabulary
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -134,7 +136,9 @@ def _fingerprint(cfg: PreprocessRunConfig, files: list[Path]) -> dict:
             {"path": str(f.resolve()), "size": f.stat().st_size, "mtime": f.stat().st_mtime} for f in files
         ],
         "preprocess": {
-            k: v for k, v in asdict(cfg.preprocess).items() if k not in ("progress", "workers", "parser")
+            k: v
+            for k, v in asdict(cfg.preprocess).items()
+            if k not in ("progress", "workers", "parser", "memory_gb")  # the same output whatever they are
         },
     }
 
@@ -182,15 +186,32 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
     try:
         train_ends, val_ends = split_bounds(cfg, files, stop)
         spills = [tmp / f"_parsed-{n}.arrow" for n in range(len(files))]
+        workers = min(opts.workers or os.cpu_count() or 1, len(files))
+        budget = memory_budget(opts, workers)
+        counts_dir = tmp / "_counts"
+        counts_dir.mkdir()
         jobs = [
-            _ParseJob(f, cols, train_end, spill, opts.chunk_mb << 20, opts.on_bad_lines, opts.parser)
-            for f, cols, train_end, spill in zip(files, layouts, train_ends, spills, strict=True)
+            _ParseJob(
+                f,
+                cols,
+                train_end,
+                spill,
+                opts.chunk_mb << 20,
+                opts.on_bad_lines,
+                opts.parser,
+                opts.max_ind_range,
+                counts_dir,
+                n,
+                budget.values_per_feature,
+            )  # fmt: skip
+            for n, (f, cols, train_end, spill) in enumerate(
+                zip(files, layouts, train_ends, spills, strict=True)
+            )
         ]
-        counters, bad = _parse_all(jobs, opts.workers or os.cpu_count() or 1, opts.progress)
-        with ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="dlrm-preprocess-fit") as pool:
-            # numpy's sorts release the GIL: the 26 features are ranked side by side
-            vocabs = list(pool.map(lambda c: Vocabulary.fit(*c.result(), opts.min_count), counters))
+        counters, bad = _parse_all(jobs, workers, opts.progress)
+        vocabs = _fit(counters, opts.min_count, budget, counts_dir, opts.progress)
         del counters  # their counts live on in the vocabularies: not held twice through the write pass
+        counts_dir.rmdir()
         id_type = pa.int32() if max(len(v) for v in vocabs) < 2**31 else pa.int64()
         schema = pa.schema(
             [("label", pa.int8())]
@@ -227,6 +248,7 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
             "vocab_sizes": {c: len(v) for c, v in zip(CAT_COLUMNS, vocabs, strict=True)},
             "rare_ids": {c: v.rare_id for c, v in zip(CAT_COLUMNS, vocabs, strict=True)},
             "dense_transform": "log1p(max(x, 0)) as float32; missing -> 0",
+            "max_ind_range": opts.max_ind_range,
             "skipped_lines": {"count": bad.count, "reasons": bad.reasons, "first": bad.first},
             "skew": skew,
         }
@@ -347,10 +369,16 @@ class _ParseJob:
     chunk_bytes: int
     on_bad_lines: str
     parser: str
+    max_ind_range: int
+    counts_dir: Path  # where counters spill
+    index: int  # of the input: names its counters' spill files
+    values_per_feature: int  # distinct values a counter holds before it spills
 
-    def run(self, on_progress=None) -> tuple[list[ValueCounter], BadLines]:
+    def run(self, on_progress=None) -> tuple[list[SpilledCounter], BadLines]:
         bad = BadLines()
-        counters = [ValueCounter() for _ in CAT_COLUMNS]
+        counters = [
+            SpilledCounter(self.counts_dir, f"{self.index}-{c}", self.values_per_feature) for c in CAT_COLUMNS
+        ]
         with (
             pa.OSFile(str(self.spill), "wb") as sink,
             pa.ipc.new_stream(sink, _PARSED) as spill,
@@ -360,6 +388,8 @@ class _ParseJob:
                 self.path, self.columns, self.chunk_bytes, self.on_bad_lines, bad, on_progress, self.parser
             )
             for chunk in _read_ahead(chunks):
+                if self.max_ind_range:  # the reference's hashing; the empty value (-1) stays apart
+                    np.remainder(chunk.cats, self.max_ind_range, out=chunk.cats, where=chunk.cats >= 0)
                 train = chunk.lines <= self.train_end
                 # Columns counted side by side (the counters release the GIL), while the rows are spilled.
                 cats = chunk.cats if train.all() else chunk.cats[train]
@@ -367,8 +397,6 @@ class _ParseJob:
                 spill.write_table(_parsed_table(chunk))
                 for done in counted:
                     done.result()
-        for c in counters:
-            c.result()  # compact before crossing a process boundary
         return counters, bad
 
 
@@ -418,7 +446,7 @@ def _read_ahead(items: Iterator[T]) -> Iterator[T]:
             yield item
 
 
-def _parse_all(jobs: list[_ParseJob], workers: int, progress: bool) -> tuple[list[ValueCounter], BadLines]:
+def _parse_all(jobs: list[_ParseJob], workers: int, progress: bool) -> tuple[list[SpilledCounter], BadLines]:
     """Run the parse jobs, one input file per process when there are several, and merge their counts
     (in input order, so the result does not depend on the scheduling)."""
     total = sum(j.path.stat().st_size for j in jobs)
@@ -445,6 +473,39 @@ def _parse_all(jobs: list[_ParseJob], workers: int, progress: bool) -> tuple[lis
             c.merge(m)
         bad.extend(more_bad)
     return counters, bad
+
+
+VOCAB_BYTES_PER_VALUE = 44  # a kept value through the write pass: raw and count, and its hash-map slot
+
+
+def _fit(
+    counters: list[SpilledCounter], min_count: int, budget: MemoryBudget, folder: Path, progress: bool
+) -> list[Vocabulary]:
+    """The vocabularies: side by side when every count fit in memory; else one feature at a time, each
+    spilled one a partition at a time (``spilled_counts``)."""
+    spilled = [c for c in counters if c.files]
+    if not spilled:
+        with ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="dlrm-preprocess-fit") as pool:
+            # numpy's sorts release the GIL: the 26 features are ranked side by side
+            return list(pool.map(lambda c: c.fit(min_count), counters))
+    log.info(
+        "out of core: the counts of %d feature(s) outgrew their share of preprocess.memory_gb (%.2f GB: "
+        "%d distinct values a feature); %.2f GB of counts spilled to %s, ranked a partition at a time",
+        len(spilled), budget.total / GB, budget.values_per_feature,
+        sum(c.spilled_bytes for c in counters) / GB, folder,
+    )  # fmt: skip
+    vocabs = []
+    for c in tqdm(counters, desc="rank", unit="feature", disable=not progress):
+        vocabs.append(c.fit(min_count))
+    held = sum(len(v) for v in vocabs) * VOCAB_BYTES_PER_VALUE
+    if held + budget.fixed > budget.total:
+        log.warning(
+            "the write pass holds every feature's vocabulary, %.2f GB (%d kept values), more than "
+            "preprocess.memory_gb leaves (%.2f GB): raise preprocess.min_count or set "
+            "preprocess.max_ind_range",
+            held / GB, sum(len(v) for v in vocabs), (budget.total - budget.fixed) / GB,
+        )  # fmt: skip
+    return vocabs
 
 
 # The rows as parsed: dense values already transformed, categorical values still raw hashes.

@@ -31,11 +31,11 @@ from tqdm import tqdm
 
 from dlrm_cache.config import SynthConfig
 from dlrm_cache.criteo import (
+    CARDINALITY_PROFILES,
     CAT_COLUMNS,
     CAT_FEATURE_COUNT,
     INT_COLUMNS,
     INT_FEATURE_COUNT,
-    KAGGLE_CARDINALITIES,
 )
 from dlrm_cache.data.zipf import ZipfSampler
 
@@ -112,7 +112,8 @@ class CriteoSynthesizer:
     """Generates blocks of Criteo-format rows; a block depends only on (seed, block index)."""
 
     def __init__(self, cfg: SynthConfig):
-        base = cfg.cardinalities or KAGGLE_CARDINALITIES
+        named = isinstance(cfg.cardinalities, str)
+        base = CARDINALITY_PROFILES[cfg.cardinalities] if named else cfg.cardinalities
         self.cardinalities = [max(1, round(c * cfg.cardinality_scale)) for c in base]
         self.samplers = [ZipfSampler(n, cfg.zipf) for n in self.cardinalities]
         self.seed = cfg.seed

@@ -41,6 +41,12 @@ class ValueCounter:
         if self._run_size > max(1 << 20, len(self.values)):
             self._compact()
 
+    def distinct(self) -> int:
+        """Distinct values held now (an upper bound while runs are not merged)."""
+        if self._table is not None:
+            return self._table.size()
+        return len(self.values) + self._run_size
+
     def merge(self, other: ValueCounter) -> None:
         other._compact()
         self._runs.append((other.values, other.counts))
@@ -103,10 +109,14 @@ class Vocabulary:
     @classmethod
     def fit(cls, values: np.ndarray, counts: np.ndarray, min_count: int) -> Vocabulary:
         keep = counts >= min_count
-        raw, cnt = _by_rank(values[keep], counts[keep])
+        return cls.fit_kept(values[keep], counts[keep], int(counts[~keep].sum()))
+
+    @classmethod
+    def fit_kept(cls, values: np.ndarray, counts: np.ndarray, rare_count: int) -> Vocabulary:
+        """From the kept values (distinct) and their counts, and the train count of all the others."""
+        raw, cnt = _by_rank(values, counts)
         # The rare bucket ranks by its count, after the kept values of the same count (as the value
         # "+inf" would).
-        rare_count = int(counts[~keep].sum())
         rare_id = int(np.searchsorted(-cnt, -rare_count, side="right"))
         raw = np.insert(raw, rare_id, np.iinfo(np.int64).max)
         return cls(raw, np.insert(cnt, rare_id, rare_count), rare_id)
@@ -220,6 +230,9 @@ class _NativeCounter:
             raw = np.ascontiguousarray(raw, dtype=np.int64).reshape(-1)
         stride = raw.strides[0] // 8 if len(raw) > 1 else 1
         self._lib.value_counter_add(self._handle, raw.ctypes.data_as(_I64), len(raw), stride)
+
+    def size(self) -> int:
+        return self._lib.value_counter_size(self._handle)
 
     def export(self) -> tuple[np.ndarray, np.ndarray]:
         """The distinct values and their counts; the table is freed."""

@@ -1,0 +1,45 @@
+"""How ``dlrm-preprocess`` shares ``preprocess.memory_gb`` out: the fixed costs of its processes and
+chunks, and the rest to the value counters, which spill to disk past their share."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from dlrm_cache.config import PreprocessOptions
+from dlrm_cache.criteo import CAT_COLUMNS
+from dlrm_cache.data.spilled_counts import BYTES_PER_VALUE
+
+GB = 1 << 30
+PROCESS_BYTES = 200 << 20  # a process's own: Python, numpy, pyarrow (measured: ~180 MB)
+CHUNK_COPIES = 6  # a chunk in flight: its text, the parsed arrays, the spilled table, the next one read ahead
+MIN_COUNTING = 64 << 20  # the least the counters may share
+
+
+def machine_ram() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    total: int  # bytes
+    fixed: int  # what the processes and their chunks take whatever the input
+    values_per_feature: int  # distinct values a feature's counter holds before it spills
+
+
+def memory_budget(opts: PreprocessOptions, processes: int) -> MemoryBudget:
+    """``preprocess.memory_gb`` (0: half the RAM) for ``processes`` parsing processes (1: in this one).
+    Refused when below the fixed costs, with the smallest value that works."""
+    total = int(opts.memory_gb * GB) if opts.memory_gb else machine_ram() // 2
+    own = PROCESS_BYTES * (processes + 1 if processes > 1 else 1)  # the parsers, and this process
+    fixed = own + processes * CHUNK_COPIES * (opts.chunk_mb << 20)
+    smallest = fixed + MIN_COUNTING
+    if total < smallest:
+        raise ValueError(
+            f"preprocess.memory_gb={opts.memory_gb:g}: below the fixed costs of {processes} parsing "
+            f"process(es) with preprocess.chunk_mb={opts.chunk_mb} ({fixed / GB:.2f} GB); the smallest "
+            f"that works is {-(-smallest * 100 // GB) / 100:.2f} (or lower preprocess.chunk_mb or "
+            "preprocess.workers)"
+        )
+    per_feature = (total - fixed) // (processes * len(CAT_COLUMNS) * BYTES_PER_VALUE)
+    return MemoryBudget(total, fixed, max(1, per_feature))

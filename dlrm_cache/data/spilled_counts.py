@@ -1,0 +1,97 @@
+"""Counting a feature's values in bounded memory: once its counter holds ``limit`` distinct values,
+they go to disk as a run, split by value into ``PARTITIONS`` files, and counting starts afresh.
+
+Fitting then reads one partition at a time (every run's share of it: the values of one partition only),
+sums the counts of each value and keeps those seen ``min_count`` times or more: what is ever held
+together is one partition's distinct values and the feature's kept values, never the counts of every
+distinct value. The vocabulary is the same as from one in-memory counter (``Vocabulary.fit``): the same
+counts, ranked the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dlrm_cache.data.vocab import ValueCounter, Vocabulary
+
+PARTITIONS = 64
+_SHIFT = 33 - 6  # raw values -1 .. 2^32 - 1, shifted by one: 33 bits; the top 6 pick the partition
+BYTES_PER_VALUE = 100  # a counter's bytes per distinct value at its peak (hash table growth, export)
+_PAIR = np.dtype([("value", "<i8"), ("count", "<i8")])
+
+
+class SpilledCounter:
+    """A ``ValueCounter`` whose runs spill into ``folder/<name>.<partition>.bin`` (appended)."""
+
+    def __init__(self, folder: Path, name: str, limit: int):
+        self.folder, self.name, self.limit = folder, name, max(1, limit)
+        self.counter = ValueCounter()
+        self.files: set[Path] = set()  # every partition file written (by this counter, or merged ones)
+        self.spilled_bytes = 0
+        self.spills = 0
+
+    def add(self, raw: np.ndarray) -> None:
+        self.counter.add(raw)
+        if self.counter.distinct() >= self.limit:
+            self.spill()
+
+    def spill(self) -> None:
+        values, counts = self.counter.result()
+        self.counter = ValueCounter()
+        if not len(values):
+            return
+        order = np.argsort(values, kind="stable")
+        values, counts = values[order], counts[order]
+        part = (values + 1) >> _SHIFT
+        bounds = np.searchsorted(part, np.arange(PARTITIONS + 1))
+        for p in range(PARTITIONS):
+            lo, hi = bounds[p], bounds[p + 1]
+            if hi == lo:
+                continue
+            pairs = np.empty(hi - lo, dtype=_PAIR)
+            pairs["value"], pairs["count"] = values[lo:hi], counts[lo:hi]
+            path = self.folder / f"{self.name}.{p}.bin"
+            with open(path, "ab") as f:
+                f.write(pairs.tobytes())
+            self.files.add(path)
+            self.spilled_bytes += pairs.nbytes
+        self.spills += 1
+
+    def merge(self, other: SpilledCounter) -> None:
+        """Take in another counter of the same feature (another input file's): its runs stay on disk."""
+        self.counter.merge(other.counter)
+        self.files |= other.files
+        self.spilled_bytes += other.spilled_bytes
+        self.spills += other.spills
+        if self.counter.distinct() >= self.limit:
+            self.spill()
+
+    def fit(self, min_count: int) -> Vocabulary:
+        """The vocabulary, one partition at a time; the spilled files are removed."""
+        if not self.files:  # nothing spilled: the in-memory path
+            return Vocabulary.fit(*self.counter.result(), min_count)
+        self.spill()
+        by_part: dict[int, list[Path]] = {}
+        for path in self.files:
+            by_part.setdefault(int(path.name.rsplit(".", 2)[1]), []).append(path)
+        kept_values, kept_counts, rare = [], [], 0
+        for p in sorted(by_part):
+            runs = [np.fromfile(path, dtype=_PAIR) for path in sorted(by_part[p])]
+            pairs = np.concatenate(runs) if len(runs) > 1 else runs[0]
+            del runs
+            values, inverse = np.unique(pairs["value"], return_inverse=True)
+            counts = np.bincount(inverse, weights=pairs["count"], minlength=len(values)).astype(np.int64)
+            del pairs, inverse
+            keep = counts >= min_count
+            kept_values.append(values[keep])
+            kept_counts.append(counts[keep])
+            rare += int(counts[~keep].sum())
+            for path in by_part[p]:
+                path.unlink()
+        return Vocabulary.fit_kept(np.concatenate(kept_values), np.concatenate(kept_counts), rare)
+
+    def __getstate__(self) -> dict:
+        self.counter.result()  # compacted: it crosses a process boundary as arrays
+        return self.__dict__
