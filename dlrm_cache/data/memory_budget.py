@@ -14,6 +14,8 @@ GB = 1 << 30
 PROCESS_BYTES = 200 << 20  # a process's own: Python, numpy, pyarrow (measured: ~180 MB)
 CHUNK_COPIES = 6  # a chunk in flight: its text, the parsed arrays, the spilled table, the next one read ahead
 MIN_COUNTING = 64 << 20  # the least the counters may share
+WRITE_ROW_BYTES = 400  # a row buffered by a split's Parquet writer (arrow, encoding); 3 splits
+PLOT_BYTES = 64 << 20  # the skew report's plot (matplotlib), drawn during the write pass
 
 
 def machine_ram() -> int:
@@ -23,7 +25,8 @@ def machine_ram() -> int:
 @dataclass(frozen=True)
 class MemoryBudget:
     total: int  # bytes
-    fixed: int  # what the processes and their chunks take whatever the input
+    fixed: int  # what the parse takes whatever the input: its processes and their chunks
+    write_fixed: int  # what the write pass takes besides the vocabularies
     values_per_feature: int  # distinct values a feature's counter holds before it spills
 
 
@@ -33,13 +36,15 @@ def memory_budget(opts: PreprocessOptions, processes: int) -> MemoryBudget:
     total = int(opts.memory_gb * GB) if opts.memory_gb else machine_ram() // 2
     own = PROCESS_BYTES * (processes + 1 if processes > 1 else 1)  # the parsers, and this process
     fixed = own + processes * CHUNK_COPIES * (opts.chunk_mb << 20)
-    smallest = fixed + MIN_COUNTING
+    write_fixed = PROCESS_BYTES + 3 * opts.row_group_rows * WRITE_ROW_BYTES + PLOT_BYTES
+    smallest = max(fixed + MIN_COUNTING, write_fixed)
     if total < smallest:
         raise ValueError(
-            f"preprocess.memory_gb={opts.memory_gb:g}: below the fixed costs of {processes} parsing "
-            f"process(es) with preprocess.chunk_mb={opts.chunk_mb} ({fixed / GB:.2f} GB); the smallest "
-            f"that works is {-(-smallest * 100 // GB) / 100:.2f} (or lower preprocess.chunk_mb or "
-            "preprocess.workers)"
+            f"preprocess.memory_gb={opts.memory_gb:g}: below the fixed costs ({processes} parsing "
+            f"process(es) with preprocess.chunk_mb={opts.chunk_mb}: {fixed / GB:.2f} GB; the write pass "
+            f"with preprocess.row_group_rows={opts.row_group_rows}: {write_fixed / GB:.2f} GB); the smallest "
+            f"that works is {-(-smallest * 100 // GB) / 100:.2f} (or lower preprocess.chunk_mb, "
+            "preprocess.workers or preprocess.row_group_rows)"
         )
     per_feature = (total - fixed) // (processes * len(CAT_COLUMNS) * BYTES_PER_VALUE)
-    return MemoryBudget(total, fixed, max(1, per_feature))
+    return MemoryBudget(total, fixed, write_fixed, max(1, per_feature))

@@ -498,12 +498,12 @@ def _fit(
     for c in tqdm(counters, desc="rank", unit="feature", disable=not progress):
         vocabs.append(c.fit(min_count))
     held = sum(len(v) for v in vocabs) * VOCAB_BYTES_PER_VALUE
-    if held + budget.fixed > budget.total:
+    if held + budget.write_fixed > budget.total:
         log.warning(
             "the write pass holds every feature's vocabulary, %.2f GB (%d kept values), more than "
             "preprocess.memory_gb leaves (%.2f GB): raise preprocess.min_count or set "
             "preprocess.max_ind_range",
-            held / GB, sum(len(v) for v in vocabs), (budget.total - budget.fixed) / GB,
+            held / GB, sum(len(v) for v in vocabs), (budget.total - budget.write_fixed) / GB,
         )  # fmt: skip
     return vocabs
 
