@@ -1,0 +1,108 @@
+"""dlrm-preprocess out of core against in memory on a generated Criteo 1TB-profile dataset: peak
+resident memory of the whole command (all its processes), time, and the outputs compared byte for byte.
+
+    .venv/bin/python scripts/bench_preprocess_scale.py [--rows 8000000 --zipf 0.6 --memory-gb 1
+        --chunk-mb 16 --min-count 3 --dir /work/bench_tmp/pp_scale --repeats 2]
+
+The default input (8M rows, Zipf 0.6 over the 1TB cardinalities) has ~39M distinct values: about 4
+GB of counters in memory, 4x the 1 GB budget.
+
+Runs alternate (in memory, out of core, in memory, ...) on the same input. Peak memory is the
+largest ``ru_maxrss`` among the command's processes (``RUSAGE_CHILDREN`` of a fresh interpreter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PEAK = (
+    "import resource, subprocess, sys, time; t = time.perf_counter(); "
+    "p = subprocess.run(sys.argv[1:], capture_output=True, text=True); t = time.perf_counter() - t; "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, t); sys.stderr.write(p.stderr[-4000:]); "
+    "sys.exit(p.returncode)"
+)
+
+
+IN_MEMORY_GB = 1000  # a budget no counter reaches here: the in-memory path
+
+
+def preprocess(src: Path, out: Path, memory_gb: float, min_count: int, chunk_mb: int) -> dict:
+    cmd = [sys.executable, "-c", PEAK, sys.executable, "-m", "dlrm_cache.cli.preprocess",
+           f"input={src}/day_*", f"output_dir={out}", "overwrite=true", "dataset=criteo_1tb",
+           f"preprocess.min_count={min_count}", f"preprocess.memory_gb={memory_gb}",
+           f"preprocess.chunk_mb={chunk_mb}", "preprocess.progress=false"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(proc.stderr)
+    rss_kb, seconds = proc.stdout.split()[-2:]
+    spilled = [line for line in proc.stderr.splitlines() if "out of core" in line]
+    return {"memory_gb": memory_gb, "peak_rss_gb": int(rss_kb) / 2**20, "seconds": float(seconds),
+            "out_of_core": spilled[0].split(": ", 1)[-1] if spilled else None}  # fmt: skip
+
+
+def files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != "metadata.json"}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=8_000_000)
+    p.add_argument("--zipf", type=float, default=0.6)
+    p.add_argument("--chunk-mb", type=int, default=16)
+    p.add_argument("--days", type=int, default=24)
+    p.add_argument("--memory-gb", type=float, default=1.0)
+    p.add_argument("--min-count", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--dir", type=Path, default=Path("/work/bench_tmp/pp_scale"))
+    args = p.parse_args()
+    src = args.dir / "days"
+    if not src.exists():
+        subprocess.run([sys.executable, "-m", "dlrm_cache.cli.synth", f"rows={args.rows}", f"out={src}",
+                        "cardinalities=terabyte", f"days={args.days}", f"zipf={args.zipf}", "progress=false"],
+                       check=True)  # fmt: skip
+    size = sum(f.stat().st_size for f in src.iterdir())
+    head = {
+        "machine": f"{platform.node()} {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": args.rows,
+        "zipf": args.zipf,
+        "input_gb": size / 2**30,
+        "min_count": args.min_count,
+    }
+    print(json.dumps(head))
+    runs = {"in_memory": [], "out_of_core": []}
+    for i in range(args.repeats):
+        for kind, gb in (("in_memory", IN_MEMORY_GB), ("out_of_core", args.memory_gb)):
+            out = args.dir / kind
+            r = preprocess(src, out, gb, args.min_count, args.chunk_mb)
+            runs[kind].append(r)
+            print(json.dumps({"run": i, "kind": kind, **r}), flush=True)
+    same = files(args.dir / "in_memory") == files(args.dir / "out_of_core")
+    meta = json.loads((args.dir / "in_memory" / "metadata.json").read_text())
+    kept = sum(meta["vocab_sizes"].values())
+    best = {k: min(r["seconds"] for r in v) for k, v in runs.items()}
+    print(
+        json.dumps(
+            {
+                "identical_outputs": same,
+                "kept_values": kept,
+                "rows": meta["rows"],
+                "out_of_core_over_in_memory_time": best["out_of_core"] / best["in_memory"],
+                "peak_rss_gb": {k: max(r["peak_rss_gb"] for r in v) for k, v in runs.items()},
+            }
+        )
+    )
+    shutil.rmtree(args.dir / "out_of_core")
+
+
+if __name__ == "__main__":
+    main()
