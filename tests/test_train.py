@@ -1,6 +1,7 @@
 """dlrm-train end to end on small generated data."""
 
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -101,6 +102,10 @@ def test_learns_clearly_better_than_chance_and_dense_only(dataset, tmp_path):
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     for key in ("val_auc", "test_auc", "test_logloss", "train_samples_per_s", "steps", "world_size"):
         assert key in s
+    rate = float(yt.double().mean())  # NE: the log loss over the entropy of the split's click rate
+    entropy = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
+    assert s["test_ne"] == pytest.approx(s["test_logloss"] / entropy, rel=1e-9)
+    assert s["test_ne"] < 1  # better than always predicting the click rate
     assert set(s["cache"]["tables"]) == {f"t_cat_{i}" for i in range(26)}
     for key in (
         "policy",

@@ -172,12 +172,14 @@ def _dense_optimizer(cfg: TrainRunConfig, params) -> torch.optim.Optimizer:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: ParquetBatches, device: torch.device) -> dict:
-    """AUROC and log loss over a whole split, over all ranks (the cache serves misses from the host,
-    writes nothing). Padding rows (label -1, evening out a last batch over ranks) are left out."""
+    """AUROC, log loss and normalized entropy over a whole split, over all ranks (the cache serves
+    misses from the host, writes nothing). Padding rows (label -1, evening out a last batch over ranks)
+    are left out. NE is the log loss over the entropy of the split's click rate: 1.0 is what always
+    predicting that rate scores, lower is better (the figure CTR teams report beside AUC)."""
     model.eval()
     sharded = dist.is_initialized()
     auroc = torchmetrics.classification.BinaryAUROC(sync_on_compute=sharded).to(device)
-    loss_sum, n = torch.zeros((), dtype=torch.float64), 0
+    loss_sum, n, clicks = torch.zeros((), dtype=torch.float64), 0, 0.0
     for batch in loader.batches(epoch=0):
         logits = model(batch.dense_features.to(device), _sparse_input(batch, device, sharded)).squeeze(1)
         labels = batch.labels.to(device)
@@ -187,15 +189,25 @@ def evaluate(model: torch.nn.Module, loader: ParquetBatches, device: torch.devic
             logits, labels, reduction="sum"
         ).cpu()
         n += len(labels)
+        clicks += float(labels.sum())
         auroc.update(torch.sigmoid(logits), labels.long())
     model.train()
-    totals = torch.tensor([float(loss_sum), n], dtype=torch.float64, device=device)  # NCCL: on the device
+    totals = torch.tensor([float(loss_sum), n, clicks], dtype=torch.float64, device=device)  # NCCL: device
     if sharded:
         dist.all_reduce(totals)
     if totals[1] == 0:  # an empty split (a tiny dataset): nothing to score
         log.warning("the %s split is empty: no AUC or log loss", loader.split)
-        return {"auc": float("nan"), "logloss": float("nan"), "samples": 0}
-    return {"auc": float(auroc.compute()), "logloss": float(totals[0] / totals[1]), "samples": int(totals[1])}
+        return {"auc": float("nan"), "logloss": float("nan"), "ne": float("nan"), "samples": 0}
+    logloss = float(totals[0] / totals[1])
+    ne = logloss / _entropy(float(totals[2] / totals[1]))
+    return {"auc": float(auroc.compute()), "logloss": logloss, "ne": ne, "samples": int(totals[1])}
+
+
+def _entropy(rate: float) -> float:
+    """Of a click rate, in nats (NaN for a split of one class, where NE is undefined)."""
+    if rate <= 0 or rate >= 1:
+        return float("nan")
+    return -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
 
 
 def _sparse_input(batch, device: torch.device, sharded: bool):
@@ -492,8 +504,8 @@ def _train(
         if counter:
             counter.uninstall()
     summary = {
-        "val_auc": val["auc"], "val_logloss": val["logloss"],
-        "test_auc": test["auc"], "test_logloss": test["logloss"],
+        "val_auc": val["auc"], "val_logloss": val["logloss"], "val_ne": val["ne"],
+        "test_auc": test["auc"], "test_logloss": test["logloss"], "test_ne": test["ne"],
         "train_samples_per_s": samples / train_seconds if train_seconds else 0.0,
         "steps": step, "world_size": rank.world_size, "sharded": sharded, "data_path": str(root),
         "run_dir": str(run_dir),
