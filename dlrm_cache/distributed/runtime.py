@@ -113,13 +113,8 @@ def shard_model(
 ) -> tuple[DistributedModelParallel, ShardedCache]:
     """``model`` (a DLRM whose ``EmbeddingBagCollection`` is on the ``meta`` device) sharded by ``plan``."""
     ebc = model.get_submodule(EBC_FQN)
-    module_plan = plan.torchrec_plan(ebc, sharder, device_type=device.type)
-    dmp = DistributedModelParallel(
-        model,
-        env=ShardingEnv.from_process_group(dist.group.WORLD),
-        device=device,
-        plan=ShardingPlan({EBC_FQN: module_plan}),
-        sharders=[sharder],
+    dmp = _distributed(
+        model, {EBC_FQN: plan.torchrec_plan(ebc, sharder, device_type=device.type)}, sharder, device
     )
     sharded = dmp.module.get_submodule(EBC_FQN)
     return dmp, ShardedCache(sharded.cached_kernels(), plan.cache)
@@ -136,13 +131,16 @@ def shard_hybrid_model(
     module_plans = {}
     if hybrid.cold is not None:
         module_plans[COLD_FQN] = plan.torchrec_plan(hybrid.cold, sharder, device_type=device.type)
-    dmp = DistributedModelParallel(
-        model,
-        env=ShardingEnv.from_process_group(dist.group.WORLD),
-        device=device,
-        plan=ShardingPlan(module_plans),
-        sharders=[sharder],
-    )
+    dmp = _distributed(model, module_plans, sharder, device)
     hybrid = dmp.module.get_submodule(EBC_FQN)
     kernels = hybrid.cold.cached_kernels() if hybrid.cold is not None else []
     return dmp, HybridCache(kernels, hybrid, plan.cache)
+
+
+def _distributed(model, module_plans: dict, sharder, device: torch.device) -> DistributedModelParallel:
+    """``DistributedModelParallel`` over the whole process group, the modules of ``module_plans``
+    sharded by ``sharder``, the rest data-parallel."""
+    env = ShardingEnv.from_process_group(dist.group.WORLD)
+    return DistributedModelParallel(
+        model, env=env, device=device, plan=ShardingPlan(module_plans), sharders=[sharder]
+    )
