@@ -1,20 +1,17 @@
-"""Typed configuration: dataclass schemas registered in Hydra's ConfigStore.
+"""Typed configuration: plain dataclasses, every default in one place (here).
 
-Hydra checks key names and types when it composes a config; the values themselves are checked here,
-in ``__post_init__``, which runs when ``to_config`` turns the composed ``DictConfig`` into these
-dataclasses. Only the ``cli`` layer sees a ``DictConfig``; library code takes the dataclasses.
+The commands register them in Hydra's ConfigStore (``dlrm_cache.cli.schemas``), so Hydra checks key
+names and types when it composes a config; the values themselves are checked here, in
+``__post_init__``, which runs when ``schemas.to_config`` turns the composed ``DictConfig`` into these
+dataclasses. This module imports neither Hydra nor OmegaConf: the library (``dlrm_cache.cache``,
+``dlrm_cache.distributed``) takes the dataclasses and works without them.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-T = TypeVar("T")
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "adam")  # dlrm_cache.cache.optim's fused optimizers
 
 
@@ -356,45 +353,3 @@ class TrainRunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
-
-
-def register_configs() -> None:
-    """Register the schemas so that the YAML files in ``configs/`` are validated against them."""
-    cs = ConfigStore.instance()
-    cs.store(name="synth_schema", node=SynthConfig)
-    cs.store(name="train_schema", node=TrainRunConfig)
-    cs.store(name="preprocess_schema", node=PreprocessRunConfig)
-    cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
-    cs.store(group="data", name="data_schema", node=DataConfig)
-    cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="cache", name="cache_schema", node=CacheConfig)
-    cs.store(group="optim", name="optim_schema", node=OptimConfig)
-    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
-
-
-def to_config(cfg: DictConfig | dict, schema: type[T]) -> T:
-    """Turn a composed config into ``schema``, raising ``ConfigError`` with the key on any problem."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
-        made = OmegaConf.to_object(merged)  # runs __post_init__
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None)
-        msg = str(e).splitlines()[0]
-        raise ConfigError(f"{key}: {msg}" if key else msg) from None
-    # Hydra's `+key=value` adds keys to a typed config too; no schema has them
-    given = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=False)
-    extra = _extra_keys(given, asdict(made))
-    if extra:
-        raise ConfigError(f"{extra[0]}: no such key in {schema.__name__} (a typo?)")
-    return made
-
-
-def _extra_keys(given: dict, known: dict, prefix: str = "") -> list[str]:
-    """Dotted keys of ``given`` that ``known`` lacks."""
-    out = []
-    for key, value in given.items():
-        if key not in known:
-            out.append(f"{prefix}{key}")
-        elif isinstance(value, dict) and isinstance(known[key], dict):
-            out += _extra_keys(value, known[key], f"{prefix}{key}.")
-    return out

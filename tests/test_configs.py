@@ -8,14 +8,8 @@ import pytest
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
-from dlrm_cache.config import (
-    ConfigError,
-    PreprocessRunConfig,
-    SynthConfig,
-    TrainRunConfig,
-    register_configs,
-    to_config,
-)
+from dlrm_cache.cli.schemas import register_configs, to_config
+from dlrm_cache.config import ConfigError, PreprocessRunConfig, SynthConfig, TrainRunConfig
 
 register_configs()
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

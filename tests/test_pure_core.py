@@ -20,3 +20,25 @@ def test_device_benchmark_runs_the_cache_core_without_torchrec():
     assert r.returncode == 0, r.stderr
     lines = [line for line in r.stdout.splitlines() if "ms/step" in line]
     assert [line.split()[0] for line in lines] == ["none", "lookahead"]
+
+
+WITHOUT_HYDRA = """
+import sys
+sys.modules['hydra'] = None         # any import of them fails
+sys.modules['omegaconf'] = None
+import dlrm_cache.cache, dlrm_cache.distributed
+from dlrm_cache.cache import CachedEmbeddingBagCollection, SparseOptimizer
+from dlrm_cache.config import CacheConfig
+from dlrm_cache.distributed import checkpoint, hybrid, hybrid_plan, planner, runtime, sharder
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+t = EmbeddingBagConfig(num_embeddings=100, embedding_dim=4, name="t", feature_names=["f"])
+CachedEmbeddingBagCollection([t], CacheConfig(ratio=0.1), SparseOptimizer())
+print("imported")
+"""
+
+
+def test_the_library_imports_without_hydra_or_omegaconf():
+    """What a TorchRec user embeds in their own trainer: the cache and the sharded path."""
+    r = subprocess.run([sys.executable, "-c", WITHOUT_HYDRA], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "imported"

@@ -13,7 +13,8 @@ import hydra
 from omegaconf import DictConfig
 
 from dlrm_cache.cli.common import run_cli
-from dlrm_cache.config import PreprocessRunConfig, register_configs, to_config
+from dlrm_cache.cli.schemas import register_configs, to_config
+from dlrm_cache.config import PreprocessRunConfig
 from dlrm_cache.data.preprocess import preprocess
 
 register_configs()

@@ -14,7 +14,8 @@ import hydra
 from omegaconf import DictConfig
 
 from dlrm_cache.cli.common import run_cli
-from dlrm_cache.config import SynthConfig, register_configs, to_config
+from dlrm_cache.cli.schemas import register_configs, to_config
+from dlrm_cache.config import SynthConfig
 from dlrm_cache.data.synthetic import generate
 
 register_configs()

@@ -21,7 +21,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from dlrm_cache.cli.common import run_cli
-from dlrm_cache.config import TrainRunConfig, register_configs, to_config
+from dlrm_cache.cli.schemas import register_configs, to_config
+from dlrm_cache.config import TrainRunConfig
 from dlrm_cache.distributed.rank import current_rank
 from dlrm_cache.train.trainer import train
 
