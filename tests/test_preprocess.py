@@ -248,6 +248,14 @@ def test_rerun_is_a_no_op_and_a_different_dataset_is_refused(tmp_path):
     stamp = (out / "metadata.json").stat().st_mtime_ns
     run([a], tmp_path / "out")
     assert (out / "metadata.json").stat().st_mtime_ns == stamp, "the same run again does nothing"
+    meta = json.loads((out / "metadata.json").read_text())
+    del meta["preprocess"]["max_ind_range"]  # written before the option existed: its default then
+    (out / "metadata.json").write_text(json.dumps(meta))
+    stamp = (out / "metadata.json").stat().st_mtime_ns
+    run([a], tmp_path / "out")
+    assert (out / "metadata.json").stat().st_mtime_ns == stamp, "an older dataset of the same run is kept"
+    with pytest.raises(FileExistsError, match="already holds a different dataset"):
+        run([a], tmp_path / "out", max_ind_range=5)
     with pytest.raises(FileExistsError, match="already holds a different dataset; pass overwrite=true"):
         run([b], tmp_path / "out")
     cfg = PreprocessRunConfig(

@@ -298,9 +298,14 @@ def synthetic_dataset(
 
 
 def _same_run(meta: dict, fingerprint: dict) -> bool:
-    return meta.get("schema_version") == SCHEMA_VERSION and all(
-        meta.get(k) == v for k, v in fingerprint.items()
-    )
+    """Whether ``meta`` was written for this fingerprint; an option a dataset's version did not have
+    yet counts as its default (what that version did)."""
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        return False
+    defaults = asdict(PreprocessOptions())
+    made = {**meta, "preprocess": {**defaults, **meta.get("preprocess", {})}}
+    wanted = {**fingerprint, "preprocess": {**defaults, **fingerprint["preprocess"]}}
+    return all(made.get(k) == v for k, v in wanted.items())
 
 
 def _our_metadata(out: Path) -> dict | None:
