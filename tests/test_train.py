@@ -106,6 +106,10 @@ def test_learns_clearly_better_than_chance_and_dense_only(dataset, tmp_path):
     entropy = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
     assert s["test_ne"] == pytest.approx(s["test_logloss"] / entropy, rel=1e-9)
     assert s["test_ne"] < 1  # better than always predicting the click rate
+    png = (tmp_path / "run" / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["val"]["auc"] == s["val_auc"]  # the final evaluation is on the curves
     assert set(s["cache"]["tables"]) == {f"t_cat_{i}" for i in range(26)}
     for key in (
         "policy",

@@ -11,7 +11,7 @@ planner; see ``dlrm_cache.distributed``). A step:
     dense_optimizer.step(); lr schedule
 
 Outputs go to ``run_dir`` (written by rank 0; every rank writes its tables' checkpoint files):
-``metrics.jsonl``, ``summary.json``, ``checkpoint/``.
+``metrics.jsonl``, ``summary.json``, ``curves.png`` (loss and val AUC against steps), ``checkpoint/``.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ from dlrm_cache.distributed.runtime import (
     shard_model,
 )
 from dlrm_cache.distributed.sharder import CachedEmbeddingBagCollectionSharder
+from dlrm_cache.train.curves import plot_curves
 from dlrm_cache.train.errors import TrainingError
 
 log = logging.getLogger(__name__)
@@ -515,6 +516,9 @@ def _train(
         summary["comm"] = comm
     if lead:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        with metrics_path.open("a") as m:  # the final evaluation, on the curves too
+            m.write(json.dumps({"step": step, "val": val}) + "\n")
+        plot_curves(metrics_path, run_dir / "curves.png")
     return summary
 
 
