@@ -508,8 +508,8 @@ def _fit(
     if held + budget.write_fixed > budget.total:
         log.warning(
             "the write pass holds every feature's vocabulary, %.2f GB (%d kept values), more than "
-            "preprocess.memory_gb leaves (%.2f GB): raise preprocess.min_count or set "
-            "preprocess.max_ind_range",
+            "preprocess.memory_gb leaves (%.2f GB): raise preprocess.memory_gb or preprocess.min_count, "
+            "or set preprocess.max_ind_range",
             held / GB, sum(len(v) for v in vocabs), (budget.total - budget.write_fixed) / GB,
         )  # fmt: skip
     return vocabs
