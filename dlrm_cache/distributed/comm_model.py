@@ -208,6 +208,8 @@ def candidate_thresholds(tables: list[TableStats], global_batch: int, limit: int
     every = np.unique(np.concatenate(levels)) if levels else np.array([])
     if len(every) > limit or sum(t.rows for t in tables) > limit:
         grid = np.geomspace(every[0], every[-1], limit) if len(every) else every
+        # each level also a hair lower: a row whose level rounds just under it (count * per_count
+        # divided back) is still counted hot at its own level
         every = np.unique(np.concatenate([grid, grid * (1 - 1e-12), every if len(every) <= limit else []]))
     return np.concatenate([[np.inf], every[::-1]])
 

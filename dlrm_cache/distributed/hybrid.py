@@ -72,6 +72,18 @@ class Split:
     lengths: torch.Tensor  # (B * F,) sample-major bag lengths (mean pooling)
 
 
+@dataclass
+class _Ids:
+    """A batch's ids with what both parts of the split need: each id's feature and bag."""
+
+    ids: torch.Tensor
+    feature: torch.Tensor  # per id
+    bag_fm: torch.Tensor  # per id: its bag, feature-major (f * B + b)
+    lengths: torch.Tensor  # (F, B)
+    hot: torch.Tensor  # per id: below its table's hot rows
+    on: dict  # the layout's index tensors on the ids' device
+
+
 class HybridLayout:
     """Where every id of a batch goes: which rows of each feature's table are hot (and where they sit in
     the replicated block), and which cold table serves the rest (and at which of its rows)."""
@@ -84,88 +96,104 @@ class HybridLayout:
         self.features = [c.feature_names[0] for c in configs]
         self.cold_tables = cold_tables(configs, hot_rows, owners)
         self.cold_features = list(self.cold_tables)
-        segment_of = {s.table: (v, s) for v, segs in enumerate(self.cold_tables.values()) for s in segs}
-        hot, rows, owner, shift, hot_at = [], [], [], [], []
-        for c in configs:
-            h = min(hot_rows.get(c.name, 0), c.num_embeddings)
-            hot.append(h)
-            rows.append(c.num_embeddings)
-            hot_at.append(hot_offsets.get(c.name, 0))
-            v, seg = segment_of.get(c.name, (-1, None))
-            owner.append(v)
+        place = {}  # table -> (its cold table's index, its first row there)
+        for v, segments in enumerate(self.cold_tables.values()):
             start = 0
-            if seg is not None:
-                segs = list(self.cold_tables.values())[v]
-                start = sum(s.cold_rows for s in segs[: segs.index(seg)])
-            shift.append(start - h)  # cold id -> row of the cold table
-        self._hot, self._rows, self._owner = (torch.tensor(x, dtype=torch.int64) for x in (hot, rows, owner))
-        self._shift, self._hot_at = torch.tensor(shift), torch.tensor(hot_at, dtype=torch.int64)
-        self._mean = torch.tensor([c.pooling == PoolingType.MEAN for c in configs])
+            for seg in segments:
+                place[seg.table] = (v, start)
+                start += seg.cold_rows
+        hot = [min(hot_rows.get(c.name, 0), c.num_embeddings) for c in configs]
+        owner = [place.get(c.name, (-1, 0))[0] for c in configs]
+        self.mean = torch.tensor([c.pooling == PoolingType.MEAN for c in configs])
+        self._index = {
+            "hot": torch.tensor(hot, dtype=torch.int64),
+            "rows": torch.tensor([c.num_embeddings for c in configs], dtype=torch.int64),
+            "owner": torch.tensor(owner, dtype=torch.int64),
+            # a cold id -> its row of the cold table
+            "shift": torch.tensor(
+                [place.get(c.name, (-1, 0))[1] - h for c, h in zip(configs, hot, strict=True)]
+            ),
+            "hot_at": torch.tensor([hot_offsets.get(c.name, 0) for c in configs], dtype=torch.int64),
+        }
         self._owner_features = [
             torch.tensor([f for f, o in enumerate(owner) if o == v], dtype=torch.int64)
             for v in range(len(self.cold_features))
         ]
+        self._on: dict[torch.device, dict] = {}
 
-    def split(self, kjt: KeyedJaggedTensor) -> Split:
-        """This rank's batch, split (tensors stay on the ids' device)."""
+    def _index_on(self, dev: torch.device) -> dict:
+        """The index tensors on ``dev``, copied there once."""
+        if dev not in self._on:
+            on = {k: t.to(dev) for k, t in self._index.items()}
+            on["owner_features"] = [t.to(dev) for t in self._owner_features]
+            self._on[dev] = on
+        return self._on[dev]
+
+    def _ids(self, kjt: KeyedJaggedTensor) -> _Ids:
+        """``kjt``'s ids, checked against their tables."""
         index = feature_index(kjt, self.features)
         if list(kjt.keys()) != self.features:
             kjt = kjt.permute([index[f] for f in self.features])
         nf, batch = len(self.features), kjt.stride()
         dev = kjt.values().device
+        on = self._index_on(dev)
         lengths = kjt.lengths().to(torch.int64).view(nf, batch)
         ids = kjt.values().to(torch.int64)
         n = len(ids)
         feature = torch.repeat_interleave(torch.arange(nf, device=dev), lengths.sum(dim=1), output_size=n)
-        rows = self._rows.to(dev)[feature]
-        bad = (ids < 0) | (ids >= rows)
+        bad = (ids < 0) | (ids >= on["rows"][feature])
         if bool(bad.any()):
             pos = int(torch.nonzero(bad)[0])
             f = int(feature[pos])
             raise ValueError(
                 f"feature {self.features[f]!r}: id {int(ids[pos])} is outside its table "
-                f"{self.configs[f].name!r} of {int(self._rows[f])} rows"
+                f"{self.configs[f].name!r} of {int(self._index['rows'][f])} rows"
             )
         bag_fm = torch.repeat_interleave(
             torch.arange(nf * batch, device=dev), lengths.reshape(-1), output_size=n
         )
-        bag_sm = (bag_fm % batch) * nf + bag_fm // batch
-        hot = ids < self._hot.to(dev)[feature]
-        hot_sm = bag_sm[hot]
+        return _Ids(ids, feature, bag_fm, lengths, ids < on["hot"][feature], on)
+
+    def split(self, kjt: KeyedJaggedTensor) -> Split:
+        """This rank's batch, split (tensors stay on the ids' device)."""
+        x = self._ids(kjt)
+        nf, batch = x.lengths.shape
+        hot_sm = ((x.bag_fm % batch) * nf + x.bag_fm // batch)[x.hot]  # sample-major bags
         order = torch.argsort(hot_sm, stable=True)
-        hot_ids = (ids + self._hot_at.to(dev)[feature])[hot][order]
-        hot_offsets = torch.zeros(nf * batch + 1, dtype=torch.int64, device=dev)
+        hot_ids = (x.ids + x.on["hot_at"][x.feature])[x.hot][order]
+        hot_offsets = torch.zeros(nf * batch + 1, dtype=torch.int64, device=x.ids.device)
         torch.cumsum(torch.bincount(hot_sm, minlength=nf * batch), 0, out=hot_offsets[1:])
-        lengths_sm = lengths.t().reshape(-1)
-        if not self.cold_features:
-            return Split(hot_ids, hot_offsets, None, [], lengths_sm)
-        cold = ~hot
-        cold_lengths = torch.bincount(bag_fm[cold], minlength=nf * batch).view(nf, batch)
-        cold_rows = ids + self._shift.to(dev)[feature]
-        owner = self._owner.to(dev)[feature]
+        cold, bags = self._cold(x) if self.cold_features else (None, [])
+        return Split(hot_ids, hot_offsets, cold, bags, x.lengths.t().reshape(-1))
+
+    def _cold(self, x: _Ids) -> tuple[KeyedJaggedTensor, list[torch.Tensor]]:
+        """The cold features of a batch, and per cold feature the sample-major bags of its rows."""
+        nf, batch = x.lengths.shape
+        cold = ~x.hot
+        cold_lengths = torch.bincount(x.bag_fm[cold], minlength=nf * batch).view(nf, batch)
+        cold_rows = x.ids + x.on["shift"][x.feature]
+        owner = x.on["owner"][x.feature]
         values, bag_lengths, bags = [], [], []
-        for v, features in enumerate(self._owner_features):
-            features = features.to(dev)
+        for v, features in enumerate(x.on["owner_features"]):
             per_bag = cold_lengths.index_select(0, features).reshape(-1)  # (F_v * B,), feature-major
             mine = torch.nonzero(per_bag).squeeze(1)
             values.append(cold_rows[cold & (owner == v)])
             bag_lengths.append(per_bag[mine])
-            f = features[mine // batch]
-            bags.append((mine % batch) * nf + f)
+            bags.append((mine % batch) * nf + features[mine // batch])
         stride = max(1, max(len(b) for b in bags))
-        padded = [torch.nn.functional.pad(x, (0, stride - len(x))) for x in bag_lengths]
-        cold_kjt = KeyedJaggedTensor(
+        padded = [torch.nn.functional.pad(lens, (0, stride - len(lens))) for lens in bag_lengths]
+        kjt = KeyedJaggedTensor(
             keys=self.cold_features,
             values=torch.cat(values),
             lengths=torch.cat(padded).to(torch.int32),
             stride=stride,
         )
-        return Split(hot_ids, hot_offsets, cold_kjt, bags, lengths_sm)
+        return kjt, bags
 
     def global_cold(self, kjt: KeyedJaggedTensor, world_size: int) -> KeyedJaggedTensor:
         """The cold features of a global batch as TorchRec's input distribution hands them to their
         owners: every rank's share split as that rank splits it, rank 0's bags first."""
-        parts = [self.split(share).cold for share in _shares(kjt, world_size)]
+        parts = [self._cold(self._ids(share))[0] for share in _shares(kjt, world_size)]
         nv = len(self.cold_features)
         lengths, values = [], []
         for v in range(nv):
@@ -241,7 +269,7 @@ class HybridEmbeddingBagCollection(nn.Module):
             for v, where in enumerate(split.cold_bags):
                 block = cold[: len(where), v * self.dim : (v + 1) * self.dim]
                 pooled = pooled.index_add(0, where, block)
-        mean = self.layout._mean.to(dev)
+        mean = self.layout.mean.to(dev)
         if bool(mean.any()):
             scale = torch.where(mean.repeat(batch), 1 / split.lengths.clamp(min=1).to(pooled.dtype), 1.0)
             pooled = pooled * scale.unsqueeze(1)
