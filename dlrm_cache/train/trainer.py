@@ -429,7 +429,7 @@ def _train(
 
     base_lrs = (cfg.optim.dense_lr, cfg.optim.sparse_lr)
     bar = tqdm(total=total, initial=step, desc="dlrm-train", unit="step", disable=not lead)
-    t_start, samples, last_val, counted_steps = time.perf_counter(), 0, None, 0
+    t_start, samples, last_val, first_step = time.perf_counter(), 0, None, step
     metrics = metrics_path.open("a") if lead else None
     try:
         while step < total:
@@ -452,7 +452,6 @@ def _train(
                     cache.prefetch()
                     dense_opt.zero_grad()
                     loss.backward()
-                counted_steps += 1
                 reported = loss.detach().double()  # on the device: NCCL reduces nothing else
                 if sharded:  # the global batch's mean loss, as one process would see it
                     dist.all_reduce(reported)
@@ -495,9 +494,11 @@ def _train(
         train_stats = cache.stats()  # before evaluation: the training figures alone
         checkpoint()  # the trained model is safe before anything else can fail
         val = evaluate(model, loaders["val"], device)
+        if metrics:  # the final evaluation, on the curves too
+            metrics.write(json.dumps({"step": step, "val": val}) + "\n")
         test = evaluate(model, loaders["test"], device)
         eval_stats = cache.stats()["eval"]
-        comm = _comm_summary(counter.totals(), counted_steps, predicted) if counter else None
+        comm = _comm_summary(counter.totals(), step - first_step, predicted) if counter else None
     finally:
         if metrics:
             metrics.close()
@@ -516,8 +517,6 @@ def _train(
         summary["comm"] = comm
     if lead:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        with metrics_path.open("a") as m:  # the final evaluation, on the curves too
-            m.write(json.dumps({"step": step, "val": val}) + "\n")
         plot_curves(metrics_path, run_dir / "curves.png")
     return summary
 
