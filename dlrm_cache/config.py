@@ -132,6 +132,10 @@ class PreprocessRunConfig:
     input: Any = None  # a path, a glob, or a list of them
     output_dir: str = ""
     overwrite: bool = False
+    # Another dataset's folder: encode with its vocabularies (and its max_ind_range) instead of
+    # counting new ones; unseen values and values it dropped get its rare id.
+    vocab_from: str | None = None
+    all_into: str | None = None  # train | val | test: every input line into this split (no split)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     preprocess: PreprocessOptions = field(default_factory=PreprocessOptions)
 
@@ -143,6 +147,12 @@ class PreprocessRunConfig:
         )  # fmt: skip
         self.input = list(inputs)
         _require(bool(self.output_dir), "output_dir", self.output_dir, "an output folder")
+        if self.all_into is not None:
+            _require_choice("all_into", self.all_into, ("train", "val", "test"))
+        if self.vocab_from is not None:
+            _require(bool(self.vocab_from), "vocab_from", self.vocab_from, "a dlrm-preprocess output folder")
+            kept = "to be left out with vocab_from (its vocabulary decides which values are kept)"
+            _require(self.preprocess.min_count == 1, "preprocess.min_count", self.preprocess.min_count, kept)
 
 
 CACHE_POLICIES = ("none", "lru", "lfu", "freq", "lookahead")

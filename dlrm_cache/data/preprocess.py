@@ -13,6 +13,10 @@ Streaming, in bounded memory (one chunk of ``preprocess.chunk_mb`` of TSV at a t
 4. Write ``vocab/cat_*.parquet``, the skew report (``stats/skew.json``, ``stats/skew.png``) and
    ``metadata.json``.
 
+With ``vocab_from`` (another dataset's folder) steps 1-2 count nothing: that dataset's vocabularies
+(and its ``max_ind_range``) encode the inputs, so new data gets the ids a model was trained on;
+``all_into`` puts every line into one split.
+
 Everything is written into a temporary folder beside ``output_dir`` and renamed into place at the
 end, so a failure leaves nothing half-written. A finished output with the same inputs and config is
 left alone (a no-op) unless ``overwrite=true``.
@@ -31,7 +35,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -50,6 +54,7 @@ from dlrm_cache.data.criteo_tsv import (
     unreadable,
 )
 from dlrm_cache.data.memory_budget import GB, MemoryBudget, memory_budget
+from dlrm_cache.data.saved_vocab import SavedVocabularies, read_vocabularies
 from dlrm_cache.data.spilled_counts import SpilledCounter
 from dlrm_cache.data.synthetic import generate, hash_to_hex
 from dlrm_cache.data.vocab import Vocabulary
@@ -110,6 +115,11 @@ def split_bounds(
     boundary, runs on a thread of its own beside the parse pass (``stop`` ends it early) instead of
     before it. With ``split=fraction`` every file is counted first."""
     big = np.iinfo(np.int64).max
+    if cfg.all_into is not None:  # every line into one split: train ends, then val ends, after it
+        train_end, val_end = {"train": (big, big), "val": (0, big), "test": (0, 0)}[cfg.all_into]
+        val_ends: Future = Future()
+        val_ends.set_result([val_end] * len(files))
+        return [train_end] * len(files), val_ends
     if cfg.dataset.split == "last_file":
         if len(files) < 2:
             raise ValueError(
@@ -129,9 +139,11 @@ def split_bounds(
     return [train_end - start for start in starts], val_ends
 
 
-def _fingerprint(cfg: PreprocessRunConfig, files: list[Path]) -> dict:
+def _fingerprint(cfg: PreprocessRunConfig, files: list[Path], source: SavedVocabularies | None) -> dict:
     return {
         "dataset": asdict(cfg.dataset),
+        "vocab_from": source.identity if source else None,
+        "all_into": cfg.all_into,
         "inputs": [
             {"path": str(f.resolve()), "size": f.stat().st_size, "mtime": f.stat().st_mtime} for f in files
         ],
@@ -153,7 +165,10 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
             raise ValueError(
                 f"output_dir {out} holds the input {f}: choose an output_dir apart from the inputs"
             )
-    fingerprint = _fingerprint(cfg, files)
+    source = _vocab_source(cfg, out)
+    if source is not None:  # the vocabularies' hashing, whatever was given
+        cfg = replace(cfg, preprocess=replace(cfg.preprocess, max_ind_range=source.max_ind_range))
+    fingerprint = _fingerprint(cfg, files, source)
     if out.exists():
         if not out.is_dir():
             raise FileExistsError(f"output_dir {out} is a file, not a folder")
@@ -203,13 +218,16 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
                 counts_dir,
                 n,
                 budget.values_per_feature,
+                count=source is None,
             )  # fmt: skip
             for n, (f, cols, train_end, spill) in enumerate(
                 zip(files, layouts, train_ends, spills, strict=True)
             )
         ]
         counters, bad = _parse_all(jobs, workers, opts.progress)
-        vocabs = _fit(counters, opts.min_count, budget, counts_dir, opts.progress)
+        vocabs = (
+            source.vocabs if source else _fit(counters, opts.min_count, budget, counts_dir, opts.progress)
+        )
         del counters  # their counts live on in the vocabularies: not held twice through the write pass
         counts_dir.rmdir()
         id_type = pa.int32() if max(len(v) for v in vocabs) < 2**31 else pa.int64()
@@ -261,6 +279,23 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _vocab_source(cfg: PreprocessRunConfig, out: Path) -> SavedVocabularies | None:
+    """The vocabularies of ``vocab_from``, checked against the run's settings; None without it."""
+    if cfg.vocab_from is None:
+        return None
+    root = Path(cfg.vocab_from)
+    if out.resolve().is_relative_to(root.resolve()) or root.resolve().is_relative_to(out.resolve()):
+        raise ValueError(f"vocab_from={root} and output_dir={out} overlap: write the encoded data elsewhere")
+    source = read_vocabularies(root)
+    given = cfg.preprocess.max_ind_range
+    if given and given != source.max_ind_range:
+        raise ValueError(
+            f"preprocess.max_ind_range={given}, but vocab_from={root} was made with "
+            f"max_ind_range={source.max_ind_range}: its ids mean other values (leave the setting out)"
+        )
+    return source
 
 
 def synthetic_dataset(
@@ -378,6 +413,7 @@ class _ParseJob:
     counts_dir: Path  # where counters spill
     index: int  # of the input: names its counters' spill files
     values_per_feature: int  # distinct values a counter holds before it spills
+    count: bool = True  # False: the vocabularies exist already (vocab_from); nothing to count
 
     def run(self, on_progress=None) -> tuple[list[SpilledCounter], BadLines]:
         bad = BadLines()
@@ -398,7 +434,7 @@ class _ParseJob:
                 train = chunk.lines <= self.train_end
                 # Columns counted side by side (the counters release the GIL), while the rows are spilled.
                 cats = chunk.cats if train.all() else chunk.cats[train]
-                counted = [pool.submit(c.add, cats[:, j]) for j, c in enumerate(counters)]
+                counted = [pool.submit(c.add, cats[:, j]) for j, c in enumerate(counters) if self.count]
                 spill.write_table(_parsed_table(chunk))
                 for done in counted:
                     done.result()

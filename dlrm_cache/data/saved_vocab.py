@@ -1,0 +1,90 @@
+"""The vocabularies of a finished ``dlrm-preprocess`` output, read back (``vocab_from``): what encodes
+new data (tomorrow's log, Kaggle's ``test.txt``) with the ids a model was trained on.
+
+A dataset's ``vocab/cat_N.parquet`` holds, per id, the raw value (8 hex digits; null for the empty
+value and for the rare bucket), whether it is the rare bucket, and its train count: exactly what
+``Vocabulary`` is made of. Reading it back gives the same re-numbering the dataset was written with.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from dlrm_cache.criteo import CAT_COLUMNS
+from dlrm_cache.data.criteo_tsv import MISSING, hex_to_int
+from dlrm_cache.data.vocab import Vocabulary
+
+VOCAB_COLUMNS = ["id", "raw", "is_rare", "train_count"]
+
+
+@dataclass
+class SavedVocabularies:
+    """A dataset's vocabularies (``CAT_COLUMNS`` order) and what they were made with."""
+
+    root: Path
+    vocabs: list[Vocabulary]
+    max_ind_range: int
+    identity: dict  # the source dataset's inputs and options: a change to them is a different encoding
+
+
+def read_vocabularies(root: Path, key: str = "vocab_from") -> SavedVocabularies:
+    """The vocabularies of the dataset in ``root``; ``key`` names the setting in errors."""
+    meta_path = root / "metadata.json"
+    if not root.is_dir():
+        raise FileNotFoundError(f"{key}={root}: no such folder")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except OSError:
+        raise ValueError(f"{key}={root}: not a dlrm-preprocess output (no metadata.json)") from None
+    except ValueError as e:
+        raise ValueError(f"{meta_path}: not a readable metadata file ({e})") from None
+    sizes = meta.get("vocab_sizes") if isinstance(meta, dict) else None
+    if not isinstance(sizes, dict) or sorted(sizes) != sorted(CAT_COLUMNS):
+        raise ValueError(
+            f"{meta_path}: no vocabularies of the 26 Criteo features (vocab_sizes): not a dataset "
+            "dlrm-preprocess wrote"
+        )
+    vocabs = [_read_one(root / "vocab" / f"{c}.parquet", sizes[c], meta["rare_ids"][c]) for c in CAT_COLUMNS]
+    identity = {
+        "path": str(root.resolve()),
+        "inputs": meta.get("inputs"),
+        "preprocess": meta.get("preprocess"),
+    }
+    return SavedVocabularies(root, vocabs, int(meta.get("max_ind_range", 0)), identity)
+
+
+def _read_one(path: Path, size: int, rare_id: int) -> Vocabulary:
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"{path}: not a readable vocabulary ({e})") from None
+    if table.schema.names != VOCAB_COLUMNS:
+        raise ValueError(f"{path}: columns {table.schema.names}, expected {VOCAB_COLUMNS}")
+    ids = table.column("id").to_numpy()
+    is_rare = table.column("is_rare").to_numpy(zero_copy_only=False)
+    if (
+        len(ids) != size
+        or not np.array_equal(ids, np.arange(size))
+        or np.flatnonzero(is_rare).tolist() != [rare_id]
+    ):
+        raise ValueError(
+            f"{path}: {len(ids)} ids, expected {size} in order with the rare bucket at {rare_id} "
+            "(metadata.json): the vocabulary and the metadata do not belong together"
+        )
+    raw_column = table.column("raw")
+    raw, valid = hex_to_int(pc.fill_null(raw_column, ""))
+    if not valid.all():
+        bad = int(np.flatnonzero(~valid)[0])
+        raise ValueError(f"{path}: id {bad}: raw value {raw_column[bad].as_py()!r} is not 8 hex digits")
+    raw[rare_id] = np.iinfo(np.int64).max  # as Vocabulary keeps it
+    null = pc.is_null(raw_column).to_numpy(zero_copy_only=False) & ~is_rare
+    raw[null] = MISSING
+    counts = table.column("train_count").cast(pa.int64()).to_numpy()
+    return Vocabulary(raw, counts, rare_id)
