@@ -363,3 +363,49 @@ class TrainRunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+
+
+@dataclass
+class PredictConfig:
+    """Everything ``dlrm-predict`` reads (the root of ``configs/predict.yaml``)."""
+
+    run_dir: str = ""  # a dlrm-train run (its checkpoint/)
+    # raw Criteo TSV (plain or .gz: a path, a glob or a list), or one dlrm-preprocess output folder
+    input: Any = None
+    output: str = ""  # the CSV file written
+    split: str = "test"  # the split scored when the input is a preprocessed folder
+    data_path: str | None = None  # the dataset whose vocabulary encodes raw input (default: the run's)
+    batch_size: int = 0  # 0: the run's train.batch_size
+    device: str = "cpu"
+    # kaggle: "Id,Predicted", ids counted from first_id (Kaggle's test.txt starts at 60000000); plain:
+    # "probability" (and "label" when the input has labels); auto: kaggle for one unlabelled file
+    # named test.txt(.gz), plain otherwise
+    format: str = "auto"
+    first_id: int = 60_000_000
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _require(bool(self.run_dir), "run_dir", self.run_dir, "a dlrm-train run folder")
+        inputs = self.input if isinstance(self.input, list | tuple) else [self.input]
+        _require(bool(inputs) and all(isinstance(i, str) and i for i in inputs), "input", self.input,
+                 "a TSV path, a glob or a list of them, or a dlrm-preprocess output folder")  # fmt: skip
+        self.input = list(inputs)
+        _require(bool(self.output), "output", self.output, "a CSV file to write")
+        _require_choice("split", self.split, ("train", "val", "test"))
+        _require(self.batch_size >= 0, "batch_size", self.batch_size, ">= 0 (0: the run's train.batch_size)")
+        _require_choice("device", self.device, ("cpu", "cuda"))
+        _require_choice("format", self.format, ("auto", "kaggle", "plain"))
+
+
+@dataclass
+class ExportConfig:
+    """Everything ``dlrm-export`` reads (the root of ``configs/export.yaml``)."""
+
+    run_dir: str = ""  # a dlrm-train run (its checkpoint/)
+    output: str = ""  # the folder written: model.json and model.pt
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _require(bool(self.run_dir), "run_dir", self.run_dir, "a dlrm-train run folder")
+        _require(bool(self.output), "output", self.output, "a folder to write model.json and model.pt into")

@@ -74,8 +74,10 @@ def test_new_rows_get_the_trained_ids_unseen_and_dropped_values_the_rare_id(tmp_
     assert meta["vocab_sizes"] == source_meta["vocab_sizes"] and meta["rare_ids"] == source_meta["rare_ids"]
     assert meta["vocab_from"]["path"] == str(source.resolve())
     # both kinds of rare occur: values never seen in train, and values seen fewer than min_count times
-    train_values = [{line.split("\t")[14 + j] for line in (tmp_path / "train.txt").read_text().splitlines()}
-                    for j in range(26)]  # fmt: skip
+    train_values = [
+        {line.split("\t")[14 + j] for line in (tmp_path / "train.txt").read_text().splitlines()}
+        for j in range(26)
+    ]
     fields = [line.split("\t") for line in lines]
     unseen = sum(f[14 + j] not in train_values[j] for f in fields for j in range(26))
     dropped = sum(
@@ -129,16 +131,20 @@ def test_a_folder_that_is_not_a_dataset_is_refused_and_nothing_written(tmp_path)
         encode([new], source / "inside", source)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "new.txt", "train.txt", "trained"]
     with pytest.raises(ConfigError, match="preprocess.min_count=2: expected to be left out with vocab_from"):
-        PreprocessRunConfig(input="x", output_dir="y", vocab_from=str(source),
-                            preprocess=PreprocessOptions(min_count=2))  # fmt: skip
+        PreprocessRunConfig(
+            input="x", output_dir="y", vocab_from=str(source), preprocess=PreprocessOptions(min_count=2)
+        )
 
 
 def test_cli_encodes_and_reports_a_bad_vocab_from_in_one_line(tmp_path):
     source, _ = trained(tmp_path, min_count=1)
     new = synth(tmp_path / "new.txt", rows=300, seed=6)
     cmd = [sys.executable, "-m", "dlrm_cache.cli.preprocess", f"input={new}", "preprocess.progress=false"]
-    ok = subprocess.run([*cmd, f"output_dir={tmp_path / 'enc'}", f"vocab_from={source}", "all_into=test"],
-                        capture_output=True, text=True)  # fmt: skip
+    ok = subprocess.run(
+        [*cmd, f"output_dir={tmp_path / 'enc'}", f"vocab_from={source}", "all_into=test"],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
     assert len(read_split(tmp_path / "enc", "test")) == 300
     bad = subprocess.run(

@@ -15,8 +15,10 @@ from dlrm_cache.config import (
     ConfigError,
     DataConfig,
     DatasetConfig,
+    ExportConfig,
     ModelConfig,
     OptimConfig,
+    PredictConfig,
     PreprocessRunConfig,
     SynthConfig,
     TrainerConfig,
@@ -32,6 +34,8 @@ def register_configs() -> None:
     cs.store(name="synth_schema", node=SynthConfig)
     cs.store(name="train_schema", node=TrainRunConfig)
     cs.store(name="preprocess_schema", node=PreprocessRunConfig)
+    cs.store(name="predict_schema", node=PredictConfig)
+    cs.store(name="export_schema", node=ExportConfig)
     cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)

@@ -256,6 +256,36 @@ def _tensor_piece(p: dict) -> Piece:
                   p["full_rows"], p["full_dim"], p["optimizer_step"], read)  # fmt: skip
 
 
+def full_weights(folder: Path, world_size: int) -> dict[str, torch.Tensor]:
+    """Every table's weight, whole (``full_rows x full_dim`` float32, no optimizer state), assembled
+    from the pieces of the ``world_size`` ranks that wrote the checkpoint, a chunk of rows at a time:
+    what a plain ``EmbeddingBagCollection`` holds. Raises ``ValueError`` if a table is not covered."""
+    found = pieces(folder, world_size)
+    weights: dict[str, torch.Tensor] = {}
+    covered: dict[str, int] = {}
+    total = sum(p.rows * p.cols * 4 for p in found)
+    with tqdm(total=total, desc="checkpoint: reading", unit="B", unit_scale=True,
+              disable=total < host_tier.PROGRESS_BYTES) as bar:  # fmt: skip
+        for p in found:
+            w = weights.get(p.table)
+            if w is None:
+                w = weights[p.table] = torch.empty(p.full_rows, p.full_dim)
+            elif tuple(w.shape) != (p.full_rows, p.full_dim):
+                raise ValueError(f"{folder}: table {p.table!r} has pieces of shapes {tuple(w.shape)} and "
+                                 f"{(p.full_rows, p.full_dim)}")  # fmt: skip
+            chunk = max(1, host_tier.CHUNK_BYTES // (p.cols * 4 * 3))
+            for lo in range(0, p.rows, chunk):
+                hi = min(p.rows, lo + chunk)
+                rows = slice(p.row_offset + lo, p.row_offset + hi)
+                w[rows, p.col_offset : p.col_offset + p.cols] = p.read(lo, hi)[:, : p.cols]
+                bar.update((hi - lo) * p.cols * 4)
+            covered[p.table] = covered.get(p.table, 0) + p.rows * p.cols
+    for name, w in weights.items():
+        if covered[name] != w.numel():
+            raise ValueError(f"{folder}: the pieces of table {name!r} do not cover all its rows and columns")
+    return weights
+
+
 def load_embeddings(folder: Path, world_size: int, collections: Collections) -> None:
     """Fill every local shard from the pieces that overlap it, in the files of the ``world_size`` ranks
     that wrote the checkpoint (``load_meta(folder)["world_size"]``), a chunk of rows at a time."""

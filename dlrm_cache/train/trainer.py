@@ -32,13 +32,12 @@ import torch.distributed as dist
 import torchmetrics
 from torch.nn.parallel import DistributedDataParallel
 from torchrec import EmbeddingBagCollection
-from torchrec.models.dlrm import DLRM, DLRM_DCN
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from tqdm import tqdm
 
 from dlrm_cache.cache import CachedEmbeddingBagCollection, SparseOptimizer
 from dlrm_cache.config import TrainRunConfig
-from dlrm_cache.criteo import CAT_COLUMNS, INT_FEATURE_COUNT, table_name
+from dlrm_cache.criteo import CAT_COLUMNS, table_name
 from dlrm_cache.data.loader import ParquetBatches, load_metadata
 from dlrm_cache.data.preprocess import synthetic_dataset
 from dlrm_cache.distributed import checkpoint as ckpt
@@ -59,6 +58,7 @@ from dlrm_cache.distributed.runtime import (
 from dlrm_cache.distributed.sharder import CachedEmbeddingBagCollectionSharder
 from dlrm_cache.train.curves import plot_curves
 from dlrm_cache.train.errors import TrainingError
+from dlrm_cache.train.model import dlrm_model, table_configs
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +70,7 @@ def default_dataset(cfg: TrainRunConfig) -> Path:
 
 
 def _tables(cfg: TrainRunConfig, meta: dict) -> list[EmbeddingBagConfig]:
-    return [
-        EmbeddingBagConfig(
-            num_embeddings=meta["vocab_sizes"][f],
-            embedding_dim=cfg.model.embedding_dim,
-            name=table_name(f),
-            feature_names=[f],
-        )
-        for f in CAT_COLUMNS
-    ]
+    return table_configs(cfg.model.embedding_dim, meta["vocab_sizes"])
 
 
 def _sparse_optimizer(cfg: TrainRunConfig) -> SparseOptimizer:
@@ -88,18 +80,7 @@ def _sparse_optimizer(cfg: TrainRunConfig) -> SparseOptimizer:
 
 def _dlrm(cfg: TrainRunConfig, ebc: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)  # dense init, the same on every rank
-    common = dict(
-        embedding_bag_collection=ebc,
-        dense_in_features=INT_FEATURE_COUNT,
-        dense_arch_layer_sizes=cfg.model.dense_arch_layer_sizes,
-        over_arch_layer_sizes=cfg.model.over_arch_layer_sizes,
-        dense_device=device,
-    )
-    if cfg.model.name == "dcn":
-        return DLRM_DCN(
-            **common, dcn_num_layers=cfg.model.dcn_num_layers, dcn_low_rank_dim=cfg.model.dcn_low_rank_dim
-        )
-    return DLRM(**common)
+    return dlrm_model(cfg.model, ebc, device)
 
 
 def plan_tables(
@@ -423,7 +404,8 @@ def _train(
     def checkpoint() -> None:
         def meta_state() -> dict:
             return {"model": dense_state(unwrapped), "dense_optimizer": dense_opt.state_dict(),
-                    "rng": torch.get_rng_state(), "step": step, "config": _comparable(cfg)}  # fmt: skip
+                    "rng": torch.get_rng_state(), "step": step, "config": _comparable(cfg),
+                    "data_path": str(root.resolve())}  # fmt: skip
 
         ckpt.save(run_dir, rank.rank, rank.world_size, collections, meta_state, lambda: _barrier(sharded))
 
