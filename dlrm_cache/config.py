@@ -342,6 +342,7 @@ class TrainLoopConfig:
     eval_every: int = 0  # 0: evaluate only at the end
     checkpoint_every: int = 0  # 0: checkpoint only at the end
     resume: bool = False
+    tensorboard: bool = True  # event files of every logged figure under <run dir>/tensorboard
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")

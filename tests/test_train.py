@@ -123,6 +123,28 @@ def test_learns_clearly_better_than_chance_and_dense_only(dataset, tmp_path):
         assert key in s["cache"]
 
 
+def test_tensorboard_event_files_hold_every_logged_figure(dataset, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    loop = TrainLoopConfig(batch_size=512, log_every=5, max_steps=20, eval_every=10)
+    summary = train(config(dataset, train=loop), tmp_path / "run")
+    board = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    board.Reload()
+    tags = set(board.Tags()["scalars"])
+    assert tags == {"train/loss", "train/lr_dense", "train/lr_sparse", "train/samples_per_s",
+                    "cache/hit_rate_unique", "cache/rows_loaded_per_step",
+                    "val/auc", "val/logloss", "val/ne"}  # fmt: skip
+    loss = [(e.step, e.value) for e in board.Scalars("train/loss")]
+    assert [s for s, _ in loss] == [5, 10, 15, 20]
+    np.testing.assert_allclose([v for _, v in loss], losses(tmp_path / "run"), rtol=1e-6)
+    assert [e.step for e in board.Scalars("val/auc")][:1] == [10]
+    assert board.Scalars("val/auc")[-1].value == pytest.approx(summary["val_auc"], rel=1e-6)
+    loaded = sum(e.value * 5 for e in board.Scalars("cache/rows_loaded_per_step"))
+    assert loaded == pytest.approx(summary["cache"]["rows_loaded"]) and loaded > 0
+    off = train(config(dataset, train=replace(loop, tensorboard=False, eval_every=0)), tmp_path / "off")
+    assert off["steps"] == 20 and not (tmp_path / "off" / "tensorboard").exists()
+
+
 @pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_parameters(dataset, tmp_path):
     args = [

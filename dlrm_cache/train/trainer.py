@@ -11,7 +11,8 @@ planner; see ``dlrm_cache.distributed``). A step:
     dense_optimizer.step(); lr schedule
 
 Outputs go to ``run_dir`` (written by rank 0; every rank writes its tables' checkpoint files):
-``metrics.jsonl``, ``summary.json``, ``curves.png`` (loss and val AUC against steps), ``checkpoint/``.
+``metrics.jsonl``, ``summary.json``, ``curves.png`` (loss and val AUC against steps), ``tensorboard/``
+(``train.tensorboard``), ``checkpoint/``.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from dlrm_cache.distributed.sharder import CachedEmbeddingBagCollectionSharder
 from dlrm_cache.train.curves import plot_curves
 from dlrm_cache.train.errors import TrainingError
 from dlrm_cache.train.model import dlrm_model, table_configs
+from dlrm_cache.train.tensorboard_log import TensorBoardLog
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +264,9 @@ def _record_step(line: str) -> float:
 def _comparable(cfg: TrainRunConfig) -> dict:
     """The config a resumed run must share with the run it continues (any number of ranks)."""
     d = asdict(cfg)
-    d["train"] = {k: v for k, v in d["train"].items() if k not in ("resume", "max_steps", "epochs")}
+    d["train"] = {
+        k: v for k, v in d["train"].items() if k not in ("resume", "max_steps", "epochs", "tensorboard")
+    }
     placement = ("sharding", "sharded", "hot_rows", "network")
     d["trainer"] = {k: v for k, v in d["trainer"].items() if k not in placement}
     return d
@@ -411,9 +415,19 @@ def _train(
 
     base_lrs = (cfg.optim.dense_lr, cfg.optim.sparse_lr)
     bar = tqdm(total=total, initial=step, desc="dlrm-train", unit="step", disable=not lead)
-    t_start, samples, last_val, first_step = time.perf_counter(), 0, None, step
+    t_start, samples, first_step = time.perf_counter(), 0, step
     metrics = metrics_path.open("a") if lead else None
+    board = None
+    logged_step, loaded_before = step, 0  # rows_loaded per step between logged steps
+
+    def log_record(record: dict) -> None:
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+        if board:
+            board.write(record)
+
     try:
+        board = TensorBoardLog(run_dir, step) if lead and cfg.train.tensorboard else None
         while step < total:
             epoch, skip = divmod(step, steps_per_epoch)
             stream = loaders["train"].batches(epoch, skip=skip)
@@ -454,19 +468,21 @@ def _train(
                 if step % cfg.train.log_every == 0 or step == total:
                     stats = cache.stats()
                     rate = samples / (time.perf_counter() - t_start)
+                    per_step = (stats["rows_loaded"] - loaded_before) / (step - logged_step)
+                    logged_step, loaded_before = step, stats["rows_loaded"]
                     if metrics:
-                        record = {"step": step, "epoch": epoch, "loss": loss_value,
-                                  "lr": base_lrs[0] * factor, "samples_per_s": rate,
-                                  "cache": _cache_summary(stats)}  # fmt: skip
-                        metrics.write(json.dumps(record) + "\n")
-                        metrics.flush()
+                        log_record({"step": step, "epoch": epoch, "loss": loss_value,
+                                    "lr": base_lrs[0] * factor, "sparse_lr": base_lrs[1] * factor,
+                                    "samples_per_s": rate,
+                                    "cache": {**_cache_summary(stats),
+                                              "rows_loaded_per_step": per_step}})  # fmt: skip
                     bar.set_postfix(
                         loss=f"{loss_value:.4f}", sps=f"{rate:,.0f}", hit=f"{stats['hit_rate_unique']:.3f}"
                     )
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                    last_val = evaluate(model, loaders["val"], device)
+                    evaluated = evaluate(model, loaders["val"], device)
                     if metrics:
-                        metrics.write(json.dumps({"step": step, "val": last_val}) + "\n")
+                        log_record({"step": step, "val": evaluated})
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                     checkpoint()
                 if step >= total:
@@ -477,13 +493,15 @@ def _train(
         checkpoint()  # the trained model is safe before anything else can fail
         val = evaluate(model, loaders["val"], device)
         if metrics:  # the final evaluation, on the curves too
-            metrics.write(json.dumps({"step": step, "val": val}) + "\n")
+            log_record({"step": step, "val": val})
         test = evaluate(model, loaders["test"], device)
         eval_stats = cache.stats()["eval"]
         comm = _comm_summary(counter.totals(), step - first_step, predicted) if counter else None
     finally:
         if metrics:
             metrics.close()
+        if board:
+            board.close()
         cache.close()
         if counter:
             counter.uninstall()
