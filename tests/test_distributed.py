@@ -15,7 +15,13 @@ from dlrm_cache.cache.optim import SparseOptimizer
 from dlrm_cache.config import CacheConfig
 from dlrm_cache.data.preprocess import synthetic_dataset
 from dlrm_cache.distributed.checkpoint import find_checkpoint, load_meta, pieces
-from dlrm_cache.distributed.planner import LOADS, FrequencyCacheStatistics, TableStats, plan_cache
+from dlrm_cache.distributed.planner import (
+    LOADS,
+    FrequencyCacheStatistics,
+    TableStats,
+    fit_to_batch,
+    plan_cache,
+)
 
 COMMON = [
     "model.embedding_dim=8", "model.dense_arch_layer_sizes=[32,8]", "model.over_arch_layer_sizes=[32,1]",
@@ -359,3 +365,22 @@ def test_checkpoint_pieces_reassemble_into_any_column_split(tmp_path):
         else:  # one value per row: the piece holding the shard's first column gives it
             assert torch.equal(rows_of(middle[0])[:, 4:], state)
         assert again[0].optimizer_step == middle[0].optimizer_step == 1
+
+
+def test_caches_too_small_for_a_step_are_raised_to_fit_and_asked_sizes_kept():
+    uniform = TableStats("u", 30_000, 8, counts=np.ones(30_000))
+    skewed = TableStats("z", 30_000, 8, counts=1e6 / np.arange(1, 30_001) ** 1.2)
+    asked = TableStats("a", 30_000, 8, counts=np.ones(30_000))
+    small = TableStats("s", 500, 8, counts=np.ones(500))
+    big = TableStats("b", 10_000_000, 8)
+    cache = CacheConfig(ratio=0.015, full_table_rows=1000, table_ratios={"a": 0.001})
+    fitted, raised = fit_to_batch(cache, [uniform, skewed, asked, small, big], lookups=2048)
+    # uniform over 30,000 rows, 2,048 lookups: 1,981 distinct rows expected; twice (E + 4 sd)
+    expected = 30_000 * -np.expm1(2048 * np.log1p(-1 / 30_000))
+    assert raised["u"] == (450, int(np.ceil(2 * (expected + 4 * np.sqrt(expected)))))
+    assert fitted.capacity("u", 30_000) == raised["u"][1]
+    # a skewed table's batch touches fewer rows: raised less
+    assert 450 < raised["z"][1] < raised["u"][1]
+    # asked sizes, tables kept whole, and caches already large enough stay as they were
+    assert "a" not in raised and fitted.capacity("a", 30_000) == 30
+    assert "s" not in raised and "b" not in raised and fitted.capacity("b", 10_000_000) == 150_000

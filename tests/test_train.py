@@ -146,6 +146,20 @@ def test_tensorboard_event_files_hold_every_logged_figure(dataset, tmp_path):
 
 
 @pytest.mark.slow
+def test_the_built_in_default_prints_no_warning(tmp_path):
+    """What `make demo` runs, on data made afresh: the default config and dataset fit each other."""
+    done = subprocess.run(
+        [sys.executable, "-m", "dlrm_cache.cli.train", f"data.synthetic_dir={tmp_path / 'data'}",
+         f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    output = done.stdout + done.stderr
+    assert "warn" not in output.lower(), [line for line in output.splitlines() if "warn" in line.lower()]
+    assert "raised to fit" in output  # the small tables' caches, said once, as information
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["val_auc"] > 0.7
+
+
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_parameters(dataset, tmp_path):
     args = [
         sys.executable, "-m", "dlrm_cache.cli.train", f"data.path={dataset}", "model.embedding_dim=8",

@@ -3,6 +3,7 @@ Imports nothing heavy: ``dlrm-preprocess`` and ``dlrm-synth`` never load torch."
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 from collections.abc import Callable
@@ -19,6 +20,11 @@ EXIT_INTERRUPTED = 130
 def run_cli(name: str, job: Callable[[], None]) -> None:
     """Run ``job``; a bad config or bad input ends the process with ``name: error: ...`` and exit 2
     (under ``torchrun``, naming the rank: torchrun then stops the other ranks)."""
+    # TorchRec 1.8 asks torch.fx's is_fx_tracing(), which torch 2.13 answers with a one-time warning
+    # addressed to TorchRec's developers: nothing a user can act on.
+    logging.getLogger("torch.fx._symbolic_trace").addFilter(
+        lambda record: not record.getMessage().startswith("is_fx_tracing will return true")
+    )
     rank = current_rank()
     if rank.world_size > 1:
         name = f"{name} [rank {rank.rank}]"

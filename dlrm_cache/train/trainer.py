@@ -37,7 +37,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from tqdm import tqdm
 
 from dlrm_cache.cache import CachedEmbeddingBagCollection, SparseOptimizer
-from dlrm_cache.config import TrainRunConfig
+from dlrm_cache.config import CacheConfig, TrainRunConfig
 from dlrm_cache.criteo import CAT_COLUMNS, table_name
 from dlrm_cache.data.loader import ParquetBatches, load_metadata
 from dlrm_cache.data.preprocess import synthetic_dataset
@@ -47,7 +47,7 @@ from dlrm_cache.distributed.comm_model import StepBytes, sharded_bytes
 from dlrm_cache.distributed.hot_rows import HotRows
 from dlrm_cache.distributed.hybrid import HybridEmbeddingBagCollection, HybridLayout
 from dlrm_cache.distributed.hybrid_plan import HybridPlan, plan_hybrid
-from dlrm_cache.distributed.planner import CachePlan, load_table_stats, plan_cache
+from dlrm_cache.distributed.planner import CachePlan, TableStats, fit_to_batch, load_table_stats, plan_cache
 from dlrm_cache.distributed.rank import Rank, current_rank
 from dlrm_cache.distributed.runtime import (
     SPARSE_ARCH,
@@ -90,8 +90,7 @@ def plan_tables(
 ) -> tuple[CachePlan | HybridPlan, StepBytes]:
     """The planner's placement and cache sizes from the dataset's frequency statistics, and the bytes
     the cost model expects a step to send (unsharded: placement on one rank, whatever the sharding)."""
-    tables = {table_name(f): f for f in CAT_COLUMNS}
-    stats = load_table_stats(root, tables, {t: cfg.model.embedding_dim for t in tables})
+    stats = _table_stats(cfg, root)
     t = cfg.trainer
     if t.sharding == "hybrid" and sharded:
         plan = plan_hybrid(
@@ -99,16 +98,48 @@ def plan_tables(
         )
         return plan, plan.predicted
     plan = plan_cache(
-        stats, world_size, cfg.cache, _sparse_optimizer(cfg), t.sharding if sharded else "table_wise"
+        stats,
+        world_size,
+        _fit_to_batch(cfg, stats),
+        _sparse_optimizer(cfg),
+        t.sharding if sharded else "table_wise",
     )
     return plan, StepBytes(sharded_bytes(stats, plan.sharding, cfg.train.batch_size, world_size))
 
 
+def _fit_to_batch(cfg: TrainRunConfig, stats: list[TableStats]) -> CacheConfig:
+    """``cfg.cache`` with the caches ``cache.ratio`` leaves smaller than a step needs raised to fit
+    (``planner.fit_to_batch``; sized by ``cache.device_budget_gb``, the planner decides instead)."""
+    if cfg.cache.device_budget_gb or cfg.cache.policy == "none":
+        return cfg.cache
+    fitted, raised = fit_to_batch(cfg.cache, stats, cfg.train.batch_size)
+    if raised and current_rank().rank == 0:
+        log.info(
+            "cache.ratio=%g leaves %d table(s) smaller than a step needs (the distinct rows of two batches "
+            "of %d): raised to fit, %s; cache.table_ratios.<table> keeps a size you choose",
+            cfg.cache.ratio, len(raised), cfg.train.batch_size,
+            ", ".join(f"{t} {a:,} -> {b:,} rows" for t, (a, b) in raised.items()),
+        )  # fmt: skip
+    return fitted
+
+
+def fitted_cache(cfg: TrainRunConfig, root: Path) -> CacheConfig:
+    """The unsharded run's cache settings, fitted to its batch from the dataset's statistics."""
+    if cfg.cache.device_budget_gb or cfg.cache.policy == "none":
+        return cfg.cache
+    return _fit_to_batch(cfg, _table_stats(cfg, root))
+
+
+def _table_stats(cfg: TrainRunConfig, root: Path) -> list[TableStats]:
+    tables = {table_name(f): f for f in CAT_COLUMNS}
+    return load_table_stats(root, tables, {t: cfg.model.embedding_dim for t in tables})
+
+
 def build_model(
-    cfg: TrainRunConfig, meta: dict, device: torch.device, plan: CachePlan | None = None
+    cfg: TrainRunConfig, meta: dict, device: torch.device, cache: CacheConfig | None = None
 ) -> tuple[torch.nn.Module, CachedEmbeddingBagCollection]:
-    """The unsharded model; ``plan``'s cache sizes when given (``cache.device_budget_gb``)."""
-    cache = plan.cache if plan else cfg.cache
+    """The unsharded model, with ``cache`` (default ``cfg.cache``) as its cache settings."""
+    cache = cache or cfg.cache
     ebc = CachedEmbeddingBagCollection(
         _tables(cfg, meta), cache, _sparse_optimizer(cfg), device, seed=cfg.seed
     )
@@ -389,7 +420,7 @@ def _train(
         if isinstance(model._dmp_wrapped_module, DistributedDataParallel):
             counter.hook_ddp(model._dmp_wrapped_module)
     else:
-        model, cache = build_model(cfg, meta, device, plan)
+        model, cache = build_model(cfg, meta, device, plan.cache if plan else fitted_cache(cfg, root))
         collections = [(cache, {})]
     unwrapped = model.module if sharded else model
     dense_opt = _dense_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
