@@ -2,12 +2,15 @@
 
 import subprocess
 import sys
+from dataclasses import MISSING, asdict, fields, is_dataclass
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
+from dlrm_cache import config as schemas
 from dlrm_cache.cli.schemas import register_configs, to_config
 from dlrm_cache.config import ConfigError, PreprocessRunConfig, SynthConfig, TrainRunConfig
 
@@ -121,3 +124,40 @@ def test_what_the_os_says_is_one_line_naming_the_file_and_exit_2(error, line, ca
         run_cli("dlrm-x", job)
     assert stopped.value.code == EXIT_BAD_INPUT
     assert capsys.readouterr().err == f"dlrm-x: error: {line}\n"
+
+
+SCHEMA_OF = {
+    "synth.yaml": schemas.SynthConfig, "preprocess.yaml": schemas.PreprocessRunConfig,
+    "train.yaml": schemas.TrainRunConfig, "predict.yaml": schemas.PredictConfig,
+    "export.yaml": schemas.ExportConfig, "data": schemas.DataConfig, "dataset": schemas.DatasetConfig,
+    "model": schemas.ModelConfig, "cache": schemas.CacheConfig, "optim": schemas.OptimConfig,
+    "trainer": schemas.TrainerConfig, "experiment": schemas.TrainRunConfig,
+}  # fmt: skip
+
+
+def _repeated(given: dict, defaults: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in given.items():
+        if isinstance(value, dict) and isinstance(defaults.get(key), dict):
+            out += _repeated(value, defaults[key], f"{prefix}{key}.")
+        elif key in defaults and value == defaults[key]:
+            out.append(f"{prefix}{key}={value!r}")
+    return out
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(CONFIGS) for p in CONFIGS.rglob("*.yaml")), ids=str)
+def test_no_config_file_repeats_a_schema_default(path):
+    """Defaults live in one place, dlrm_cache/config.py: a YAML file holds only what it changes."""
+    schema = SCHEMA_OF[path.parts[0]]
+    given = OmegaConf.to_container(OmegaConf.load(CONFIGS / path))
+    given = {k: v for k, v in given.items() if k not in ("defaults", "hydra")}
+    assert _repeated(given, _defaults(schema)) == []
+
+
+def _defaults(schema) -> dict:
+    """A schema's field defaults (without constructing it: some fields are required)."""
+    out = {}
+    for f in fields(schema):
+        value = f.default if f.default is not MISSING else f.default_factory()
+        out[f.name] = asdict(value) if is_dataclass(value) else value
+    return out
