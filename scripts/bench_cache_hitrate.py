@@ -111,6 +111,7 @@ def main() -> None:
     ap.add_argument("--full-table-rows", type=int, default=10_000)
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies every cardinality")
     ap.add_argument("--policies", default="lru,lfu,freq,lookahead")
+    ap.add_argument("--plot", help="a PNG of each policy's rows loaded per step over Belady's")
     args = ap.parse_args()
     tables = kaggle_tables(dim=1, scale=args.scale)
     trace = zipf_trace(tables, args.steps, args.batch, args.zipf, seed=0)
@@ -125,9 +126,35 @@ def main() -> None:
     print(f"lookahead {args.lookahead}")
     print(f"{'policy':10s} {'rows loaded/step':>17s} {'x Belady':>9s} {'seconds':>8s}")
     print(f"{'belady':10s} {belady / args.steps:17.1f} {1.0:9.3f} {time.perf_counter() - t0:8.1f}")
+    over = {}
     for policy in args.policies.split(","):
         loaded, secs = run_policy(policy, tables, trace, args)
         print(f"{policy:10s} {loaded / args.steps:17.1f} {loaded / belady:9.3f} {secs:8.1f}", flush=True)
+        over[policy] = loaded / belady
+    if args.plot:
+        plot(
+            args.plot, over, f"{args.steps} steps of {args.batch}, cache {args.ratio:.1%} of each large table"
+        )
+
+
+def plot(path: str, over: dict[str, float], title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 2.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.16, 0.18, 0.8, 0.7))
+    names = list(over)
+    ax.barh(names, [over[n] for n in names], color=["C2" if n == "lookahead" else "C0" for n in names])
+    for i, n in enumerate(names):
+        ax.text(over[n], i, f" {over[n]:.3f}x", va="center", fontsize=8)
+    ax.axvline(1.0, color="k", lw=1)
+    ax.text(1.0, len(names) - 0.4, " Belady's MIN (offline optimum)", fontsize=8)
+    ax.set_xlim(0.9, max(over.values()) * 1.08)
+    ax.invert_yaxis()
+    ax.set_xlabel("rows loaded per step, over Belady's MIN")
+    ax.set_title(title, fontsize=9)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -107,18 +107,43 @@ def peak_rss_mb(path: Path, out: Path, chunk_mb: int) -> float:
     return int(r.stdout.split()[-2]) / 1024  # "VmHWM:   123456 kB"
 
 
+def plot(path: str, timings: dict[int, dict[str, float]]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 3.4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.09, 0.14, 0.88, 0.76))
+    tools = list(next(iter(timings.values())))
+    width = 0.8 / len(tools)
+    for j, tool in enumerate(tools):
+        xs = [i + (j - (len(tools) - 1) / 2) * width for i in range(len(timings))]
+        ys = [secs[tool] for secs in timings.values()]
+        ax.bar(xs, ys, width, label=tool.replace(" (*)", " (extrapolated)"))
+        for x, y in zip(xs, ys, strict=True):
+            ax.text(x, y, f"{y:.1f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(timings)), [f"{n:,} rows" for n in timings])
+    ax.set_yscale("log")
+    ax.set_ylabel("seconds (log scale)")
+    ax.set_title("preprocessing Criteo-format TSV (full Kaggle cardinalities) into Parquet", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="500000,2000000", help="input sizes, comma-separated")
     ap.add_argument("--torchrec-rows", type=int, default=100_000)
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--plot", help="a PNG of the seconds of each tool per input size")
     args = ap.parse_args()
     sizes = [int(n) for n in args.rows.split(",")]
     print(f"{platform.machine()}, {os.cpu_count()} cores, pyarrow {pa.__version__}")
     with tempfile.TemporaryDirectory() as tmp_:
         tmp = Path(tmp_)
         theirs = None
+        timings = {}
         for n_rows in sizes:
             src = tmp / "train.txt"
             generate(SynthConfig(rows=n_rows, out=str(src), progress=False))
@@ -148,7 +173,10 @@ def main() -> None:
             for name, s in secs.items():
                 print(f"{name:60s} {s:7.2f} s {n_rows / s:>12,.0f} rows/s {s / floor:6.2f}x floor")
             print(f"pipeline: {ours / floor:.2f}x the floor, {n_rows / ours / theirs:.2f}x TorchRec's rows/s")
+            timings[n_rows] = secs
             src.unlink()
+        if args.plot:
+            plot(args.plot, timings)
         if args.memory:
             # Peak memory is the chunks' (bounded by chunk_mb) plus the vocabulary (the id maps, which
             # grow with the distinct values seen, not with the rows): at full Kaggle cardinalities a

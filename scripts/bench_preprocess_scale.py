@@ -3,6 +3,8 @@ resident memory of the whole command (all its processes), time, and the outputs 
 
     .venv/bin/python scripts/bench_preprocess_scale.py [--rows 8000000 --zipf 0.6 --memory-gb 1
         --chunk-mb 16 --min-count 3 --dir /work/bench_tmp/pp_scale --repeats 2]
+    .venv/bin/python scripts/bench_preprocess_scale.py --rows 2000000,4000000,8000000,16000000 \
+        --repeats 1 --plot docs/img/preprocess_memory.png
 
 The default input (8M rows, Zipf 0.6 over the 1TB cardinalities) has ~39M distinct values: about 4
 GB of counters in memory, 4x the 1 GB budget.
@@ -80,27 +82,19 @@ def files(out: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != "metadata.json"}  # fmt: skip
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=8_000_000)
-    p.add_argument("--zipf", type=float, default=0.6)
-    p.add_argument("--chunk-mb", type=int, default=16)
-    p.add_argument("--days", type=int, default=24)
-    p.add_argument("--memory-gb", type=float, default=1.0)
-    p.add_argument("--min-count", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--dir", type=Path, default=Path("/work/bench_tmp/pp_scale"))
-    args = p.parse_args()
-    src = args.dir / "days"
+def measure(rows: int, args: argparse.Namespace) -> dict:
+    """One input size: the runs in alternation, then whether the outputs match."""
+    folder = args.dir / f"rows{rows}"
+    src = folder / "days"
     if not src.exists():
-        subprocess.run([sys.executable, "-m", "dlrm_cache.cli.synth", f"rows={args.rows}", f"out={src}",
+        subprocess.run([sys.executable, "-m", "dlrm_cache.cli.synth", f"rows={rows}", f"out={src}",
                         "cardinalities=terabyte", f"days={args.days}", f"zipf={args.zipf}", "progress=false"],
                        check=True)  # fmt: skip
     size = sum(f.stat().st_size for f in src.iterdir())
     head = {
         "machine": f"{platform.node()} {os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d"),
-        "rows": args.rows,
+        "rows": rows,
         "zipf": args.zipf,
         "input_gb": size / 2**30,
         "min_count": args.min_count,
@@ -109,26 +103,60 @@ def main() -> None:
     runs = {"in_memory": [], "out_of_core": []}
     for i in range(args.repeats):
         for kind, gb in (("in_memory", IN_MEMORY_GB), ("out_of_core", args.memory_gb)):
-            out = args.dir / kind
-            r = preprocess(src, out, gb, args.min_count, args.chunk_mb)
+            r = preprocess(src, folder / kind, gb, args.min_count, args.chunk_mb)
             runs[kind].append(r)
             print(json.dumps({"run": i, "kind": kind, **r}), flush=True)
-    same = files(args.dir / "in_memory") == files(args.dir / "out_of_core")
-    meta = json.loads((args.dir / "in_memory" / "metadata.json").read_text())
-    kept = sum(meta["vocab_sizes"].values())
+    same = files(folder / "in_memory") == files(folder / "out_of_core")
+    meta = json.loads((folder / "in_memory" / "metadata.json").read_text())
     best = {k: min(r["seconds"] for r in v) for k, v in runs.items()}
-    print(
-        json.dumps(
-            {
-                "identical_outputs": same,
-                "kept_values": kept,
-                "rows": meta["rows"],
-                "out_of_core_over_in_memory_time": best["out_of_core"] / best["in_memory"],
-                "peak_rss_gb": {k: max(r["peak_rss_gb"] for r in v) for k, v in runs.items()},
-            }
-        )
-    )
-    shutil.rmtree(args.dir / "out_of_core")
+    summary = {
+        **head,
+        "identical_outputs": same,
+        "kept_values": sum(meta["vocab_sizes"].values()),
+        "out_of_core_over_in_memory_time": best["out_of_core"] / best["in_memory"],
+        "peak_rss_gb": {k: max(r["peak_rss_gb"] for r in v) for k, v in runs.items()},
+        "seconds": best,
+    }
+    print(json.dumps(summary), flush=True)
+    for kind in runs:
+        shutil.rmtree(folder / kind)
+    return summary
+
+
+def plot(path: str, sizes: list[dict], budget_gb: float) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 3.6))
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.11, 0.14, 0.85, 0.76))
+    x = [s["input_gb"] for s in sizes]
+    for kind, label in (("in_memory", "in memory"), ("out_of_core", f"out of core, memory_gb={budget_gb:g}")):
+        ax.plot(x, [s["peak_rss_gb"][kind] for s in sizes], marker="o", label=label)
+    ax.axhline(budget_gb, color="k", ls=":", lw=1, label="the budget (memory_gb, GiB)")
+    ax.set_xlabel("input, GiB of TSV (Criteo 1TB profile, Zipf 0.6, 24 days)")
+    ax.set_ylabel("peak resident memory, GiB (all processes)")
+    ax.set_title("dlrm-preprocess peak memory against input size", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default="8000000", help="input sizes, comma-separated")
+    p.add_argument("--zipf", type=float, default=0.6)
+    p.add_argument("--chunk-mb", type=int, default=16)
+    p.add_argument("--days", type=int, default=24)
+    p.add_argument("--memory-gb", type=float, default=1.0)
+    p.add_argument("--min-count", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--dir", type=Path, default=Path("/work/bench_tmp/pp_scale"))
+    p.add_argument("--plot", help="a PNG of peak memory against input size")
+    args = p.parse_args()
+    sizes = [measure(int(n), args) for n in args.rows.split(",")]
+    if args.plot:
+        plot(args.plot, sizes, args.memory_gb)
 
 
 if __name__ == "__main__":
