@@ -124,6 +124,7 @@ def plot(path: str, timings: dict[int, dict[str, float]]) -> None:
             ax.text(x, y, f"{y:.1f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(timings)), [f"{n:,} rows" for n in timings])
     ax.set_yscale("log")
+    ax.set_ylim(top=max(max(secs.values()) for secs in timings.values()) * 4)  # room for the legend
     ax.set_ylabel("seconds (log scale)")
     ax.set_title("preprocessing Criteo-format TSV (full Kaggle cardinalities) into Parquet", fontsize=9)
     ax.legend(fontsize=7)

@@ -7,12 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from test_distributed import assert_same_model, dataset, losses, ok, run  # noqa: F401 (dataset: fixture)
+from torchmetrics.classification import BinaryAUROC
 
 from dlrm_cache.config import ConfigError, NetworkConfig
+from dlrm_cache.data.loader import ParquetBatches
 from dlrm_cache.distributed import comm_model
 from dlrm_cache.distributed.checkpoint import find_checkpoint, load_meta
 from dlrm_cache.distributed.planner import TableStats
+from dlrm_cache.train.trained_run import load_run
 
 WORKER = Path(__file__).with_name("hybrid_worker.py")
 
@@ -82,6 +86,18 @@ def test_table_and_column_wise_runs_report_their_bytes_as_modeled(dataset, tmp_p
         assert comm["all_to_all_bytes_per_step"] == comm["predicted_all_to_all_bytes_per_step"], sharding
         assert comm["all_reduce_bytes_per_step"] == 0  # nothing replicated
         assert comm["dense_all_reduce_bytes_per_step"] > 0
+        # the 2 ranks' pieces (whole tables, or column shards) assemble into the plain model it scored
+        trained = load_run(tmp_path / sharding)
+        model = trained.plain_model()
+        loader = ParquetBatches(dataset, "test", trained.batch_size, drop_last=False)
+        with torch.no_grad():
+            scores = [(torch.sigmoid(model(b.dense_features, b.sparse_features).squeeze(1)), b.labels)
+                      for b in loader.batches(0)]  # fmt: skip
+        auc = BinaryAUROC()
+        auc.update(torch.cat([p for p, _ in scores]), torch.cat([y for _, y in scores]).long())
+        assert float(auc.compute()) == pytest.approx(summary(tmp_path / sharding)["test_auc"], abs=1e-6), (
+            sharding
+        )
 
 
 def test_the_split_is_the_optimum_of_a_toy_curve_solved_by_hand():
