@@ -383,6 +383,10 @@ class PredictConfig:
     # named test.txt(.gz), plain otherwise
     format: str = "auto"
     first_id: int = 60_000_000
+    # memory: the tables whole in RAM, as plain TorchRec modules; mmap: through the run's cache, the
+    # tables (as trained, with their optimizer state) in files under mmap_dir: for tables beyond RAM
+    host: str = "memory"
+    mmap_dir: str | None = None  # host=mmap: where the files go (default: a temporary folder)
     overwrite: bool = False
     progress: bool = True
 
@@ -397,6 +401,7 @@ class PredictConfig:
         _require(self.batch_size >= 0, "batch_size", self.batch_size, ">= 0 (0: the run's train.batch_size)")
         _require_choice("device", self.device, ("cpu", "cuda"))
         _require_choice("format", self.format, ("auto", "kaggle", "plain"))
+        _require_choice("host", self.host, ("memory", "mmap"))
 
 
 @dataclass

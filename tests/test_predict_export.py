@@ -22,6 +22,7 @@ from dlrm_cache.data.synthetic import generate
 from dlrm_cache.distributed import checkpoint as ckpt
 from dlrm_cache.train.export import export
 from dlrm_cache.train.predict import predict, read_predictions
+from dlrm_cache.train.trained_run import load_run
 from dlrm_cache.train.trainer import build_model, load_dense_state, train
 
 DCN = ModelConfig(
@@ -117,6 +118,24 @@ def test_predictions_equal_the_trainers_evaluation_row_by_row(run, dataset, val_
         from_tsv["label"], [int(line[0]) for line in val_tsv.read_text().splitlines()]
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw.csv", "val.csv"]  # no encoding left behind
+
+
+def test_scoring_through_a_mapped_cache_gives_the_same_scores(run, dataset, tmp_path):
+    """host=mmap: the tables (with their optimizer state) in files, not in RAM, for tables beyond it."""
+    run_dir, _ = run
+    common = dict(run_dir=str(run_dir), input=str(dataset), split="val", progress=False)
+    plain = read_predictions(predict(PredictConfig(**common, output=str(tmp_path / "plain.csv"))))
+    (tmp_path / "maps").mkdir()
+    mapped = predict(PredictConfig(**common, output=str(tmp_path / "mapped.csv"), host="mmap",
+                                   mmap_dir=str(tmp_path / "maps")))  # fmt: skip
+    np.testing.assert_array_equal(read_predictions(mapped)["probability"], plain["probability"])
+    assert list((tmp_path / "maps").iterdir()) == []  # the host files go with the run
+    trained = load_run(run_dir)
+    _, ebc = trained.cached_model(replace(trained.cache, host="mmap", mmap_dir=str(tmp_path / "maps")))
+    held = sum(f.stat().st_size for f in (tmp_path / "maps").iterdir())
+    assert held >= sum(t.num_embeddings * (8 + 1) * 4 for t in trained.tables)  # weights + Adagrad's state
+    ebc.close()
+    assert list((tmp_path / "maps").iterdir()) == []
 
 
 def test_kaggle_test_file_gets_ids_from_60000000(run, tmp_path):

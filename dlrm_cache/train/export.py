@@ -75,7 +75,7 @@ def export(cfg: ExportConfig) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         with atomic_file(tmp / "model.pt") as f:
-            torch.save(run.state, f)
+            torch.save(run.state_dict(), f)
         with atomic_file(tmp / "model.json") as f:
             f.write(json.dumps(model_json(run), indent=2).encode())
         if out.exists():  # the old export moves aside only once the new one is whole

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,14 @@ def predict(cfg: PredictConfig) -> Path:
             cfg.format == "auto" and len(files) == 1 and files[0].name in KAGGLE_TEST_NAMES and not labeled
         )
         loader = ParquetBatches(root, split, cfg.batch_size or run.batch_size, drop_last=False)
-        _score(run.plain_model(device), loader, device, out, kaggle, labeled, cfg)
+        if cfg.host == "memory":
+            _score(run.plain_model(device), loader, device, out, kaggle, labeled, cfg, ids_on_device=True)
+        else:
+            model, ebc = run.cached_model(replace(run.cache, host="mmap", mmap_dir=cfg.mmap_dir), device)
+            try:
+                _score(model, loader, device, out, kaggle, labeled, cfg, ids_on_device=False)
+            finally:
+                ebc.close()
     return out
 
 
@@ -108,7 +116,9 @@ def _score(
     kaggle: bool,
     labeled: bool,
     cfg: PredictConfig,
+    ids_on_device: bool,
 ) -> None:
+    """``ids_on_device``: the plain model takes the ids where it computes; the cache, on the host."""
     header = "Id,Predicted" if kaggle else "probability,label" if labeled else "probability"
     row = cfg.first_id
     with (
@@ -119,7 +129,8 @@ def _score(
     ):
         f.write((header + "\n").encode())
         for batch in loader.batches(epoch=0):
-            logits = model(batch.dense_features.to(device), batch.sparse_features.to(device)).squeeze(1)
+            ids = batch.sparse_features.to(device) if ids_on_device else batch.sparse_features
+            logits = model(batch.dense_features.to(device), ids).squeeze(1)
             scores = torch.sigmoid(logits).cpu().numpy()
             text = [f"{p:.9g}" for p in scores.tolist()]  # 9 digits: the float32 exactly
             if kaggle:
