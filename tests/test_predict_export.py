@@ -249,6 +249,22 @@ def test_bad_input_is_refused_in_one_line_and_nothing_is_written(run, dataset, v
     assert (tmp_path / "p.csv").read_text() == "mine"
 
 
+def test_an_export_is_replaced_only_when_asked_and_nothing_else_is_touched(run, tmp_path):
+    run_dir, _ = run
+    out = tmp_path / "export"
+    export(ExportConfig(run_dir=str(run_dir), output=str(out)))
+    with pytest.raises(FileExistsError, match="is not empty; pass overwrite=true"):
+        export(ExportConfig(run_dir=str(run_dir), output=str(out)))
+    before = (out / "model.pt").stat().st_mtime_ns
+    export(ExportConfig(run_dir=str(run_dir), output=str(out), overwrite=True))
+    assert (out / "model.pt").stat().st_mtime_ns != before
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"did not write \(notes.txt\)"):
+        export(ExportConfig(run_dir=str(run_dir), output=str(out), overwrite=True))
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary folder left
+
+
 def test_the_commands_run_from_the_shell(run, dataset, tmp_path):
     run_dir, _ = run
     cli = [sys.executable, "-m"]
