@@ -11,10 +11,12 @@ import torch
 from test_distributed import assert_same_model, dataset, losses, ok, run  # noqa: F401 (dataset: fixture)
 from torchmetrics.classification import BinaryAUROC
 
-from dlrm_cache.config import ConfigError, NetworkConfig
+from dlrm_cache.cache.optim import SparseOptimizer
+from dlrm_cache.config import CacheConfig, ConfigError, NetworkConfig
 from dlrm_cache.data.loader import ParquetBatches
 from dlrm_cache.distributed import comm_model
 from dlrm_cache.distributed.checkpoint import find_checkpoint, load_meta
+from dlrm_cache.distributed.hybrid_plan import plan_hybrid
 from dlrm_cache.distributed.planner import TableStats
 from dlrm_cache.train.trained_run import load_run
 
@@ -164,3 +166,14 @@ def test_bad_hybrid_settings_are_refused_before_any_work(dataset, tmp_path):  # 
     assert not any((tmp_path / d / "checkpoint").exists() for d in "abcd")
     with pytest.raises(ConfigError, match="trainer.network.all_reduce_gb_per_s"):
         NetworkConfig(all_reduce_gb_per_s=0)
+
+
+def test_cold_caches_are_fitted_to_the_cold_lookups_of_a_step():
+    tables = [TableStats(f"t{i}", 50_000, 16, counts=1e6 / np.arange(1, 50_001) ** 1.05) for i in range(3)]
+    cache = CacheConfig(ratio=0.001, full_table_rows=100)
+    plan = plan_hybrid(tables, 2, 2048, cache, SparseOptimizer("adagrad"), NetworkConfig())
+    for t in tables:
+        hot = plan.hot_rows[t.name]
+        cold = TableStats(t.name, t.rows - hot, t.dim, counts=t.counts[hot:])
+        expected = cold.expected_touched(cold.rows, 2048 * comm_model.cold_share(t, hot))
+        assert plan.cache.capacity(t.name, cold.rows) >= 2 * expected > cache.capacity(t.name, cold.rows)

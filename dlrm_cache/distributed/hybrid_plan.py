@@ -1,5 +1,6 @@
 """The hybrid plan: how many rows of each table every rank replicates (``comm_model``), which rank owns
-each table's cold rows, and the caches of those cold rows (``planner.plan_cache``)."""
+each table's cold rows, and the caches of those cold rows (``planner.plan_cache``; sized by
+``cache.ratio``, never below what a step's cold lookups need: ``planner.fit_to_batch``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass, replace
 from dlrm_cache.cache.optim import SparseOptimizer
 from dlrm_cache.config import CacheConfig, NetworkConfig
 from dlrm_cache.distributed import comm_model
-from dlrm_cache.distributed.planner import GB, CachePlan, TableStats, plan_cache
+from dlrm_cache.distributed.planner import GB, CachePlan, TableStats, fit_to_batch, plan_cache
 
 GB_PER_S = 1e9
 
@@ -131,6 +132,11 @@ def plan_hybrid(
     if cold_stats:
         left = replace(cache, device_budget_gb=(budget - hot_bytes) / GB if cache.device_budget_gb else 0.0)
         left = replace(left, table_ratios={k: v for k, v in cache.table_ratios.items() if k in choice.owners})
+        if not cache.device_budget_gb:  # sized by cache.ratio: never below what a step's cold lookups need
+            share = {
+                t.name: global_batch * t.features * comm_model.cold_share(t, hot[t.name]) for t in tables
+            }
+            left, _ = fit_to_batch(left, cold_stats, share)
         cold = plan_cache(cold_stats, world_size, left, optimizer, "table_wise", placement=choice.owners)
     kinds = {t.name: "table_wise" for t in tables}
     tw = comm_model.StepBytes(comm_model.sharded_bytes(tables, kinds, global_batch, world_size))

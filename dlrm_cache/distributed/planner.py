@@ -107,17 +107,21 @@ def load_table_stats(root: Path, tables: dict[str, str], dims: dict[str, int]) -
     return out
 
 
-def fit_to_batch(cache: CacheConfig, stats: list[TableStats], lookups: int) -> tuple[CacheConfig, dict]:
+def fit_to_batch(
+    cache: CacheConfig, stats: list[TableStats], lookups: float | dict[str, float]
+) -> tuple[CacheConfig, dict]:
     """``cache`` with the caches that ``cache.ratio`` leaves too small for a batch raised to fit one:
     a step holds the rows of its batch and, prefetched, of the next, so a cache needs twice the
-    distinct rows a batch of ``lookups`` lookups per table touches (expected, plus four standard
-    deviations). Tables kept whole, and tables with a ``cache.table_ratios`` entry (a size asked for),
-    stay as they are. Returns the config and, per raised table, (rows before, rows now)."""
+    distinct rows a batch's ``lookups`` per table (one number for all, or per table name) touch
+    (expected, plus four standard deviations). Tables kept whole, and tables with a
+    ``cache.table_ratios`` entry (a size asked for), stay as they are. Returns the config and, per
+    raised table, (rows before, rows now)."""
     ratios, raised = dict(cache.table_ratios), {}
     for t in stats:
         if cache.keeps_whole(t.rows) or t.name in cache.table_ratios:
             continue
-        expected = t.expected_touched(t.rows, lookups * t.features)
+        n = lookups[t.name] if isinstance(lookups, dict) else lookups * t.features
+        expected = t.expected_touched(t.rows, n)
         need = min(t.rows, math.ceil(2 * (expected + 4 * math.sqrt(expected))))
         have = cache.capacity(t.name, t.rows)
         if need > have:
