@@ -240,6 +240,8 @@ def test_bad_input_is_refused_in_one_line_and_nothing_is_written(run, dataset, v
     other = synthetic_dataset(tmp_path / "other", 3000, 0.001, progress=False)  # another vocabulary
     with pytest.raises(ValueError, match="encoded with another vocabulary"):
         predict(cfg(input=str(other)))
+    with pytest.raises(ValueError, match="data_path .*other/parquet: encoded with another vocabulary"):
+        predict(cfg(data_path=str(other)))  # refused before the input is parsed
     with pytest.raises(FileNotFoundError, match="data_path=.*nowhere: not a dlrm-preprocess output"):
         predict(cfg(data_path=str(tmp_path / "nowhere")))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.txt", "empty_run", "other"]

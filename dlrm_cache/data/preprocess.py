@@ -54,7 +54,7 @@ from dlrm_cache.data.criteo_tsv import (
     unreadable,
 )
 from dlrm_cache.data.memory_budget import GB, MemoryBudget, memory_budget
-from dlrm_cache.data.saved_vocab import SavedVocabularies, read_vocabularies
+from dlrm_cache.data.saved_vocab import SavedVocabularies, saved_vocabularies
 from dlrm_cache.data.spilled_counts import SpilledCounter
 from dlrm_cache.data.synthetic import generate, hash_to_hex
 from dlrm_cache.data.vocab import Vocabulary
@@ -193,6 +193,7 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
             f"input {with_labels} has labels (40 fields) but {without} has none (39 fields): "
             "preprocess labelled and unlabelled files apart"
         )
+    known = source.read() if source else None  # vocab_from's, read once nothing is left to refuse
     opts = cfg.preprocess
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(out)
@@ -218,16 +219,14 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
                 counts_dir,
                 n,
                 budget.values_per_feature,
-                count=source is None,
+                count=known is None,
             )  # fmt: skip
             for n, (f, cols, train_end, spill) in enumerate(
                 zip(files, layouts, train_ends, spills, strict=True)
             )
         ]
         counters, bad = _parse_all(jobs, workers, opts.progress)
-        vocabs = (
-            source.vocabs if source else _fit(counters, opts.min_count, budget, counts_dir, opts.progress)
-        )
+        vocabs = known or _fit(counters, opts.min_count, budget, counts_dir, opts.progress)
         del counters  # their counts live on in the vocabularies: not held twice through the write pass
         counts_dir.rmdir()
         id_type = pa.int32() if max(len(v) for v in vocabs) < 2**31 else pa.int64()
@@ -288,7 +287,7 @@ def _vocab_source(cfg: PreprocessRunConfig, out: Path) -> SavedVocabularies | No
     root = Path(cfg.vocab_from)
     if out.resolve().is_relative_to(root.resolve()) or root.resolve().is_relative_to(out.resolve()):
         raise ValueError(f"vocab_from={root} and output_dir={out} overlap: write the encoded data elsewhere")
-    source = read_vocabularies(root)
+    source = saved_vocabularies(root)
     given = cfg.preprocess.max_ind_range
     if given and given != source.max_ind_range:
         raise ValueError(
@@ -431,10 +430,12 @@ class _ParseJob:
             for chunk in _read_ahead(chunks):
                 if self.max_ind_range:  # the reference's hashing; the empty value (-1) stays apart
                     np.remainder(chunk.cats, self.max_ind_range, out=chunk.cats, where=chunk.cats >= 0)
-                train = chunk.lines <= self.train_end
-                # Columns counted side by side (the counters release the GIL), while the rows are spilled.
-                cats = chunk.cats if train.all() else chunk.cats[train]
-                counted = [pool.submit(c.add, cats[:, j]) for j, c in enumerate(counters) if self.count]
+                counted = []
+                if self.count:
+                    # Columns counted side by side (the counters release the GIL), while the rows are spilled.
+                    train = chunk.lines <= self.train_end
+                    cats = chunk.cats if train.all() else chunk.cats[train]
+                    counted = [pool.submit(c.add, cats[:, j]) for j, c in enumerate(counters)]
                 spill.write_table(_parsed_table(chunk))
                 for done in counted:
                     done.result()

@@ -26,23 +26,31 @@ VOCAB_COLUMNS = ["id", "raw", "is_rare", "train_count"]
 
 @dataclass
 class SavedVocabularies:
-    """A dataset's vocabularies (``CAT_COLUMNS`` order) and what they were made with."""
+    """What a dataset's ``metadata.json`` says of its vocabularies; ``read()`` loads them."""
 
     root: Path
-    vocabs: list[Vocabulary]
+    sizes: dict[str, int]  # ids per feature
+    rare_ids: dict[str, int]
     max_ind_range: int
     identity: dict  # the source dataset's inputs and options: a change to them is a different encoding
 
+    def read(self) -> list[Vocabulary]:
+        """The vocabularies, ``CAT_COLUMNS`` order, each checked against the metadata."""
+        return [
+            _read_one(self.root / "vocab" / f"{c}.parquet", self.sizes[c], self.rare_ids[c])
+            for c in CAT_COLUMNS
+        ]
 
-def read_vocabularies(root: Path, key: str = "vocab_from") -> SavedVocabularies:
-    """The vocabularies of the dataset in ``root``; ``key`` names the setting in errors."""
+
+def saved_vocabularies(root: Path) -> SavedVocabularies:
+    """The vocabularies of the dataset in ``root`` (``vocab_from``), from its metadata alone."""
     meta_path = root / "metadata.json"
     if not root.is_dir():
-        raise FileNotFoundError(f"{key}={root}: no such folder")
+        raise FileNotFoundError(f"vocab_from={root}: no such folder")
     try:
         meta = json.loads(meta_path.read_text())
     except OSError:
-        raise ValueError(f"{key}={root}: not a dlrm-preprocess output (no metadata.json)") from None
+        raise ValueError(f"vocab_from={root}: not a dlrm-preprocess output (no metadata.json)") from None
     except ValueError as e:
         raise ValueError(f"{meta_path}: not a readable metadata file ({e})") from None
     sizes = meta.get("vocab_sizes") if isinstance(meta, dict) else None
@@ -51,13 +59,12 @@ def read_vocabularies(root: Path, key: str = "vocab_from") -> SavedVocabularies:
             f"{meta_path}: no vocabularies of the 26 Criteo features (vocab_sizes): not a dataset "
             "dlrm-preprocess wrote"
         )
-    vocabs = [_read_one(root / "vocab" / f"{c}.parquet", sizes[c], meta["rare_ids"][c]) for c in CAT_COLUMNS]
     identity = {
         "path": str(root.resolve()),
         "inputs": meta.get("inputs"),
         "preprocess": meta.get("preprocess"),
     }
-    return SavedVocabularies(root, vocabs, int(meta.get("max_ind_range", 0)), identity)
+    return SavedVocabularies(root, sizes, meta["rare_ids"], int(meta.get("max_ind_range", 0)), identity)
 
 
 def _read_one(path: Path, size: int, rare_id: int) -> Vocabulary:

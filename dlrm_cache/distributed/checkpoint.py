@@ -273,6 +273,7 @@ def full_weights(folder: Path, world_size: int) -> dict[str, torch.Tensor]:
             elif tuple(w.shape) != (p.full_rows, p.full_dim):
                 raise ValueError(f"{folder}: table {p.table!r} has pieces of shapes {tuple(w.shape)} and "
                                  f"{(p.full_rows, p.full_dim)}")  # fmt: skip
+            # a piece's rows are its weight and optimizer state: at most 3 x cols floats (Adam)
             chunk = max(1, host_tier.CHUNK_BYTES // (p.cols * 4 * 3))
             for lo in range(0, p.rows, chunk):
                 hi = min(p.rows, lo + chunk)

@@ -48,14 +48,7 @@ def predict(cfg: PredictConfig) -> Path:
             root, split = _encode(cfg, run, files, Path(work) / "data"), "test"
         else:
             root, split = folder, cfg.split
-        meta = load_metadata(root)
-        if meta["vocab_sizes"] != run.vocab_sizes():
-            differ = next(f for f, n in run.vocab_sizes().items() if meta["vocab_sizes"].get(f) != n)
-            raise ValueError(
-                f"input {root}: encoded with another vocabulary than the run's ({differ}: "
-                f"{meta['vocab_sizes'].get(differ)} ids, the run's table {run.vocab_sizes()[differ]} rows); "
-                "preprocess it with vocab_from=<the run's dataset>"
-            )
+        meta = _matching_metadata(root, run, "input")
         labeled = any(meta["labeled"])
         kaggle = cfg.format == "kaggle" or (
             cfg.format == "auto" and len(files) == 1 and files[0].name in KAGGLE_TEST_NAMES and not labeled
@@ -70,6 +63,19 @@ def predict(cfg: PredictConfig) -> Path:
             finally:
                 ebc.close()
     return out
+
+
+def _matching_metadata(root: Path, run: TrainedRun, what: str) -> dict:
+    """``root``'s metadata, refused unless its vocabulary sizes are the run's tables'."""
+    meta = load_metadata(root)
+    if meta["vocab_sizes"] != run.vocab_sizes():
+        differ = next(f for f, n in run.vocab_sizes().items() if meta["vocab_sizes"].get(f) != n)
+        raise ValueError(
+            f"{what} {root}: encoded with another vocabulary than the run's ({differ}: "
+            f"{meta['vocab_sizes'].get(differ)} ids, the run's table {run.vocab_sizes()[differ]} rows); "
+            "preprocess it with vocab_from=<the run's dataset>"
+        )
+    return meta
 
 
 def _preprocessed_folder(inputs: list[str]) -> Path | None:
@@ -95,6 +101,7 @@ def _encode(cfg: PredictConfig, run: TrainedRun, files: list[Path], into: Path) 
             f"{where}: not a dlrm-preprocess output (no metadata.json); pass data_path=<the dataset the "
             "run trained on>"
         )
+    _matching_metadata(data, run, "data_path")  # before any input is parsed
     options = PreprocessOptions(progress=cfg.progress, on_bad_lines="error")
     return preprocess(
         PreprocessRunConfig(
