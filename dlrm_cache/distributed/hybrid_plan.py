@@ -133,10 +133,10 @@ def plan_hybrid(
         left = replace(cache, device_budget_gb=(budget - hot_bytes) / GB if cache.device_budget_gb else 0.0)
         left = replace(left, table_ratios={k: v for k, v in cache.table_ratios.items() if k in choice.owners})
         if not cache.device_budget_gb:  # sized by cache.ratio: never below what a step's cold lookups need
-            share = {
+            cold_lookups = {
                 t.name: global_batch * t.features * comm_model.cold_share(t, hot[t.name]) for t in tables
             }
-            left, _ = fit_to_batch(left, cold_stats, share)
+            left, _ = fit_to_batch(left, cold_stats, cold_lookups)
         cold = plan_cache(cold_stats, world_size, left, optimizer, "table_wise", placement=choice.owners)
     kinds = {t.name: "table_wise" for t in tables}
     tw = comm_model.StepBytes(comm_model.sharded_bytes(tables, kinds, global_batch, world_size))
