@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+GB = 1 << 30  # what the *_gb settings count in (bandwidths in GB/s are 1e9 bytes a second)
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "adam")  # dlrm_cache.cache.optim's fused optimizers
 
 

@@ -8,6 +8,7 @@ INT_COLUMNS = [f"int_{i}" for i in range(INT_FEATURE_COUNT)]
 CAT_COLUMNS = [f"cat_{i}" for i in range(CAT_FEATURE_COUNT)]
 LABELED_COLUMNS = ["label", *INT_COLUMNS, *CAT_COLUMNS]  # 40 fields: Kaggle train.txt, 1TB day_N
 UNLABELED_COLUMNS = [*INT_COLUMNS, *CAT_COLUMNS]  # 39 fields: Kaggle test.txt
+DENSE_TRANSFORM = "log1p(max(x, 0)) as float32; missing -> 0"  # of every integer field, by dlrm-preprocess
 
 # Distinct values per categorical feature in the Criteo Kaggle train.txt (as published with the DLRM
 # reference implementation; 33,762,577 rows in all).

@@ -32,7 +32,7 @@ from dlrm_cache.config import CacheConfig, NetworkConfig
 from dlrm_cache.criteo import KAGGLE_CARDINALITIES
 from dlrm_cache.distributed import comm_model
 from dlrm_cache.distributed.hybrid_plan import network, plan_hybrid
-from dlrm_cache.distributed.planner import TableStats
+from dlrm_cache.distributed.table_stats import TableStats
 
 RANKS, BATCHES = (2, 4, 8, 64), (2048, 16384)
 TRAIN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -181,7 +181,7 @@ def torchrec_bytes(root: Path, ranks: int, args) -> dict:
 
 
 def measured(args) -> list[dict]:
-    from dlrm_cache.data.preprocess import synthetic_dataset
+    from dlrm_cache.data.default_dataset import synthetic_dataset
 
     out = []
     with tempfile.TemporaryDirectory(prefix="bench_comm_") as tmp:
@@ -240,7 +240,7 @@ def main() -> None:
     modeled(tables, "kaggle zipf 1.05", cache, opt)
     if args.data:
         from dlrm_cache.criteo import CAT_COLUMNS, table_name
-        from dlrm_cache.distributed.planner import load_table_stats
+        from dlrm_cache.distributed.table_stats import load_table_stats
 
         names = {table_name(f): f for f in CAT_COLUMNS}
         modeled(

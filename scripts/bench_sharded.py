@@ -33,8 +33,8 @@ from dlrm_cache.config import (
     TrainLoopConfig,
     TrainRunConfig,
 )
+from dlrm_cache.data.default_dataset import synthetic_dataset
 from dlrm_cache.data.loader import ParquetBatches, load_metadata
-from dlrm_cache.data.preprocess import synthetic_dataset
 
 PHASES = ("input_dist", "lookup", "output_dist", "backward", "rest")
 
@@ -64,9 +64,11 @@ def _timed(times: dict, phase: str, fn, force_wait: int = 0):
 
 
 def worker(args) -> None:
+    from dlrm_cache.distributed.placement import plan_tables
     from dlrm_cache.distributed.rank import current_rank
     from dlrm_cache.distributed.runtime import EBC_FQN, init_process_group
-    from dlrm_cache.train.trainer import _dense_optimizer, build_model, build_sharded_model, plan_tables
+    from dlrm_cache.train.embeddings import embedding_runtime
+    from dlrm_cache.train.train_state import dense_optimizer
 
     rank = current_rank()
     sharded = args.mode != "unsharded"
@@ -82,8 +84,8 @@ def worker(args) -> None:
     times: dict[str, float] = defaultdict(float)
     if sharded:
         init_process_group(device, rank)
-        plan, _ = plan_tables(cfg, root, rank.world_size)
-        model, cache = build_sharded_model(cfg, meta, device, plan)
+        runtime = embedding_runtime(cfg, root, meta, device, plan_tables(cfg, root, rank.world_size), True)
+        model, cache = runtime.model, runtime.cache
         sm = model.module.get_submodule(EBC_FQN)
         sm.input_dist = _timed(times, "input_dist", sm.input_dist, force_wait=2)
         for lookup in sm._lookups:
@@ -91,8 +93,9 @@ def worker(args) -> None:
         for od in sm._output_dists:
             od.forward = _timed(times, "output_dist", od.forward, force_wait=1)
     else:
-        model, cache = build_model(cfg, meta, device)
-    opt = _dense_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+        runtime = embedding_runtime(cfg, root, meta, device, None, False)
+        model, cache = runtime.model, runtime.cache
+    opt = dense_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     local = ParquetBatches(root, "train", args.batch, rank=rank.rank, world_size=rank.world_size)
     future = ParquetBatches(root, "train", args.batch)
     batches = list(zip(local.batches(0), future.batches(0), strict=True))[: args.warmup + args.steps]
@@ -133,7 +136,7 @@ def worker(args) -> None:
         result["per_rank_ms"] = [g["ms_per_step"] for g in gathered]
     if rank.rank == 0:
         Path(args.out).write_text(json.dumps(result))
-    cache.close()
+    runtime.close()
 
 
 def main() -> None:

@@ -22,8 +22,8 @@ from dlrm_cache.config import (
     TrainLoopConfig,
     TrainRunConfig,
 )
+from dlrm_cache.data.default_dataset import synthetic_dataset
 from dlrm_cache.data.loader import ParquetBatches
-from dlrm_cache.data.preprocess import synthetic_dataset
 from dlrm_cache.train.trainer import train
 
 

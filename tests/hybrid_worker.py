@@ -17,11 +17,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from dlrm_cache.cache import CachedEmbeddingBagCollection
 from dlrm_cache.cache.optim import SparseOptimizer
 from dlrm_cache.config import CacheConfig, NetworkConfig
-from dlrm_cache.distributed.hot_rows import HotRows
-from dlrm_cache.distributed.hybrid import HybridEmbeddingBagCollection, HybridLayout
 from dlrm_cache.distributed.hybrid_plan import plan_hybrid
-from dlrm_cache.distributed.planner import TableStats
-from dlrm_cache.distributed.sharder import CachedEmbeddingBagCollectionSharder
+from dlrm_cache.distributed.table_stats import TableStats
 
 ROWS = [50, 300, 2000, 8]
 HOT = {"t0": 10, "t1": 40, "t2": 0, "t3": 8}  # t2 all cold, t3 all hot
@@ -67,15 +64,16 @@ def main() -> None:
     stats = [TableStats(c.name, c.num_embeddings, DIM) for c in configs]
     cache = CacheConfig(ratio=0.1, full_table_rows=4, lookahead=LOOKAHEAD)
     plan = plan_hybrid(stats, world, PER_RANK * world, cache, opt, NetworkConfig(), fixed=HOT)
-    hot = HotRows(configs, plan.hot_rows, opt, torch.device("cpu"), group=dist.new_group())
-    layout = HybridLayout(configs, plan.hot_rows, plan.owners, {n: hot.row_offset(n) for n in hot.names})
-    sharder = CachedEmbeddingBagCollectionSharder(plan.cache, opt, cold_tables=layout.cold_tables)
-    model = nn.Module()
-    model.sparse_arch = nn.Module()
-    model.sparse_arch.embedding_bag_collection = HybridEmbeddingBagCollection(configs, layout, hot)
-    from dlrm_cache.distributed.runtime import shard_hybrid_model
+    from dlrm_cache.distributed.runtime import shard
 
-    dmp, cache_handle = shard_hybrid_model(model, plan, sharder, torch.device("cpu"))
+    def wrapped(collection: nn.Module) -> nn.Module:  # where DLRM holds it
+        model = nn.Module()
+        model.sparse_arch = nn.Module()
+        model.sparse_arch.embedding_bag_collection = collection
+        return model
+
+    dmp, cache_handle = shard(plan, configs, wrapped, opt, 0, torch.device("cpu"))
+    hot = cache_handle.hybrid.hot
     ebc = dmp.module.sparse_arch.embedding_bag_collection
     data = batches(world)
     weights = torch.randn(PER_RANK * world, len(ROWS) * DIM, generator=torch.Generator().manual_seed(3))

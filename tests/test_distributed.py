@@ -13,15 +13,11 @@ import torch
 
 from dlrm_cache.cache.optim import SparseOptimizer
 from dlrm_cache.config import CacheConfig
-from dlrm_cache.data.preprocess import synthetic_dataset
+from dlrm_cache.data.default_dataset import synthetic_dataset
 from dlrm_cache.distributed.checkpoint import find_checkpoint, load_meta, pieces
-from dlrm_cache.distributed.planner import (
-    LOADS,
-    FrequencyCacheStatistics,
-    TableStats,
-    fit_to_batch,
-    plan_cache,
-)
+from dlrm_cache.distributed.planner import LOADS, plan_cache
+from dlrm_cache.distributed.table_stats import TableStats, fit_to_batch
+from dlrm_cache.distributed.torchrec_stats import FrequencyCacheStatistics
 
 COMMON = [
     "model.embedding_dim=8", "model.dense_arch_layer_sizes=[32,8]", "model.over_arch_layer_sizes=[32,1]",
@@ -243,15 +239,13 @@ def test_torchrecs_prefetch_hook_hands_the_kernel_the_next_batch():
     """``CachedPooledEmbeddingsLookup.prefetch`` (what TorchRec's prefetch pipeline calls after input
     dist): the kernel queues and plans that batch, and training matches the unsharded model."""
     import torch.distributed as dist
-    from torchrec import EmbeddingBagCollection
     from torchrec.models.dlrm import DLRM
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
     from dlrm_cache.cache import CachedEmbeddingBagCollection
     from dlrm_cache.distributed.rank import Rank
-    from dlrm_cache.distributed.runtime import EBC_FQN, init_process_group, shard_model
-    from dlrm_cache.distributed.sharder import CachedEmbeddingBagCollectionSharder
+    from dlrm_cache.distributed.runtime import EBC_FQN, init_process_group, shard
 
     rows, batch, opt = [300, 40, 2000], 32, SparseOptimizer("adagrad", lr=0.1)
     configs = [EmbeddingBagConfig(num_embeddings=r, embedding_dim=8, name=f"t{i}", feature_names=[f"f{i}"])
@@ -290,13 +284,7 @@ def test_torchrecs_prefetch_hook_hands_the_kernel_the_next_batch():
         cache = CacheConfig(ratio=0.1, full_table_rows=50, lookahead=0)
         stats = [TableStats(c.name, c.num_embeddings, 8) for c in configs]
         plan = plan_cache(stats, 1, cache, opt)
-        sharder = CachedEmbeddingBagCollectionSharder(plan.cache, opt)
-        model, sharded_cache = shard_model(
-            dlrm(EmbeddingBagCollection(configs, device=torch.device("meta"))),
-            plan,
-            sharder,
-            torch.device("cpu"),
-        )
+        model, sharded_cache = shard(plan, configs, dlrm, opt, 0, torch.device("cpu"))
         sm = model.module.get_submodule(EBC_FQN)
         seen = []
 

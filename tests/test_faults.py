@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dlrm_cache.config import SynthConfig
-from dlrm_cache.data.preprocess import synthetic_dataset
+from dlrm_cache.data.default_dataset import synthetic_dataset
 from dlrm_cache.data.synthetic import generate
 from dlrm_cache.distributed.checkpoint import find_checkpoint, load_meta, pieces
 

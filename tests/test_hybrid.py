@@ -17,7 +17,7 @@ from dlrm_cache.data.loader import ParquetBatches
 from dlrm_cache.distributed import comm_model
 from dlrm_cache.distributed.checkpoint import find_checkpoint, load_meta
 from dlrm_cache.distributed.hybrid_plan import plan_hybrid
-from dlrm_cache.distributed.planner import TableStats
+from dlrm_cache.distributed.table_stats import TableStats
 from dlrm_cache.train.trained_run import load_run
 
 WORKER = Path(__file__).with_name("hybrid_worker.py")

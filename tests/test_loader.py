@@ -2,8 +2,8 @@
 
 import torch
 
+from dlrm_cache.data.default_dataset import synthetic_dataset
 from dlrm_cache.data.loader import ParquetBatches
-from dlrm_cache.data.preprocess import synthetic_dataset
 
 
 def _dataset(tmp_path):

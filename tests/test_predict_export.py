@@ -16,14 +16,16 @@ from torchrec.models.dlrm import DLRM, DLRM_DCN
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from dlrm_cache.config import ExportConfig, ModelConfig, PredictConfig, SynthConfig, TrainerConfig
+from dlrm_cache.data.default_dataset import synthetic_dataset
 from dlrm_cache.data.loader import ParquetBatches, load_metadata
-from dlrm_cache.data.preprocess import synthetic_dataset
 from dlrm_cache.data.synthetic import generate
 from dlrm_cache.distributed import checkpoint as ckpt
+from dlrm_cache.train.dense_state import load_dense_state
+from dlrm_cache.train.embeddings import build_model
 from dlrm_cache.train.export import export
 from dlrm_cache.train.predict import predict, read_predictions
 from dlrm_cache.train.trained_run import load_run
-from dlrm_cache.train.trainer import build_model, load_dense_state, train
+from dlrm_cache.train.trainer import train
 
 DCN = ModelConfig(
     name="dcn",

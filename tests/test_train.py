@@ -21,8 +21,8 @@ from dlrm_cache.config import (
     TrainLoopConfig,
     TrainRunConfig,
 )
+from dlrm_cache.data.default_dataset import synthetic_dataset
 from dlrm_cache.data.loader import ParquetBatches
-from dlrm_cache.data.preprocess import synthetic_dataset
 from dlrm_cache.distributed.checkpoint import META, find_checkpoint, load_meta, pieces
 from dlrm_cache.train.trainer import TrainingError, train
 

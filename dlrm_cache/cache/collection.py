@@ -136,7 +136,7 @@ class CachedEmbeddingBagCollection(nn.Module):
         self._planned = self._submit_plan(self._queue[0][1])
 
     def _prepare_future(self, features: KeyedJaggedTensor) -> list[PreparedBatch]:
-        prepared = self._prepare(features)
+        prepared = self.prepare_batch(features)
         for g, p in zip(self.groups, prepared, strict=True):
             g.register_future(p)
         return prepared
@@ -180,9 +180,9 @@ class CachedEmbeddingBagCollection(nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if not (self.training and torch.is_grad_enabled()):
             self._drain()
-            prepared = self._prepare(features)
+            prepared = self.prepare_batch(features)
             outs = [g.lookup_readonly(p) for g, p in zip(self.groups, prepared, strict=True)]
-            return self._keyed(outs)
+            return self.keyed(outs)
         if self._queue:
             signature, prepared = self._queue[0]
             if signature != _signature(features):
@@ -194,7 +194,7 @@ class CachedEmbeddingBagCollection(nn.Module):
             self._queue.popleft()
         else:
             done: Future = Future()
-            done.set_result(self._prepare(features))
+            done.set_result(self.prepare_batch(features))
             planned = self._submit_plan(done)
         self._planned = None
         plans = planned.result()
@@ -209,16 +209,19 @@ class CachedEmbeddingBagCollection(nn.Module):
             self.prefetch()
         trigger = torch.empty(0, requires_grad=True)
         outs = [_FusedLookup.apply(trigger, g, plan) for g, plan in zip(self.groups, plans, strict=True)]
-        return self._keyed(outs)
+        return self.keyed(outs)
 
-    def _keyed(self, outs: list[torch.Tensor]) -> KeyedTensor:
+    # Two hooks for collections over another feature layout (``hybrid.ColdCollection``): how a batch's
+    # ids become each group's prepared ids, and how the groups' pooled outputs become the output.
+    def keyed(self, outs: list[torch.Tensor]) -> KeyedTensor:
+        """The groups' pooled outputs (B, group features x dim each) as the collection's output."""
         values = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         if self._group_order != self._feature_names:
             per_feature = dict(zip(self._group_order, values.split(self._group_dims, dim=1), strict=True))
             values = torch.cat([per_feature[f] for f in self._feature_names], dim=1)
         return KeyedTensor(keys=self._feature_names, length_per_key=self._dims, values=values, key_dim=1)
 
-    def _prepare(self, kjt: KeyedJaggedTensor) -> list[PreparedBatch]:
+    def prepare_batch(self, kjt: KeyedJaggedTensor) -> list[PreparedBatch]:
         """Global row ids per group, their unique set and bag offsets, in host memory."""
         if kjt.values().device.type != "cpu":
             kjt = kjt.to(torch.device("cpu"))

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import torch
 
+from dlrm_cache.config import GB
+
 if TYPE_CHECKING:
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
@@ -27,7 +29,6 @@ _INIT_CHUNK_ROWS = 1 << 18  # initialise huge tables a chunk at a time (bounded 
 _ADVISE_ROWS = 256  # readahead hints given per measured() window
 CHUNK_BYTES = 64 << 20  # rows streamed to and from files this many bytes at a time
 PROGRESS_BYTES = 1 << 30  # initialising or streaming more than this shows a progress bar
-GB = 1e9
 
 
 @dataclass(frozen=True)

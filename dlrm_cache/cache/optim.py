@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dlrm_cache.config import SPARSE_OPTIMIZERS
+from dlrm_cache.config import SPARSE_OPTIMIZERS, OptimConfig
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,11 @@ class SparseOptimizer:
     def __post_init__(self) -> None:
         if self.kind not in SPARSE_OPTIMIZERS:
             raise ValueError(f"optim.sparse={self.kind!r}: expected one of {', '.join(SPARSE_OPTIMIZERS)}")
+
+    @classmethod
+    def from_config(cls, o: OptimConfig) -> SparseOptimizer:
+        """The sparse optimizer ``optim.*`` describes."""
+        return cls(o.sparse, lr=o.sparse_lr, eps=o.eps, beta1=o.beta1, beta2=o.beta2)
 
     def state_width(self, dim: int) -> int:
         return {"sgd": 0, "adagrad": 1, "adam": 2 * dim}[self.kind]

@@ -6,11 +6,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from dlrm_cache.config import PreprocessOptions
+from dlrm_cache.config import GB, PreprocessOptions
 from dlrm_cache.criteo import CAT_COLUMNS
 from dlrm_cache.data.spilled_counts import BYTES_PER_VALUE
 
-GB = 1 << 30
 PROCESS_BYTES = 200 << 20  # a process's own: Python, numpy, pyarrow (measured: ~180 MB)
 CHUNK_COPIES = 6  # a chunk in flight: its text, the parsed arrays, the spilled table, the next one read ahead
 MIN_COUNTING = 64 << 20  # the least the counters may share

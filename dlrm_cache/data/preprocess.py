@@ -31,7 +31,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -44,8 +43,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from dlrm_cache.config import PreprocessOptions, PreprocessRunConfig, SynthConfig
-from dlrm_cache.criteo import CAT_COLUMNS, INT_COLUMNS
+from dlrm_cache.config import GB, PreprocessOptions, PreprocessRunConfig
+from dlrm_cache.criteo import CAT_COLUMNS, DENSE_TRANSFORM, INT_COLUMNS
 from dlrm_cache.data.criteo_tsv import (
     BadLines,
     detect_columns,
@@ -53,11 +52,12 @@ from dlrm_cache.data.criteo_tsv import (
     read_chunks,
     unreadable,
 )
-from dlrm_cache.data.memory_budget import GB, MemoryBudget, memory_budget
+from dlrm_cache.data.memory_budget import MemoryBudget, memory_budget
 from dlrm_cache.data.saved_vocab import SavedVocabularies, saved_vocabularies
 from dlrm_cache.data.spilled_counts import SpilledCounter
-from dlrm_cache.data.synthetic import generate, hash_to_hex
+from dlrm_cache.data.synthetic import hash_to_hex
 from dlrm_cache.data.vocab import Vocabulary
+from dlrm_cache.files import folder_beside, refuse_foreign, remove_leftovers, swap_in
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -179,12 +179,13 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
         if not cfg.overwrite and any(out.iterdir()):
             what = "a different dataset" if meta is not None else "files that are not a preprocessed dataset"
             raise FileExistsError(f"output_dir {out} already holds {what}; pass overwrite=true to replace it")
-        foreign = sorted(p.name for p in out.iterdir() if meta is None or p.name not in OUTPUTS)
-        if foreign:
-            raise FileExistsError(
-                f"output_dir {out} holds what dlrm-preprocess did not write ({', '.join(foreign[:5])}); "
-                "overwrite=true replaces only a preprocessed dataset: move them or choose another output_dir"
-            )
+        refuse_foreign(
+            out,
+            OUTPUTS if meta is not None else (),
+            f"output_dir {out}",
+            "dlrm-preprocess",
+            "; overwrite=true replaces only a preprocessed dataset: move them or choose another output_dir",
+        )
     layouts = [detect_columns(f) for f in files]
     labeled = [cols[0] == "label" for cols in layouts]
     if any(labeled) and not all(labeled):
@@ -196,8 +197,8 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
     known = source.read() if source else None  # vocab_from's, read once nothing is left to refuse
     opts = cfg.preprocess
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    remove_leftovers(out)
+    tmp = folder_beside(out)
     stop = threading.Event()  # set on a failure: a line count still running gives up
     try:
         train_ends, val_ends = split_bounds(cfg, files, stop)
@@ -264,7 +265,7 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
             ],
             "vocab_sizes": {c: len(v) for c, v in zip(CAT_COLUMNS, vocabs, strict=True)},
             "rare_ids": {c: v.rare_id for c, v in zip(CAT_COLUMNS, vocabs, strict=True)},
-            "dense_transform": "log1p(max(x, 0)) as float32; missing -> 0",
+            "dense_transform": DENSE_TRANSFORM,
             "max_ind_range": opts.max_ind_range,
             "skipped_lines": {"count": bad.count, "reasons": bad.reasons, "first": bad.first},
             "skew": skew,
@@ -272,7 +273,7 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
         (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2))
         if bad.count:
             log.warning("skipped %d bad lines (first: %s)", bad.count, ", ".join(bad.first))
-        _replace(tmp, out)
+        swap_in(tmp, out)
     except BaseException:
         stop.set()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -297,40 +298,6 @@ def _vocab_source(cfg: PreprocessRunConfig, out: Path) -> SavedVocabularies | No
     return source
 
 
-def synthetic_dataset(
-    folder: Path,
-    rows: int,
-    cardinality_scale: float,
-    seed: int = 0,
-    row_group_rows: int = PreprocessOptions.row_group_rows,
-    progress: bool = True,
-) -> Path:
-    """Generated Criteo-format data (``folder/train.txt``, made once) preprocessed into
-    ``folder/parquet`` (reused when already made from it): ``dlrm-train``'s built-in default, and the
-    data of the tests and benchmarks. Returns the preprocessed folder. The TSV is made again when it
-    was made with other ``rows``, ``cardinality_scale`` or ``seed`` (``train.txt.json`` says which)."""
-    tsv, made_with = folder / "train.txt", folder / "train.txt.json"
-    wanted = {"rows": rows, "cardinality_scale": cardinality_scale, "seed": seed}
-    try:
-        current = tsv.exists() and json.loads(made_with.read_text()) == wanted
-    except (OSError, ValueError):
-        current = False
-    if not current:
-        if tsv.exists():
-            log.info("%s was made with other data.synthetic_* values: making it again", tsv)
-        made_with.unlink(missing_ok=True)
-        synth = SynthConfig(rows=rows, out=str(tsv), seed=seed, cardinality_scale=cardinality_scale,
-                            progress=progress, overwrite=True)  # fmt: skip
-        generate(synth)
-        made_with.write_text(json.dumps(wanted))
-    options = PreprocessOptions(progress=progress, row_group_rows=row_group_rows)
-    return preprocess(
-        PreprocessRunConfig(
-            input=[str(tsv)], output_dir=str(folder / "parquet"), preprocess=options, overwrite=not current
-        )
-    )
-
-
 def _same_run(meta: dict, fingerprint: dict) -> bool:
     """Whether ``meta`` was written for this fingerprint; an option a dataset's version did not have
     yet counts as its default (what that version did)."""
@@ -349,52 +316,6 @@ def _our_metadata(out: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return meta if isinstance(meta, dict) and "schema_version" in meta else None
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """``tmp`` becomes ``out``; an ``out`` already there holds only this command's outputs (checked)."""
-    if out.exists() and any(out.iterdir()):
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-
-
-def _remove_leftovers(out: Path) -> None:
-    """Remove the temporary folders that runs for ``out`` killed before they could clean up left
-    beside it (their process is gone); name those that cannot be told to be such."""
-    for path in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*")):
-        if not path.is_dir():
-            continue
-        match = re.fullmatch(rf"\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)(?:-.*)?", path.name)
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e9
-        if match is None:
-            log.warning(
-                "%s (%.2f GB) looks left by an interrupted run: remove it if none is running", path, size
-            )
-            continue
-        pid = int(match[1])
-        if _alive(pid):
-            log.warning(
-                "%s (%.2f GB) belongs to a running dlrm-preprocess (pid %d): left alone", path, size, pid
-            )
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        log.warning("removed %s (%.2f GB), left by an interrupted run (pid %d)", path, size, pid)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 @dataclass

@@ -21,14 +21,11 @@ point, or a full disk, leaves a whole checkpoint (the old or the new) that ``fin
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 from tqdm import tqdm
@@ -38,6 +35,7 @@ from dlrm_cache.cache.collection import CachedEmbeddingBagCollection
 from dlrm_cache.cache.group import TableGroup
 from dlrm_cache.cache.host import TableShard
 from dlrm_cache.cache.optim import SparseOptimizer
+from dlrm_cache.files import atomic_file, swap_in
 
 FORMAT = 2
 READS = (1, 2)  # format 1: every rank's pieces as tensors in one embeddings-rank<r>.pt
@@ -51,23 +49,6 @@ Collections = list[tuple[CachedEmbeddingBagCollection, dict[str, TableShard]]]
 
 def _index_file(folder: Path, rank: int) -> Path:
     return folder / f"embeddings-rank{rank}.json"
-
-
-@contextmanager
-def atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """A file that appears under ``path`` whole (written as ``path.tmp``, synced, renamed) or not at
-    all (the temporary file is removed on any failure)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # not kept in the page cache
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_embeddings(folder: Path, rank: int, collections: Collections) -> None:
@@ -137,12 +118,7 @@ def save(
                 torch.save(_to_host(state), f)
         except OSError as e:
             _give_up(run_dir, rank, e)
-        current, old = run_dir / CURRENT, run_dir / OLD
-        shutil.rmtree(old, ignore_errors=True)
-        if current.exists():
-            os.replace(current, old)
-        os.replace(new, current)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(new, run_dir / CURRENT, aside=run_dir / OLD)
     barrier()
     return run_dir / CURRENT
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dlrm_cache.distributed.planner import TableStats
+from dlrm_cache.distributed.table_stats import TableStats
 
 LENGTH_BYTES, ID_BYTES, FLOAT_BYTES = 4, 8, 4  # KJT lengths (int32), ids (int64), pooled rows (float32)
 SPLITS_BYTES = 3 * 8  # per rank pair per step: the split sizes of lengths and ids, and the stride

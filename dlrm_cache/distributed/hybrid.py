@@ -28,6 +28,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from dlrm_cache.cache.collection import CachedEmbeddingBagCollection, feature_index
+from dlrm_cache.cache.host import TableShard
 from dlrm_cache.distributed.hot_rows import HotRows
 
 COLD_FEATURE = "cold_rank{}"
@@ -45,6 +46,38 @@ class Segment:
     @property
     def cold_rows(self) -> int:
         return self.rows - self.hot_rows
+
+
+@dataclass(frozen=True)
+class ColdTable:
+    """How the sharder's kernel builds the cache of one owner's cold table (``CacheSpec.collections``):
+    a ``ColdCollection`` over its segments, each initialised as its full table (TorchRec's default
+    bounds: the full table's size, not the part's)."""
+
+    feature: str
+    segments: tuple[Segment, ...]
+
+    def __call__(self, table, spec, device) -> tuple[CachedEmbeddingBagCollection, dict, list[str]]:
+        """``table``: TorchRec's shard of the cold table on this rank; ``spec``: the sharder's settings."""
+        col = table.local_metadata.shard_offsets[1] if table.local_metadata else 0
+        tables = [
+            EmbeddingBagConfig(
+                num_embeddings=s.cold_rows,
+                embedding_dim=table.local_cols,
+                name=s.table,
+                feature_names=[s.feature],
+                pooling=PoolingType.SUM,
+                weight_init_max=(1 / s.rows) ** 0.5,
+                weight_init_min=-((1 / s.rows) ** 0.5),
+            )
+            for s in self.segments
+        ]
+        shards = {s.table: TableShard(s.hot_rows, col, s.rows, table.embedding_dim) for s in self.segments}
+        collection = ColdCollection(
+            self.feature, tables, spec.cache_for(shards), spec.optimizer, device=device, seed=spec.seed,
+            shards=shards,
+        )  # fmt: skip
+        return collection, shards, [self.feature]
 
 
 def cold_tables(configs: list[EmbeddingBagConfig], hot_rows: dict[str, int], owners: dict[str, int]):
@@ -95,6 +128,8 @@ class HybridLayout:
         self.configs = configs
         self.features = [c.feature_names[0] for c in configs]
         self.cold_tables = cold_tables(configs, hot_rows, owners)
+        # what the sharder's kernels build for the cold tables (``CacheSpec.collections``)
+        self.cold_collections = {name: ColdTable(name, segs) for name, segs in self.cold_tables.items()}
         self.cold_features = list(self.cold_tables)
         place = {}  # table -> (its cold table's index, its first row there)
         for v, segments in enumerate(self.cold_tables.values()):
@@ -292,7 +327,7 @@ class ColdCollection(CachedEmbeddingBagCollection):
             raise ValueError(f"{feature}: its tables must share one embedding dim and pooling")
         self.feature = feature
 
-    def _prepare(self, kjt: KeyedJaggedTensor):
+    def prepare_batch(self, kjt: KeyedJaggedTensor):
         if kjt.values().device.type != "cpu":
             kjt = kjt.to(torch.device("cpu"))
         (g,) = self.groups
@@ -306,7 +341,7 @@ class ColdCollection(CachedEmbeddingBagCollection):
         torch.cumsum(lengths, 0, out=offsets[1:])
         return [g.prepare(ids, offsets, len(lengths), g.count_unsorted_per_table(ids))]
 
-    def _keyed(self, outs: list[torch.Tensor]) -> KeyedTensor:
+    def keyed(self, outs: list[torch.Tensor]) -> KeyedTensor:
         return KeyedTensor(
             keys=[self.feature], length_per_key=[self.groups[0].dim], values=outs[0], key_dim=1
         )

@@ -8,9 +8,10 @@ import math
 from dataclasses import dataclass, replace
 
 from dlrm_cache.cache.optim import SparseOptimizer
-from dlrm_cache.config import CacheConfig, NetworkConfig
+from dlrm_cache.config import GB, CacheConfig, NetworkConfig
 from dlrm_cache.distributed import comm_model
-from dlrm_cache.distributed.planner import GB, CachePlan, TableStats, fit_to_batch, plan_cache
+from dlrm_cache.distributed.planner import CachePlan, plan_cache
+from dlrm_cache.distributed.table_stats import TableStats, fit_to_batch
 
 GB_PER_S = 1e9
 

@@ -17,117 +17,25 @@ train counts, hottest id first): a cache holding a table's ``k`` hottest rows se
   sample (bytes moved host -> device), host memory, device memory; then single moves and pairwise
   swaps between ranks while they lower the largest load, from that start and a few seeded random
   ones, keeping the best.
-- ``FrequencyCacheStatistics`` gives TorchRec's own planner the same curves, for users of its
-  ``FUSED_UVM_CACHING`` kernel (``CacheParams(stats=...)``).
+
+The frequency curves and their arithmetic are ``table_stats.py``'s; this module and ``hybrid_plan.py``
+plan over them with numpy alone (no torchrec).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
-from torchrec.distributed.types import CacheStatistics
 
 from dlrm_cache.cache.optim import SparseOptimizer
-from dlrm_cache.config import CacheConfig
+from dlrm_cache.config import GB, CacheConfig
+from dlrm_cache.distributed.comm_model import StepBytes
+from dlrm_cache.distributed.table_stats import TableStats
 
-GB = 1 << 30
 LOADS = ("miss_bytes_per_sample", "host_bytes", "device_bytes")
 _RESTARTS = 8  # seeded random starting placements for the local search, besides the greedy one
-
-
-@dataclass
-class TableStats:
-    """A table as the planner sees it; ``counts``: train lookups of each row, hottest first (``None``:
-    unknown, taken as uniform)."""
-
-    name: str
-    rows: int
-    dim: int
-    features: int = 1  # lookups per sample (features that use the table, one id each)
-    counts: np.ndarray | None = None
-    _cum: np.ndarray | None = field(default=None, init=False, repr=False)  # cumulative counts
-    _neg: np.ndarray | None = field(default=None, init=False, repr=False)  # -counts, ascending (search)
-    _touched: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.counts is not None:
-            c = np.asarray(self.counts, dtype=np.float64)
-            if len(c) != self.rows:
-                raise ValueError(f"table {self.name}: {len(c)} counts for {self.rows} rows")
-            if len(c) > 1 and np.any(np.diff(c) > 0):
-                raise ValueError(f"table {self.name}: counts must be hottest first (non-increasing)")
-            self.counts = c
-            self._cum = np.concatenate([[0.0], np.cumsum(c)])
-            self._neg = -c
-
-    def hit_share(self, k: int) -> float:
-        """Share of lookups served by a cache of the ``k`` hottest rows."""
-        k = min(max(k, 0), self.rows)
-        if self._cum is None or self._cum[-1] == 0:
-            return k / self.rows
-        return float(self._cum[k] / self._cum[-1])
-
-    def expected_touched(self, k: int, lookups: float) -> float:
-        """Expected distinct rows among the ``k`` hottest that ``lookups`` lookups touch (each row with
-        probability ``1 - (1 - p)^lookups``); prefix sums cached per ``lookups``, grown as needed."""
-        k = min(max(k, 0), self.rows)
-        if not k:
-            return 0.0
-        if self.counts is None or self._cum[-1] == 0:
-            return k * -math.expm1(lookups * math.log1p(-1 / self.rows)) if self.rows > 1 else 1.0
-        cum = self._touched.get(lookups)
-        if cum is None or len(cum) <= k:
-            n = min(self.rows, max(k, 2 * (len(cum) - 1) if cum is not None else 1024))
-            p = np.minimum(self.counts[:n] / self._cum[-1], 1 - 1e-12)
-            cum = np.concatenate([[0.0], np.cumsum(-np.expm1(lookups * np.log1p(-p)))])
-            self._touched[lookups] = cum
-        return float(cum[k])
-
-    def rows_at_least(self, threshold: float) -> int:
-        """How many rows have a count >= ``threshold`` (uniform unknown counts: all or none)."""
-        if self.counts is None:
-            return self.rows if threshold <= 1 else 0
-        return int(np.searchsorted(self._neg, -threshold, side="right"))
-
-
-def load_table_stats(root: Path, tables: dict[str, str], dims: dict[str, int]) -> list[TableStats]:
-    """``TableStats`` from a ``dlrm-preprocess`` output; ``tables``: table name -> its feature."""
-    out = []
-    for name, feature in tables.items():
-        t = pq.read_table(root / "vocab" / f"{feature}.parquet", columns=["id", "train_count"])
-        ids = t.column("id").to_numpy()
-        counts = np.zeros(len(ids), dtype=np.float64)
-        counts[ids] = t.column("train_count").to_numpy()
-        # Ids are ranked by train count; rare/unseen buckets at the end may break the order: sort.
-        out.append(TableStats(name, len(ids), dims[name], 1, -np.sort(-counts)))
-    return out
-
-
-def fit_to_batch(
-    cache: CacheConfig, stats: list[TableStats], lookups: float | dict[str, float]
-) -> tuple[CacheConfig, dict]:
-    """``cache`` with the caches that ``cache.ratio`` leaves too small for a batch raised to fit one:
-    a step holds the rows of its batch and, prefetched, of the next, so a cache needs twice the
-    distinct rows a batch's ``lookups`` per table (one number for all, or per table name) touch
-    (expected, plus four standard deviations). Tables kept whole, and tables with a
-    ``cache.table_ratios`` entry (a size asked for), stay as they are. Returns the config and, per
-    raised table, (rows before, rows now)."""
-    ratios, raised = dict(cache.table_ratios), {}
-    for t in stats:
-        if cache.keeps_whole(t.rows) or t.name in cache.table_ratios:
-            continue
-        n = lookups[t.name] if isinstance(lookups, dict) else lookups * t.features
-        expected = t.expected_touched(t.rows, n)
-        need = min(t.rows, math.ceil(2 * (expected + 4 * math.sqrt(expected))))
-        have = cache.capacity(t.name, t.rows)
-        if need > have:
-            ratios[t.name] = need / t.rows
-            raised[t.name] = (have, need)
-    return replace(cache, table_ratios=ratios), raised
 
 
 @dataclass
@@ -147,6 +55,7 @@ class CachePlan:
     loads: np.ndarray  # (world_size, len(LOADS))
     cache: CacheConfig  # with the planned table_ratios
     shard_loads: dict[tuple[str, int], np.ndarray]  # (table, rank) -> what that shard adds to `loads`
+    predicted: StepBytes = field(default_factory=StepBytes)  # a step's bytes (``placement.plan_tables``)
 
     def ranks_of(self, table: str) -> list[int]:
         return [s.rank for s in self.shards if s.table == table]
@@ -388,34 +297,3 @@ def _water_fill(items: list[tuple[TableStats, int]], budget: float, whole, where
         ks = [k + int(math.floor((n - k) * share)) for n, k in zip(nxt, ks, strict=True)]
     it = iter(ks)
     return [t.rows if whole(t) else next(it) for t, _ in items]
-
-
-class FrequencyCacheStatistics(CacheStatistics):
-    """TorchRec ``CacheStatistics`` from a table's frequency curve, for its planner's ``FUSED_UVM_CACHING``
-    costing (``ParameterConstraints(cache_params=CacheParams(stats=...))``)."""
-
-    def __init__(self, table: TableStats, batch_size: int):
-        self.table, self.batch_size = table, batch_size
-
-    @property
-    def expected_lookups(self) -> float:
-        """Expected distinct rows in a global batch: sum over rows of 1 - (1 - p)^(lookups per batch)."""
-        t = self.table
-        n = self.batch_size * t.features
-        if t.counts is None or t._cum[-1] == 0:
-            return t.rows * -math.expm1(n * math.log1p(-1 / t.rows)) if t.rows > 1 else 1.0
-        p = t.counts / t._cum[-1]
-        return float(-np.expm1(n * np.log1p(-np.minimum(p, 1 - 1e-12))).sum())
-
-    def expected_miss_rate(self, clf: float) -> float:
-        return 1.0 - self.table.hit_share(int(round(clf * self.table.rows)))
-
-    @property
-    def cacheability(self) -> float:
-        """Twice the area between the hit curve and full hits over the cache fraction: 1 for uniform
-        access (a cache of x of the rows serves x of the lookups), near 0 when a few rows take them all."""
-        t = self.table
-        if t.counts is None or t._cum[-1] == 0:
-            return 1.0
-        hits = t._cum[1:] / t._cum[-1]
-        return float(min(1.0, max(0.0, 2 * (1 - hits).mean())))

@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from torchrec import EmbeddingBagCollection
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm_cache.cache.collection import merge_stats
+from dlrm_cache.cache.optim import SparseOptimizer
 from dlrm_cache.config import CacheConfig
-from dlrm_cache.distributed.hybrid import HybridEmbeddingBagCollection
+from dlrm_cache.distributed.hot_rows import HotRows
+from dlrm_cache.distributed.hybrid import HybridEmbeddingBagCollection, HybridLayout
 from dlrm_cache.distributed.hybrid_plan import HybridPlan
 from dlrm_cache.distributed.planner import CachePlan
 from dlrm_cache.distributed.rank import Rank
@@ -105,36 +110,41 @@ class HybridCache(ShardedCache):
         return [*super().collections(), (self.hybrid.hot, self.hybrid.hot.shards)]
 
 
-def shard_model(
-    model: torch.nn.Module,
-    plan: CachePlan,
-    sharder: CachedEmbeddingBagCollectionSharder,
+def shard(
+    plan: CachePlan | HybridPlan,
+    configs: list[EmbeddingBagConfig],
+    make_model: Callable[[torch.nn.Module], torch.nn.Module],
+    optimizer: SparseOptimizer,
+    seed: int,
     device: torch.device,
 ) -> tuple[DistributedModelParallel, ShardedCache]:
-    """``model`` (a DLRM whose ``EmbeddingBagCollection`` is on the ``meta`` device) sharded by ``plan``."""
+    """The model ``make_model`` builds over an embedding collection of ``configs``, its tables sharded
+    over the process group by ``plan`` with the cache as their kernel (collective: every rank calls it).
+    Table- and column-wise: TorchRec shards the collection itself; hybrid: the hot rows are replicated
+    (``HotRows``) and TorchRec shards the cold tables, ``HybridEmbeddingBagCollection.cold``."""
+    if isinstance(plan, HybridPlan):
+        hot = HotRows(configs, plan.hot_rows, optimizer, device, seed=seed, group=dist.new_group())
+        at = {name: hot.row_offset(name) for name in hot.names}
+        layout = HybridLayout(configs, plan.hot_rows, plan.owners, at)
+        sharder = CachedEmbeddingBagCollectionSharder(
+            plan.cache, optimizer, seed=seed, collections=layout.cold_collections
+        )
+        model = make_model(HybridEmbeddingBagCollection(configs, layout, hot))
+        hybrid = model.get_submodule(EBC_FQN)
+        module_plans = {}
+        if hybrid.cold is not None:
+            module_plans[COLD_FQN] = plan.torchrec_plan(hybrid.cold, sharder, device_type=device.type)
+        dmp = _distributed(model, module_plans, sharder, device)
+        hybrid = dmp.module.get_submodule(EBC_FQN)
+        kernels = hybrid.cold.cached_kernels() if hybrid.cold is not None else []
+        return dmp, HybridCache(kernels, hybrid, plan.cache)
+    sharder = CachedEmbeddingBagCollectionSharder(plan.cache, optimizer, seed=seed)
+    model = make_model(EmbeddingBagCollection(configs, device=torch.device("meta")))
     ebc = model.get_submodule(EBC_FQN)
     dmp = _distributed(
         model, {EBC_FQN: plan.torchrec_plan(ebc, sharder, device_type=device.type)}, sharder, device
     )
-    sharded = dmp.module.get_submodule(EBC_FQN)
-    return dmp, ShardedCache(sharded.cached_kernels(), plan.cache)
-
-
-def shard_hybrid_model(
-    model: torch.nn.Module,
-    plan: HybridPlan,
-    sharder: CachedEmbeddingBagCollectionSharder,
-    device: torch.device,
-) -> tuple[DistributedModelParallel, HybridCache]:
-    """``model`` (a DLRM over a ``HybridEmbeddingBagCollection``) with its cold tables sharded by ``plan``."""
-    hybrid = model.get_submodule(EBC_FQN)
-    module_plans = {}
-    if hybrid.cold is not None:
-        module_plans[COLD_FQN] = plan.torchrec_plan(hybrid.cold, sharder, device_type=device.type)
-    dmp = _distributed(model, module_plans, sharder, device)
-    hybrid = dmp.module.get_submodule(EBC_FQN)
-    kernels = hybrid.cold.cached_kernels() if hybrid.cold is not None else []
-    return dmp, HybridCache(kernels, hybrid, plan.cache)
+    return dmp, ShardedCache(dmp.module.get_submodule(EBC_FQN).cached_kernels(), plan.cache)
 
 
 def _distributed(model, module_plans: dict, sharder, device: torch.device) -> DistributedModelParallel:

@@ -20,18 +20,23 @@ one enqueued (ids included), so a wrong feed fails loudly instead of training on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any
 
 import torch
 from torchrec.distributed.embedding_kernel import BaseEmbedding
 from torchrec.distributed.embedding_lookup import GroupedPooledEmbeddingsLookup
-from torchrec.distributed.embedding_types import EmbeddingComputeKernel, GroupedEmbeddingConfig
+from torchrec.distributed.embedding_types import (
+    EmbeddingComputeKernel,
+    GroupedEmbeddingConfig,
+    ShardedEmbeddingTable,
+)
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder, ShardedEmbeddingBagCollection
 from torchrec.distributed.sharding.cw_sharding import CwPooledEmbeddingSharding
 from torchrec.distributed.sharding.tw_sharding import TwPooledEmbeddingSharding
 from torchrec.distributed.types import ShardingType
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim.fused import EmptyFusedOptimizer, FusedOptimizerModule
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -39,7 +44,6 @@ from dlrm_cache.cache.collection import CachedEmbeddingBagCollection, feature_in
 from dlrm_cache.cache.host import TableShard
 from dlrm_cache.cache.optim import SparseOptimizer
 from dlrm_cache.config import CacheConfig
-from dlrm_cache.distributed.hybrid import ColdCollection
 
 FUSED_PARAM_KEY = "dlrm_cache"  # the CacheSpec's key in TorchRec's fused_params
 CUSTOM = EmbeddingComputeKernel.CUSTOMIZED_KERNEL
@@ -50,11 +54,25 @@ class CacheSpec:
     """The cache's settings, carried through TorchRec's ``fused_params`` (which groups tables by them,
     so they must be hashable: equality and hash come from their full text)."""
 
-    def __init__(self, cache: CacheConfig, optimizer: SparseOptimizer, seed: int = 0, cold_tables=None):
-        """``cold_tables``: the hybrid sharding's cold tables (``hybrid.cold_tables``), by name."""
+    def __init__(
+        self,
+        cache: CacheConfig,
+        optimizer: SparseOptimizer,
+        seed: int = 0,
+        collections: dict[str, CollectionMaker] | None = None,
+    ):
+        """``collections``: for the tables (by name) whose cache is not a ``CachedEmbeddingBagCollection``
+        over their shards, what builds it (``CollectionMaker``; its text is part of the spec's)."""
         self.cache, self.optimizer, self.seed = cache, optimizer, seed
-        self.cold_tables = dict(cold_tables or {})
-        self._key = repr((asdict(cache), optimizer, seed, sorted(self.cold_tables.items())))
+        self.collections = dict(collections or {})
+        made = sorted((k, repr(v)) for k, v in self.collections.items())
+        self._key = repr((asdict(cache), optimizer, seed, made))
+
+    def cache_for(self, tables) -> CacheConfig:
+        """The cache settings of a kernel over ``tables`` (names): the table ratios of those alone."""
+        names = set(tables)
+        ratios = {k: v for k, v in self.cache.table_ratios.items() if k in names}
+        return replace(self.cache, table_ratios=ratios)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CacheSpec) and other._key == self._key
@@ -64,6 +82,15 @@ class CacheSpec:
 
     def __repr__(self) -> str:
         return f"CacheSpec({self._key})"
+
+
+# Builds the cache of one table that is not a plain table shard: (TorchRec's shard of the table on this
+# rank, the spec, the device) -> (the collection, where each of its tables sits in its full table, the
+# kernel's feature names).
+CollectionMaker = Callable[
+    [ShardedEmbeddingTable, CacheSpec, torch.device | None],
+    tuple[CachedEmbeddingBagCollection, dict[str, TableShard], list[str]],
+]
 
 
 class CachedEmbeddingKernel(BaseEmbedding, FusedOptimizerModule):
@@ -84,8 +111,12 @@ class CachedEmbeddingKernel(BaseEmbedding, FusedOptimizerModule):
         self._config = config
         self._fused_optimizer = EmptyFusedOptimizer()
         names = [t.name for t in config.embedding_tables]
-        if any(n in spec.cold_tables for n in names):
-            self._init_cold(config, spec, device)
+        maker = next((spec.collections[n] for n in names if n in spec.collections), None)
+        if maker is not None:
+            if len(names) != 1:
+                raise ValueError(f"tables {names} on one rank: give each its own rank")
+            collection, self.shards, self.feature_names = maker(config.embedding_tables[0], spec, device)
+            object.__setattr__(self, "cache", collection)  # not a submodule (class docstring)
             return
         if len(set(names)) != len(names):
             raise ValueError(f"two shards of one table on one rank ({names}): give each shard its own rank")
@@ -109,45 +140,11 @@ class CachedEmbeddingKernel(BaseEmbedding, FusedOptimizerModule):
             )
             for t in config.embedding_tables
         }
-        cache = replace(
-            spec.cache, table_ratios={k: v for k, v in spec.cache.table_ratios.items() if k in names}
-        )
         collection = CachedEmbeddingBagCollection(
-            tables, cache, spec.optimizer, device=device, seed=spec.seed, shards=self.shards
+            tables, spec.cache_for(names), spec.optimizer, device=device, seed=spec.seed, shards=self.shards
         )
         object.__setattr__(self, "cache", collection)  # not a submodule (class docstring)
         self.feature_names = [f for t in tables for f in t.feature_names]
-
-    def _init_cold(self, config: GroupedEmbeddingConfig, spec: CacheSpec, device) -> None:
-        """A hybrid cold table (``hybrid.ColdCollection``): the cold rows of several real tables."""
-        if len(config.embedding_tables) != 1:
-            names = [t.name for t in config.embedding_tables]
-            raise ValueError(f"cold tables {names} on one rank: give each its own rank")
-        (t,) = config.embedding_tables
-        col = t.local_metadata.shard_offsets[1] if t.local_metadata else 0
-        segments = spec.cold_tables[t.name]
-        tables = [  # initialised as the full table (TorchRec's default bounds: its size, not the part's)
-            EmbeddingBagConfig(
-                num_embeddings=s.cold_rows,
-                embedding_dim=t.local_cols,
-                name=s.table,
-                feature_names=[s.feature],
-                pooling=PoolingType.SUM,
-                weight_init_max=(1 / s.rows) ** 0.5,
-                weight_init_min=-((1 / s.rows) ** 0.5),
-            )
-            for s in segments
-        ]
-        self.shards = {s.table: TableShard(s.hot_rows, col, s.rows, t.embedding_dim) for s in segments}
-        names = set(self.shards)
-        cache = replace(
-            spec.cache, table_ratios={k: v for k, v in spec.cache.table_ratios.items() if k in names}
-        )
-        collection = ColdCollection(
-            t.name, tables, cache, spec.optimizer, device=device, seed=spec.seed, shards=self.shards
-        )
-        object.__setattr__(self, "cache", collection)  # not a submodule (class docstring)
-        self.feature_names = [t.name]
 
     @property
     def config(self) -> GroupedEmbeddingConfig:
@@ -286,9 +283,9 @@ class CachedEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
         seed: int = 0,
         fused_params: dict[str, Any] | None = None,
         qcomm_codecs_registry=None,
-        cold_tables=None,
+        collections: dict[str, CollectionMaker] | None = None,
     ):
-        spec = CacheSpec(cache, optimizer, seed, cold_tables)
+        spec = CacheSpec(cache, optimizer, seed, collections)
         super().__init__(
             fused_params={**(fused_params or {}), FUSED_PARAM_KEY: spec},
             qcomm_codecs_registry=qcomm_codecs_registry,

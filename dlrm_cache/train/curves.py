@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dlrm_cache.files import atomic_file
+
 
 def plot_curves(metrics: Path, out: Path) -> None:
     """Loss (every logged step) and val AUC (every evaluation) against steps; an atomic write."""
@@ -32,6 +34,5 @@ def plot_curves(metrics: Path, out: Path) -> None:
     right.plot(val_steps, auc, marker="o")
     right.set(xlabel="step", ylabel="AUC", title="validation AUC")
     fig.tight_layout()
-    tmp = out.with_name(out.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    tmp.replace(out)
+    with atomic_file(out) as f:
+        fig.savefig(f, format="png", dpi=100)

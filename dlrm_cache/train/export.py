@@ -10,16 +10,14 @@ not at all.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from dlrm_cache.config import ExportConfig
-from dlrm_cache.criteo import INT_COLUMNS, INT_FEATURE_COUNT
-from dlrm_cache.distributed.checkpoint import atomic_file
+from dlrm_cache.criteo import DENSE_TRANSFORM, INT_COLUMNS, INT_FEATURE_COUNT
+from dlrm_cache.files import atomic_file, folder_beside, refuse_foreign, swap_in
 from dlrm_cache.train.trained_run import TrainedRun, load_run
 
 EXPORT_FILES = ("model.json", "model.pt")
@@ -46,7 +44,7 @@ def model_json(run: TrainedRun) -> dict:
             for t in run.tables
         ],
         "dense_features": INT_COLUMNS,
-        "dense_transform": "log1p(max(x, 0)) as float32; missing -> 0",
+        "dense_transform": DENSE_TRANSFORM,
         "vocabulary": str(run.data_path / "vocab") if run.data_path else None,
         "trained_steps": run.step,
         "run_dir": str(run.run_dir.resolve()),
@@ -64,27 +62,15 @@ def export(cfg: ExportConfig) -> Path:
             raise FileExistsError(
                 f"output={out} is not empty; pass overwrite=true to replace an export there"
             )
-        foreign = [name for name in held if name not in EXPORT_FILES]
-        if foreign:
-            raise FileExistsError(
-                f"output={out} holds what dlrm-export did not write ({', '.join(foreign[:5])}): "
-                "choose another output"
-            )
+        refuse_foreign(out, EXPORT_FILES, f"output={out}", "dlrm-export", ": choose another output")
     run = load_run(Path(cfg.run_dir))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    tmp = folder_beside(out)
     try:
         with atomic_file(tmp / "model.pt") as f:
             torch.save(run.state_dict(), f)
         with atomic_file(tmp / "model.json") as f:
             f.write(json.dumps(model_json(run), indent=2).encode())
-        if out.exists():  # the old export moves aside only once the new one is whole
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        swap_in(tmp, out)  # the old export moves aside only once the new one is whole
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from dlrm_cache.config import PredictConfig, PreprocessOptions, PreprocessRunConfig
 from dlrm_cache.data.loader import ParquetBatches, load_metadata
 from dlrm_cache.data.preprocess import preprocess, resolve_inputs
-from dlrm_cache.distributed.checkpoint import atomic_file
+from dlrm_cache.files import atomic_file
 from dlrm_cache.train.errors import TrainingError
 from dlrm_cache.train.trained_run import TrainedRun, load_run
 

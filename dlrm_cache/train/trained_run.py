@@ -24,10 +24,11 @@ from dlrm_cache.cache import CachedEmbeddingBagCollection, SparseOptimizer
 from dlrm_cache.config import CacheConfig, ConfigError, ModelConfig, OptimConfig
 from dlrm_cache.criteo import CAT_COLUMNS, table_name
 from dlrm_cache.distributed import checkpoint as ckpt
+from dlrm_cache.distributed.runtime import EBC_FQN
+from dlrm_cache.train.dense_state import load_dense_state
 from dlrm_cache.train.model import dlrm_model, table_configs
-from dlrm_cache.train.trainer import load_dense_state
 
-EBC_PREFIX = "sparse_arch.embedding_bag_collection.embedding_bags."  # a table's weight key in DLRM
+EBC_PREFIX = f"{EBC_FQN}.embedding_bags."  # a table's weight key in DLRM
 
 
 @dataclass
@@ -63,8 +64,7 @@ class TrainedRun:
         """The trained model over the cache kernel with ``cache``'s host tier and sizes; close the
         collection when done (a mapped host tier's files go then)."""
         device = device or torch.device("cpu")
-        o = self.optim
-        optimizer = SparseOptimizer(o.sparse, lr=o.sparse_lr, eps=o.eps, beta1=o.beta1, beta2=o.beta2)
+        optimizer = SparseOptimizer.from_config(self.optim)
         ebc = CachedEmbeddingBagCollection(self.tables, cache, optimizer, device)
         try:
             model = dlrm_model(self.model, ebc, device)

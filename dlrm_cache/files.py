@@ -1,0 +1,101 @@
+"""What every command does with the file system: files that appear whole or not at all, folders
+written beside their destination and swapped in, refusing to replace what another program wrote, and
+finding what killed runs left behind.
+
+Used by ``dlrm-preprocess`` (its output folder), checkpoints, ``dlrm-predict`` and ``dlrm-export``.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A file that appears under ``path`` whole (written as ``path.tmp``, synced, renamed) or not at
+    all (the temporary file is removed on any failure)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # not kept in the page cache
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def folder_beside(out: Path) -> Path:
+    """A new, empty folder next to ``out`` to build it in (``.NAME.tmp-PID-*``: ``remove_leftovers``
+    knows it for this process's)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+
+
+def swap_in(new: Path, out: Path, aside: Path | None = None) -> None:
+    """The finished folder ``new`` becomes ``out``; what ``out`` held is moved to ``aside`` (default
+    ``.NAME.old-PID``) first and removed once ``new`` is in place, so that ``out`` is whole at any moment
+    but between the two renames."""
+    aside = aside or out.with_name(f".{out.name}.old-{os.getpid()}")
+    shutil.rmtree(aside, ignore_errors=True)
+    if out.exists():
+        if any(out.iterdir()):
+            os.replace(out, aside)
+        else:
+            out.rmdir()
+    os.replace(new, out)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def refuse_foreign(out: Path, ours: Iterable[str], what: str, command: str, then: str) -> None:
+    """Refuse an ``out`` folder holding names that are not in ``ours``: ``what`` names the folder (its
+    key), ``command`` the program whose names ``ours`` are, ``then`` what to do (punctuation first)."""
+    allowed = set(ours)
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in allowed)
+    if foreign:
+        raise FileExistsError(f"{what} holds what {command} did not write ({', '.join(foreign[:5])}){then}")
+
+
+def remove_leftovers(out: Path) -> None:
+    """Remove the temporary folders that runs for ``out`` killed before they could clean up left
+    beside it (their process is gone); name those that cannot be told to be such."""
+    for path in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*")):
+        if not path.is_dir():
+            continue
+        match = re.fullmatch(rf"\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)(?:-.*)?", path.name)
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e9
+        if match is None:
+            log.warning(
+                "%s (%.2f GB) looks left by an interrupted run: remove it if none is running", path, size
+            )
+            continue
+        pid = int(match[1])
+        if alive(pid):
+            log.warning("%s (%.2f GB) belongs to a running process (pid %d): left alone", path, size, pid)
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        log.warning("removed %s (%.2f GB), left by an interrupted run (pid %d)", path, size, pid)
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (someone else's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
