@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from dlrm_cache.cache import native
-from dlrm_cache.cache.group import TableGroup
+from dlrm_cache.cache.group import GroupSettings, TableGroup
 from dlrm_cache.cache.optim import SparseOptimizer
 from dlrm_cache.cache.table import TableSpec
 from dlrm_cache.criteo import CAT_COLUMNS, KAGGLE_CARDINALITIES
@@ -45,8 +45,8 @@ def run(policy: str, args, trace: list[np.ndarray], device: torch.device) -> tup
     ]
     opt = SparseOptimizer("adagrad", lr=0.01)
     planner = native.resolve(args.planner)
-    g = TableGroup(tables, caps, policy, opt, device, warmup_ratio=0.7, planner=planner)
-    offsets = g.feature_row_offset.numpy()[:, None]
+    g = TableGroup(tables, GroupSettings(caps, policy, opt, device, warmup_ratio=0.7, planner=planner))
+    offsets = g.layout.feature_row_offset.numpy()[:, None]
     bags = torch.arange(args.batch * len(tables) + 1, dtype=torch.int64)
     lookups = torch.full((len(tables),), args.batch, dtype=torch.int64)
 

@@ -15,7 +15,7 @@ from dlrm_cache.cache import group as group_module
 from dlrm_cache.cache import python_planner
 from dlrm_cache.cache.collection import CachedEmbeddingBagCollection
 from dlrm_cache.cache.future import FutureIndex
-from dlrm_cache.cache.native import RowKernels
+from dlrm_cache.cache.native import NativePlanner, RowKernels
 from dlrm_cache.cache.optim import SparseOptimizer
 from dlrm_cache.cache.policy import NO_NEXT_USE
 from dlrm_cache.config import CacheConfig, ConfigError
@@ -462,7 +462,9 @@ def test_the_native_planner_makes_the_python_planners_plans(policy, ratio, paral
     def recording_plan(self, *args):
         p = plan(self, *args)
         over = None if p.overflow is None else p.overflow.clone()
-        plans["python" if self._native is None else "native"].append((p.slots.clone(), over))
+        plans["native" if isinstance(self.planner, NativePlanner) else "python"].append(
+            (p.slots.clone(), over)
+        )
         return p
 
     monkeypatch.setattr(group_module.TableGroup, "plan", recording_plan)
@@ -508,7 +510,7 @@ def test_planner_without_a_compiler(monkeypatch, caplog, request):
         )
     with caplog.at_level(logging.WARNING):
         ebc = CachedEmbeddingBagCollection(make_tables(), cache_cfg("lru", 0.2), SparseOptimizer())
-    assert all(g._native is None for g in ebc.groups)
+    assert not any(isinstance(g.planner, NativePlanner) for g in ebc.groups)
     assert "planning in Python" in caplog.text
 
 
@@ -535,7 +537,7 @@ def test_a_deep_copy_trains_on_its_own():
     a = CachedEmbeddingBagCollection(make_tables(), cache_cfg("lookahead", 0.2, planner="native"), opt)
     train(a, batches[:10])
     b = copy.deepcopy(a)
-    assert b.groups[0]._native is not a.groups[0]._native
+    assert b.groups[0].planner is not a.groups[0].planner
     torch.testing.assert_close(torch.stack(train(a, batches[10:])), torch.stack(train(b, batches[10:])))
     del a
     gc.collect()

@@ -78,6 +78,7 @@ def assert_same_model(a, b) -> None:
         torch.testing.assert_close(db[k], da[k], atol=2e-6, rtol=1e-5, msg=k)
 
 
+@pytest.mark.slow  # several processes
 @pytest.mark.parametrize(
     "sharding,sparse", [("table_wise", "adagrad"), ("column_wise", "sgd"), ("column_wise", "adam")]
 )
@@ -103,6 +104,7 @@ def test_two_ranks_train_like_one_unsharded_process(dataset, tmp_path, sharding,
     assert s2["cache"]["rows_loaded"] > 0  # the 2-rank run really went through the cache
 
 
+@pytest.mark.slow  # several processes
 @pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
 def test_checkpoint_moves_between_rank_counts(dataset, tmp_path, first, then):
     steps = ["optim.sparse=adagrad", "train.checkpoint_every=5"]
@@ -116,6 +118,7 @@ def test_checkpoint_moves_between_rank_counts(dataset, tmp_path, first, then):
     assert_same_model(tmp_path / "straight", moved)
 
 
+@pytest.mark.slow  # several processes
 def test_every_rank_writes_into_rank_0s_run_dir(dataset, tmp_path):
     """Hydra names a run dir per process (by default from its start time, which may differ between
     ranks); here each rank's differs on purpose, and everything still goes to rank 0's."""
@@ -130,6 +133,7 @@ def test_every_rank_writes_into_rank_0s_run_dir(dataset, tmp_path):
     )
 
 
+@pytest.mark.slow  # several processes
 def test_a_failing_rank_stops_the_job_with_its_error(dataset, tmp_path):
     """One bad id in rank 1's half of the first batch: its table's owner fails, torchrun stops the rest."""
     bad = tmp_path / "bad"
@@ -148,6 +152,7 @@ def test_a_failing_rank_stops_the_job_with_its_error(dataset, tmp_path):
     assert time.time() - start < 200
 
 
+@pytest.mark.slow  # several processes
 def test_a_batch_that_does_not_divide_over_the_ranks_is_refused_on_every_rank(dataset, tmp_path):
     proc = run(2, tmp_path / "r", dataset, "train.batch_size=255", "train.max_steps=2", timeout=240)
     assert proc.returncode != 0

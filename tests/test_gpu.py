@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dlrm_cache.cache import native
-from dlrm_cache.cache.group import TableGroup
+from dlrm_cache.cache.group import GroupSettings, TableGroup
 from dlrm_cache.cache.optim import SparseOptimizer
 from dlrm_cache.cache.table import TableSpec
 
@@ -33,13 +33,17 @@ def run(device, policy, optimizer, ratio, ids, planner="python", lookahead=3):
     tables = [TableSpec(f"t{i}", n, 8, [f"f{i}"]) for i, n in enumerate(ROWS)]
     caps = [n if policy == "none" or n <= 50 else max(1, round(ratio * n)) for n in ROWS]
     opt = SparseOptimizer(optimizer, lr=0.05)
-    g = TableGroup(tables, caps, policy, opt, torch.device(device), warmup_ratio=0.5, planner=planner)
+    g = TableGroup(
+        tables, GroupSettings(caps, policy, opt, torch.device(device), warmup_ratio=0.5, planner=planner)
+    )
     batch = ids[0].shape[0]
     bags = torch.arange(batch * len(ROWS) + 1, dtype=torch.int64)
     lookups = torch.full((len(ROWS),), batch, dtype=torch.int64)
 
     def prepare(step_ids):
-        p = g.prepare((step_ids + g.feature_row_offset).reshape(-1), bags, batch, lookups)  # sample-major
+        p = g.prepare(
+            (step_ids + g.layout.feature_row_offset).reshape(-1), bags, batch, lookups
+        )  # sample-major
         g.register_future(p)
         return p
 

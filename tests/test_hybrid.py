@@ -23,6 +23,7 @@ from dlrm_cache.train.trained_run import load_run
 WORKER = Path(__file__).with_name("hybrid_worker.py")
 
 
+@pytest.mark.slow  # several processes
 @pytest.mark.parametrize("ranks,optimizer", [(2, "adam"), (3, "sgd"), (3, "adagrad")])
 def test_module_pools_and_trains_like_one_process_with_identical_replicas(ranks, optimizer):
     """Multi-hot bags (empty ones too), sum and mean pooling, a table all cold, one all hot, one rank's
@@ -40,6 +41,7 @@ def summary(run_dir) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
+@pytest.mark.slow  # several processes
 @pytest.mark.parametrize("ranks,sparse", [(2, "adagrad"), (3, "adam")])
 def test_training_matches_one_process_and_the_model_predicts_the_bytes(dataset, tmp_path, ranks, sparse):  # noqa: F811
     steps = ["train.max_steps=12", f"optim.sparse={sparse}", "train.batch_size=258"]
@@ -60,6 +62,7 @@ def test_training_matches_one_process_and_the_model_predicts_the_bytes(dataset, 
     assert summary(tmp_path / "hybrid")["cache"]["rows_loaded"] > 0  # the cold rows went through the cache
 
 
+@pytest.mark.slow  # several processes
 @pytest.mark.parametrize(
     "first,then",
     [
@@ -81,6 +84,7 @@ def test_checkpoints_move_between_hybrid_table_wise_and_unsharded(dataset, tmp_p
     assert_same_model(tmp_path / "straight", moved)
 
 
+@pytest.mark.slow  # several processes
 def test_table_and_column_wise_runs_report_their_bytes_as_modeled(dataset, tmp_path):  # noqa: F811
     for sharding in ("table_wise", "column_wise"):
         ok(run(2, tmp_path / sharding, dataset, "train.max_steps=3", f"trainer.sharding={sharding}"))

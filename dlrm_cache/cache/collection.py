@@ -26,7 +26,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from dlrm_cache.cache import native
-from dlrm_cache.cache.group import PreparedBatch, StepPlan, TableGroup
+from dlrm_cache.cache.group import GroupSettings, PreparedBatch, StepPlan, TableGroup
 from dlrm_cache.cache.host import TableShard
 from dlrm_cache.cache.optim import SparseOptimizer
 from dlrm_cache.config import CacheConfig
@@ -87,25 +87,27 @@ class CachedEmbeddingBagCollection(nn.Module):
         self.groups = [
             TableGroup(
                 cfgs,
-                [table_capacity(c, cache) for c in cfgs],
-                cache.policy,
-                optimizer,
-                self.device,
-                host_kind=cache.host,
-                mmap_dir=cache.mmap_dir,
-                frequencies=[freqs.get(c.name) for c in cfgs],
-                warmup_ratio=cache.warmup_ratio,
-                seed=seed,
-                shards=[shards.get(c.name, TableShard.whole(c)) for c in cfgs] if shards else None,
-                planner=planner,
-                native_copies=native_copies,
+                GroupSettings(
+                    [table_capacity(c, cache) for c in cfgs],
+                    cache.policy,
+                    optimizer,
+                    self.device,
+                    host_kind=cache.host,
+                    mmap_dir=cache.mmap_dir,
+                    frequencies=[freqs.get(c.name) for c in cfgs],
+                    warmup_ratio=cache.warmup_ratio,
+                    seed=seed,
+                    shards=[shards.get(c.name, TableShard.whole(c)) for c in cfgs] if shards else None,
+                    planner=planner,
+                    native_copies=native_copies,
+                ),
             )
             for cfgs in by_kind.values()
         ]
         self._feature_names = [f for t in tables for f in t.feature_names]
         self._dims = [t.embedding_dim for t in tables for _ in t.feature_names]
-        self._group_order = [f for g in self.groups for f in g.features]
-        self._group_dims = [g.dim for g in self.groups for _ in g.features]
+        self._group_order = [f for g in self.groups for f in g.layout.features]
+        self._group_dims = [g.dim for g in self.groups for _ in g.layout.features]
         self._queue: deque[tuple[tuple, Future]] = deque()  # (signature, prepared batch per group)
         self._planned: Future | None = None  # the plan of the queue's head, made by prefetch()
         self._worker: ThreadPoolExecutor | None = None  # the bookkeeping thread
@@ -157,9 +159,8 @@ class CachedEmbeddingBagCollection(nn.Module):
         """Run ``fn`` on the bookkeeping thread, after everything submitted before it (in order).
 
         Inline (``cache.bookkeeping``, the CPU's default) it runs right here instead: on the CPU the
-        step's own compute already uses every core (intra-op threads), and a second busy thread slowed
-        both down (bench_cache_step.py: the threaded step cost more than the inline one, for
-        ``policy=none`` too)."""
+        step's own compute already uses every core (intra-op threads), and a second busy thread slows
+        both down (``scripts/bench_cache_step.py``; docs/cache.md)."""
         if not self.threaded:
             done: Future = Future()
             try:
@@ -232,25 +233,28 @@ class CachedEmbeddingBagCollection(nn.Module):
         values = kjt.values()
         prepared = []
         for g in self.groups:
-            per_feature = [index[f] for f in g.features]
+            lay = g.layout
+            per_feature = [index[f] for f in lay.features]
             lens = lengths[per_feature].to(torch.int64)  # (F, B)
             ids = torch.cat([values[(value_ends[i - 1] if i else 0) : value_ends[i]] for i in per_feature])
             counts = lens.sum(dim=1)
             local = ids.to(torch.int64)
-            limit = torch.repeat_interleave(g.feature_rows, counts, output_size=len(local))
+            limit = torch.repeat_interleave(lay.feature_rows, counts, output_size=len(local))
             bad = (local < 0) | (local >= limit)
             if bool(bad.any()):
                 pos = int(torch.nonzero(bad)[0])
                 f = int(torch.searchsorted(counts.cumsum(0), pos, right=True))
                 raise ValueError(
-                    f"feature {g.features[f]!r}: id {int(local[pos])} is outside its table "
-                    f"{g.configs[int(g.feature_table[f])].name!r} of {int(g.feature_rows[f])} rows"
+                    f"feature {lay.features[f]!r}: id {int(local[pos])} is outside its table "
+                    f"{lay.configs[int(lay.feature_table[f])].name!r} of {int(lay.feature_rows[f])} rows"
                 )
-            global_ids = local + torch.repeat_interleave(g.feature_row_offset, counts, output_size=len(local))
+            global_ids = local + torch.repeat_interleave(
+                lay.feature_row_offset, counts, output_size=len(local)
+            )
             global_ids, lengths_sm = _to_sample_major(global_ids, lens)
             offsets = torch.zeros(lens.numel() + 1, dtype=torch.int64)
             torch.cumsum(lengths_sm, 0, out=offsets[1:])
-            lookups = torch.zeros(len(g.configs), dtype=torch.int64).index_add_(0, g.feature_table, counts)
+            lookups = torch.zeros(lay.tables, dtype=torch.int64).index_add_(0, lay.feature_table, counts)
             prepared.append(g.prepare(global_ids, offsets, batch, lookups))
         return prepared
 
@@ -271,7 +275,7 @@ class CachedEmbeddingBagCollection(nn.Module):
             return
         self.optimizer = replace(self.optimizer, lr=lr)
         for g in self.groups:
-            g.optimizer = self.optimizer
+            g.set_learning_rate(lr)
 
     def flush(self) -> None:
         self._drain()
@@ -293,8 +297,8 @@ class CachedEmbeddingBagCollection(nn.Module):
             row_bytes = g.width * 4
             for t, cfg in enumerate(g.configs):
                 entry = {
-                    "rows": g.rows[t],
-                    "capacity": g.capacities[t],
+                    "rows": g.layout.rows[t],
+                    "capacity": g.layout.capacities[t],
                     "lookups": int(s.lookups[t]),
                     "rows_touched": int(s.touched[t]),
                     "rows_loaded": int(s.loaded[t]),
@@ -365,9 +369,10 @@ class CachedEmbeddingBagCollection(nn.Module):
                     missing_keys.extend(k for k in (w_key, s_key) if k not in state_dict)
                     continue
                 rows = torch.cat([state_dict[w_key], state_dict[s_key]], dim=1)
-                if tuple(rows.shape) != (g.rows[t], g.width):
+                expected_shape = (g.layout.rows[t], g.width)
+                if tuple(rows.shape) != expected_shape:
                     error_msgs.append(
-                        f"{w_key}: weight+state of shape {tuple(rows.shape)}, expected {(g.rows[t], g.width)}"
+                        f"{w_key}: weight+state of shape {tuple(rows.shape)}, expected {expected_shape}"
                     )
                     continue
                 g.write_table_rows(t, 0, rows)

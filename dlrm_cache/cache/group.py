@@ -14,8 +14,9 @@ A training step for one batch:
    back to the host), and load the missing rows host -> device. Rows that cannot be admitted because a
    batch needs more rows than a table's cache holds are served from the host for that step
    (``overflow``), so training goes on exactly. The planner (``native.NativePlanner``, C++, or
-   ``python_planner.PythonPlanner``) updates the ``slots.SlotState`` and returns a ``SlotPlan``; the
-   group copies what it lists (``transfer.py`` on CUDA) and turns it into the step's ``StepPlan``.
+   ``python_planner.PythonPlanner``) updates the ``slots.SlotState`` (through ``Bookkeeping``, its view of
+   the group) and returns a ``SlotPlan``; the group's row mover (``row_movers.py``) copies what it lists,
+   and the group turns it into the step's ``StepPlan``.
 3. ``gather`` + ``pool`` (forward): the step's unique rows, then ``embedding_bag`` over them.
 4. ``apply_gradients`` (backward): the summed gradient of each unique row, the fused optimizer update
    of weight and state together, the rows written back to their slots (marked dirty) or, for overflow
@@ -27,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import InitVar, dataclass, field
+from dataclasses import InitVar, dataclass, field, replace
 from typing import TYPE_CHECKING, BinaryIO
 
 import torch
@@ -35,18 +36,40 @@ import torch.nn.functional as F
 
 from dlrm_cache.cache import policy as pol
 from dlrm_cache.cache import python_planner
+from dlrm_cache.cache.bookkeeping import Bookkeeping, GroupStats
 from dlrm_cache.cache.future import FutureIndex
 from dlrm_cache.cache.host import HostTable, TableShard, stream_rows
-from dlrm_cache.cache.native import NativePlanner, RowKernels
+from dlrm_cache.cache.layout import GroupLayout
+from dlrm_cache.cache.native import NativePlanner
 from dlrm_cache.cache.optim import SparseOptimizer
+from dlrm_cache.cache.row_movers import row_mover
 from dlrm_cache.cache.slots import SlotState
-from dlrm_cache.cache.transfer import DeviceTransfers
 
 if TYPE_CHECKING:  # the cache core runs without torchrec (and so without fbgemm): plain PyTorch
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 log = logging.getLogger(__name__)
 _PARALLEL_ROWS = 4096  # the C++ planner plans a step of this many unique rows or more on several threads
+
+
+@dataclass(frozen=True)
+class GroupSettings:
+    """How a group caches its tables (``CachedEmbeddingBagCollection`` makes these from a ``CacheConfig``)."""
+
+    capacities: list[int]  # cache slots per table
+    policy: str
+    optimizer: SparseOptimizer
+    device: torch.device
+    host_kind: str = "memory"  # the host tier: "memory" or "mmap" (files under ``mmap_dir``)
+    mmap_dir: str | None = None
+    frequencies: list[torch.Tensor | None] | None = None  # train counts per row, per table (coldness)
+    warmup_ratio: float = 0.0
+    seed: int = 0
+    # for tables that are shards of larger ones (TorchRec sharding), where each sits in its full table
+    # (initial values are those of the full table's rows and columns)
+    shards: list[TableShard] | None = None
+    planner: str = "python"  # "native" (the C++ planner, ``native.py``) or "python"
+    native_copies: bool | None = None  # rows copied by C++ (``row_movers``); None: wherever they can be
 
 
 @dataclass
@@ -90,146 +113,78 @@ class StepPlan:
         if scratch is not None:
             self.write_slots = self.slots.index_fill(0, self.overflow, scratch)
 
-
-@dataclass
-class GroupStats:
-    """Counters in host memory (no device sync to read them); one entry per table. The planner (on the
-    bookkeeping thread with a CUDA device) and the update (on the training thread) add to counters of
-    their own: rows written back are ``written`` (dirty victims, flushes) + ``written_by_update``
-    (rows served from the host, updated there)."""
-
-    lookups: torch.Tensor
-    touched: torch.Tensor
-    loaded: torch.Tensor
-    written: torch.Tensor
-    written_by_update: torch.Tensor
-    overflow: torch.Tensor
-    warmup: torch.Tensor
-    eval_lookups: torch.Tensor
-    eval_host_rows: torch.Tensor
-    bookkeeping_s: float = 0.0
-
-    @classmethod
-    def zeros(cls, tables: int) -> GroupStats:
-        z = [torch.zeros(tables, dtype=torch.int64) for _ in range(9)]
-        return cls(*z)
+    def on_device(self, name: str, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The step's index tensor ``t`` on ``device``, copied once."""
+        if name not in self.device_tensors:
+            self.device_tensors[name] = t.to(device, non_blocking=True)
+        return self.device_tensors[name]
 
 
 class TableGroup:
-    def __init__(
-        self,
-        configs: list[EmbeddingBagConfig],
-        capacities: list[int],
-        policy: str,
-        optimizer: SparseOptimizer,
-        device: torch.device,
-        host_kind: str = "memory",
-        mmap_dir: str | None = None,
-        frequencies: list[torch.Tensor | None] | None = None,
-        warmup_ratio: float = 0.0,
-        seed: int = 0,
-        shards: list[TableShard] | None = None,
-        planner: str = "python",
-        native_copies: bool | None = None,
-    ):
-        """``shards``: for tables that are shards of larger ones (TorchRec sharding), where each sits in
-        its full table (initial values are those of the full table's rows and columns). ``planner``:
-        ``native`` (the C++ planner, ``native.py``) or ``python``. ``native_copies``: rows copied by
-        C++ (``RowKernels``, CPU device with the native planner only) rather than torch; None: wherever
-        they can be."""
-        can_copy_natively = planner == "native" and device.type == "cpu"
-        if native_copies and not can_copy_natively:
-            raise ValueError(
-                f"cache.row_copies=native needs the native planner on the CPU device "
-                f"(planner {planner}, device {device.type}): use row_copies=torch or auto"
-            )
+    def __init__(self, configs: list[EmbeddingBagConfig], settings: GroupSettings):
+        s = self.settings = settings
+        self.layout = layout = GroupLayout(configs, settings.capacities)
         self.configs = configs
-        self.features = [f for c in configs for f in c.feature_names]
         self.dim = configs[0].embedding_dim
         # SUM or MEAN, by name: a torchrec PoolingType, or any object with the same fields
         self.mean = getattr(configs[0].pooling, "name", str(configs[0].pooling)).upper() == "MEAN"
-        self.optimizer = optimizer
-        self.width = self.dim + optimizer.state_width(self.dim)
-        self.device = device
-        self.policy = policy
-        self.warmup_ratio = warmup_ratio
-        self.rows = [c.num_embeddings for c in configs]
-        self.capacities = [min(c, r) for c, r in zip(capacities, self.rows, strict=True)]
-        self.row_offsets = [0]
-        for r in self.rows:
-            self.row_offsets.append(self.row_offsets[-1] + r)
-        self.slot_offsets = [0]
-        for c in self.capacities:
-            self.slot_offsets.append(self.slot_offsets[-1] + c)
-        self._row_ends = torch.tensor(self.row_offsets[1:], dtype=torch.int64)
-        self._row_bounds = torch.tensor(self.row_offsets, dtype=torch.int64)
-        self._slot_ends = torch.tensor(self.slot_offsets[1:], dtype=torch.int64)
-        self._slot_starts = torch.tensor(self.slot_offsets[:-1], dtype=torch.int64)
-        self._capacity_t = torch.tensor(self.capacities, dtype=torch.int64)
-        feature_table = [t for t, c in enumerate(configs) for _ in c.feature_names]
-        self.feature_row_offset = torch.tensor(
-            [self.row_offsets[t] for t in feature_table], dtype=torch.int64
-        )
-        self.feature_rows = torch.tensor([self.rows[t] for t in feature_table], dtype=torch.int64)
-        self.feature_table = torch.tensor(feature_table, dtype=torch.int64)
-        self.resident = self.capacities == self.rows and policy == "none"
-        total_rows = self.row_offsets[-1]
+        self.optimizer = s.optimizer
+        self.width = self.dim + s.optimizer.state_width(self.dim)
+        self.device = s.device
+        self.resident = layout.capacities == layout.rows and s.policy == "none"
         name = "_".join(c.name for c in configs)[:100]
-        host = HostTable(total_rows, self.width, "memory" if self.resident else host_kind, mmap_dir, name)
-        host.initialize(configs, self.row_offsets, self.dim, seed, shards)
-        self.stats = GroupStats.zeros(len(configs))
+        host_kind = "memory" if self.resident else s.host_kind
+        host = HostTable(layout.total_rows, self.width, host_kind, s.mmap_dir, name)
+        host.initialize(configs, layout.row_offsets, self.dim, s.seed, s.shards)
+        self.stats = GroupStats.zeros(layout.tables)
         self._inflight: StepPlan | None = None
         self._overflow_logged: set[int] = set()
-        self.future: FutureIndex | None = None
-        self._rows = RowKernels() if (can_copy_natively if native_copies is None else native_copies) else None
-        self._transfers: DeviceTransfers | None = None
+        self.mover = row_mover(s.device, self.width, s.native_copies, s.planner, self.resident)
         if self.resident:
             # The whole table lives on the device: the baseline (policy=none). The cache *is* the table.
-            self.host = None
-            self.cache = host.data.to(device)
+            self.host, self.cache, self._cache_and_scratch = None, host.data.to(s.device), None
+            self.book = None
             return
         self.host = host
-        # On CUDA, loads and write-backs on a copy stream through pinned staging (transfer.py)
-        if device.type == "cuda":
-            self._transfers = DeviceTransfers(device, self.width)
-        # The cache's slots, and after them one scratch row: the updated rows of a step are written
-        # back in one indexed copy, those served from the host (overflow) into the scratch row.
-        self._cache_and_scratch = torch.zeros(self.slot_offsets[-1] + 1, self.width, device=device)
+        # The cache's slots, and after them one scratch row (``row_movers``: where the updated rows of a
+        # step served from the host go back, in the one indexed copy of all of them).
+        self._cache_and_scratch = torch.zeros(layout.total_slots + 1, self.width, device=s.device)
         self.cache = self._cache_and_scratch[:-1]
-        # Coldness of each row for warm-up, `freq` and `lookahead`: from train counts where given,
-        # else the id itself (ids re-numbered by frequency: id 0 is the hottest).
-        self._coldness_table = None
-        if frequencies is not None and any(f is not None for f in frequencies):
-            self._coldness_table = torch.cat(
-                [
-                    pol.coldness_from_counts(f.to(torch.int64)) if f is not None else torch.arange(r)
-                    for f, r in zip(frequencies, self.rows, strict=True)
-                ]
+        self.book = Bookkeeping(
+            layout, s.policy, self.stats, self._empty_state(), _coldness_table(layout, s.frequencies),
+            torch.zeros(layout.total_rows, dtype=torch.int64) if s.policy == "lfu" else None,
+            FutureIndex(layout.total_rows) if s.policy == "lookahead" else None,
+        )  # fmt: skip
+        self.planner = (
+            NativePlanner(
+                layout.slot_offsets,
+                layout.row_offsets,
+                s.policy,
+                (*python_planner.pool_sizes(), _PARALLEL_ROWS),
             )
-        if policy == "lookahead":
-            self.future = FutureIndex(total_rows)
-        # LFU's counts cover every row and survive eviction and re-admission.
-        self.access_count = torch.zeros(total_rows, dtype=torch.int64) if policy == "lfu" else None
-        # the C++ planner's candidate pools sized as the Python planner's
-        pools = python_planner.POOL_MIN, python_planner.POOL_FACTOR, python_planner.POOL_REBUILD
-        tuning = (*pools, _PARALLEL_ROWS)
-        self._native = self._python = None
-        if planner == "native":
-            self._native = NativePlanner(self.slot_offsets, self.row_offsets, policy, tuning)
-        self._reset_cache([])
+            if s.planner == "native"
+            else python_planner.PythonPlanner(layout)
+        )
+        self._warm_up()
 
     # ---------------------------------------------------------------- bookkeeping state
+    @property
+    def state(self) -> SlotState:
+        return self.book.state
+
+    @property
+    def future(self) -> FutureIndex | None:
+        return None if self.book is None else self.book.future
+
+    def _empty_state(self) -> SlotState:
+        lay = self.layout
+        return SlotState.empty(lay.total_rows, lay.total_slots, lay.tables, self.settings.policy)
+
     def _reset_cache(self, queued: list[PreparedBatch]) -> None:
         """Empty the cache (the host must hold every row), then warm it up with the hottest rows;
         ``queued``: the enqueued batches not yet consumed, whose uses the lookahead policy needs."""
-        tables = len(self.configs)
-        self.state = SlotState.empty(self.row_offsets[-1], self.slot_offsets[-1], tables, self.policy)
-        if self._native is not None:
-            self._native.reset()
-        elif self._python is None:
-            self._python = python_planner.PythonPlanner(self)
-        else:
-            self._python.reset()
+        self.book.state = self._empty_state()
+        self.planner.reset()
         self._inflight = None
         self._warm_up()
         for p in reversed(queued):  # nearest use last, so it wins
@@ -238,35 +193,22 @@ class TableGroup:
                 self.state.next_use[s[s >= 0]] = p.seq
 
     def _warm_up(self) -> None:
-        for t, cap in enumerate(self.capacities):
-            k = cap if cap == self.rows[t] else int(self.warmup_ratio * cap)
+        lay = self.layout
+        for t, cap in enumerate(lay.capacities):
+            k = cap if cap == lay.rows[t] else int(self.settings.warmup_ratio * cap)
             if k == 0:
                 continue
-            lo = self.row_offsets[t]
-            if self._coldness_table is None:
+            lo = lay.row_offsets[t]
+            if self.book.coldness_table is None:
                 rows = torch.arange(lo, lo + k, dtype=torch.int64)  # ids ranked by frequency: a prefix
             else:
-                coldness = self._coldness_table[lo : self.row_offsets[t + 1]]
+                coldness = self.book.coldness_table[lo : lay.row_offsets[t + 1]]
                 rows = torch.topk(coldness, k, largest=False).indices + lo
-            slots = torch.arange(self.slot_offsets[t], self.slot_offsets[t] + k, dtype=torch.int64)
-            self._load(rows, slots)
+            slots = torch.arange(lay.slot_offsets[t], lay.slot_offsets[t] + k, dtype=torch.int64)
+            self._copy_in(rows, slots)
+            self.state.admit(rows, slots)
             self.state.filled[t] = k
             self.stats.warmup[t] += k
-
-    def coldness(self, rows: torch.Tensor) -> torch.Tensor:
-        """Static coldness of global rows: from train counts, or the row itself for ranked ids."""
-        return rows if self._coldness_table is None else self._coldness_table[rows]
-
-    def table_of(self, rows: torch.Tensor) -> torch.Tensor:
-        return torch.searchsorted(self._row_ends, rows, right=True)
-
-    def count_unsorted_per_table(self, rows: torch.Tensor) -> torch.Tensor:
-        """How many of ``rows`` (any order) fall in each table."""
-        return torch.bincount(self.table_of(rows), minlength=len(self.configs))
-
-    def count_per_table(self, sorted_rows: torch.Tensor) -> torch.Tensor:
-        """How many of ``sorted_rows`` (ascending global rows) fall in each table: O(T log n)."""
-        return torch.searchsorted(sorted_rows, self._row_bounds).diff()
 
     # ---------------------------------------------------------------- prepare and plan
     def prepare(
@@ -285,15 +227,8 @@ class TableGroup:
 
     def register_future(self, batch: PreparedBatch) -> None:
         """A batch the trainer will train on later (lookahead): record its rows' uses."""
-        if self.future is None:
-            return
-        if self._native is not None:
-            batch.seq, batch.arena_base = self._native.register_future(self, batch.uniq)
-            return
-        batch.seq, batch.arena_base = self.future.add(batch.uniq)
-        s = self.state.row_to_slot[batch.uniq].to(torch.int64)
-        s = s[s >= 0]
-        self.state.next_use[s] = torch.minimum(self.state.next_use[s], torch.tensor(batch.seq))
+        if self.future is not None:
+            batch.seq, batch.arena_base = self.planner.register_future(self.book, batch.uniq)
 
     def pin_floor(self, step: int) -> int:
         """Slots used at or after this step stay: those of ``step`` and of a batch still in flight."""
@@ -313,13 +248,12 @@ class TableGroup:
         t0 = time.perf_counter()
         if self.resident:
             self.stats.lookups += batch.lookups
-            self.stats.touched += self.count_per_table(batch.uniq)
+            self.stats.touched += self.layout.count_per_table(batch.uniq)
             plan = StepPlan(batch, step, batch.uniq, None)
         else:
             with self.host.measured():
                 plan = self._plan_cached(batch, step, pin_floor, host_rows)
-            if self._transfers is not None:  # the step's gather waits for the loads made so far
-                plan.ready = self._transfers.ready
+            plan.ready = self.mover.ready()  # the step's gather waits for the loads made so far
         self.stats.bookkeeping_s += time.perf_counter() - t0
         return plan
 
@@ -331,81 +265,42 @@ class TableGroup:
                 if batch.arena_base is None
                 else self.future.consume(batch.arena_base, len(batch.uniq))
             )
-        if self._native is None:
-            p, copied = self._python.plan(batch, step, pin_floor, host_rows), False
-        else:
-            copied = self._rows is not None  # the C++ planner copies the rows itself
-            p = self._native.plan(self, batch, step, pin_floor, host_rows, copy_rows=copied)
-        if not copied:
+        tiers = (self.host.data, self.cache) if self.mover.planner_copies else None
+        p = self.planner.plan(self.book, batch, step, pin_floor, host_rows, tiers)
+        if tiers is None:
             self._copy_out(p.write_back_slots, p.write_back_rows)  # victims out first: their slots are reused
             self._copy_in(p.load_rows, p.load_slots)
         for t in torch.nonzero(p.short_of).squeeze(1).tolist():
             self._log_overflow(t, batch, int(p.short_of[t]))
-        return StepPlan(batch, step, p.slots, p.overflow, scratch=self._scratch())
-
-    def _scratch(self) -> int | None:
-        """The scratch row for a plan's ``write_slots`` (where the rows go back by ``index_copy_``)."""
-        return None if self._rows is not None else self.slot_offsets[-1]
+        scratch = self.layout.total_slots if self.mover.scratch else None  # where ``write_slots`` point
+        return StepPlan(batch, step, p.slots, p.overflow, scratch=scratch)
 
     def _log_overflow(self, t: int, batch: PreparedBatch, short: int) -> None:
         if t in self._overflow_logged:
             return
         self._overflow_logged.add(t)
-        need = int((self.table_of(batch.uniq) == t).sum())
+        need = int((self.layout.table_of(batch.uniq) == t).sum())
         log.warning(
             "table %s: a batch needs %d distinct rows but its cache holds %d, less the rows of a batch still "
             "in flight (%d rows served from the host this step); a capacity of at least %d rows "
             "(ratio >= %.4g, twice that with prefetch) avoids this. Logged once.",
-            self.configs[t].name, need, self.capacities[t], short, need, need / self.rows[t],
+            self.configs[t].name, need, self.layout.capacities[t], short, need, need / self.layout.rows[t],
         )  # fmt: skip
 
     def _copy_out(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
         """Cache slots back into host rows (the data only)."""
-        if not slots.numel():
-            return
-        if self._rows is not None:
-            self._rows.copy(self.cache, slots, self.host.data, rows)
-        elif self._transfers is not None:
-            self._transfers.write_back(self.cache, slots, self.host.data, rows)
-        else:
-            self.host.data.index_copy_(0, rows, self.cache.index_select(0, slots.to(self.device)).cpu())
+        if slots.numel():
+            self.mover.copy_out(self.cache, slots, self.host.data, rows)
 
     def _copy_in(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
         """Host rows into cache slots (the data only)."""
-        if not rows.numel():
-            return
-        if self._rows is not None:
-            self._rows.copy(self.host.data, rows, self.cache, slots)
-        elif self._transfers is not None:
-            self._transfers.load(self.host.data, rows, self.cache, slots)
-        else:
-            self.cache.index_copy_(
-                0, slots.to(self.device), self.host.data.index_select(0, rows).to(self.device)
-            )
-
-    def _load(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
-        if rows.numel() == 0:
-            return
-        self._copy_in(rows, slots)
-        self.state.admit(rows, slots)
+        if rows.numel():
+            self.mover.copy_in(self.host.data, rows, self.cache, slots)
 
     # ---------------------------------------------------------------- compute
-    def _dev(self, plan: StepPlan, name: str, t: torch.Tensor) -> torch.Tensor:
-        if name not in plan.device_tensors:
-            plan.device_tensors[name] = t.to(self.device, non_blocking=True)
-        return plan.device_tensors[name]
-
     def gather(self, plan: StepPlan) -> torch.Tensor:
         """The step's unique rows (U, width) on the device; overflow rows come from the host."""
-        if self._rows is not None:
-            host = None if plan.overflow is None else self.host.data
-            return self._rows.gather(self.cache, plan.slots, host, plan.batch.uniq)
-        if plan.overflow is None:
-            return self.cache.index_select(0, self._dev(plan, "slots", plan.slots))
-        # Every position reads a slot (overflow ones slot 0), then the host rows replace those.
-        rows = self.cache.index_select(0, self._dev(plan, "slots", plan.slots).clamp(min=0))
-        host = self.host.data.index_select(0, plan.host_rows).to(self.device, non_blocking=True)
-        return rows.index_copy_(0, self._dev(plan, "overflow", plan.overflow), host)
+        return self.mover.gather(plan, self.cache, None if self.host is None else self.host.data)
 
     def pool(self, plan: StepPlan, rows: torch.Tensor) -> torch.Tensor:
         """Pooled embeddings (B, F * D) of the batch from its unique rows (sample-major bags: no copy)."""
@@ -413,17 +308,16 @@ class TableGroup:
         weight = rows[:, : self.dim] if rows.shape[1] == self.dim else rows[:, : self.dim].contiguous()
         mode = "mean" if self.mean else "sum"
         pooled = F.embedding_bag(
-            self._dev(plan, "inverse", b.inverse),
+            plan.on_device("inverse", b.inverse, self.device),
             weight,
-            self._dev(plan, "offsets", b.offsets),
+            plan.on_device("offsets", b.offsets, self.device),
             mode=mode,
             include_last_offset=True,
         )  # (B * F, D)
         return pooled.view(b.batch_size, -1)
 
     def begin_step(self, plan: StepPlan) -> None:
-        if self._transfers is not None:
-            self._transfers.wait_ready(plan.ready)
+        self.mover.wait(plan.ready)
         with self._host_io(plan):
             plan.rows = self.gather(plan)
         self._inflight = plan
@@ -431,10 +325,7 @@ class TableGroup:
     def record_load_timings(self) -> list | None:
         """CUDA: from now on, the (start, end) timing events of every load's copies (for benchmarks);
         None elsewhere."""
-        if self._transfers is None:
-            return None
-        self._transfers.load_timings = []
-        return self._transfers.load_timings
+        return self.mover.record_load_timings()
 
     def _host_io(self, plan: StepPlan) -> AbstractContextManager:
         """Counts the disk I/O of a step's work with rows served from the (mapped) host."""
@@ -446,50 +337,32 @@ class TableGroup:
         b, dim = plan.batch, self.dim
         grad_bags = grad_out.reshape(-1, dim)  # (B * F, D): a view, bags are sample-major
         if self.mean:
-            offsets = self._dev(plan, "offsets", b.offsets)
+            offsets = plan.on_device("offsets", b.offsets, self.device)
             grad_bags = grad_bags / (offsets[1:] - offsets[:-1]).clamp(min=1).unsqueeze(1)
         per_id = (
             grad_bags
             if b.bag_of_id is None
-            else grad_bags.index_select(0, self._dev(plan, "bags", b.bag_of_id))
+            else grad_bags.index_select(0, plan.on_device("bags", b.bag_of_id, self.device))
         )
         grad_rows = torch.zeros(len(b.uniq), dim, device=self.device)
-        grad_rows.index_add_(0, self._dev(plan, "inverse", b.inverse), per_id)
+        grad_rows.index_add_(0, plan.on_device("inverse", b.inverse, self.device), per_id)
         self.optimizer.update(plan.rows, grad_rows, plan.step)
         with self._host_io(plan):
-            self._write_back(plan)
-        if self._transfers is not None:  # later copies of these slots wait for this update
-            self._transfers.after_update()
+            state = None if self.resident else self.state
+            host = None if self.host is None else self.host.data
+            self.mover.write_back(plan, plan.rows, self.cache, self._cache_and_scratch, state, host)
+            if plan.overflow is not None:
+                self.stats.written_by_update += self.layout.count_per_table(plan.host_rows)
+        self.mover.after_update()  # later copies of these slots wait for this update
         plan.rows = None
         if self._inflight is plan:
             self._inflight = None
-
-    def _write_back(self, plan: StepPlan) -> None:
-        """The step's updated rows into their slots (marked dirty), or to the host where served from it."""
-        b, rows = plan.batch, plan.rows
-        if self._rows is not None:
-            dirty = None if self.resident else self.state.dirty
-            host = None if plan.overflow is None else self.host.data
-            self._rows.scatter(rows, plan.slots, b.uniq, self.cache, dirty, host)
-            if plan.overflow is not None:
-                self.stats.written_by_update += self.count_per_table(plan.host_rows)
-        elif plan.overflow is None:
-            self.cache.index_copy_(0, self._dev(plan, "slots", plan.slots), rows)
-            if not self.resident:
-                self.state.dirty[plan.slots] = True
-        else:
-            self._cache_and_scratch.index_copy_(0, self._dev(plan, "write_slots", plan.write_slots), rows)
-            self.state.dirty_and_scratch[plan.write_slots] = True
-            host = rows.index_select(0, self._dev(plan, "overflow", plan.overflow)).to("cpu")
-            self.host.data.index_copy_(0, plan.host_rows, host)
-            self.stats.written_by_update += self.count_per_table(plan.host_rows)
 
     @torch.no_grad()
     def lookup_readonly(self, batch: PreparedBatch) -> torch.Tensor:
         """Evaluation: hits from the cache, misses straight from the host; nothing admitted or written."""
         self.stats.eval_lookups += batch.lookups
-        if self._transfers is not None:
-            self._transfers.wait_ready(self._transfers.ready)
+        self.mover.wait(self.mover.ready())
         if self.resident:
             plan = StepPlan(batch, 0, batch.uniq, None)
         else:
@@ -497,10 +370,14 @@ class TableGroup:
             miss = torch.nonzero(slots < 0).squeeze(1)
             plan = StepPlan(batch, 0, slots, miss if miss.numel() else None)
             if miss.numel():
-                self.stats.eval_host_rows += self.count_per_table(batch.uniq[miss])
+                self.stats.eval_host_rows += self.layout.count_per_table(batch.uniq[miss])
         return self.pool(plan, self.gather(plan))
 
     # ---------------------------------------------------------------- state
+    def set_learning_rate(self, lr: float) -> None:
+        """The optimizer's learning rate from the next update on."""
+        self.optimizer = replace(self.optimizer, lr=lr)
+
     @torch.no_grad()
     def flush(self) -> None:
         """Write every dirty cached row back to the host (they stay cached, now clean)."""
@@ -511,18 +388,18 @@ class TableGroup:
             rows = self.state.slot_to_row[slots]
             with self.host.measured():
                 self._copy_out(slots, rows)
-            self.stats.written += self.count_unsorted_per_table(rows)
+            self.stats.written += self.layout.count_unsorted_per_table(rows)
             self.state.dirty[slots] = False
 
     def table_rows(self, t: int) -> torch.Tensor:
         """Table ``t``'s rows ``[weight | state]`` in the host layout (call ``flush`` first)."""
-        lo, hi = self.row_offsets[t], self.row_offsets[t + 1]
+        lo, hi = self.layout.row_offsets[t], self.layout.row_offsets[t + 1]
         return (self.cache if self.resident else self.host.data)[lo:hi]
 
     def save_table(self, t: int, out: BinaryIO) -> None:
         """Stream table ``t``'s rows (host layout) into the open file ``out``, in bounded memory
         (call ``flush`` first)."""
-        lo, hi = self.row_offsets[t], self.row_offsets[t + 1]
+        lo, hi = self.layout.row_offsets[t], self.layout.row_offsets[t + 1]
         if self.resident:
             stream_rows(self.cache, lo, hi - lo, out)
         else:
@@ -532,10 +409,10 @@ class TableGroup:
     def write_table_rows(self, t: int, first: int, rows: torch.Tensor) -> None:
         """Rows ``[first, first + len(rows))`` of table ``t`` become ``rows`` (host layout); call
         ``rebuild`` once done."""
-        lo = self.row_offsets[t] + first
-        if lo + len(rows) > self.row_offsets[t + 1]:
+        lo = self.layout.row_offsets[t] + first
+        if lo + len(rows) > self.layout.row_offsets[t + 1]:
             name, end = self.configs[t].name, first + len(rows)
-            raise ValueError(f"table {name}: rows up to {end} written, it has {self.rows[t]}")
+            raise ValueError(f"table {name}: rows up to {end} written, it has {self.layout.rows[t]}")
         if self.resident:
             self.cache[lo : lo + len(rows)] = rows.to(self.device)
         else:
@@ -550,3 +427,18 @@ class TableGroup:
     def close(self) -> None:
         if self.host is not None:
             self.host.close()
+
+
+def _coldness_table(
+    layout: GroupLayout, frequencies: list[torch.Tensor | None] | None
+) -> torch.Tensor | None:
+    """Coldness of each row for warm-up, ``freq`` and ``lookahead``: from train counts where given,
+    else the id itself (ids re-numbered by frequency: id 0 is the hottest); None when no table has counts."""
+    if frequencies is None or all(f is None for f in frequencies):
+        return None
+    return torch.cat(
+        [
+            pol.coldness_from_counts(f.to(torch.int64)) if f is not None else torch.arange(r)
+            for f, r in zip(frequencies, layout.rows, strict=True)
+        ]
+    )

@@ -1,7 +1,7 @@
 """The C++ step planner (``planner.cpp``), built on first use (``dlrm_cache.native_build``) and loaded
 with ctypes.
 
-It does what ``TableGroup._plan_python`` does (the reference, and the fallback where no compiler is
+It does what ``python_planner.PythonPlanner`` does (the reference, and the fallback where no compiler is
 found), as a few loops over the step's unique rows instead of dozens of tensor operations, each with
 its own Python overhead.
 """
@@ -19,7 +19,8 @@ from dlrm_cache.cache.slots import SlotPlan
 from dlrm_cache.native_build import choose, load
 
 if TYPE_CHECKING:
-    from dlrm_cache.cache.group import PreparedBatch, TableGroup
+    from dlrm_cache.cache.bookkeeping import Bookkeeping
+    from dlrm_cache.cache.group import PreparedBatch
 
 SOURCE = Path(__file__).with_name("planner.cpp")
 POLICIES = {"lru": 0, "lfu": 1, "freq": 2, "lookahead": 3}
@@ -121,9 +122,8 @@ def _index_ptr(t: torch.Tensor) -> int:
 
 class RowKernels:
     """Row copies between the cache and the host tier where both are host memory (the CPU): one
-    ``memcpy`` per row on the threads, instead of torch's ``index_copy_`` / ``index_select`` (a step's
-    15K rows: ``index_copy_`` 1.37 ms, these 0.45 ms; docs/cache.md). Rows are float32 of one width,
-    indices int64, all contiguous host tensors."""
+    ``memcpy`` per row on the threads, instead of torch's ``index_copy_`` / ``index_select`` (faster:
+    docs/cache.md). Rows are float32 of one width, indices int64, all contiguous host tensors."""
 
     def __init__(self) -> None:
         self._lib = library()
@@ -182,8 +182,9 @@ class NativePlanner:
     """One table group's planner state (its candidate pools); the rest of its state is the group's."""
 
     def __init__(self, slot_offsets: list[int], row_offsets: list[int], policy: str, tuning: tuple[int, ...]):
-        """``tuning``: the candidate pools' minimum size, factor and rebuild limit (group.py's
-        ``_POOL_*``), and the unique rows from which a step is planned on several threads."""
+        """``tuning``: the candidate pools' minimum size, factor and rebuild limit
+        (``python_planner.pool_sizes``), and the unique rows from which a step is planned on several
+        threads."""
         self._args = (slot_offsets, row_offsets, policy, tuning)
         self._lib = library()
         self.tables = len(slot_offsets) - 1
@@ -206,34 +207,35 @@ class NativePlanner:
         """Forget the candidate pools (after the group's bookkeeping was reset)."""
         self._lib.planner_reset(self._handle)
 
-    def register_future(self, g: TableGroup, uniq: torch.Tensor) -> tuple[int, int]:
-        """``g.register_future`` in one pass: the batch's rows into ``g.future`` (its sequence number
-        and arena base are returned), and the next use of its cached rows lowered to it."""
-        f = g.future
+    def register_future(self, book: Bookkeeping, uniq: torch.Tensor) -> tuple[int, int]:
+        """In one pass: the batch's rows into ``book.future`` (its sequence number and arena base are
+        returned), and the next use of its cached rows lowered to it."""
+        f = book.future
         seq, base = f.open(len(uniq))
         self._lib.future_add(
             self._handle, _ptr(uniq), len(uniq), seq, base, f.tail, _ptr(f.last_pos), _ptr(f.arena),
-            len(f.arena), NO_NEXT_USE, _ptr(g.state.row_to_slot), _ptr(g.state.next_use),
+            len(f.arena), NO_NEXT_USE, _ptr(book.state.row_to_slot), _ptr(book.state.next_use),
         )  # fmt: skip
         return seq, base
 
     def plan(
         self,
-        g: TableGroup,
+        book: Bookkeeping,
         batch: PreparedBatch,
         step: int,
         pin_floor: int,
         host_rows: torch.Tensor | None,
-        copy_rows: bool,
+        tiers: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> SlotPlan:
-        """Plan ``batch`` for ``step``, updating ``g``'s slot state and counters (``g.stats``); with
-        ``copy_rows`` (both tiers in host memory) also write back the dirty victims and load the
+        """Plan ``batch`` for ``step``, updating ``book``'s slot state and counters; with ``tiers`` (the
+        host rows and the cache, both in host memory) also write back the dirty victims and load the
         misses (the plan then lists none to copy)."""
         n = len(batch.uniq)
         buf = torch.empty(len(_PER_ROW) * n + self.tables, dtype=torch.int64)
         out = dict(zip(_PER_ROW, buf[: len(_PER_ROW) * n].view(len(_PER_ROW), n), strict=True))
         out["short_of"] = buf[len(_PER_ROW) * n :]
-        s = g.stats
+        s, state = book.stats, book.state
+        host, cache = tiers if tiers is not None else (None, None)
         a = _PlanArgs(
             n_uniq=n,
             uniq=_ptr(batch.uniq),
@@ -243,18 +245,18 @@ class NativePlanner:
             pin_floor=pin_floor,
             host_rows=_ptr(host_rows),
             n_host=0 if host_rows is None else len(host_rows),
-            row_to_slot=_ptr(g.state.row_to_slot),
-            slot_to_row=_ptr(g.state.slot_to_row),
-            filled=_ptr(g.state.filled),
-            dirty=_ptr(g.state.dirty),
-            pin_until=_ptr(g.state.pin_until),
-            next_use=_ptr(g.state.next_use),
-            last_used=_ptr(g.state.last_used),
-            access_count=_ptr(g.access_count),
-            coldness=_ptr(g._coldness_table),
-            host=_ptr(g.host.data) if copy_rows else None,
-            cache=_ptr(g.cache) if copy_rows else None,
-            width=g.width,
+            row_to_slot=_ptr(state.row_to_slot),
+            slot_to_row=_ptr(state.slot_to_row),
+            filled=_ptr(state.filled),
+            dirty=_ptr(state.dirty),
+            pin_until=_ptr(state.pin_until),
+            next_use=_ptr(state.next_use),
+            last_used=_ptr(state.last_used),
+            access_count=_ptr(book.access_count),
+            coldness=_ptr(book.coldness_table),
+            host=_ptr(host),
+            cache=_ptr(cache),
+            width=0 if host is None else host.shape[1],
             **{k: _ptr(v) for k, v in out.items()},
             lookups=_ptr(batch.lookups),
             stat_lookups=_ptr(s.lookups),

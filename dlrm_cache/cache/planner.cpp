@@ -1,5 +1,5 @@
-// The cache's step planner in C++: the same algorithm as the Python planner in group.py
-// (TableGroup._plan_python), one loop per pass instead of dozens of tensor operations per step.
+// The cache's step planner in C++: the same algorithm as python_planner.py's PythonPlanner, one loop
+// per pass instead of dozens of tensor operations per step.
 //
 // It changes only bookkeeping (row <-> slot maps, pins, dirty bits, policy state, candidate pools);
 // the rows themselves are copied by the caller, from the lists this returns: dirty victims to write
@@ -393,7 +393,7 @@ void planner_reset(void* p) { static_cast<Planner*>(p)->reset(); }
 void planner_plan(void* p, PlanArgs* a) { static_cast<Planner*>(p)->plan(*a); }
 
 // Row copies between the cache and the host tier when both are in host memory (the CPU), rows of
-// `width` floats, one memcpy each, spread over the threads (torch's index_copy_ is ~3x slower here).
+// `width` floats, one memcpy each, spread over the threads (faster than torch's index_copy_ here: docs/cache.md).
 
 // dst[dst_idx[i]] = src[src_idx[i]]
 void copy_rows(const float* src, const int64_t* src_idx, float* dst, const int64_t* dst_idx, int64_t n,

@@ -15,44 +15,65 @@ from dlrm_cache.cache import policy as pol
 from dlrm_cache.cache.slots import SlotPlan
 
 if TYPE_CHECKING:
-    from dlrm_cache.cache.group import PreparedBatch, TableGroup
+    from dlrm_cache.cache.bookkeeping import Bookkeeping
+    from dlrm_cache.cache.group import PreparedBatch
+    from dlrm_cache.cache.layout import GroupLayout
 
 _INT64_MIN = torch.iinfo(torch.int64).min
 _INT64_MAX = torch.iinfo(torch.int64).max
 POOL_MIN = 4096  # eviction candidates kept per table, at least
 POOL_FACTOR = 16  # ... and at least this many times the evictions asked for
 POOL_REBUILD = 4  # rebuild a pool that has grown to this many times its target size
+
+
+def pool_sizes() -> tuple[int, int, int]:
+    """The candidate pools' sizes, which the C++ planner's take too."""
+    return POOL_MIN, POOL_FACTOR, POOL_REBUILD
+
+
 _EMPTY = torch.empty(0, dtype=torch.int64)
 
 
 class PythonPlanner:
-    """One table group's planner (its candidate pools); the slot state is the group's."""
+    """One table group's planner: its candidate pools, over the ``Bookkeeping`` each call is given."""
 
-    def __init__(self, group: TableGroup):
-        self.g = group
+    def __init__(self, layout: GroupLayout):
+        self.layout = layout
+        self.book: Bookkeeping | None = None
         self.reset()
 
     @property
     def state(self):
-        return self.g.state
+        return self.book.state
 
     def reset(self) -> None:
         """Forget the candidate pools (after the group's slot state was reset): an empty pool with the
         top floor knows nothing."""
-        tables, slots = len(self.g.configs), self.g.slot_offsets[-1]
+        tables, slots = self.layout.tables, self.layout.total_slots
         self._pool = [torch.empty(0, dtype=torch.int64) for _ in range(tables)]
         self._pool_floor = torch.full((tables,), _INT64_MAX, dtype=torch.int64)
         self._in_pool = torch.zeros(slots, dtype=torch.bool)
 
-    def plan(self, batch: PreparedBatch, step: int, pin_floor: int, host_rows) -> SlotPlan:
-        """Plan ``batch`` for ``step`` (see ``TableGroup.plan``), updating the slot state and the
-        group's counters; the rows to write back and load are returned, not copied."""
-        self._short_of = torch.zeros(len(self.g.configs), dtype=torch.int64)
+    def register_future(self, book: Bookkeeping, uniq: torch.Tensor) -> tuple[int, int]:
+        """A batch's rows into ``book.future``; the next use of its cached rows lowered to it. Returns
+        its sequence number and arena base."""
+        seq, base = book.future.add(uniq)
+        s = book.state.row_to_slot[uniq].to(torch.int64)
+        s = s[s >= 0]
+        book.state.next_use[s] = torch.minimum(book.state.next_use[s], torch.tensor(seq))
+        return seq, base
+
+    def plan(self, book: Bookkeeping, batch: PreparedBatch, step: int, pin_floor: int, host_rows,
+             tiers: None = None) -> SlotPlan:  # fmt: skip
+        """Plan ``batch`` for ``step`` (see ``TableGroup.plan``), updating ``book``'s slot state and
+        counters; the rows to write back and load are returned, not copied (``tiers``: never given)."""
+        self.book = book
+        self._short_of = torch.zeros(self.layout.tables, dtype=torch.int64)
         self._write_back = (_EMPTY, _EMPTY)  # dirty victims: (rows, slots)
         loads = (_EMPTY, _EMPTY)
         uniq = batch.uniq
-        self.g.stats.lookups += batch.lookups
-        self.g.stats.touched += self.g.count_per_table(uniq)
+        self.book.stats.lookups += batch.lookups
+        self.book.stats.touched += self.layout.count_per_table(uniq)
         slots = self.state.row_to_slot[uniq].to(torch.int64)
         hit = slots >= 0
         self.state.pin_until[slots[hit]] = step
@@ -62,13 +83,13 @@ class PythonPlanner:
             held = torch.isin(uniq[miss_pos], host_rows)
             if bool(held.any()):
                 held_pos, miss_pos = miss_pos[held], miss_pos[~held]
-        lookahead = self.g.future is not None
+        lookahead = self.book.future is not None
         next_use = batch.next_use
         if miss_pos.numel():
             miss_rows = uniq[miss_pos]
-            per_table_t = self.g.count_per_table(miss_rows)
+            per_table_t = self.layout.count_per_table(miss_rows)
             if lookahead:
-                miss_key = pol.lookahead_key(next_use[miss_pos], self.g.coldness(miss_rows))
+                miss_key = pol.lookahead_key(next_use[miss_pos], self.book.coldness(miss_rows))
             assigned, victims = self._assign_slots(
                 batch, miss_rows, per_table_t, miss_key if lookahead else None, pin_floor
             )
@@ -79,22 +100,22 @@ class PythonPlanner:
             self.state.admit(*loads)
             self.state.pin_until[assigned[admit]] = step
             slots[miss_pos] = assigned
-            self.g.stats.loaded += per_table_t
+            self.book.stats.loaded += per_table_t
             if not bool(admit.all()):
                 overflow = miss_pos[~admit]
-                self.g.stats.overflow += self.g.count_per_table(uniq[overflow])
+                self.book.stats.overflow += self.layout.count_per_table(uniq[overflow])
         if held_pos is not None:
-            held_per_table = self.g.count_per_table(uniq[held_pos])
-            self.g.stats.loaded += held_per_table
-            self.g.stats.overflow += held_per_table
+            held_per_table = self.layout.count_per_table(uniq[held_pos])
+            self.book.stats.loaded += held_per_table
+            self.book.stats.overflow += held_per_table
             overflow = held_pos if overflow is None else torch.sort(torch.cat([overflow, held_pos])).values
         cached = slots >= 0
         if lookahead:
             self.state.next_use[slots[cached]] = next_use[cached]
         if self.state.last_used is not None:
             self.state.last_used[slots[cached]] = step
-        if self.g.access_count is not None:
-            self.g.access_count[uniq] += batch.occurrences
+        if self.book.access_count is not None:
+            self.book.access_count[uniq] += batch.occurrences
         self._track_pool(slots[cached])
         return SlotPlan(slots, overflow, *self._write_back, *loads, self._short_of)
 
@@ -103,19 +124,19 @@ class PythonPlanner:
         dirty = self.state.dirty[victims]
         if bool(dirty.any()):
             self._write_back = (rows[dirty], victims[dirty])
-            self.g.stats.written += self.g.count_unsorted_per_table(rows[dirty])
+            self.book.stats.written += self.layout.count_unsorted_per_table(rows[dirty])
         self.state.release(victims)
 
     def _slot_keys(self, slots: torch.Tensor) -> torch.Tensor:
         """Current eviction keys of filled slots (largest = evict first)."""
-        if self.g.policy == "lru":
+        if self.book.policy == "lru":
             return pol.lru_key(self.state.last_used[slots])
         rows = self.state.slot_to_row[slots]
-        if self.g.policy == "lfu":
-            return pol.coldness_from_counts(self.g.access_count[rows])
-        if self.g.policy == "freq":
-            return self.g.coldness(rows)
-        return pol.lookahead_key(self.state.next_use[slots], self.g.coldness(rows))
+        if self.book.policy == "lfu":
+            return pol.coldness_from_counts(self.book.access_count[rows])
+        if self.book.policy == "freq":
+            return self.book.coldness(rows)
+        return pol.lookahead_key(self.state.next_use[slots], self.book.coldness(rows))
 
     def _assign_slots(
         self, batch, miss_rows, per_table, miss_key, pin_floor
@@ -129,9 +150,9 @@ class PythonPlanner:
         table's candidates come from a pool holding every slot whose key may be >= its floor (all
         others are known to be below it); see ``_track_pool``."""
         n_miss = len(miss_rows)
-        tables = torch.repeat_interleave(torch.arange(len(self.g.configs)), per_table, output_size=n_miss)
+        tables = torch.repeat_interleave(torch.arange(self.layout.tables), per_table, output_size=n_miss)
         first_miss = torch.cumsum(per_table, 0) - per_table
-        take = torch.minimum(per_table, self.g._capacity_t - self.state.filled)  # free slots used
+        take = torch.minimum(per_table, self.layout.capacity - self.state.filled)  # free slots used
         need = per_table - take  # victims wanted
         old_filled = self.state.filled.clone()
         self.state.filled += take
@@ -151,7 +172,7 @@ class PythonPlanner:
         rank = torch.arange(n_miss) - first_miss[t_of]
         assigned_in_order = torch.full((n_miss,), -1, dtype=torch.int64)
         free = rank < take[t_of]
-        assigned_in_order[free] = self.g._slot_starts[t_of[free]] + old_filled[t_of[free]] + rank[free]
+        assigned_in_order[free] = self.layout.slot_starts[t_of[free]] + old_filled[t_of[free]] + rank[free]
         j = rank - take[t_of]  # victim index within the table
         use = (j >= 0) & (j < avail[t_of])
         victim_at = first_cand[t_of[use]] + j[use]
@@ -169,7 +190,7 @@ class PythonPlanner:
         pool members at or above their table's floor; a pool that cannot cover its table's need is
         rebuilt from a full scan first."""
         empty = torch.empty(0, dtype=torch.int64)
-        got = torch.zeros(len(self.g.configs), dtype=torch.int64)
+        got = torch.zeros(self.layout.tables, dtype=torch.int64)
         if not needy:
             return empty, empty, got
         for attempt in range(2):
@@ -208,7 +229,7 @@ class PythonPlanner:
 
     def _refresh_pool(self, t: int, k: int, filled: int) -> None:
         """Rebuild table ``t``'s pool from a full scan: its top ``max(POOL_MIN, POOL_FACTOR * k)`` keys."""
-        lo = self.g.slot_offsets[t]
+        lo = self.layout.slot_offsets[t]
         hi = lo + filled
         self._in_pool[self._pool[t]] = False
         if hi == lo:
@@ -226,7 +247,7 @@ class PythonPlanner:
         """Slots whose keys may have risen this step (the rows it touched or admitted) join their
         table's pool if they reach its floor, keeping every slot outside a pool below its floor."""
         keys = self._slot_keys(slots)
-        tables = torch.searchsorted(self.g._slot_ends, slots, right=True)
+        tables = torch.searchsorted(self.layout.slot_ends, slots, right=True)
         join = (keys >= self._pool_floor[tables]) & ~self._in_pool[slots]
         if not bool(join.any()):
             return

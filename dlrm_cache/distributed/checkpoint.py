@@ -67,12 +67,12 @@ def write_embeddings(folder: Path, rank: int, collections: Collections) -> None:
                     name = f"rank{rank}.{cfg.name}{at}.f32"
                     with atomic_file(folder / name) as f:
                         g.save_table(t, f)
-                    bar.update(g.rows[t] * g.width * 4)
+                    bar.update(g.layout.rows[t] * g.width * 4)
                     pieces.append(
                         {
                             "table": cfg.name,
                             "file": name,
-                            "rows": g.rows[t],
+                            "rows": g.layout.rows[t],
                             "cols": g.dim,
                             "width": g.width,
                             "row_offset": shard.row_offset,
@@ -281,7 +281,7 @@ def load_embeddings(folder: Path, world_size: int, collections: Collections) -> 
                         raise ValueError(f"{folder}: no rows for table {cfg.name!r}")
                     _fill(g, t, shards.get(cfg.name, TableShard.whole(cfg)), found, ebc.optimizer)
                     steps.update(p.optimizer_step for p in found)
-                    bar.update(g.rows[t] * g.width * 4)
+                    bar.update(g.layout.rows[t] * g.width * 4)
             if len(steps) != 1:
                 raise ValueError(f"{folder}: pieces at different optimizer steps {sorted(steps)}")
             ebc.restored(steps.pop())
@@ -289,13 +289,13 @@ def load_embeddings(folder: Path, world_size: int, collections: Collections) -> 
 
 def _progress(what: str, collections: Collections) -> tqdm:
     """A bar in bytes over this rank's tables, shown when they hold ``host_tier.PROGRESS_BYTES`` or more."""
-    total = sum(r * g.width * 4 for ebc, _ in collections for g in ebc.groups for r in g.rows)
+    total = sum(r * g.width * 4 for ebc, _ in collections for g in ebc.groups for r in g.layout.rows)
     return tqdm(total=total, desc=what, unit="B", unit_scale=True, disable=total < host_tier.PROGRESS_BYTES)
 
 
 def _fill(g: TableGroup, t: int, shard: TableShard, pieces: list[Piece], optimizer: SparseOptimizer) -> None:
     """Table ``t`` of ``g`` (the shard ``shard`` of its full table) from ``pieces``, chunk by chunk."""
-    name, rows, cols = g.configs[t].name, g.rows[t], g.dim
+    name, rows, cols = g.configs[t].name, g.layout.rows[t], g.dim
     full = {(p.full_rows, p.full_dim) for p in pieces}
     if full != {(shard.full_rows, shard.full_dim)}:
         raise ValueError(

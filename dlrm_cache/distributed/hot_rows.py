@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
-from dlrm_cache.cache.group import TableGroup
+from dlrm_cache.cache.group import GroupSettings, TableGroup
 from dlrm_cache.cache.host import TableShard
 from dlrm_cache.cache.optim import SparseOptimizer
 
@@ -71,8 +71,9 @@ class HotRows:
         shards = [TableShard(0, 0, t.num_embeddings, t.embedding_dim) for t in hot]
         self.shards = dict(zip(self.names, shards, strict=True))
         rows = [c.num_embeddings for c in configs]
-        self.groups = [TableGroup(configs, rows, "none", optimizer, device, seed=seed, shards=shards)]
-        self._offsets = dict(zip(self.names, self.groups[0].row_offsets, strict=False))
+        settings = GroupSettings(rows, "none", optimizer, device, seed=seed, shards=shards)
+        self.groups = [TableGroup(configs, settings)]
+        self._offsets = dict(zip(self.names, self.groups[0].layout.row_offsets, strict=False))
 
     @property
     def dim(self) -> int:
@@ -98,7 +99,7 @@ class HotRows:
         bag_of_id = torch.repeat_interleave(
             torch.arange(len(lengths), device=self.device), lengths, output_size=len(ids)
         )
-        touched = torch.zeros(g.row_offsets[-1], dtype=torch.uint8, device=self.device)
+        touched = torch.zeros(g.layout.total_rows, dtype=torch.uint8, device=self.device)
         touched[ids] = 1
         world = dist.get_world_size(self.process_group) if dist.is_initialized() else 1
         if world > 1:
@@ -120,7 +121,7 @@ class HotRows:
     def set_learning_rate(self, lr: float) -> None:
         self.optimizer = replace(self.optimizer, lr=lr)
         for g in self.groups:
-            g.optimizer = self.optimizer
+            g.set_learning_rate(lr)
 
     def flush(self) -> None:
         """Nothing to write back: the rows live on the device only."""

@@ -333,13 +333,13 @@ class ColdCollection(CachedEmbeddingBagCollection):
         (g,) = self.groups
         ids = kjt.values().to(torch.int64)
         lengths = kjt.lengths().to(torch.int64)
-        total = g.row_offsets[-1]
+        total = g.layout.total_rows
         bad = (ids < 0) | (ids >= total)
         if bool(bad.any()):
             raise ValueError(f"{self.feature}: row {int(ids[bad][0])} is outside its {total} rows")
         offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
         torch.cumsum(lengths, 0, out=offsets[1:])
-        return [g.prepare(ids, offsets, len(lengths), g.count_unsorted_per_table(ids))]
+        return [g.prepare(ids, offsets, len(lengths), g.layout.count_unsorted_per_table(ids))]
 
     def keyed(self, outs: list[torch.Tensor]) -> KeyedTensor:
         return KeyedTensor(

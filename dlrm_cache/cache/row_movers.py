@@ -1,0 +1,164 @@
+"""How a group's rows move between the host tier and the device cache, chosen once per group:
+
+- ``NativeRows``: both tiers in host memory (the CPU device) with the C++ planner: one ``memcpy`` per
+  row (``native.RowKernels``); the planner copies a plan's loads and write-backs itself.
+- ``CudaRows``: a CUDA device: loads and write-backs through pinned staging on a copy stream
+  (``transfer.DeviceTransfers``), gathers and update write-backs by torch on the compute stream.
+- ``TorchRows``: anywhere else, torch's indexed copies.
+
+Each moves four ways: a plan's loads (``copy_in``) and evictions (``copy_out``), a step's gather of
+its unique rows (hits from the cache, overflow rows from the host) and the write-back of its updated
+rows (into their slots, marked dirty, or into the host where they were served from it). Without
+native copies the updated rows go back in one indexed copy that sends the overflow rows into a
+scratch row after the cache's slots (``scratch``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from dlrm_cache.cache.native import RowKernels
+from dlrm_cache.cache.transfer import DeviceTransfers
+
+if TYPE_CHECKING:
+    from dlrm_cache.cache.group import StepPlan
+    from dlrm_cache.cache.slots import SlotState
+
+
+class TorchRows:
+    planner_copies = False  # the planner lists the rows to copy; this mover copies them
+    scratch = True  # updated rows go back through the scratch row after the cache's slots
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def copy_in(
+        self, host: torch.Tensor, rows: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor
+    ) -> None:
+        """Host ``rows`` into cache ``slots`` (the data only)."""
+        cache.index_copy_(0, slots.to(self.device), host.index_select(0, rows).to(self.device))
+
+    def copy_out(
+        self, cache: torch.Tensor, slots: torch.Tensor, host: torch.Tensor, rows: torch.Tensor
+    ) -> None:
+        """Cache ``slots`` back into host ``rows`` (the data only)."""
+        host.index_copy_(0, rows, cache.index_select(0, slots.to(self.device)).cpu())
+
+    def gather(self, plan: StepPlan, cache: torch.Tensor, host: torch.Tensor | None) -> torch.Tensor:
+        """The step's unique rows (U, width) on the device; overflow rows from ``host``."""
+        slots = plan.on_device("slots", plan.slots, self.device)
+        if plan.overflow is None:
+            return cache.index_select(0, slots)
+        # Every position reads a slot (overflow ones slot 0), then the host rows replace those.
+        rows = cache.index_select(0, slots.clamp(min=0))
+        from_host = host.index_select(0, plan.host_rows).to(self.device, non_blocking=True)
+        return rows.index_copy_(0, plan.on_device("overflow", plan.overflow, self.device), from_host)
+
+    def write_back(self, plan: StepPlan, rows: torch.Tensor, cache: torch.Tensor,
+                   cache_and_scratch: torch.Tensor | None, state: SlotState | None,
+                   host: torch.Tensor | None) -> None:  # fmt: skip
+        """The step's updated ``rows`` into their slots of ``cache`` (marked dirty in ``state``; None: a
+        resident table), or into ``host`` where served from it (``cache_and_scratch``: the cache and
+        its scratch row after it)."""
+        if plan.overflow is None:
+            cache.index_copy_(0, plan.on_device("slots", plan.slots, self.device), rows)
+            if state is not None:
+                state.dirty[plan.slots] = True
+            return
+        cache_and_scratch.index_copy_(0, plan.on_device("write_slots", plan.write_slots, self.device), rows)
+        state.dirty_and_scratch[plan.write_slots] = True
+        updated = rows.index_select(0, plan.on_device("overflow", plan.overflow, self.device)).to("cpu")
+        host.index_copy_(0, plan.host_rows, updated)
+
+    def ready(self) -> torch.cuda.Event | None:
+        """An event after the loads queued so far (None: they are done when queued)."""
+        return None
+
+    def wait(self, event: torch.cuda.Event | None) -> None:
+        """The compute stream waits for ``event`` (copies on a stream of their own)."""
+
+    def after_update(self) -> None:
+        """After a step's update is queued: later copies wait for it."""
+
+    def record_load_timings(self) -> list | None:
+        """CUDA: from now on, the (start, end) timing events of every load's copies (for benchmarks);
+        None elsewhere."""
+        return None
+
+
+class CudaRows(TorchRows):
+    def __init__(self, device: torch.device, width: int):
+        super().__init__(device)
+        self.transfers = DeviceTransfers(device, width)
+
+    def copy_in(
+        self, host: torch.Tensor, rows: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor
+    ) -> None:
+        self.transfers.load(host, rows, cache, slots)
+
+    def copy_out(
+        self, cache: torch.Tensor, slots: torch.Tensor, host: torch.Tensor, rows: torch.Tensor
+    ) -> None:
+        self.transfers.write_back(cache, slots, host, rows)
+
+    def ready(self) -> torch.cuda.Event | None:
+        return self.transfers.ready
+
+    def wait(self, event: torch.cuda.Event | None) -> None:
+        self.transfers.wait_ready(event)
+
+    def after_update(self) -> None:
+        self.transfers.after_update()
+
+    def record_load_timings(self) -> list | None:
+        self.transfers.load_timings = []
+        return self.transfers.load_timings
+
+
+class NativeRows(TorchRows):
+    planner_copies = True
+    scratch = False
+
+    def __init__(self) -> None:
+        super().__init__(torch.device("cpu"))
+        self.kernels = RowKernels()
+
+    def copy_in(
+        self, host: torch.Tensor, rows: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor
+    ) -> None:
+        self.kernels.copy(host, rows, cache, slots)
+
+    def copy_out(
+        self, cache: torch.Tensor, slots: torch.Tensor, host: torch.Tensor, rows: torch.Tensor
+    ) -> None:
+        self.kernels.copy(cache, slots, host, rows)
+
+    def gather(self, plan: StepPlan, cache: torch.Tensor, host: torch.Tensor | None) -> torch.Tensor:
+        return self.kernels.gather(
+            cache, plan.slots, None if plan.overflow is None else host, plan.batch.uniq
+        )
+
+    def write_back(self, plan: StepPlan, rows: torch.Tensor, cache: torch.Tensor,
+                   cache_and_scratch: torch.Tensor | None, state: SlotState | None,
+                   host: torch.Tensor | None) -> None:  # fmt: skip
+        host = None if plan.overflow is None else host
+        dirty = None if state is None else state.dirty
+        self.kernels.scatter(rows, plan.slots, plan.batch.uniq, cache, dirty, host)
+
+
+def row_mover(
+    device: torch.device, width: int, native: bool | None, planner: str, resident: bool
+) -> TorchRows:
+    """The group's mover: ``native`` True / False / None (wherever it can: the C++ planner on the
+    CPU device); a ``resident`` group (every row on the device) copies nothing between tiers."""
+    can_copy_natively = planner == "native" and device.type == "cpu"
+    if native and not can_copy_natively:
+        raise ValueError(
+            f"cache.row_copies=native needs the native planner on the CPU device "
+            f"(planner {planner}, device {device.type}): use row_copies=torch or auto"
+        )
+    if can_copy_natively if native is None else native:
+        return NativeRows()
+    return CudaRows(device, width) if device.type == "cuda" and not resident else TorchRows(device)
