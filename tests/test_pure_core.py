@@ -42,3 +42,31 @@ def test_the_library_imports_without_hydra_or_omegaconf():
     r = subprocess.run([sys.executable, "-c", WITHOUT_HYDRA], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "imported"
+
+
+WITHOUT_TORCHREC_PLANNING = """
+import sys
+sys.modules['torchrec'] = None      # any import of it fails
+sys.modules['fbgemm_gpu'] = None
+import numpy as np
+from dlrm_cache.cache.optim import SparseOptimizer
+from dlrm_cache.config import CacheConfig, NetworkConfig
+from dlrm_cache.distributed import comm_model, hybrid_plan, placement, planner, table_stats
+tables = [table_stats.TableStats(f"t{i}", 1000, 8, 1, np.sort(np.arange(1000.0))[::-1] + 1) for i in range(4)]
+plan = planner.plan_cache(tables, 2, CacheConfig(ratio=0.1), SparseOptimizer())
+hybrid = hybrid_plan.plan_hybrid(tables, 2, 256, CacheConfig(ratio=0.1), SparseOptimizer(), NetworkConfig())
+print(sorted(plan.sharding.values())[0], hybrid.predicted.network > 0)
+"""
+
+
+def test_the_planners_and_their_cost_model_plan_without_torchrec():
+    """Frequency statistics, the cost model and both planners are numpy code beneath the sharded path."""
+    r = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCHREC_PLANNING],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["table_wise", "True"]

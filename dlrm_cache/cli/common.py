@@ -1,5 +1,5 @@
-"""What every command shares: turning expected failures into one clear line and a non-zero exit.
-Imports nothing heavy: ``dlrm-preprocess`` and ``dlrm-synth`` never load torch."""
+"""What every command shares: its Hydra entry point, and turning expected failures into one clear line
+and a non-zero exit. Imports nothing heavy: ``dlrm-preprocess`` and ``dlrm-synth`` never load torch."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ import signal
 import sys
 from collections.abc import Callable
 
+import hydra
+from omegaconf import DictConfig
+
+from dlrm_cache.cli.schemas import register_configs
 from dlrm_cache.config import ConfigError
 from dlrm_cache.distributed.rank import current_rank
 from dlrm_cache.native_build import NativeUnavailable
@@ -15,6 +19,23 @@ from dlrm_cache.train.errors import TrainingError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+
+
+def command(name: str, config_name: str, work: Callable[[DictConfig], None], log_info: bool = True):
+    """The entry point of command ``name``: Hydra composes ``configs/<config_name>.yaml`` with the
+    command line, then ``work(cfg)`` runs under ``run_cli`` (with INFO logging unless ``log_info`` is
+    False). Hydra names the job, and its log file, ``config_name``, as the command's own module."""
+    register_configs()
+
+    def task(cfg: DictConfig) -> None:
+        if log_info:
+            logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+        run_cli(name, lambda: work(cfg))
+
+    task.__module__ = f"dlrm_cache.cli.{config_name}"  # what Hydra names the job after
+    return hydra.main(config_path="pkg://dlrm_cache.configs", config_name=config_name, version_base=None)(
+        task
+    )
 
 
 def run_cli(name: str, job: Callable[[], None]) -> None:

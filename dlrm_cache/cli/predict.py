@@ -6,34 +6,22 @@ dlrm-predict run_dir=runs/a input=/data/day31_pq split=test output=day31.csv   #
 
 from __future__ import annotations
 
-import logging
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
-from dlrm_cache.cli.common import run_cli
-from dlrm_cache.cli.schemas import register_configs, to_config
+from dlrm_cache.cli.common import command
+from dlrm_cache.cli.schemas import to_config
 from dlrm_cache.config import PredictConfig
 from dlrm_cache.train.predict import predict
 
-register_configs()
+
+def _predict(cfg: DictConfig) -> None:
+    out = predict(to_config(cfg, PredictConfig))
+    print(f"dlrm-predict: {out}")
 
 
-@hydra.main(config_path="pkg://dlrm_cache.configs", config_name="predict", version_base=None)
-def _main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-
-    def job() -> None:
-        out = predict(to_config(cfg, PredictConfig))
-        print(f"dlrm-predict: {out}")
-
-    run_cli("dlrm-predict", job)
-
-
-def main() -> None:
-    _main()
-
+main = command("dlrm-predict", "predict", _predict)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,34 +6,22 @@ dlrm-preprocess dataset=criteo_1tb input='/data/criteo/day_*.gz' output_dir=... 
 
 from __future__ import annotations
 
-import logging
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
-from dlrm_cache.cli.common import run_cli
-from dlrm_cache.cli.schemas import register_configs, to_config
+from dlrm_cache.cli.common import command
+from dlrm_cache.cli.schemas import to_config
 from dlrm_cache.config import PreprocessRunConfig
 from dlrm_cache.data.preprocess import preprocess
 
-register_configs()
+
+def _preprocess(cfg: DictConfig) -> None:
+    out = preprocess(to_config(cfg, PreprocessRunConfig))
+    print(f"dlrm-preprocess: {out} ({out / 'metadata.json'})")
 
 
-@hydra.main(config_path="pkg://dlrm_cache.configs", config_name="preprocess", version_base=None)
-def _main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-
-    def job() -> None:
-        out = preprocess(to_config(cfg, PreprocessRunConfig))
-        print(f"dlrm-preprocess: {out} ({out / 'metadata.json'})")
-
-    run_cli("dlrm-preprocess", job)
-
-
-def main() -> None:
-    _main()
-
+main = command("dlrm-preprocess", "preprocess", _preprocess)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,33 +10,24 @@ from __future__ import annotations
 
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
-from dlrm_cache.cli.common import run_cli
-from dlrm_cache.cli.schemas import register_configs, to_config
+from dlrm_cache.cli.common import command
+from dlrm_cache.cli.schemas import to_config
 from dlrm_cache.config import SynthConfig
 from dlrm_cache.data.synthetic import generate
 
-register_configs()
+
+def _synth(cfg: DictConfig) -> None:
+    paths = generate(to_config(cfg, SynthConfig))
+    total = sum(p.stat().st_size for p in paths)
+    print(
+        f"dlrm-synth: wrote {len(paths)} file(s), {total / 1e6:.1f} MB: {paths[0]}"
+        + (" ..." if len(paths) > 1 else "")
+    )
 
 
-@hydra.main(config_path="pkg://dlrm_cache.configs", config_name="synth", version_base=None)
-def _main(cfg: DictConfig) -> None:
-    def job() -> None:
-        paths = generate(to_config(cfg, SynthConfig))
-        total = sum(p.stat().st_size for p in paths)
-        print(
-            f"dlrm-synth: wrote {len(paths)} file(s), {total / 1e6:.1f} MB: {paths[0]}"
-            + (" ..." if len(paths) > 1 else "")
-        )
-
-    run_cli("dlrm-synth", job)
-
-
-def main() -> None:
-    _main()
-
+main = command("dlrm-synth", "synth", _synth, log_info=False)
 
 if __name__ == "__main__":
     sys.exit(main())

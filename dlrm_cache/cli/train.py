@@ -12,41 +12,29 @@ Outputs (metrics.jsonl, summary.json, checkpoint/) go to Hydra's run dir. Under 
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from dlrm_cache.cli.common import run_cli
-from dlrm_cache.cli.schemas import register_configs, to_config
+from dlrm_cache.cli.common import command
+from dlrm_cache.cli.schemas import to_config
 from dlrm_cache.config import TrainRunConfig
 from dlrm_cache.distributed.rank import current_rank
 from dlrm_cache.train.trainer import train
 
-register_configs()
+
+def _train(cfg: DictConfig) -> None:
+    summary = train(to_config(cfg, TrainRunConfig), Path(HydraConfig.get().runtime.output_dir))
+    if current_rank().rank == 0:  # under torchrun, one summary
+        shown = {k: v for k, v in summary.items() if k != "cache"}
+        shown["cache_hit_rate_unique"] = summary["cache"]["hit_rate_unique"]
+        print(json.dumps(shown, indent=2))
+        print(f"dlrm-train: outputs in {summary['run_dir']}")
 
 
-@hydra.main(config_path="pkg://dlrm_cache.configs", config_name="train", version_base=None)
-def _main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-
-    def job() -> None:
-        summary = train(to_config(cfg, TrainRunConfig), Path(HydraConfig.get().runtime.output_dir))
-        if current_rank().rank == 0:  # under torchrun, one summary
-            shown = {k: v for k, v in summary.items() if k != "cache"}
-            shown["cache_hit_rate_unique"] = summary["cache"]["hit_rate_unique"]
-            print(json.dumps(shown, indent=2))
-            print(f"dlrm-train: outputs in {summary['run_dir']}")
-
-    run_cli("dlrm-train", job)
-
-
-def main() -> None:
-    _main()
-
+main = command("dlrm-train", "train", _train)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -185,10 +185,10 @@ def hot_rows_at(
     for t in tables:
         if t.name in fixed:
             out[t.name] = fixed[t.name]
-        elif t.counts is None or t._cum[-1] == 0:
+        elif not t.known:
             out[t.name] = t.rows if global_batch * t.features / t.rows >= threshold else 0
         else:
-            per_count = global_batch * t.features / t._cum[-1]  # expected lookups per batch per count
+            per_count = global_batch * t.features / t.total  # expected lookups per batch per count
             out[t.name] = t.rows_at_least(threshold / per_count)
     return out
 
@@ -198,11 +198,11 @@ def candidate_thresholds(tables: list[TableStats], global_batch: int, limit: int
     log-spaced levels between the lowest and the highest; +inf (nothing hot) first."""
     levels = []
     for t in tables:
-        if t.counts is None or t._cum[-1] == 0:
+        if not t.known:
             levels.append(np.array([global_batch * t.features / t.rows]))
             continue
-        per_count = global_batch * t.features / t._cum[-1]
-        positive = t.counts[: int(np.searchsorted(t._neg, 0.0, side="left"))]
+        per_count = global_batch * t.features / t.total
+        positive = t.counts[: t.counted_rows()]
         few = len(positive) <= limit
         levels.append((np.unique(positive) if few else positive[[0, -1]]) * per_count)
     every = np.unique(np.concatenate(levels)) if levels else np.array([])

@@ -206,24 +206,26 @@ class CachedPooledEmbeddingsLookup(GroupedPooledEmbeddingsLookup):
                 kernel.prefetch_distributed(features)
 
 
-def _cached_lookup(sharding, device, feature_processor) -> CachedPooledEmbeddingsLookup:
-    return CachedPooledEmbeddingsLookup(
-        grouped_configs=sharding._grouped_embedding_configs,
-        pg=sharding._pg,
-        device=device if device is not None else sharding._device,
-        feature_processor=feature_processor,
-        env=sharding._env,
-    )
+class _CachedLookups:
+    """A TorchRec pooled sharding whose lookups are ``CachedPooledEmbeddingsLookup`` (what TorchRec's
+    own ``create_lookup`` builds, from the same inherited fields)."""
 
-
-class CachedTwSharding(TwPooledEmbeddingSharding):
     def create_lookup(self, device=None, fused_params=None, feature_processor=None):
-        return _cached_lookup(self, device, feature_processor)
+        return CachedPooledEmbeddingsLookup(
+            grouped_configs=self._grouped_embedding_configs,
+            pg=self._pg,
+            device=device if device is not None else self._device,
+            feature_processor=feature_processor,
+            env=self._env,
+        )
 
 
-class CachedCwSharding(CwPooledEmbeddingSharding):
-    def create_lookup(self, device=None, fused_params=None, feature_processor=None):
-        return _cached_lookup(self, device, feature_processor)
+class CachedTwSharding(_CachedLookups, TwPooledEmbeddingSharding):
+    pass
+
+
+class CachedCwSharding(_CachedLookups, CwPooledEmbeddingSharding):
+    pass
 
 
 class ShardedCachedEmbeddingBagCollection(ShardedEmbeddingBagCollection):

@@ -42,6 +42,15 @@ class TableStats:
             self._neg = -c
 
     @property
+    def total(self) -> float:
+        """The lookups of all rows together (0 when unknown)."""
+        return 0.0 if self._cum is None else float(self._cum[-1])
+
+    def counted_rows(self) -> int:
+        """How many rows were looked up at all (counts > 0: a prefix, hottest first)."""
+        return int(np.searchsorted(self._neg, 0.0, side="left"))
+
+    @property
     def known(self) -> bool:
         """Whether the counts are known and not all zero (else lookups are taken as uniform)."""
         return self._cum is not None and self._cum[-1] > 0

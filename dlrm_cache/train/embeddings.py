@@ -109,8 +109,9 @@ class ShardedEmbeddings(EmbeddingRuntime):
         self.world_size = dist.get_world_size()
         self.counter = CommCounter()
         self.counter.install()
-        if isinstance(model._dmp_wrapped_module, DistributedDataParallel):
-            self.counter.hook_ddp(model._dmp_wrapped_module)
+        ddp = next((m for m in model.modules() if isinstance(m, DistributedDataParallel)), None)
+        if ddp is not None:  # the dense part, replicated: its gradients' all-reduce is counted too
+            self.counter.hook_ddp(ddp)
 
     def sparse_input(self, batch: Batch):
         """On the device: TorchRec's input distribution builds its splits where the ids are, and NCCL
