@@ -150,6 +150,11 @@ class PreprocessRunConfig:
         _require(bool(self.output_dir), "output_dir", self.output_dir, "an output folder")
         if self.all_into is not None:
             _require_choice("all_into", self.all_into, ("train", "val", "test"))
+            _require(
+                self.all_into == "train" or self.vocab_from is not None, "all_into", self.all_into,
+                "train, or vocab_from=<a dlrm-preprocess output> beside it: with no train split there is "
+                "nothing to fit vocabularies on",
+            )  # fmt: skip
         if self.vocab_from is not None:
             _require(bool(self.vocab_from), "vocab_from", self.vocab_from, "a dlrm-preprocess output folder")
             kept = "to be left out with vocab_from (its vocabulary decides which values are kept)"

@@ -7,6 +7,7 @@ Used by ``dlrm-preprocess`` (its output folder), checkpoints, ``dlrm-predict`` a
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import logging
 import os
@@ -67,6 +68,29 @@ def refuse_foreign(out: Path, ours: Iterable[str], what: str, command: str, then
     foreign = sorted(p.name for p in out.iterdir() if p.name not in allowed)
     if foreign:
         raise FileExistsError(f"{what} holds what {command} did not write ({', '.join(foreign[:5])}){then}")
+
+
+@contextmanager
+def held(folder: Path, key: str) -> Iterator[None]:
+    """This process owns ``folder`` for the block: an exclusive lock on ``folder/.lock`` (released by the
+    kernel however the process ends), which holds its pid. A second owner is refused at once, naming
+    the first (``key``: the setting that chose the folder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise FileExistsError(
+            f"{key}={folder} is in use by another run (pid {other}): wait for it, or choose another {key}"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def remove_leftovers(out: Path) -> None:

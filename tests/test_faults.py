@@ -1,6 +1,7 @@
 """Faults as they happen: processes killed at random moments, signals, full and read-only file
 systems, outputs that hold the user's files. After each, what is left on disk is checked."""
 
+import contextlib
 import json
 import random
 import signal
@@ -258,3 +259,55 @@ def test_the_default_dataset_is_made_again_when_its_settings_change(tmp_path):
     rows = json.loads((again / "metadata.json").read_text())["rows"]
     assert sum(rows.values()) == 5000
     assert leftovers(tmp_path, "parquet") == []
+
+
+def _children(pid: int) -> set[int]:
+    """The live child processes of ``pid`` (from /proc)."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            found |= {int(c) for c in (task / "children").read_text().split()}
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in ("Z", "X")  # a zombie has ended; nothing may reap it here
+
+
+def test_a_killed_preprocess_leaves_no_process_behind(tsvs, tmp_path):
+    inputs = f"input=[{tsvs / 'day_0.txt'},{tsvs / 'day_1.txt'}]"
+    proc = subprocess.Popen([*PREPROCESS, inputs, f"output_dir={tmp_path / 'out'}", "preprocess.workers=2"],
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline, children = time.monotonic() + 60, set()
+    while len(children) < 2 and time.monotonic() < deadline:  # the two parse processes (and the tracker)
+        children |= _children(proc.pid)
+        time.sleep(0.02)
+    assert len(children) >= 2, "the parse processes never started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while not all(_gone(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [c for c in children if not _gone(c)] == [], "processes of the killed run live on"
+
+
+def test_a_killed_overwrite_leaves_nothing_after_a_rerun_that_has_nothing_to_do(tsvs, tmp_path):
+    out = tmp_path / "out"
+    inputs = f"input=[{tsvs / 'day_0.txt'},{tsvs / 'day_1.txt'}]"
+    preprocess(inputs, f"output_dir={out}", check=True)
+    before = dataset_contents(out)
+    proc = subprocess.Popen([*PREPROCESS, inputs, f"output_dir={out}", "overwrite=true"],
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not leftovers(tmp_path, "out") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert leftovers(tmp_path, "out"), "killed before it made its temporary folder"
+    again = preprocess(inputs, f"output_dir={out}")  # the dataset there is whole: nothing to do
+    assert again.returncode == 0 and "nothing to do" in again.stderr
+    assert leftovers(tmp_path, "out") == [] and dataset_contents(out) == before

@@ -7,20 +7,17 @@ from __future__ import annotations
 
 import sys
 
-from omegaconf import DictConfig
-
 from dlrm_cache.cli.common import command
-from dlrm_cache.cli.schemas import to_config
 from dlrm_cache.config import ExportConfig
 from dlrm_cache.train.export import export
 
 
-def _export(cfg: DictConfig) -> None:
-    out = export(to_config(cfg, ExportConfig))
+def _export(config: ExportConfig) -> None:
+    out = export(config)
     print(f"dlrm-export: {out / 'model.json'}, {out / 'model.pt'}")
 
 
-main = command("dlrm-export", "export", _export)
+main = command("dlrm-export", "export", ExportConfig, _export)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import sys
 
-from omegaconf import DictConfig
-
 from dlrm_cache.cli.common import command
-from dlrm_cache.cli.schemas import to_config
 from dlrm_cache.config import PredictConfig
 from dlrm_cache.train.predict import predict
 
 
-def _predict(cfg: DictConfig) -> None:
-    out = predict(to_config(cfg, PredictConfig))
+def _predict(config: PredictConfig) -> None:
+    out = predict(config)
     print(f"dlrm-predict: {out}")
 
 
-main = command("dlrm-predict", "predict", _predict)
+main = command("dlrm-predict", "predict", PredictConfig, _predict)
 
 if __name__ == "__main__":
     sys.exit(main())

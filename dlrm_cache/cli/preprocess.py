@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import sys
 
-from omegaconf import DictConfig
-
 from dlrm_cache.cli.common import command
-from dlrm_cache.cli.schemas import to_config
 from dlrm_cache.config import PreprocessRunConfig
 from dlrm_cache.data.preprocess import preprocess
 
 
-def _preprocess(cfg: DictConfig) -> None:
-    out = preprocess(to_config(cfg, PreprocessRunConfig))
+def _preprocess(config: PreprocessRunConfig) -> None:
+    out = preprocess(config)
     print(f"dlrm-preprocess: {out} ({out / 'metadata.json'})")
 
 
-main = command("dlrm-preprocess", "preprocess", _preprocess)
+main = command("dlrm-preprocess", "preprocess", PreprocessRunConfig, _preprocess)
 
 if __name__ == "__main__":
     sys.exit(main())

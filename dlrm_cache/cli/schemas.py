@@ -3,6 +3,7 @@ need (the library takes ``dlrm_cache.config``'s dataclasses and imports neither 
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from typing import TypeVar
 
@@ -29,19 +30,24 @@ T = TypeVar("T")
 
 
 def register_configs() -> None:
-    """Register the schemas so that the YAML files in ``configs/`` are validated against them."""
+    """Register the schemas so that the YAML files in ``configs/`` are validated against them, and
+    ``${dlrm_run_id:}``: what tells apart runs started in the same second (the process id; under
+    torchrun, the launch's id, the same on every rank)."""
+    OmegaConf.register_new_resolver(
+        "dlrm_run_id", lambda: os.environ.get("TORCHELASTIC_RUN_ID") or str(os.getpid()), replace=True
+    )
     cs = ConfigStore.instance()
     cs.store(name="synth_schema", node=SynthConfig)
     cs.store(name="train_schema", node=TrainRunConfig)
     cs.store(name="preprocess_schema", node=PreprocessRunConfig)
     cs.store(name="predict_schema", node=PredictConfig)
     cs.store(name="export_schema", node=ExportConfig)
-    cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
-    cs.store(group="data", name="data_schema", node=DataConfig)
-    cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="cache", name="cache_schema", node=CacheConfig)
-    cs.store(group="optim", name="optim_schema", node=OptimConfig)
-    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
+    cs.store(group="schema", name="dataset", node=DatasetConfig)
+    cs.store(group="schema", name="data", node=DataConfig)
+    cs.store(group="schema", name="model", node=ModelConfig)
+    cs.store(group="schema", name="cache", node=CacheConfig)
+    cs.store(group="schema", name="optim", node=OptimConfig)
+    cs.store(group="schema", name="trainer", node=TrainerConfig)
 
 
 def to_config(cfg: DictConfig | dict, schema: type[T]) -> T:

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import sys
 
-from omegaconf import DictConfig
-
 from dlrm_cache.cli.common import command
-from dlrm_cache.cli.schemas import to_config
 from dlrm_cache.config import SynthConfig
 from dlrm_cache.data.synthetic import generate
 
 
-def _synth(cfg: DictConfig) -> None:
-    paths = generate(to_config(cfg, SynthConfig))
+def _synth(config: SynthConfig) -> None:
+    paths = generate(config)
     total = sum(p.stat().st_size for p in paths)
     print(
         f"dlrm-synth: wrote {len(paths)} file(s), {total / 1e6:.1f} MB: {paths[0]}"
@@ -27,7 +24,7 @@ def _synth(cfg: DictConfig) -> None:
     )
 
 
-main = command("dlrm-synth", "synth", _synth, log_info=False)
+main = command("dlrm-synth", "synth", SynthConfig, _synth, log_info=False)
 
 if __name__ == "__main__":
     sys.exit(main())

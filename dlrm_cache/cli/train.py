@@ -16,17 +16,15 @@ import sys
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
 
 from dlrm_cache.cli.common import command
-from dlrm_cache.cli.schemas import to_config
 from dlrm_cache.config import TrainRunConfig
 from dlrm_cache.distributed.rank import current_rank
 from dlrm_cache.train.trainer import train
 
 
-def _train(cfg: DictConfig) -> None:
-    summary = train(to_config(cfg, TrainRunConfig), Path(HydraConfig.get().runtime.output_dir))
+def _train(config: TrainRunConfig) -> None:
+    summary = train(config, Path(HydraConfig.get().runtime.output_dir))
     if current_rank().rank == 0:  # under torchrun, one summary
         shown = {k: v for k, v in summary.items() if k != "cache"}
         shown["cache_hit_rate_unique"] = summary["cache"]["hit_rate_unique"]
@@ -34,7 +32,7 @@ def _train(cfg: DictConfig) -> None:
         print(f"dlrm-train: outputs in {summary['run_dir']}")
 
 
-main = command("dlrm-train", "train", _train)
+main = command("dlrm-train", "train", TrainRunConfig, _train)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -169,6 +170,7 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
     if source is not None:  # the vocabularies' hashing, whatever was given
         cfg = replace(cfg, preprocess=replace(cfg.preprocess, max_ind_range=source.max_ind_range))
     fingerprint = _fingerprint(cfg, files, source)
+    remove_leftovers(out)  # what killed runs left beside it, also when this run has nothing to do
     if out.exists():
         if not out.is_dir():
             raise FileExistsError(f"output_dir {out} is a file, not a folder")
@@ -196,8 +198,6 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
         )
     known = source.read() if source else None  # vocab_from's, read once nothing is left to refuse
     opts = cfg.preprocess
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(out)
     tmp = folder_beside(out)
     stop = threading.Event()  # set on a failure: a line count still running gives up
     try:
@@ -418,7 +418,10 @@ def _parse_all(jobs: list[_ParseJob], workers: int, progress: bool) -> tuple[lis
             results = [job.run(bar.at(job.path)) for job in jobs]
         else:
             ctx = multiprocessing.get_context("spawn")  # pyarrow's thread pools do not survive fork
-            with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
+            parent = os.getpid()
+            with ProcessPoolExecutor(
+                max_workers=min(workers, len(jobs)), mp_context=ctx, initializer=_die_with, initargs=(parent,)
+            ) as pool:
                 try:
                     futures = [pool.submit(job.run) for job in jobs]
                     for job, future in zip(jobs, futures, strict=True):
@@ -436,6 +439,18 @@ def _parse_all(jobs: list[_ParseJob], workers: int, progress: bool) -> tuple[lis
             c.merge(m)
         bad.extend(more_bad)
     return counters, bad
+
+
+def _die_with(parent: int) -> None:
+    """A parse process's first act: a thread that ends it once its parent is gone (killed outright,
+    the parent cannot stop it, and it would live on, blocked on a pipe no one reads)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="dlrm-preprocess-parent-watch", daemon=True).start()
 
 
 # a kept value through the write pass: raw and count, its hash-map slot, the copies made building the

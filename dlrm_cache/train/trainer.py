@@ -22,6 +22,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ from dlrm_cache.distributed import checkpoint as ckpt
 from dlrm_cache.distributed.placement import Plan, plan_tables
 from dlrm_cache.distributed.rank import Rank, current_rank
 from dlrm_cache.distributed.runtime import init_process_group
+from dlrm_cache.files import held
 from dlrm_cache.train.curves import plot_curves
 from dlrm_cache.train.embeddings import EmbeddingRuntime, embedding_runtime
 from dlrm_cache.train.errors import TrainingError
@@ -51,6 +53,11 @@ def train(cfg: TrainRunConfig, run_dir: Path) -> dict:
     rank = current_rank()
     sharded = rank.world_size > 1 or cfg.trainer.sharded
     device = _device(cfg, rank)
+    if not sharded and cfg.trainer.sharding != "table_wise":
+        raise TrainingError(
+            f"trainer.sharding={cfg.trainer.sharding} places tables over the ranks of a sharded run: start "
+            "under torchrun, or add trainer.sharded=true to take the sharded path in one process"
+        )
     if cfg.trainer.hot_rows and not (sharded and cfg.trainer.sharding == "hybrid"):
         raise TrainingError("trainer.hot_rows is read only by a sharded run with trainer.sharding=hybrid")
     plan = None  # bad hybrid settings are refused before any process group work
@@ -63,7 +70,8 @@ def train(cfg: TrainRunConfig, run_dir: Path) -> dict:
         dist.broadcast_object_list(shared, src=0)
         run_dir = Path(shared[0])
     try:
-        return _train(cfg, run_dir, rank, sharded, device, plan)
+        with held(run_dir, "hydra.run.dir") if rank.rank == 0 else nullcontext():
+            return _train(cfg, run_dir, rank, sharded, device, plan)
     finally:
         if sharded and dist.is_initialized():
             dist.destroy_process_group()

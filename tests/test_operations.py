@@ -1,0 +1,121 @@
+"""What a user runs into besides the maths: runs that share a place, errors on the command line, answers
+that would be silently wrong. Each test drives the real command or function and looks at what is left."""
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from dlrm_cache.config import (
+    CacheConfig,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    PreprocessRunConfig,
+    TrainerConfig,
+    TrainLoopConfig,
+    TrainRunConfig,
+)
+from dlrm_cache.data.default_dataset import synthetic_dataset
+from dlrm_cache.files import held
+from dlrm_cache.train.trainer import TrainingError, train
+
+SMALL = ["model.embedding_dim=8", "model.dense_arch_layer_sizes=[16,8]", "model.over_arch_layer_sizes=[16,1]",
+         "train.batch_size=256", "train.max_steps=3", "train.tensorboard=false"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return synthetic_dataset(tmp_path_factory.mktemp("data"), 6000, 0.001, progress=False)
+
+
+def config(path, **kw) -> TrainRunConfig:
+    small = ModelConfig(embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
+    base = TrainRunConfig(
+        data=DataConfig(path=str(path)),
+        model=small,
+        cache=CacheConfig(ratio=0.05, full_table_rows=100),
+        train=TrainLoopConfig(batch_size=256, max_steps=3, tensorboard=False),
+    )
+    return replace(base, **kw)
+
+
+def command(name: str, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", f"dlrm_cache.cli.{name}", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one line a refused command prints (its stderr, asserted to be one line)."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+# ---------------------------------------------------------------- runs that share a place
+def test_runs_started_in_the_same_second_get_run_dirs_of_their_own(dataset, tmp_path):
+    args = [sys.executable, "-m", "dlrm_cache.cli.train", f"data.path={dataset}", *SMALL]
+    procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]  # fmt: skip
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    run_dirs = sorted(tmp_path.glob("outputs/*/*"))
+    assert len(run_dirs) == 2
+    assert all((d / "checkpoint" / "meta.pt").is_file() for d in run_dirs)
+
+
+def test_a_run_dir_in_use_is_refused_at_once_naming_its_owner(dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    with held(run_dir, "hydra.run.dir"):  # as a live run holds it
+        proc = command("train", f"data.path={dataset}", f"hydra.run.dir={run_dir}", *SMALL, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert f"is in use by another run (pid {os.getpid()})" in error_line(proc)
+    assert not (run_dir / "checkpoint").exists() and not (run_dir / "metrics.jsonl").exists()
+    with held(run_dir, "hydra.run.dir"):  # the refused run held nothing
+        pass
+
+
+# ---------------------------------------------------------------- the command line
+@pytest.mark.parametrize(
+    "override,says",
+    [
+        ("model=foo", "Could not find 'model/foo'; options in 'model': dcn; dlrm"),
+        ("cache.ratio=abc", "cache.ratio=abc (Value 'abc' of type 'str' could not be converted to Float)"),
+        ("cache.colour=1", "To append to your config use +cache.colour=1"),
+        ("train.batch_size=-1", "train.batch_size=-1: expected >= 1"),
+        ("hydra.run.dir=/proc/run", "hydra.run.dir=/proc/run: cannot write into /proc"),
+    ],
+)
+def test_a_bad_command_line_is_one_line_exit_2_and_makes_nothing(tmp_path, override, says):
+    proc = command("train", override, cwd=tmp_path)
+    assert proc.returncode == 2
+    line = error_line(proc)
+    assert line.startswith("dlrm-train: error: ") and says in line and "schema" not in line
+    assert list(tmp_path.iterdir()) == []  # no run dir, no dataset
+
+
+def test_a_run_dir_under_a_file_is_refused_in_one_line(tmp_path):
+    (tmp_path / "f").write_text("")
+    proc = command("train", f"hydra.run.dir={tmp_path / 'f' / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2 and "cannot write into" in error_line(proc)
+
+
+# ---------------------------------------------------------------- settings that would be ignored
+def test_all_into_val_or_test_without_a_vocabulary_is_refused():
+    for split in ("val", "test"):
+        with pytest.raises(ConfigError, match=f"all_into='{split}': expected train, or vocab_from="):
+            PreprocessRunConfig(input=["a.txt"], output_dir="out", all_into=split)
+    assert PreprocessRunConfig(input=["a.txt"], output_dir="out", all_into="train").all_into == "train"
+
+
+@pytest.mark.parametrize("sharding", ["column_wise", "hybrid"])
+def test_a_sharding_in_one_process_without_the_sharded_path_is_refused(dataset, tmp_path, sharding):
+    with pytest.raises(TrainingError, match=f"trainer.sharding={sharding} places tables over the ranks"):
+        train(config(dataset, trainer=TrainerConfig(sharding=sharding)), tmp_path / "r")
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
