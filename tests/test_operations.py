@@ -1,12 +1,17 @@
 """What a user runs into besides the maths: runs that share a place, errors on the command line, answers
 that would be silently wrong. Each test drives the real command or function and looks at what is left."""
 
+import json
+import math
 import os
+import shutil
 import subprocess
 import sys
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dlrm_cache.config import (
@@ -15,11 +20,14 @@ from dlrm_cache.config import (
     DataConfig,
     ModelConfig,
     PreprocessRunConfig,
+    SynthConfig,
     TrainerConfig,
     TrainLoopConfig,
     TrainRunConfig,
 )
 from dlrm_cache.data.default_dataset import synthetic_dataset
+from dlrm_cache.data.preprocess import preprocess
+from dlrm_cache.data.synthetic import generate
 from dlrm_cache.files import held
 from dlrm_cache.train.trainer import TrainingError, train
 
@@ -119,3 +127,87 @@ def test_a_sharding_in_one_process_without_the_sharded_path_is_refused(dataset, 
     with pytest.raises(TrainingError, match=f"trainer.sharding={sharding} places tables over the ranks"):
         train(config(dataset, trainer=TrainerConfig(sharding=sharding)), tmp_path / "r")
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+# ---------------------------------------------------------------- answers that would be silently wrong
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run") / "run"
+    train(config(dataset), run_dir)
+    return run_dir
+
+
+def _piece(run_dir: Path) -> tuple[Path, dict, dict]:
+    index_path = run_dir / "checkpoint" / "embeddings-rank0.json"
+    index = json.loads(index_path.read_text())
+    return index_path, index, index["pieces"][2]
+
+
+def test_a_checkpoint_damaged_on_disk_is_refused_naming_the_file(trained, dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    _, _, piece = _piece(run_dir)
+    damaged = run_dir / "checkpoint" / piece["file"]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0x40  # one bit flipped
+    damaged.write_bytes(bytes(data))
+    out = tmp_path / "scores.csv"
+    proc = command(
+        "predict", f"run_dir={run_dir}", f"input={dataset}", f"output={out}", "progress=false", cwd=tmp_path
+    )
+    assert proc.returncode == 2 and f"{damaged}: damaged" in error_line(proc)
+    assert not out.exists()
+    with pytest.raises(ValueError, match="damaged"):  # nor does a resume train on it
+        train(
+            replace(config(dataset), train=TrainLoopConfig(batch_size=256, max_steps=4, resume=True)), run_dir
+        )
+
+
+def test_scores_that_are_not_numbers_are_refused_and_nothing_is_written(trained, dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    index_path, index, piece = _piece(run_dir)
+    path = run_dir / "checkpoint" / piece["file"]
+    rows = np.fromfile(path, dtype=np.float32)
+    rows[:] = np.nan  # a checkpoint written whole, of a model gone wrong
+    rows.tofile(path)
+    piece["crc32"] = zlib.crc32(path.read_bytes())
+    index_path.write_text(json.dumps(index))
+    out = tmp_path / "scores.csv"
+    proc = command(
+        "predict", f"run_dir={run_dir}", f"input={dataset}", f"output={out}", "progress=false", cwd=tmp_path
+    )
+    assert proc.returncode == 2 and "the model scores nan for input row 0" in error_line(proc)
+    assert not out.exists() and list(tmp_path.glob(".scores.csv*")) == []
+
+
+def test_a_split_with_nothing_to_score_is_refused_not_an_empty_file(trained, dataset, tmp_path):
+    tsv = tmp_path / "new.txt"
+    generate(SynthConfig(rows=50, out=str(tsv), progress=False))
+    encoded = tmp_path / "new_pq"  # the run's vocabulary; every line in test, none in val
+    preprocess(PreprocessRunConfig(input=[str(tsv)], output_dir=str(encoded), vocab_from=str(dataset),
+                                   all_into="test"))  # fmt: skip
+    out = tmp_path / "scores.csv"
+    proc = command("predict", f"run_dir={trained}", f"input={encoded}", "split=val", f"output={out}",
+                   "progress=false", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert f"input={encoded} split=val: no rows to score" in error_line(proc)
+    assert not out.exists()
+
+
+def test_a_split_of_one_class_says_auc_is_undefined_and_its_outputs_stay_json(tmp_path, caplog):
+    tsv = tmp_path / "train.txt"
+    generate(SynthConfig(rows=3000, out=str(tsv), progress=False))
+    tsv.write_text("".join("0" + line[1:] for line in tsv.read_text().splitlines(keepends=True)))
+    root = preprocess(PreprocessRunConfig(input=[str(tsv)], output_dir=str(tmp_path / "pq")))
+    summary = train(config(root), tmp_path / "r")
+    assert math.isnan(summary["val_auc"])
+    assert "AUC and NE are undefined" in caplog.text
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    written = json.loads((tmp_path / "r" / "summary.json").read_text(), parse_constant=refuse)
+    assert written["val_auc"] is None and written["val_ne"] is None
+    for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=refuse)

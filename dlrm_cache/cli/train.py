@@ -11,7 +11,6 @@ Outputs (metrics.jsonl, summary.json, checkpoint/) go to Hydra's run dir. Under 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from dlrm_cache.cli.common import command
 from dlrm_cache.config import TrainRunConfig
 from dlrm_cache.distributed.rank import current_rank
+from dlrm_cache.train.run_log import json_text
 from dlrm_cache.train.trainer import train
 
 
@@ -28,7 +28,7 @@ def _train(config: TrainRunConfig) -> None:
     if current_rank().rank == 0:  # under torchrun, one summary
         shown = {k: v for k, v in summary.items() if k != "cache"}
         shown["cache_hit_rate_unique"] = summary["cache"]["hit_rate_unique"]
-        print(json.dumps(shown, indent=2))
+        print(json_text(shown, indent=2))
         print(f"dlrm-train: outputs in {summary['run_dir']}")
 
 

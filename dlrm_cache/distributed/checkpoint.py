@@ -16,6 +16,8 @@ the state of the piece holding its first column.
 A checkpoint is a folder written beside the previous one and swapped in by renames; each file in it
 is written under a temporary name, synced and renamed, and ``meta.pt`` comes last. So a crash at any
 point, or a full disk, leaves a whole checkpoint (the old or the new) that ``find_checkpoint`` returns.
+Each piece's CRC-32 is in its rank's index; a piece whose bytes changed on disk since is refused
+wherever it is read (resume, predict, export), naming the file.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from dlrm_cache.cache.collection import CachedEmbeddingBagCollection
 from dlrm_cache.cache.group import TableGroup
 from dlrm_cache.cache.host import TableShard
 from dlrm_cache.cache.optim import SparseOptimizer
-from dlrm_cache.files import atomic_file, swap_in
+from dlrm_cache.files import atomic_file, file_crc32, swap_in
 
 FORMAT = 2
 READS = (1, 2)  # format 1: every rank's pieces as tensors in one embeddings-rank<r>.pt
@@ -67,6 +69,7 @@ def write_embeddings(folder: Path, rank: int, collections: Collections) -> None:
                     name = f"rank{rank}.{cfg.name}{at}.f32"
                     with atomic_file(folder / name) as f:
                         g.save_table(t, f)
+                    crc = file_crc32(folder / name)  # what was written, checked where it is read
                     bar.update(g.layout.rows[t] * g.width * 4)
                     pieces.append(
                         {
@@ -80,6 +83,7 @@ def write_embeddings(folder: Path, rank: int, collections: Collections) -> None:
                             "full_rows": shard.full_rows,
                             "full_dim": shard.full_dim,
                             "optimizer_step": ebc.optimizer_step,
+                            "crc32": crc,
                         }  # fmt: skip
                     )
     with atomic_file(_index_file(folder, rank)) as f:
@@ -209,6 +213,8 @@ def _raw_pieces(folder: Path, index: Path) -> list[Piece]:
         size = path.stat().st_size if path.is_file() else None
         if size != p["rows"] * row_bytes:
             raise ValueError(f"{path}: {size} bytes, the index says {p['rows']} rows of {row_bytes} bytes")
+        if "crc32" in p and file_crc32(path) != p["crc32"]:  # (checkpoints written before had none)
+            raise ValueError(f"{path}: damaged (its bytes do not match the checksum the checkpoint wrote)")
 
         def read(lo: int, hi: int, path=path, row_bytes=row_bytes, width=p["width"]) -> torch.Tensor:
             with open(path, "rb") as f:

@@ -45,7 +45,14 @@ def evaluate(runtime, loader: ParquetBatches, device: torch.device) -> dict:
         return {"auc": float("nan"), "logloss": float("nan"), "ne": float("nan"), "samples": 0}
     logloss = float(totals[0] / totals[1])
     ne = logloss / _entropy(float(totals[2] / totals[1]))
-    return {"auc": float(auroc.compute()), "logloss": logloss, "ne": ne, "samples": int(totals[1])}
+    auc = float(auroc.compute())
+    if totals[2] == 0 or totals[2] == totals[1]:  # one class only: no pair to rank
+        log.warning(
+            "the %s split's %d samples are all %s: AUC and NE are undefined (null in the outputs)",
+            loader.split, int(totals[1]), "clicks" if totals[2] else "non-clicks",
+        )  # fmt: skip
+        auc = float("nan")
+    return {"auc": auc, "logloss": logloss, "ne": ne, "samples": int(totals[1])}
 
 
 def _entropy(rate: float) -> float:

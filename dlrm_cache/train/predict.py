@@ -54,6 +54,9 @@ def predict(cfg: PredictConfig) -> Path:
             cfg.format == "auto" and len(files) == 1 and files[0].name in KAGGLE_TEST_NAMES and not labeled
         )
         loader = ParquetBatches(root, split, cfg.batch_size or run.batch_size, drop_last=False)
+        if loader.rows == 0:
+            what = f"input={cfg.input}" if folder is None else f"input={folder} split={split}"
+            raise ValueError(f"{what}: no rows to score")
         if cfg.host == "memory":
             _score(run.plain_model(device), loader, device, out, kaggle, labeled, cfg, ids_on_device=True)
         else:
@@ -139,6 +142,12 @@ def _score(
             ids = batch.sparse_features.to(device) if ids_on_device else batch.sparse_features
             logits = model(batch.dense_features.to(device), ids).squeeze(1)
             scores = torch.sigmoid(logits).cpu().numpy()
+            if not np.isfinite(scores).all():  # nothing is written: the CSV goes with the failure
+                at = int(np.flatnonzero(~np.isfinite(scores))[0])
+                raise ValueError(
+                    f"the model scores {scores[at]} for input row {row - cfg.first_id + at}: its "
+                    f"checkpoint ({cfg.run_dir}) or the input is damaged; no output written"
+                )
             text = [f"{p:.9g}" for p in scores.tolist()]  # 9 digits: the float32 exactly
             if kaggle:
                 text = [f"{row + i},{p}" for i, p in enumerate(text)]

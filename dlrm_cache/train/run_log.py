@@ -4,6 +4,7 @@ record per logged step and per evaluation) and TensorBoard's event files (``trai
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -57,7 +58,7 @@ class RunLog:
 
     def write(self, record: dict) -> None:
         if self.metrics:
-            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.write(json_text(record) + "\n")
             self.metrics.flush()
         if self.board:
             self.board.write(record)
@@ -72,6 +73,21 @@ class RunLog:
             self.metrics.close()
         if self.board:
             self.board.close()
+
+
+def json_text(value, indent: int | None = None) -> str:
+    """``value`` as strict JSON: a figure that is not a number (an undefined AUC) is null."""
+    return json.dumps(_finite(value), indent=indent, allow_nan=False)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def cache_summary(stats: dict) -> dict:

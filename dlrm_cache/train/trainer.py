@@ -17,7 +17,6 @@ Outputs go to ``run_dir`` (written by rank 0; every rank writes its tables' chec
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections import deque
@@ -40,7 +39,7 @@ from dlrm_cache.train.curves import plot_curves
 from dlrm_cache.train.embeddings import EmbeddingRuntime, embedding_runtime
 from dlrm_cache.train.errors import TrainingError
 from dlrm_cache.train.evaluate import evaluate
-from dlrm_cache.train.run_log import RunLog, cache_summary
+from dlrm_cache.train.run_log import RunLog, cache_summary, json_text
 from dlrm_cache.train.train_state import TrainState, dense_optimizer, resumable_checkpoint
 
 log = logging.getLogger(__name__)
@@ -126,7 +125,7 @@ def _train(cfg: TrainRunConfig, run_dir: Path, rank: Rank, sharded: bool, device
     finally:
         runtime.close()
     if lead:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (run_dir / "summary.json").write_text(json_text(summary, indent=2))
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     return summary
 
