@@ -103,6 +103,23 @@ def held(folder: Path, key: str) -> Iterator[None]:
         os.close(fd)
 
 
+def remove_dead(paths: Iterable[Path], pid: str, what: str) -> None:
+    """Remove the files or folders among ``paths`` whose name holds, as the group of the regular
+    expression ``pid``, the id of a process that is gone; say what each held."""
+    for path in paths:
+        match = re.search(pid, path.name)
+        if match is None or alive(int(match[1])):
+            continue
+        files = list(path.rglob("*")) if path.is_dir() else [path]
+        size = sum(f.stat().st_size for f in files if f.is_file()) / 1e9
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        log.warning("removed %s (%.2f GB), a %s left by a run that was killed (pid %s)", path, size, what,
+                    match[1])  # fmt: skip
+
+
 def remove_leftovers(out: Path) -> None:
     """Remove the temporary folders that runs for ``out`` killed before they could clean up left
     beside it (their process is gone); name those that cannot be told to be such."""

@@ -5,8 +5,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import zlib
 from dataclasses import replace
 from pathlib import Path
@@ -211,3 +213,23 @@ def test_a_split_of_one_class_says_auc_is_undefined_and_its_outputs_stay_json(tm
     assert written["val_auc"] is None and written["val_ne"] is None
     for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=refuse)
+
+
+def test_a_killed_runs_host_table_file_is_removed_by_the_next_run(dataset, tmp_path):
+    mmap_dir = tmp_path / "host"
+    common = [sys.executable, "-m", "dlrm_cache.cli.train", f"data.path={dataset}", *SMALL,
+              "cache.host=mmap", f"cache.mmap_dir={mmap_dir}"]  # fmt: skip
+    long_run = [*common, f"hydra.run.dir={tmp_path / 'a'}", "train.max_steps=0", "train.epochs=1000"]
+    proc = subprocess.Popen(long_run, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(mmap_dir.glob("*.f32")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    orphans = list(mmap_dir.glob("*.f32"))
+    assert orphans, "the killed run's host table is left"
+    again = subprocess.run([*common, f"hydra.run.dir={tmp_path / 'b'}"], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert not any(p.exists() for p in orphans)
+    assert f"left by a run that was killed (pid {proc.pid})" in again.stdout + again.stderr

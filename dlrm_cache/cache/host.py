@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import torch
 
 from dlrm_cache.config import GB
+from dlrm_cache.files import remove_dead
 
 if TYPE_CHECKING:
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _INIT_CHUNK_ROWS = 1 << 18  # initialise huge tables a chunk at a time (bounded extra memory)
 _ADVISE_ROWS = 256  # readahead hints given per measured() window
+_TEMP_PREFIX = "dlrm_cache_host_"  # a mapped table's temporary folder: dlrm_cache_host_<pid>-*
 CHUNK_BYTES = 64 << 20  # rows streamed to and from files this many bytes at a time
 PROGRESS_BYTES = 1 << 30  # initialising or streaming more than this shows a progress bar
 
@@ -71,9 +73,17 @@ class HostTable:
             self.data = torch.zeros(rows, width, dtype=torch.float32)
             self._cleanup = None
             return
-        folder = Path(mmap_dir) if mmap_dir else Path(tempfile.mkdtemp(prefix="dlrm_cache_host_"))
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / f"{name}.f32"
+        if mmap_dir:
+            folder = Path(mmap_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            remove_dead(folder.glob("*.pid-*.f32"), r"\.pid-(\d+)\.f32$", "host table file")
+        else:
+            remove_dead(
+                Path(tempfile.gettempdir()).glob(f"{_TEMP_PREFIX}*"), rf"^{_TEMP_PREFIX}(\d+)-", "host table"
+            )
+            folder = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-"))
+        # the process's id in the name: what a killed run leaves is found and removed by the next
+        self.path = folder / f"{name}.pid-{os.getpid()}.f32"
         self._io_lock = threading.Lock()  # one measured() window at a time
         size = rows * self.row_bytes
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
