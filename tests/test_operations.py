@@ -233,3 +233,26 @@ def test_a_killed_runs_host_table_file_is_removed_by_the_next_run(dataset, tmp_p
     assert again.returncode == 0, again.stderr[-2000:]
     assert not any(p.exists() for p in orphans)
     assert f"left by a run that was killed (pid {proc.pid})" in again.stdout + again.stderr
+
+
+def test_a_dataset_is_known_by_its_content_not_its_sizes_or_its_path(trained, dataset, tmp_path, monkeypatch):
+    other = tmp_path / "other"  # the same sizes, another encoding (as another input would give)
+    shutil.copytree(dataset, other)
+    meta = json.loads((other / "metadata.json").read_text())
+    meta["vocab_id"], meta["dataset_id"] = "0123456789abcdef", "fedcba9876543210"
+    (other / "metadata.json").write_text(json.dumps(meta))
+    out = tmp_path / "scores.csv"
+    proc = command("predict", f"run_dir={trained}", f"input={other}", f"output={out}", "progress=false",
+                   cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and "encoded with another vocabulary than the run's" in error_line(proc)
+    assert not out.exists()
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    more = TrainLoopConfig(batch_size=256, max_steps=5, tensorboard=False, resume=True)
+    monkeypatch.chdir(tmp_path)  # a relative path elsewhere, to another dataset: refused
+    (tmp_path / "data").symlink_to(other)
+    with pytest.raises(TrainingError, match=r"other data"):
+        train(replace(config("data"), train=more), run_dir)
+    monkeypatch.chdir(dataset.parent)  # the same dataset by another path: resumed
+    assert train(replace(config(dataset.name), train=more), run_dir)["steps"] == 5

@@ -25,6 +25,7 @@ left alone (a no-op) unless ``overwrite=true``.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -58,7 +59,7 @@ from dlrm_cache.data.saved_vocab import SavedVocabularies, saved_vocabularies
 from dlrm_cache.data.spilled_counts import SpilledCounter
 from dlrm_cache.data.synthetic import hash_to_hex
 from dlrm_cache.data.vocab import Vocabulary
-from dlrm_cache.files import folder_beside, refuse_foreign, remove_leftovers, swap_in
+from dlrm_cache.files import file_crc32, folder_beside, refuse_foreign, remove_leftovers, swap_in
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -270,6 +271,7 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
             "skipped_lines": {"count": bad.count, "reasons": bad.reasons, "first": bad.first},
             "skew": skew,
         }
+        metadata.update(_identities(tmp, metadata, source))
         (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2))
         if bad.count:
             log.warning("skipped %d bad lines (first: %s)", bad.count, ", ".join(bad.first))
@@ -279,6 +281,21 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _identities(folder: Path, metadata: dict, source: SavedVocabularies | None) -> dict:
+    """What identifies the dataset by its content, wherever it lies: ``vocab_id``, its encoding (a hash
+    of its vocabularies; ``vocab_from``'s own where it encodes with those), and ``dataset_id``, its data
+    (that, its inputs, options and split). A run records both; predictions and resumes check them."""
+    vocab = source.vocab_id if source is not None and source.vocab_id else None
+    if vocab is None:
+        digest = hashlib.sha256()
+        for c in CAT_COLUMNS:
+            digest.update(file_crc32(folder / "vocab" / f"{c}.parquet").to_bytes(4, "little"))
+        vocab = digest.hexdigest()[:16]
+    content = {k: metadata[k] for k in ("inputs", "dataset", "preprocess", "all_into", "rows", "split_lines")}
+    data = hashlib.sha256(json.dumps({"vocab_id": vocab, **content}, sort_keys=True).encode()).hexdigest()
+    return {"vocab_id": vocab, "dataset_id": data[:16]}
 
 
 def _vocab_source(cfg: PreprocessRunConfig, out: Path) -> SavedVocabularies | None:

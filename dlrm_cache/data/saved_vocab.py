@@ -33,6 +33,7 @@ class SavedVocabularies:
     rare_ids: dict[str, int]
     max_ind_range: int
     identity: dict  # the source dataset's inputs and options: a change to them is a different encoding
+    vocab_id: str | None  # the source's ``metadata.json`` ``vocab_id`` (None: written before ids existed)
 
     def read(self) -> list[Vocabulary]:
         """The vocabularies, ``CAT_COLUMNS`` order, each checked against the metadata."""
@@ -64,7 +65,9 @@ def saved_vocabularies(root: Path) -> SavedVocabularies:
         "inputs": meta.get("inputs"),
         "preprocess": meta.get("preprocess"),
     }
-    return SavedVocabularies(root, sizes, meta["rare_ids"], int(meta.get("max_ind_range", 0)), identity)
+    return SavedVocabularies(
+        root, sizes, meta["rare_ids"], int(meta.get("max_ind_range", 0)), identity, meta.get("vocab_id")
+    )
 
 
 def _read_one(path: Path, size: int, rare_id: int) -> Vocabulary:

@@ -213,10 +213,14 @@ def _raw_pieces(folder: Path, index: Path) -> list[Piece]:
         size = path.stat().st_size if path.is_file() else None
         if size != p["rows"] * row_bytes:
             raise ValueError(f"{path}: {size} bytes, the index says {p['rows']} rows of {row_bytes} bytes")
-        if "crc32" in p and file_crc32(path) != p["crc32"]:  # (checkpoints written before had none)
-            raise ValueError(f"{path}: damaged (its bytes do not match the checksum the checkpoint wrote)")
+        unchecked = {path: p.get("crc32")}  # checked at the first read (written before: no checksum)
 
-        def read(lo: int, hi: int, path=path, row_bytes=row_bytes, width=p["width"]) -> torch.Tensor:
+        def read(lo: int, hi: int, path=path, row_bytes=row_bytes, width=p["width"], unchecked=unchecked):
+            crc = unchecked.pop(path, None)
+            if crc is not None and file_crc32(path) != crc:
+                raise ValueError(
+                    f"{path}: damaged (its bytes do not match the checksum the checkpoint wrote)"
+                )
             with open(path, "rb") as f:
                 f.seek(lo * row_bytes)
                 data = bytearray(f.read((hi - lo) * row_bytes))

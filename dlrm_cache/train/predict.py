@@ -69,8 +69,15 @@ def predict(cfg: PredictConfig) -> Path:
 
 
 def _matching_metadata(root: Path, run: TrainedRun, what: str) -> dict:
-    """``root``'s metadata, refused unless its vocabulary sizes are the run's tables'."""
+    """``root``'s metadata, refused unless its vocabulary is the run's: the same sizes and, where both
+    record it, the same encoding (``vocab_id``: ids of the same values)."""
     meta = load_metadata(root)
+    if run.vocab_id and meta.get("vocab_id") and meta["vocab_id"] != run.vocab_id:
+        raise ValueError(
+            f"{what} {root}: encoded with another vocabulary than the run's (vocab_id {meta['vocab_id']}, "
+            f"the run's {run.vocab_id}): its ids mean other values; preprocess it with vocab_from=<the "
+            "run's dataset>"
+        )
     if meta["vocab_sizes"] != run.vocab_sizes():
         differ = next(f for f, n in run.vocab_sizes().items() if meta["vocab_sizes"].get(f) != n)
         raise ValueError(

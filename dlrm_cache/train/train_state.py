@@ -33,14 +33,16 @@ class TrainState:
     ``format`` and ``world_size``, which ``checkpoint.save`` adds)."""
 
     def __init__(self, cfg: TrainRunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 data_path: Path):  # fmt: skip
+                 data_path: Path, data: dict):  # fmt: skip
+        """``data``: the dataset's metadata (its ``vocab_id`` and ``dataset_id`` are recorded)."""
         self.cfg, self.model, self.optimizer, self.data_path = cfg, model, optimizer, data_path
+        self.ids = {k: data.get(k) for k in ("vocab_id", "dataset_id")}
         self.step = 0
 
     def state_dict(self) -> dict:
         return {"model": dense_state(self.model), "dense_optimizer": self.optimizer.state_dict(),
                 "rng": torch.get_rng_state(), "step": self.step, "config": comparable(self.cfg),
-                "data_path": str(self.data_path.resolve())}  # fmt: skip
+                "data_path": str(self.data_path.resolve()), **self.ids}  # fmt: skip
 
     def load_state_dict(self, meta: dict) -> None:
         load_dense_state(self.model, meta["model"])
@@ -59,10 +61,13 @@ def dense_optimizer(cfg: TrainRunConfig, params) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=o.dense_lr, betas=(o.beta1, o.beta2), eps=o.eps)
 
 
-def resumable_checkpoint(cfg: TrainRunConfig, run_dir: Path) -> tuple[Path, dict] | None:
+def resumable_checkpoint(
+    cfg: TrainRunConfig, run_dir: Path, root: Path, data: dict
+) -> tuple[Path, dict] | None:
     """The checkpoint in ``run_dir`` that this run continues (with ``train.resume=true``) and its meta;
-    None to start afresh. A checkpoint without ``train.resume``, or written with other settings, is
-    refused."""
+    None to start afresh. A checkpoint without ``train.resume``, written with other settings, or on
+    another dataset than ``root`` (metadata ``data``: by its ``dataset_id``, wherever it lies; by its
+    path for checkpoints or datasets without one) is refused."""
     found = ckpt.find_checkpoint(run_dir)
     if found is None:
         return None
@@ -72,7 +77,14 @@ def resumable_checkpoint(cfg: TrainRunConfig, run_dir: Path) -> tuple[Path, dict
             f"{run_dir} holds a checkpoint (step {meta['step']}): pass train.resume=true to continue it, "
             "or choose another hydra.run.dir"
         )
-    differ = _differences(meta["config"], comparable(cfg))
+    saved = {**meta["config"], "data": {**meta["config"].get("data", {}), "path": None}}  # as comparable()
+    differ = _differences(saved, comparable(cfg))
+    if meta.get("dataset_id") and data.get("dataset_id"):
+        same = meta["dataset_id"] == data["dataset_id"]
+    else:
+        same = meta.get("data_path") in (None, str(root.resolve()))
+    if not same:
+        differ.append(f"the dataset ({meta.get('data_path')} then, {root.resolve()} now: other data)")
     if differ:
         raise TrainingError(f"train.resume=true: {found} was written with other values: {', '.join(differ)}")
     return found, meta
@@ -81,6 +93,7 @@ def resumable_checkpoint(cfg: TrainRunConfig, run_dir: Path) -> tuple[Path, dict
 def comparable(cfg: TrainRunConfig) -> dict:
     """The config a resumed run must share with the run it continues (any number of ranks)."""
     d = asdict(cfg)
+    d["data"]["path"] = None  # the dataset is compared by its content (resumable_checkpoint)
     for section, free in RESUMABLE.items():
         d[section] = {k: v for k, v in d[section].items() if k not in free}
     return d

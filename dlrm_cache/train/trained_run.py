@@ -43,6 +43,7 @@ class TrainedRun:
     tables: list[EmbeddingBagConfig]
     batch_size: int  # the run's train.batch_size: predictions batch alike
     data_path: Path | None  # the dataset it trained on (its vocabulary encodes raw input)
+    vocab_id: str | None  # that dataset's encoding (``metadata.json``; None: recorded before ids existed)
     dense: dict[str, torch.Tensor]  # everything but the tables, under the model's names
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -103,7 +104,7 @@ def load_run(run_dir: Path) -> TrainedRun:
         raise ValueError(f"{found}: no rows for table(s) {', '.join(missing)}")
     tables = table_configs(model.embedding_dim, {f: shapes[table_name(f)] for f in CAT_COLUMNS})
     return TrainedRun(run_dir, found, meta["world_size"], int(meta["step"]), model, optim, cache, tables,
-                      batch_size, _data_path(run_dir, meta), meta["model"])  # fmt: skip
+                      batch_size, _data_path(run_dir, meta), meta.get("vocab_id"), meta["model"])  # fmt: skip
 
 
 def _data_path(run_dir: Path, meta: dict) -> Path | None:

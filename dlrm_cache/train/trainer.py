@@ -101,7 +101,7 @@ def _train(cfg: TrainRunConfig, run_dir: Path, rank: Rank, sharded: bool, device
     root = _dataset(cfg, lead, sharded)
     meta = load_metadata(root)
     _check_trainable(root, meta, cfg.train.batch_size)
-    resumed = resumable_checkpoint(cfg, run_dir)
+    resumed = resumable_checkpoint(cfg, run_dir, root, meta)
     if cfg.train.resume and resumed is None and lead:
         log.warning("train.resume=true: no checkpoint in %s; starting from step 0", run_dir)
     if plan is None and (sharded or cfg.cache.device_budget_gb):
@@ -110,7 +110,7 @@ def _train(cfg: TrainRunConfig, run_dir: Path, rank: Rank, sharded: bool, device
         log.info("%s", plan.describe())
     runtime = embedding_runtime(cfg, root, meta, device, plan, sharded)
     dense = [p for p in runtime.model.parameters() if p.requires_grad]
-    state = TrainState(cfg, runtime.module, dense_optimizer(cfg, dense), root)
+    state = TrainState(cfg, runtime.module, dense_optimizer(cfg, dense), root, meta)
     if resumed:
         found, saved = resumed
         state.load_state_dict(saved)
