@@ -40,6 +40,20 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
         raise
 
 
+@contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """An error writing ``path`` that does not name it (pyarrow's "Error writing bytes to file. Detail:
+    [errno 28] ...", a bare ``write``'s) re-raised naming it, with what the system said."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename:
+            raise
+        found = re.search(r"\[errno (\d+)\]", str(e))
+        number = int(found[1]) if found else e.errno
+        raise OSError(number, os.strerror(number) if number else str(e), str(path)) from e
+
+
 def file_crc32(path: Path, chunk: int = 64 << 20) -> int:
     """The CRC-32 of a file's bytes, read a chunk at a time."""
     crc = 0
@@ -53,7 +67,17 @@ def folder_beside(out: Path) -> Path:
     """A new, empty folder next to ``out`` to build it in (``.NAME.tmp-PID-*``: ``remove_leftovers``
     knows it for this process's)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    return as_umask_allows(folder)
+
+
+def as_umask_allows(path: Path) -> Path:
+    """``path`` (made private by ``tempfile``: 0700, 0600) given the mode any file the user makes gets
+    (0777 for a folder, 0666 for a file, less the umask), as it will be an output."""
+    mask = os.umask(0o022)  # read by setting it: set back at once
+    os.umask(mask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+    return path
 
 
 def swap_in(new: Path, out: Path, aside: Path | None = None) -> None:

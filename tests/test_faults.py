@@ -311,3 +311,11 @@ def test_a_killed_overwrite_leaves_nothing_after_a_rerun_that_has_nothing_to_do(
     again = preprocess(inputs, f"output_dir={out}")  # the dataset there is whole: nothing to do
     assert again.returncode == 0 and "nothing to do" in again.stderr
     assert leftovers(tmp_path, "out") == [] and dataset_contents(out) == before
+
+
+def test_a_full_disk_names_the_file_it_could_not_write(tsvs, mounted):
+    small = mounted("small", "size=2m")
+    r = preprocess(f"input={tsvs / 'day_0.txt'}", f"output_dir={small / 'out'}")
+    line = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and line.startswith(f"dlrm-preprocess: error: {small}/")
+    assert line.endswith(": No space left on device") and "Error writing bytes" not in line

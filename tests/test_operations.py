@@ -256,3 +256,19 @@ def test_a_dataset_is_known_by_its_content_not_its_sizes_or_its_path(trained, da
         train(replace(config("data"), train=more), run_dir)
     monkeypatch.chdir(dataset.parent)  # the same dataset by another path: resumed
     assert train(replace(config(dataset.name), train=more), run_dir)["steps"] == 5
+
+
+def test_outputs_get_the_modes_the_umask_allows(tmp_path):
+    old = os.umask(0o027)
+    try:
+        tsv = tmp_path / "t.txt"
+        assert command("synth", "rows=300", f"out={tsv}", "progress=false", cwd=tmp_path).returncode == 0
+        out = tmp_path / "pq"
+        proc = command("preprocess", f"input={tsv}", f"output_dir={out}", "preprocess.progress=false",
+                       cwd=tmp_path)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        os.umask(old)
+    assert tsv.stat().st_mode & 0o777 == 0o640
+    assert out.stat().st_mode & 0o777 == 0o750
+    assert (out / "metadata.json").stat().st_mode & 0o777 == 0o640

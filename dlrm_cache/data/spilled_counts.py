@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dlrm_cache.data.vocab import ValueCounter, Vocabulary
+from dlrm_cache.files import naming
 
 PARTITIONS = 64
 _SHIFT = 33 - 6  # raw values -1 .. 2^32 - 1, shifted by one: 33 bits; the top 6 pick the partition
@@ -53,7 +54,7 @@ class SpilledCounter:
             pairs = np.empty(hi - lo, dtype=_PAIR)
             pairs["value"], pairs["count"] = values[lo:hi], counts[lo:hi]
             path = self.folder / f"{self.name}.{p}.bin"
-            with open(path, "ab") as f:
+            with naming(path), open(path, "ab") as f:
                 f.write(pairs.tobytes())
             self.files.add(path)
             self.spilled_bytes += pairs.nbytes

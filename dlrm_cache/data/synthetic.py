@@ -38,6 +38,7 @@ from dlrm_cache.criteo import (
     INT_FEATURE_COUNT,
 )
 from dlrm_cache.data.zipf import ZipfSampler
+from dlrm_cache.files import as_umask_allows
 
 BLOCK_ROWS = 65_536  # rows generated per step: bounds memory, and each block has its own seed
 
@@ -192,6 +193,7 @@ def generate(cfg: SynthConfig) -> list[Path]:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
             os.close(fd)
+            as_umask_allows(Path(tmp))
             try:
                 sink = pa.OSFile(tmp, "wb")
                 stream = pa.CompressedOutputStream(sink, "gzip") if cfg.gzip else sink
