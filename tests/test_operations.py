@@ -272,3 +272,19 @@ def test_outputs_get_the_modes_the_umask_allows(tmp_path):
     assert tsv.stat().st_mode & 0o777 == 0o640
     assert out.stat().st_mode & 0o777 == 0o750
     assert (out / "metadata.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_run_refused_for_its_data_leaves_no_run_dir(tmp_path):
+    proc = command("train", f"data.path={tmp_path / 'nowhere'}", cwd=tmp_path)
+    assert proc.returncode == 2 and "no such folder" in error_line(proc)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_error_while_training_is_the_last_line_under_a_closed_bar(dataset, tmp_path):
+    diverging = ["optim=sgd", "optim.sparse_lr=1e30", "optim.dense_lr=1e30"]
+    proc = command("train", f"data.path={dataset}", *SMALL, "train.max_steps=20", "train.log_every=1",
+                   *diverging, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2
+    last = proc.stderr.rstrip("\n").split("\n")[-1]
+    assert last.startswith("dlrm-train: error: loss is nan at step ") and "\r" not in last
+    assert "dlrm-train: error" not in proc.stderr[: proc.stderr.index(last)]  # said once, after the bar

@@ -11,6 +11,9 @@ Outputs (metrics.jsonl, summary.json, checkpoint/) go to Hydra's run dir. Under 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,17 +22,43 @@ from hydra.core.hydra_config import HydraConfig
 from dlrm_cache.cli.common import command
 from dlrm_cache.config import TrainRunConfig
 from dlrm_cache.distributed.rank import current_rank
+from dlrm_cache.files import held
 from dlrm_cache.train.run_log import json_text
 from dlrm_cache.train.trainer import train
 
 
 def _train(config: TrainRunConfig) -> None:
-    summary = train(config, Path(HydraConfig.get().runtime.output_dir))
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        summary = train(config, hydra_dir)
+    except BaseException:
+        _remove_if_unused(hydra_dir)  # a refused run leaves no run dir behind
+        raise
+    if Path(summary["run_dir"]) != hydra_dir:  # under torchrun, every rank works in rank 0's
+        _remove_if_unused(hydra_dir)
     if current_rank().rank == 0:  # under torchrun, one summary
         shown = {k: v for k, v in summary.items() if k != "cache"}
         shown["cache_hit_rate_unique"] = summary["cache"]["hit_rate_unique"]
         print(json_text(shown, indent=2))
         print(f"dlrm-train: outputs in {summary['run_dir']}")
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    """Remove a run dir that holds nothing but what Hydra (its config, its log) and a run's lock put
+    there, unless another run holds it; then its parents under the working folder left empty (Hydra's
+    ``outputs/<date>``)."""
+    try:
+        with held(run_dir, "hydra.run.dir"):
+            if set(os.listdir(run_dir)) <= {".hydra", ".lock", "train.log"}:
+                shutil.rmtree(run_dir, ignore_errors=True)
+    except FileExistsError:  # another run's
+        return
+    cwd = Path.cwd()
+    for parent in run_dir.absolute().parents:
+        if parent == cwd or not parent.is_relative_to(cwd):
+            break
+        with contextlib.suppress(OSError):  # not empty
+            parent.rmdir()
 
 
 main = command("dlrm-train", "train", TrainRunConfig, _train)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dlrm_cache.config import TrainRunConfig
 from dlrm_cache.data.default_dataset import synthetic_dataset
@@ -157,16 +158,17 @@ class Trainer:
         self.log = RunLog(self.run_dir, self.rank.rank == 0, first_step, self.total, cfg.train.tensorboard,
                           resumed)  # fmt: skip
         try:
-            while state.step < self.total:
-                epoch, skip = divmod(state.step, self.steps_per_epoch)
-                for batch in self._lookahead(epoch, skip):
-                    loss = self.train_step(batch)
-                    self.log.stepped(len(batch.labels) * self.rank.world_size)
-                    self.maybe_log(epoch, loss)
-                    self.maybe_eval()
-                    self.maybe_checkpoint()
-                    if state.step >= self.total:
-                        break
+            with logging_redirect_tqdm():  # what is logged meanwhile goes above the bar, not into it
+                while state.step < self.total:
+                    epoch, skip = divmod(state.step, self.steps_per_epoch)
+                    for batch in self._lookahead(epoch, skip):
+                        loss = self.train_step(batch)
+                        self.log.stepped(len(batch.labels) * self.rank.world_size)
+                        self.maybe_log(epoch, loss)
+                        self.maybe_eval()
+                        self.maybe_checkpoint()
+                        if state.step >= self.total:
+                            break
             self.log.bar.close()
             samples_per_s = self.log.samples_per_s()
             train_stats = runtime.stats()  # before evaluation: the training figures alone
