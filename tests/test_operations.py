@@ -288,3 +288,37 @@ def test_an_error_while_training_is_the_last_line_under_a_closed_bar(dataset, tm
     last = proc.stderr.rstrip("\n").split("\n")[-1]
     assert last.startswith("dlrm-train: error: loss is nan at step ") and "\r" not in last
     assert "dlrm-train: error" not in proc.stderr[: proc.stderr.index(last)]  # said once, after the bar
+
+
+def test_both_parsers_take_the_same_integers(tmp_path):
+    from dlrm_cache.criteo import LABELED_COLUMNS
+    from dlrm_cache.data.criteo_tsv import BadLines, read_chunks
+
+    values = [
+        "+5",
+        "-5",
+        "",
+        "0012",
+        str(2**62),
+        str(2**63 - 1),
+        str(-(2**63)),
+        str(2**63),
+        "+-1",
+        "1e3",
+        "+",
+    ]
+    cats = "\t".join(["68fd1e64"] * 26)
+    lines = [f"1\t{v}\t" + "\t".join(["1"] * 12) + f"\t{cats}\n" for v in values]
+    src = tmp_path / "ints.txt"
+    src.write_text("".join(lines))
+    read = {}
+    for parser in ("native", "arrow"):
+        bad = BadLines()
+        chunks = list(read_chunks(src, LABELED_COLUMNS, 1 << 20, "skip", bad, parser=parser))
+        read[parser] = (
+            [int(v) for c in chunks for v in c.ints[:, 0]],
+            [int(x) for c in chunks for x in c.lines],
+        )
+    assert read["native"] == read["arrow"]
+    assert read["native"][0] == [5, -5, 0, 12, 2**62, 2**63 - 1, -(2**63)]
+    assert read["native"][1] == [1, 2, 3, 4, 5, 6, 7]  # lines 8-11 refused by both

@@ -1,6 +1,6 @@
 // Criteo TSV lines -> label, integer and categorical arrays, every field checked, in one pass.
 // The same rules as the pyarrow path in criteo_tsv.py (its fallback where no compiler is found):
-// label "0" or "1"; integer fields empty (-> 0) or an optional '-' and 1 to 18 digits; categorical
+// label "0" or "1"; integer fields empty (-> 0) or an optional '+' or '-' and digits within int64; categorical
 // fields empty (-> -1) or exactly 8 hex digits (-> their 32-bit value). Empty lines are skipped, a
 // trailing '\r' is dropped. Built by dlrm_cache/native.py with the system C++ compiler.
 
@@ -60,19 +60,21 @@ inline bool parse_int(const char* p, int64_t n, int64_t* out) {
     *out = 0;
     return true;
   }
-  bool neg = *p == '-';
-  if (neg) {
+  const bool neg = *p == '-';
+  if (neg || *p == '+') {
     ++p;
     --n;
   }
-  if (n < 1 || n > 18) return false;
-  int64_t v = 0;
+  if (n < 1) return false;
+  // within int64: up to 2^63 - 1, or 2^63 negated
+  const uint64_t limit = neg ? (uint64_t(1) << 63) : (uint64_t(1) << 63) - 1;
+  uint64_t v = 0;
   for (int64_t i = 0; i < n; ++i) {
     const unsigned d = static_cast<unsigned char>(p[i]) - '0';
-    if (d > 9) return false;
+    if (d > 9 || v > (limit - d) / 10) return false;
     v = v * 10 + d;
   }
-  *out = neg ? -v : v;
+  *out = neg ? int64_t(0 - v) : int64_t(v);
   return true;
 }
 

@@ -1,8 +1,9 @@
 """Reading Criteo TSV (plain or gzip) in bounded-memory chunks, with every field checked.
 
-Labels must be 0/1, integer fields optional signed integers, categorical fields empty or 8 hex digits
-(turned into uint32). A line that breaks the layout raises ``CriteoFormatError`` with file, line and
-field, or, with ``on_bad_lines="skip"``, is dropped and counted.
+Labels must be 0/1, integer fields empty or optionally signed integers ('+' or '-', then digits, within
+int64), categorical fields empty or 8 hex digits (turned into uint32). A line that breaks the layout
+raises ``CriteoFormatError`` with file, line and field, or, with ``on_bad_lines="skip"``, is dropped
+and counted.
 
 Two readers apply these rules: ``criteo_parse.cpp`` (built on first use, see
 ``dlrm_cache.native_build``) reads blocks of whole lines in one pass per block; where it cannot be
@@ -397,7 +398,8 @@ def _physical_lines(accepted: np.ndarray, skipped: list[int]) -> np.ndarray:
         lines = nxt
 
 
-_INT_PATTERN = r"^-?[0-9]{1,18}$|^$"
+_INT_PATTERN = r"^[+-]?[0-9]+$|^$"  # an optional sign and digits (and in int64: _in_int64)
+_INT64 = (-(2**63), 2**63 - 1)
 
 
 def _convert(batch: pa.RecordBatch, path: Path, lines: np.ndarray, on_bad_lines: str, bad: BadLines) -> Chunk:
@@ -425,10 +427,12 @@ def _convert(batch: pa.RecordBatch, path: Path, lines: np.ndarray, on_bad_lines:
         filled = pc.if_else(pc.equal(col, ""), "0", col)
         try:
             ints[:, j] = pc.cast(filled, pa.int64()).to_numpy()
-        except pa.ArrowInvalid:
+        except pa.ArrowInvalid:  # a '+' sign (arrow's cast takes none), or a bad value to locate
             valid = pc.match_substring_regex(col, _INT_PATTERN).to_numpy(zero_copy_only=False)
+            for r in np.nonzero(valid & (pc.utf8_length(col).to_numpy() > 18))[0]:
+                valid[r] = _INT64[0] <= int(col[r].as_py()) <= _INT64[1]
             check(valid, name)
-            safe = pc.if_else(pa.array(valid), filled, "0")
+            safe = pc.if_else(pa.array(valid), pc.replace_substring_regex(filled, r"^\+", ""), "0")
             ints[:, j] = pc.cast(safe, pa.int64()).to_numpy()
     cats = np.empty((n, len(CAT_COLUMNS)), dtype=np.int64)
     for j, name in enumerate(CAT_COLUMNS):
