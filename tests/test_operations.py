@@ -322,3 +322,46 @@ def test_both_parsers_take_the_same_integers(tmp_path):
     assert read["native"] == read["arrow"]
     assert read["native"][0] == [5, -5, 0, 12, 2**62, 2**63 - 1, -(2**63)]
     assert read["native"][1] == [1, 2, 3, 4, 5, 6, 7]  # lines 8-11 refused by both
+
+
+def test_a_folder_as_input_and_a_missing_vocabulary_are_said_as_such(dataset, tmp_path):
+    (tmp_path / "days").mkdir()
+    proc = command("preprocess", f"input={tmp_path / 'days'}", f"output_dir={tmp_path / 'o'}", cwd=tmp_path)
+    assert (
+        proc.returncode == 2
+        and f"input {tmp_path / 'days'}: a folder, not a Criteo TSV file" in error_line(proc)
+    )
+    broken = tmp_path / "broken"
+    shutil.copytree(dataset, broken)
+    (broken / "vocab" / "cat_3.parquet").unlink()
+    with pytest.raises(
+        FileNotFoundError, match=r"cat_3.parquet: missing: the dataset .*broken is incomplete"
+    ):
+        train(config(broken), tmp_path / "r")
+
+
+def test_predict_names_its_own_setting_when_its_host_files_find_no_room(trained, dataset, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        proc = command("predict", f"run_dir={trained}", f"input={dataset}", f"output={tmp_path / 's.csv'}",
+                       "host=mmap", f"mmap_dir={small}", "progress=false", cwd=tmp_path)  # fmt: skip
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    line = error_line(proc)
+    assert proc.returncode == 2 and f"error: mmap_dir={small}: the host table needs" in line
+
+
+def test_resuming_a_finished_run_records_its_evaluation_once(trained, dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    before = (run_dir / "metrics.jsonl").read_text()
+    again = TrainLoopConfig(batch_size=256, max_steps=3, tensorboard=False, resume=True)
+    train(replace(config(dataset), train=again), run_dir)  # nothing left to train
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val" in r] == [3]
+    assert (run_dir / "metrics.jsonl").read_text() == before

@@ -80,6 +80,11 @@ def resolve_inputs(patterns: list[str]) -> list[Path]:
             files += [Path(m) for m in matches]
         else:
             path = Path(pattern)
+            if path.is_dir():
+                raise IsADirectoryError(
+                    f"input {pattern}: a folder, not a Criteo TSV file (name its files, or a glob: "
+                    f"{path}/day_*)"
+                )
             if not path.is_file():
                 raise FileNotFoundError(f"input {pattern}: no such file")
             files.append(path)

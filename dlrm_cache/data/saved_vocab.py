@@ -70,7 +70,17 @@ def saved_vocabularies(root: Path) -> SavedVocabularies:
     )
 
 
+def missing_vocabulary(path: Path) -> str:
+    """What to say of a dataset whose vocabulary file ``path`` is gone."""
+    return (
+        f"{path}: missing: the dataset {path.parent.parent} is incomplete (the vocabulary of "
+        f"{path.stem}); make it again with dlrm-preprocess"
+    )
+
+
 def _read_one(path: Path, size: int, rare_id: int) -> Vocabulary:
+    if not path.is_file():
+        raise FileNotFoundError(missing_vocabulary(path))
     try:
         table = pq.read_table(path)
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from dlrm_cache.config import CacheConfig
+from dlrm_cache.data.saved_vocab import missing_vocabulary
 
 
 @dataclass
@@ -104,7 +105,10 @@ def load_table_stats(root: Path, tables: dict[str, str], dims: dict[str, int]) -
     """``TableStats`` from a ``dlrm-preprocess`` output; ``tables``: table name -> its feature."""
     out = []
     for name, feature in tables.items():
-        t = pq.read_table(root / "vocab" / f"{feature}.parquet", columns=["id", "train_count"])
+        path = root / "vocab" / f"{feature}.parquet"
+        if not path.is_file():
+            raise FileNotFoundError(missing_vocabulary(path))
+        t = pq.read_table(path, columns=["id", "train_count"])
         ids = t.column("id").to_numpy()
         counts = np.zeros(len(ids), dtype=np.float64)
         counts[ids] = t.column("train_count").to_numpy()

@@ -60,7 +60,11 @@ def predict(cfg: PredictConfig) -> Path:
         if cfg.host == "memory":
             _score(run.plain_model(device), loader, device, out, kaggle, labeled, cfg, ids_on_device=True)
         else:
-            model, ebc = run.cached_model(replace(run.cache, host="mmap", mmap_dir=cfg.mmap_dir), device)
+            try:
+                model, ebc = run.cached_model(replace(run.cache, host="mmap", mmap_dir=cfg.mmap_dir), device)
+            except OSError as e:  # the host tier names the setting as training has it: say this command's
+                message = (e.strerror or str(e)).replace("cache.mmap_dir=", "mmap_dir=", 1)
+                raise OSError(e.errno, message, e.filename) from None
             try:
                 _score(model, loader, device, out, kaggle, labeled, cfg, ids_on_device=False)
             finally:

@@ -27,8 +27,11 @@ class RunLog:
         """``lead``: this rank writes (the others keep only the counters); ``resumed``: the records a
         killed run wrote after ``first_step`` are dropped, else an old ``metrics.jsonl`` is replaced."""
         self.path, self.lead = run_dir / "metrics.jsonl", lead
+        self.evaluated: set[int] = set()  # steps whose evaluation is on record (a resumed run's)
         if lead and resumed:
             keep_metrics_until(self.path, first_step)
+            records = map(json.loads, self.path.read_text().splitlines()) if self.path.exists() else ()
+            self.evaluated = {r["step"] for r in records if "val" in r}
         elif lead:
             self.path.unlink(missing_ok=True)
         self.bar = tqdm(total=total, initial=first_step, desc="dlrm-train", unit="step", disable=not lead)
@@ -54,7 +57,10 @@ class RunLog:
         self.bar.set_postfix(loss=f"{loss:.4f}", sps=f"{rate:,.0f}", hit=f"{stats['hit_rate_unique']:.3f}")
 
     def log_eval(self, step: int, evaluated: dict) -> None:
-        self.write({"step": step, "val": evaluated})
+        """An evaluation's record, unless the run this one resumes has it already (the same model)."""
+        if step not in self.evaluated:
+            self.evaluated.add(step)
+            self.write({"step": step, "val": evaluated})
 
     def write(self, record: dict) -> None:
         if self.metrics:
