@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,9 @@ def run_cli(name: str, job: Callable[[], None]) -> None:
     rank = current_rank()
     if rank.world_size > 1:
         name = f"{name} [rank {rank.rank}]"
+    if rank.rank > 0:  # the libraries' warnings, once (rank 0's); errors are still every rank's own
+        warnings.filterwarnings("ignore")
+        logging.getLogger().setLevel(logging.ERROR)
     signal.signal(signal.SIGTERM, _interrupted)  # cleans up as Ctrl-C does
     try:
         job()
