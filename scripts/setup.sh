@@ -38,14 +38,30 @@ echo "setup: device stack = $DEVICE, venv = $VENV"
 [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV" || fail "could not create $VENV"
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 
+# After an install pip checks the whole environment and, with the CPU stack, names torchrec's declared
+# `fbgemm-gpu` as missing: its CPU build `fbgemm-gpu-cpu` is there instead. That note (an "ERROR"
+# line, then the torchrec line) is expected: it is said once, as what it is; anything else pip says
+# is shown as it is.
+pip_install() {
+  local out rc=0
+  out=$("${PIP[@]}" "$@" 2>&1) || rc=$?
+  if grep -q "^torchrec .* requires fbgemm-gpu, which is not installed" <<<"$out" && [[ "$DEVICE" == cpu ]]; then
+    echo "setup: pip notes torchrec's declared fbgemm-gpu as missing: expected, fbgemm-gpu-cpu is its CPU build"
+    out=$(grep -v -e "^ERROR: pip's dependency resolver does not currently take into account" \
+                  -e "^torchrec .* requires fbgemm-gpu, which is not installed" <<<"$out" || true)
+  fi
+  [[ -z "$out" ]] || printf '%s\n' "$out"
+  return "$rc"
+}
+
 # 1. torch + fbgemm. On CPU machines `torch==2.13.0` resolves to the CPU wheel (a local wheel or the
 #    +cpu build); on CUDA machines PyPI's default torch build is the CUDA one.
-"${PIP[@]}" "torch==$TORCH_VERSION" "$FBGEMM_PKG" || fail "installing torch/$FBGEMM_PKG failed"
-# 2. torchrec without its declared dependencies, then the ones it really needs.
-"${PIP[@]}" --no-deps "torchrec==$TORCHREC_VERSION" || fail "installing torchrec failed"
-"${PIP[@]}" -r scripts/requirements-torchrec.txt || fail "installing torchrec's dependencies failed"
-# 3. the package itself, editable, with its dev tools.
-"${PIP[@]}" -e ".[dev]" || fail "installing dlrm_cache failed"
+pip_install "torch==$TORCH_VERSION" "$FBGEMM_PKG" || fail "installing torch/$FBGEMM_PKG failed"
+# 2. the dependencies torchrec really needs, then the package itself, editable, with its dev tools.
+pip_install -r scripts/requirements-torchrec.txt || fail "installing torchrec's dependencies failed"
+pip_install -e ".[dev]" || fail "installing dlrm_cache failed"
+# 3. torchrec last, without its declared dependencies (on a fresh machine pip then has nothing to note)
+pip_install --no-deps "torchrec==$TORCHREC_VERSION" || fail "installing torchrec failed"
 
 "$VENV/bin/python" - <<'PY' || fail "the installed stack does not import together (see above)"
 import importlib.metadata as md
