@@ -54,12 +54,13 @@ def naming(path: Path) -> Iterator[None]:
         raise OSError(number, os.strerror(number) if number else str(e), str(path)) from e
 
 
-def file_crc32(path: Path, chunk: int = 64 << 20) -> int:
-    """The CRC-32 of a file's bytes, read a chunk at a time."""
-    crc = 0
+def file_crc32(path: Path, chunk: int = 4 << 20) -> int:
+    """The CRC-32 of a file's bytes, read into one buffer of ``chunk`` bytes (bounded memory)."""
+    crc, buffer = 0, bytearray(chunk)
+    view = memoryview(buffer)
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            crc = zlib.crc32(block, crc)
+        while n := f.readinto(buffer):
+            crc = zlib.crc32(view[:n], crc)
     return crc
 
 

@@ -160,26 +160,6 @@ def test_an_added_key_that_no_schema_has_is_refused(tsvs, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.fixture
-def mounted(tmp_path):
-    """Mount a tmpfs (``options``) on a folder of the test's, where this machine allows it."""
-    mounts = []
-
-    def mount(name, options):
-        folder = tmp_path / name
-        folder.mkdir()
-        if subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True
-        ).returncode:
-            pytest.skip("cannot mount a tmpfs here")
-        mounts.append(folder)
-        return folder
-
-    yield mount
-    for folder in mounts:
-        subprocess.run(["umount", str(folder)], check=True)
-
-
 def test_a_read_only_output_is_one_line_naming_the_file(tsvs, mounted):
     ro = mounted("ro", "ro,size=1m")
     r = preprocess(f"input={tsvs / 'test.txt'}", f"output_dir={ro / 'out'}")

@@ -192,16 +192,9 @@ def test_saving_and_loading_a_table_far_larger_than_a_chunk_keeps_memory_bounded
 
 
 @pytest.fixture
-def small_fs(tmp_path):
+def small_fs(mounted):
     """A 4 MB tmpfs, where this machine lets the test mount one."""
-    folder = tmp_path / "small"
-    folder.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)], capture_output=True
-    ).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    yield folder
-    subprocess.run(["umount", str(folder)], check=True)
+    return mounted("small", "size=4m")
 
 
 def test_a_file_system_without_room_for_the_host_table_is_refused_at_start(small_fs):

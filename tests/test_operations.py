@@ -340,18 +340,10 @@ def test_a_folder_as_input_and_a_missing_vocabulary_are_said_as_such(dataset, tm
         train(config(broken), tmp_path / "r")
 
 
-def test_predict_names_its_own_setting_when_its_host_files_find_no_room(trained, dataset, tmp_path):
-    small = tmp_path / "small"
-    small.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], capture_output=True
-    ).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        proc = command("predict", f"run_dir={trained}", f"input={dataset}", f"output={tmp_path / 's.csv'}",
-                       "host=mmap", f"mmap_dir={small}", "progress=false", cwd=tmp_path)  # fmt: skip
-    finally:
-        subprocess.run(["umount", str(small)], check=True)
+def test_predict_names_its_own_setting_when_its_host_files_find_no_room(trained, dataset, tmp_path, mounted):
+    small = mounted("small", "size=64k")
+    proc = command("predict", f"run_dir={trained}", f"input={dataset}", f"output={tmp_path / 's.csv'}",
+                   "host=mmap", f"mmap_dir={small}", "progress=false", cwd=tmp_path)  # fmt: skip
     line = error_line(proc)
     assert proc.returncode == 2 and f"error: mmap_dir={small}: the host table needs" in line
 
