@@ -213,7 +213,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_whole(small_fs):
     batches = make_batches(4, batch_size=32, rows=rows)
 
     def save():
-        ckpt.save(small_fs, 0, 1, [(ebc, {})], lambda: {"step": ebc.optimizer_step}, lambda: None)
+        ckpt.save(small_fs, 0, 1, [(ebc, {})], lambda: {"step": ebc.optimizer_step}, lambda ok: ok)
 
     train(ebc, batches[:2])
     save()

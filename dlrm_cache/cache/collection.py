@@ -169,13 +169,25 @@ class CachedEmbeddingBagCollection(nn.Module):
                 done.set_exception(e)
             return done
         if self._worker is None:
-            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlrm-cache")
+            # On CUDA the thread works on this collection's device (else it would open a context on
+            # GPU 0, in every rank's process).
+            cuda = self.device.type == "cuda"
+            self._worker = ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix="dlrm-cache",
+                initializer=torch.cuda.set_device if cuda else None,
+                initargs=(self.device,) if cuda else (),
+            )
         return self._worker.submit(fn, *args)
 
     def _drain(self) -> None:
-        """Wait until the bookkeeping thread has done everything submitted so far."""
+        """Wait until the bookkeeping thread has done everything submitted so far, and raise what the
+        plan made ahead (``prefetch``) raised: a failed prefetch surfaces here, before a checkpoint
+        (``flush``) or an evaluation could work on a half-applied plan, not only at the next step."""
         if self._worker is not None:
             self._worker.submit(lambda: None).result()
+        if self._planned is not None and self._planned.done() and self._planned.exception() is not None:
+            raise self._planned.exception()
 
     # ---------------------------------------------------------------- forward
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
@@ -260,8 +272,8 @@ class CachedEmbeddingBagCollection(nn.Module):
 
     # ---------------------------------------------------------------- state
     def close(self) -> None:
-        """Stop the bookkeeping thread and drop the host tier's scratch files (``cache.host=mmap``)."""
-        self._drain()
+        """Stop the bookkeeping thread (after what it was given) and drop the host tier's scratch files
+        (``cache.host=mmap``); raises nothing of a failed plan (the step or flush that needed it did)."""
         if self._worker is not None:
             self._worker.shutdown()
             self._worker = None

@@ -38,7 +38,7 @@ from dlrm_cache.cache import policy as pol
 from dlrm_cache.cache import python_planner
 from dlrm_cache.cache.bookkeeping import Bookkeeping, GroupStats
 from dlrm_cache.cache.future import FutureIndex
-from dlrm_cache.cache.host import HostTable, TableShard, stream_rows
+from dlrm_cache.cache.host import CHUNK_BYTES, HostTable, TableShard, stream_rows
 from dlrm_cache.cache.layout import GroupLayout
 from dlrm_cache.cache.native import NativePlanner
 from dlrm_cache.cache.optim import SparseOptimizer
@@ -140,6 +140,7 @@ class TableGroup:
         self._inflight: StepPlan | None = None
         self._overflow_logged: set[int] = set()
         self.mover = row_mover(s.device, self.width, s.native_copies, s.planner, self.resident)
+        self._chunk_rows = max(1, CHUNK_BYTES // (4 * self.width))  # warm-up and flush copy this many at once
         if self.resident:
             # The whole table lives on the device: the baseline (policy=none). The cache *is* the table.
             self.host, self.cache, self._cache_and_scratch = None, host.data.to(s.device), None
@@ -150,6 +151,7 @@ class TableGroup:
         # step served from the host go back, in the one indexed copy of all of them).
         self._cache_and_scratch = torch.zeros(layout.total_slots + 1, self.width, device=s.device)
         self.cache = self._cache_and_scratch[:-1]
+        self.mover.adopt(self._cache_and_scratch)
         self.book = Bookkeeping(
             layout, s.policy, self.stats, self._empty_state(), _coldness_table(layout, s.frequencies),
             torch.zeros(layout.total_rows, dtype=torch.int64) if s.policy == "lfu" else None,
@@ -205,7 +207,8 @@ class TableGroup:
                 coldness = self.book.coldness_table[lo : lay.row_offsets[t + 1]]
                 rows = torch.topk(coldness, k, largest=False).indices + lo
             slots = torch.arange(lay.slot_offsets[t], lay.slot_offsets[t] + k, dtype=torch.int64)
-            self._copy_in(rows, slots)
+            for at in range(0, k, self._chunk_rows):  # bounded: a chunk of rows in flight at a time
+                self._copy_in(rows[at : at + self._chunk_rows], slots[at : at + self._chunk_rows], None)
             self.state.admit(rows, slots)
             self.state.filled[t] = k
             self.stats.warmup[t] += k
@@ -267,9 +270,10 @@ class TableGroup:
             )
         tiers = (self.host.data, self.cache) if self.mover.planner_copies else None
         p = self.planner.plan(self.book, batch, step, pin_floor, host_rows, tiers)
-        if tiers is None:
-            self._copy_out(p.write_back_slots, p.write_back_rows)  # victims out first: their slots are reused
-            self._copy_in(p.load_rows, p.load_slots)
+        if tiers is None:  # after the update of the last step that may have used the slots
+            after = pin_floor - 1
+            self._copy_out(p.write_back_slots, p.write_back_rows, after)  # victims first: slots are reused
+            self._copy_in(p.load_rows, p.load_slots, after)
         for t in torch.nonzero(p.short_of).squeeze(1).tolist():
             self._log_overflow(t, batch, int(p.short_of[t]))
         scratch = self.layout.total_slots if self.mover.scratch else None  # where ``write_slots`` point
@@ -287,15 +291,15 @@ class TableGroup:
             self.configs[t].name, need, self.layout.capacities[t], short, need, need / self.layout.rows[t],
         )  # fmt: skip
 
-    def _copy_out(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
-        """Cache slots back into host rows (the data only)."""
+    def _copy_out(self, slots: torch.Tensor, rows: torch.Tensor, after: int | None) -> None:
+        """Cache slots back into host rows (the data only), once step ``after`` is updated (None: all)."""
         if slots.numel():
-            self.mover.copy_out(self.cache, slots, self.host.data, rows)
+            self.mover.copy_out(self.cache, slots, self.host.data, rows, after)
 
-    def _copy_in(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
-        """Host rows into cache slots (the data only)."""
+    def _copy_in(self, rows: torch.Tensor, slots: torch.Tensor, after: int | None) -> None:
+        """Host rows into cache slots (the data only), once step ``after`` is updated (None: all)."""
         if rows.numel():
-            self.mover.copy_in(self.host.data, rows, self.cache, slots)
+            self.mover.copy_in(self.host.data, rows, self.cache, slots, after)
 
     # ---------------------------------------------------------------- compute
     def gather(self, plan: StepPlan) -> torch.Tensor:
@@ -353,7 +357,7 @@ class TableGroup:
             self.mover.write_back(plan, plan.rows, self.cache, self._cache_and_scratch, state, host)
             if plan.overflow is not None:
                 self.stats.written_by_update += self.layout.count_per_table(plan.host_rows)
-        self.mover.after_update()  # later copies of these slots wait for this update
+        self.mover.after_update(plan.step)  # the copies that reuse these slots wait for this update
         plan.rows = None
         if self._inflight is plan:
             self._inflight = None
@@ -384,12 +388,13 @@ class TableGroup:
         if self.resident:
             return
         slots = torch.nonzero(self.state.dirty).squeeze(1)
-        if slots.numel():
-            rows = self.state.slot_to_row[slots]
+        for at in range(0, len(slots), self._chunk_rows):  # bounded: a chunk of rows in flight at a time
+            chunk = slots[at : at + self._chunk_rows]
+            rows = self.state.slot_to_row[chunk]
             with self.host.measured():
-                self._copy_out(slots, rows)
+                self._copy_out(chunk, rows, None)
             self.stats.written += self.layout.count_unsorted_per_table(rows)
-            self.state.dirty[slots] = False
+        self.state.dirty[slots] = False
 
     def table_rows(self, t: int) -> torch.Tensor:
         """Table ``t``'s rows ``[weight | state]`` in the host layout (call ``flush`` first)."""

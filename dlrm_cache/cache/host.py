@@ -60,8 +60,8 @@ class HostTable:
     garbage-collected, or at interpreter exit.
 
     For a mapped table, ``read_bytes`` / ``write_bytes`` add up the disk I/O of the calls made under
-    ``measured()`` (the process's ``/proc/self/io`` before and after: other threads' I/O in those
-    moments counts too)."""
+    ``measured()`` (the calling thread's ``/proc/thread-self/io`` before and after; windows on several
+    threads at once neither wait for each other nor count each other's I/O)."""
 
     def __init__(self, rows: int, width: int, kind: str, mmap_dir: str | None, name: str):
         self.path: Path | None = None
@@ -84,7 +84,7 @@ class HostTable:
             folder = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-"))
         # the process's id in the name: what a killed run leaves is found and removed by the next
         self.path = folder / f"{name}.pid-{os.getpid()}.f32"
-        self._io_lock = threading.Lock()  # one measured() window at a time
+        self._io_lock = threading.Lock()  # the counters, added to from several threads
         size = rows * self.row_bytes
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         self._cleanup = weakref.finalize(self, _remove, self._fd, self.path, None if mmap_dir else folder)
@@ -193,12 +193,14 @@ class HostTable:
         if not self.mapped:
             yield
             return
-        with self._io_lock:
-            before = process_io()
-            try:
-                yield
-            finally:
-                after = process_io()
+        # This thread's own I/O (/proc/thread-self/io): windows on several threads at once (a plan on
+        # the bookkeeping thread, a backward reading host rows) neither count each other's nor wait.
+        before = thread_io()
+        try:
+            yield
+        finally:
+            after = thread_io()
+            with self._io_lock:
                 self.read_bytes += after[0] - before[0]
                 self.write_bytes += after[1] - before[1]
 
@@ -236,10 +238,10 @@ def stream_rows(data: torch.Tensor, first: int, count: int, out: BinaryIO) -> No
         out.write(memoryview(data[a : min(a + step, first + count)].cpu().numpy()).cast("B"))
 
 
-def process_io() -> tuple[int, int]:
-    """This process's disk bytes read and written so far (``/proc/self/io``; zeros where absent)."""
+def thread_io() -> tuple[int, int]:
+    """This thread's disk bytes read and written so far (``/proc/thread-self/io``; zeros where absent)."""
     try:
-        text = Path("/proc/self/io").read_text()
+        text = Path("/proc/thread-self/io").read_text()
     except OSError:
         return 0, 0
     fields = dict(line.split(": ") for line in text.splitlines())

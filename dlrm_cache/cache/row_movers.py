@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
 from dlrm_cache.cache.native import RowKernels
 from dlrm_cache.cache.transfer import DeviceTransfers
@@ -34,16 +35,13 @@ class TorchRows:
     def __init__(self, device: torch.device):
         self.device = device
 
-    def copy_in(
-        self, host: torch.Tensor, rows: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor
-    ) -> None:
-        """Host ``rows`` into cache ``slots`` (the data only)."""
+    def copy_in(self, host: Tensor, rows: Tensor, cache: Tensor, slots: Tensor, after: int | None) -> None:
+        """Host ``rows`` into cache ``slots`` (the data only), once step ``after`` is updated (None: every
+        step so far): the update of the last step that may have used the slots."""
         cache.index_copy_(0, slots.to(self.device), host.index_select(0, rows).to(self.device))
 
-    def copy_out(
-        self, cache: torch.Tensor, slots: torch.Tensor, host: torch.Tensor, rows: torch.Tensor
-    ) -> None:
-        """Cache ``slots`` back into host ``rows`` (the data only)."""
+    def copy_out(self, cache: Tensor, slots: Tensor, host: Tensor, rows: Tensor, after: int | None) -> None:
+        """Cache ``slots`` back into host ``rows`` (the data only), once step ``after`` is updated."""
         host.index_copy_(0, rows, cache.index_select(0, slots.to(self.device)).cpu())
 
     def gather(self, plan: StepPlan, cache: torch.Tensor, host: torch.Tensor | None) -> torch.Tensor:
@@ -79,8 +77,11 @@ class TorchRows:
     def wait(self, event: torch.cuda.Event | None) -> None:
         """The compute stream waits for ``event`` (copies on a stream of their own)."""
 
-    def after_update(self) -> None:
-        """After a step's update is queued: later copies wait for it."""
+    def after_update(self, step: int) -> None:
+        """After step ``step``'s update is queued: the copies that need it wait for it."""
+
+    def adopt(self, cache: Tensor) -> None:
+        """The group's cache tensor, just made (and filled) on the compute stream."""
 
     def record_load_timings(self) -> list | None:
         """CUDA: from now on, the (start, end) timing events of every load's copies (for benchmarks);
@@ -93,15 +94,11 @@ class CudaRows(TorchRows):
         super().__init__(device)
         self.transfers = DeviceTransfers(device, width)
 
-    def copy_in(
-        self, host: torch.Tensor, rows: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor
-    ) -> None:
-        self.transfers.load(host, rows, cache, slots)
+    def copy_in(self, host: Tensor, rows: Tensor, cache: Tensor, slots: Tensor, after: int | None) -> None:
+        self.transfers.load(host, rows, cache, slots, after)
 
-    def copy_out(
-        self, cache: torch.Tensor, slots: torch.Tensor, host: torch.Tensor, rows: torch.Tensor
-    ) -> None:
-        self.transfers.write_back(cache, slots, host, rows)
+    def copy_out(self, cache: Tensor, slots: Tensor, host: Tensor, rows: Tensor, after: int | None) -> None:
+        self.transfers.write_back(cache, slots, host, rows, after)
 
     def ready(self) -> torch.cuda.Event | None:
         return self.transfers.ready
@@ -109,8 +106,14 @@ class CudaRows(TorchRows):
     def wait(self, event: torch.cuda.Event | None) -> None:
         self.transfers.wait_ready(event)
 
-    def after_update(self) -> None:
-        self.transfers.after_update()
+    def after_update(self, step: int) -> None:
+        self.transfers.after_update(step)
+
+    def adopt(self, cache: Tensor) -> None:
+        """The copy stream waits for the cache's allocation and fill (warm-up loads must not race the
+        zeros), and the allocator keeps its memory until the copies queued on the stream are done."""
+        self.transfers.stream.wait_stream(torch.cuda.current_stream(self.device))
+        cache.record_stream(self.transfers.stream)
 
     def record_load_timings(self) -> list | None:
         self.transfers.load_timings = []
@@ -125,14 +128,10 @@ class NativeRows(TorchRows):
         super().__init__(torch.device("cpu"))
         self.kernels = RowKernels()
 
-    def copy_in(
-        self, host: torch.Tensor, rows: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor
-    ) -> None:
+    def copy_in(self, host: Tensor, rows: Tensor, cache: Tensor, slots: Tensor, after: int | None) -> None:
         self.kernels.copy(host, rows, cache, slots)
 
-    def copy_out(
-        self, cache: torch.Tensor, slots: torch.Tensor, host: torch.Tensor, rows: torch.Tensor
-    ) -> None:
+    def copy_out(self, cache: Tensor, slots: Tensor, host: Tensor, rows: Tensor, after: int | None) -> None:
         self.kernels.copy(cache, slots, host, rows)
 
     def gather(self, plan: StepPlan, cache: torch.Tensor, host: torch.Tensor | None) -> torch.Tensor:

@@ -5,9 +5,12 @@ caching host allocator rounds a pinned block up to a power of two and keeps it).
 pinned staging buffers, sized by a step's loads and write-backs and reused (grown by doubling), on a
 copy stream of their own; events order the copies with compute:
 
-- before the copy stream touches any slot, it waits for the compute stream's last recorded update
-  (``after_update``): a victim's slot is read (written back) and overwritten (loaded) only after the
-  steps that used it are done;
+- before the copy stream touches a plan's slots, it waits for the update of the last step that may
+  have used them (``after_update`` records one event per step; a plan for step ``t`` evicts only
+  slots last used before its pin floor, so its copies wait for step ``pin_floor - 1``'s update, not
+  for the step in flight): a victim's slot is read (written back) and overwritten (loaded) only after
+  the steps that used it are done, and loads overlap the step in flight;
+- the copy stream is drawn from the high-priority pool (NCCL's streams come from the other);
 - loads and write-backs are queued on the copy stream in the planner's order (write-backs first), so a
   victim is copied out before its slot is reused;
 - a step's gather waits for the event recorded after its own loads (``StepPlan.ready``); the compute
@@ -24,6 +27,10 @@ CUDA check (``scripts/gpu_check.sh``) runs this module on a GPU.
 from __future__ import annotations
 
 import torch
+
+_KEPT_UPDATES = (
+    4  # the events of the last few steps' updates (a plan needs the one before the step in flight)
+)
 
 
 class _Staging:
@@ -47,44 +54,63 @@ class DeviceTransfers:
 
     def __init__(self, device: torch.device, width: int):
         self.device = device
-        self.stream = torch.cuda.Stream(device)
+        self.stream = torch.cuda.Stream(device, priority=-1)  # not a stream NCCL may be given too
         self._loads = _Staging(width)
         self._write_backs = _Staging(width)
-        self._updated: torch.cuda.Event | None = None  # the compute stream's last update
+        self._updates: dict[int, torch.cuda.Event] = {}  # step -> the compute stream's update of it
         self.ready: torch.cuda.Event | None = None  # after the latest loads
         # (start, end) timing events of every load's copies, where a benchmark asks for them
         self.load_timings: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
 
-    def after_update(self) -> None:
-        """Training thread, after a step's update is queued: later copies wait for it."""
+    def after_update(self, step: int) -> None:
+        """Training thread, after step ``step``'s update is queued: copies that need it wait for it."""
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
-        self._updated = event
+        updates = dict(self._updates)  # replaced whole: the bookkeeping thread reads it meanwhile
+        updates[step] = event
+        self._updates = {s: e for s, e in updates.items() if s > step - _KEPT_UPDATES}
 
-    def _begin(self) -> None:
-        updated = self._updated
-        if updated is not None:
-            self.stream.wait_event(updated)
+    def _begin(self, after: int | None) -> None:
+        """The copy stream waits for the update of step ``after`` (the latest one recorded at or
+        before it: the compute stream runs in order), or of every step so far (None)."""
+        updates = self._updates
+        steps = [s for s in updates if after is None or s <= after]
+        if steps:
+            self.stream.wait_event(updates[max(steps)])
 
     def write_back(
-        self, cache: torch.Tensor, slots: torch.Tensor, host: torch.Tensor, rows: torch.Tensor
+        self,
+        cache: torch.Tensor,
+        slots: torch.Tensor,
+        host: torch.Tensor,
+        rows: torch.Tensor,
+        after: int | None,
     ) -> None:
-        """Cache ``slots`` into host ``rows`` (their data is in the host when this returns)."""
+        """Cache ``slots`` into host ``rows`` once step ``after`` is updated (None: every step so far);
+        their data is in the host when this returns."""
         staging = self._write_backs.take(len(slots))
         with torch.cuda.stream(self.stream):
-            self._begin()
+            self._begin(after)
             staging.copy_(cache.index_select(0, slots.to(self.device, non_blocking=True)), non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.stream)
         done.synchronize()
         host.index_copy_(0, rows, staging)
 
-    def load(self, host: torch.Tensor, rows: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor) -> None:
-        """Host ``rows`` into cache ``slots``, queued on the copy stream; ``ready`` marks them done."""
+    def load(
+        self,
+        host: torch.Tensor,
+        rows: torch.Tensor,
+        cache: torch.Tensor,
+        slots: torch.Tensor,
+        after: int | None,
+    ) -> None:
+        """Host ``rows`` into cache ``slots``, queued on the copy stream once step ``after`` is updated
+        (None: every step so far); ``ready`` marks them done."""
         staging = self._loads.take(len(rows))
         torch.index_select(host, 0, rows, out=staging)
         with torch.cuda.stream(self.stream):
-            self._begin()
+            self._begin(after)
             timing = None if self.load_timings is None else _timed(self.stream)
             on_device = staging.to(self.device, non_blocking=True)
             cache.index_copy_(0, slots.to(self.device, non_blocking=True), on_device)

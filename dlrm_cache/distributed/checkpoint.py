@@ -96,34 +96,38 @@ def save(
     world_size: int,
     collections: Collections,
     meta: Callable[[], dict],
-    barrier: Callable[[], None],
+    agree: Callable[[bool], bool],
 ) -> Path:
     """Every rank writes its pieces into ``checkpoint.new/``; then rank 0 writes ``meta()`` (dense model,
-    optimizer, step, ...) and swaps the folder in. Collective: every rank must call it. A failure to
-    write (a full disk) removes what this rank wrote and raises one ``OSError`` saying so: the previous
-    checkpoint stays as it was."""
+    optimizer, step, ...) and swaps the folder in. Collective: every rank must call it, and ``agree(ok)``
+    must return whether every rank's ``ok`` was true. After each phase the ranks agree: a failure on
+    any rank (a full disk, an unreadable row) removes what this checkpoint wrote and is raised on every
+    rank at once (the failing rank's own error; on the others an ``OSError`` saying another rank
+    failed): the previous checkpoint stays as it was, and no rank waits for one that gave up."""
     new = run_dir / NEW
-    if rank == 0:
+
+    def fresh_folder() -> None:
         shutil.rmtree(new, ignore_errors=True)
         new.mkdir(parents=True)
-    barrier()
-    try:
-        write_embeddings(new, rank, collections)
-    except OSError as e:
-        _give_up(run_dir, rank, e)
-    barrier()
-    if rank == 0:
-        try:
-            missing = [r for r in range(world_size) if not _index_file(new, r).is_file()]
-            if missing:
-                raise FileNotFoundError(2, f"ranks {missing} wrote no pieces", str(new))
-            with atomic_file(new / META) as f:  # on the host, whatever device each tensor came from
-                state = {**meta(), "format": FORMAT, "world_size": world_size}
-                torch.save(_to_host(state), f)
-        except OSError as e:
-            _give_up(run_dir, rank, e)
+
+    def write_meta() -> None:
+        missing = [r for r in range(world_size) if not _index_file(new, r).is_file()]
+        if missing:
+            raise FileNotFoundError(2, f"ranks {missing} wrote no pieces", str(new))
+        with atomic_file(new / META) as f:  # on the host, whatever device each tensor came from
+            torch.save(_to_host({**meta(), "format": FORMAT, "world_size": world_size}), f)
         swap_in(new, run_dir / CURRENT, aside=run_dir / OLD)
-    barrier()
+
+    for phase, everyone in ((fresh_folder, False), (lambda: write_embeddings(new, rank, collections), True),
+                            (write_meta, False)):  # fmt: skip
+        error = None
+        if everyone or rank == 0:
+            try:
+                phase()
+            except Exception as e:  # agreed on below, then raised
+                error = e
+        if not agree(error is None):
+            _give_up(run_dir, rank, error)
     return run_dir / CURRENT
 
 
@@ -137,7 +141,9 @@ def _to_host(value):
     return value
 
 
-def _give_up(run_dir: Path, rank: int, error: OSError) -> None:
+def _give_up(run_dir: Path, rank: int, error: Exception | None) -> None:
+    """Remove what this rank wrote of the checkpoint and raise, saying what is kept: ``error`` (this
+    rank's own, an ``OSError`` made one line) or, where another rank failed, an ``OSError`` saying so."""
     new = run_dir / NEW
     if rank == 0:
         shutil.rmtree(new, ignore_errors=True)
@@ -146,6 +152,10 @@ def _give_up(run_dir: Path, rank: int, error: OSError) -> None:
             f.unlink(missing_ok=True)
     previous = find_checkpoint(run_dir)
     kept = f"the previous one, {previous}, is intact" if previous else "there is no earlier one"
+    if error is None:
+        raise OSError(f"checkpoint not written (another rank could not write its part); {kept}")
+    if not isinstance(error, OSError):
+        raise error
     where = f"{error.filename}: " if error.filename else ""
     message = f"checkpoint not written ({where}{error.strerror or error}); {kept}"
     raise OSError(error.errno, message) from error

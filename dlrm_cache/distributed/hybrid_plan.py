@@ -67,7 +67,7 @@ class HybridPlan:
         )
         return "\n".join(lines)
 
-    def torchrec_plan(self, cold_ebc, sharder, device_type: str = "cpu"):
+    def torchrec_plan(self, cold_ebc, sharder, local_size: int | None = None, device_type: str = "cpu"):
         """The plan of the cold tables' ``EmbeddingBagCollection``: each on its owner."""
         from torchrec.distributed.sharding_plan import construct_module_sharding_plan, table_wise
 
@@ -79,7 +79,8 @@ class HybridPlan:
             if any(c.name == COLD_FEATURE.format(r) for c in cold_ebc.embedding_bag_configs())
         }
         return construct_module_sharding_plan(
-            cold_ebc, per_table, sharder=sharder, local_size=self.world_size, world_size=self.world_size,
+            cold_ebc, per_table, sharder=sharder, local_size=local_size or self.world_size,
+            world_size=self.world_size,
             device_type=device_type,
         )  # fmt: skip
 

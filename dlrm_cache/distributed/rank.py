@@ -12,9 +12,16 @@ class Rank:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # the ranks on this node (several nodes: fewer than world_size)
 
 
 def current_rank() -> Rank:
     """This process's place under ``torchrun`` (its environment variables), or a single process."""
     env = os.environ
-    return Rank(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")))
+    world = int(env.get("WORLD_SIZE", "1"))
+    return Rank(
+        int(env.get("RANK", "0")),
+        world,
+        int(env.get("LOCAL_RANK", "0")),
+        int(env.get("LOCAL_WORLD_SIZE", world)),
+    )

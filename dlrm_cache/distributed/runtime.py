@@ -22,7 +22,7 @@ from dlrm_cache.distributed.hot_rows import HotRows
 from dlrm_cache.distributed.hybrid import HybridEmbeddingBagCollection, HybridLayout
 from dlrm_cache.distributed.hybrid_plan import HybridPlan
 from dlrm_cache.distributed.planner import CachePlan
-from dlrm_cache.distributed.rank import Rank
+from dlrm_cache.distributed.rank import Rank, current_rank
 from dlrm_cache.distributed.sharder import CachedEmbeddingBagCollectionSharder, CachedEmbeddingKernel
 
 SPARSE_ARCH = "sparse_arch"  # TorchRec's DLRM / DLRM_DCN: the child that holds the tables ...
@@ -40,8 +40,11 @@ def init_process_group(device: torch.device, rank: Rank, timeout_min: float = 10
         store = dist.HashStore()
         dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=timeout)
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=rank.rank, world_size=rank.world_size, timeout=timeout)
+    if device.type == "cuda":  # device_id: NCCL's communicator made now, eagerly, on this rank's GPU
+        dist.init_process_group("nccl", rank=rank.rank, world_size=rank.world_size, timeout=timeout,
+                                device_id=device)  # fmt: skip
+        return
+    dist.init_process_group("gloo", rank=rank.rank, world_size=rank.world_size, timeout=timeout)
 
 
 class ShardedCache:
@@ -122,8 +125,13 @@ def shard(
     over the process group by ``plan`` with the cache as their kernel (collective: every rank calls it).
     Table- and column-wise: TorchRec shards the collection itself; hybrid: the hot rows are replicated
     (``HotRows``) and TorchRec shards the cold tables, ``HybridEmbeddingBagCollection.cold``."""
+    local = current_rank().local_world_size  # ranks per node: TorchRec's topology for several nodes
     if isinstance(plan, HybridPlan):
-        hot = HotRows(configs, plan.hot_rows, optimizer, device, seed=seed, group=dist.new_group())
+        hot_group = dist.new_group()
+        # its communicator made now, not at the first all-reduce inside a backward pass while other
+        # collectives are in flight (a known NCCL deadlock pattern)
+        dist.all_reduce(torch.zeros(1, device=device), group=hot_group)
+        hot = HotRows(configs, plan.hot_rows, optimizer, device, seed=seed, group=hot_group)
         at = {name: hot.row_offset(name) for name in hot.names}
         layout = HybridLayout(configs, plan.hot_rows, plan.owners, at)
         sharder = CachedEmbeddingBagCollectionSharder(
@@ -133,7 +141,7 @@ def shard(
         hybrid = model.get_submodule(EBC_FQN)
         module_plans = {}
         if hybrid.cold is not None:
-            module_plans[COLD_FQN] = plan.torchrec_plan(hybrid.cold, sharder, device_type=device.type)
+            module_plans[COLD_FQN] = plan.torchrec_plan(hybrid.cold, sharder, local, device_type=device.type)
         dmp = _distributed(model, module_plans, sharder, device)
         hybrid = dmp.module.get_submodule(EBC_FQN)
         kernels = hybrid.cold.cached_kernels() if hybrid.cold is not None else []
@@ -142,7 +150,7 @@ def shard(
     model = make_model(EmbeddingBagCollection(configs, device=torch.device("meta")))
     ebc = model.get_submodule(EBC_FQN)
     dmp = _distributed(
-        model, {EBC_FQN: plan.torchrec_plan(ebc, sharder, device_type=device.type)}, sharder, device
+        model, {EBC_FQN: plan.torchrec_plan(ebc, sharder, local, device_type=device.type)}, sharder, device
     )
     return dmp, ShardedCache(dmp.module.get_submodule(EBC_FQN).cached_kernels(), plan.cache)
 

@@ -73,8 +73,9 @@ class EmbeddingRuntime:
         """The global batch's mean loss, as one process would see it."""
         return loss.detach().double()
 
-    def barrier(self) -> None:
-        """Wait for every rank (sharded)."""
+    def agree(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every rank (a collective, sharded)."""
+        return ok
 
     def comm_summary(self, steps: int) -> dict | None:
         """Bytes per training step, measured and modeled (sharded); None in one process."""
@@ -129,8 +130,10 @@ class ShardedEmbeddings(EmbeddingRuntime):
         dist.all_reduce(reported)
         return reported / self.world_size
 
-    def barrier(self) -> None:
-        dist.barrier()
+    def agree(self, ok: bool) -> bool:
+        flag = torch.tensor([int(ok)], device=self.device)  # NCCL reduces device tensors only
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     def comm_summary(self, steps: int) -> dict:
         totals, per, predicted = self.counter.totals(), max(1, steps), self.plan.predicted

@@ -234,7 +234,7 @@ class Trainer:
     def checkpoint(self) -> None:
         r, runtime = self.rank, self.runtime
         ckpt.save(self.run_dir, r.rank, r.world_size, runtime.checkpoint_state(), self.state.state_dict,
-                  runtime.barrier)  # fmt: skip
+                  runtime.agree)  # fmt: skip
 
     def _kept(self) -> str:
         """What a failed run leaves to resume from."""
