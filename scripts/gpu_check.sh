@@ -1,28 +1,63 @@
 #!/usr/bin/env bash
 # The GPU check of the cache core, for a machine with a CUDA torch and nothing of this project's
-# installed (no TorchRec, no FBGEMM, no Hydra): the core is plain PyTorch. Under 5 minutes.
+# installed (no TorchRec, no FBGEMM, no Hydra): the core is plain PyTorch. One command, a few minutes.
 #
 #   scripts/gpu_check.sh [OUT_DIR]      # figures and logs into OUT_DIR (default: $OUT, else gpu_check/)
+#   PYTHON=.venv/bin/python scripts/gpu_check.sh    # another interpreter than `python`
 #
-# 1. tests/test_gpu.py on CUDA: every policy x optimizer x (overflowing, normal) cache, Python and
-#    C++ planners, against every table held whole, step by step, and CUDA against the CPU;
-# 2. scripts/bench_cache_device.py: cached at 1.5% against policy=none, ms/step, hit rate, and the
-#    loads' copy time with the share of it that overlapped compute (CUDA events).
+# Each check prints one line, PASS, FAIL or SKIP, and the script exits non-zero on any FAIL. Without a
+# CUDA device it runs the checks' CPU halves (make test runs them too, so the script cannot rot) and
+# names each CUDA check it skips.
+#   core-exact       tests/test_gpu.py: every policy x optimizer x (overflowing, normal) cache, both
+#                    planners, and the threaded pipeline (plan t+1 on its thread while t computes, the
+#                    update after a sleep on the compute stream, host-served rows, the mapped host
+#                    tier), step by step against every table held whole; CUDA against the CPU.
+#   bounded-memory   scripts/gpu_memory_check.py: warm-up and flush of a ~3 GB dirty cache within two
+#                    chunks of extra device memory and pinned staging.
+#   bench            scripts/bench_cache_device.py: cached at 1.5% against every table resident, ms/step,
+#                    hit rate, the loads' copy time and the share of it hidden under compute.
 # pytest comes from the machine, or from .gpu_deps/ carried with the tree
-# (`pip install --target .gpu_deps pytest` here); without either, step 1 stops the check.
-set -euo pipefail
+# (`pip install --target .gpu_deps pytest` here).
+set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-gpu_check}}
 mkdir -p "$out"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 [[ -d .gpu_deps ]] && export PYTHONPATH="$PYTHONPATH:.gpu_deps"
-python - <<'PY' | tee "$out/machine.txt"
-import sys
+failed=0
+py=${PYTHON:-python}
+
+report() {  # report NAME STATUS WHAT
+  printf 'gpu_check: %-4s %-15s %s\n' "$2" "$1" "$3" | tee -a "$out/summary.txt"
+  [[ "$2" == FAIL ]] && failed=1
+  return 0
+}
+
+run() {  # run NAME LOG COMMAND...: PASS or FAIL by the command's status, its output in LOG
+  local name=$1 log=$2
+  shift 2
+  if "$@" >"$out/$log" 2>&1; then report "$name" PASS "$(tail -n 1 "$out/$log")"; else
+    report "$name" FAIL "see $out/$log: $(tail -n 1 "$out/$log")"
+  fi
+}
+
+: >"$out/summary.txt"
+"$py" - <<'PY' | tee "$out/machine.txt"
 import torch
-if not torch.cuda.is_available():
-    sys.exit("gpu_check: no CUDA device visible")
-print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}")
+name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {name}")
 PY
-python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$out/test_gpu.txt"
-python scripts/bench_cache_device.py --device cuda --steps 200 2>&1 | tee "$out/bench_cache_device.txt"
-echo "gpu_check: done; figures in $out/ (record them in docs/benchmarks.md)"
+if "$py" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
+  run core-exact test_gpu.txt "$py" -m pytest -q tests/test_gpu.py -p no:cacheprovider
+  run bounded-memory memory.txt "$py" scripts/gpu_memory_check.py
+  run bench bench_cache_device.txt "$py" scripts/bench_cache_device.py --device cuda --steps 200
+else
+  run core-exact test_gpu.txt "$py" -m pytest -q -m "not gpu" tests/test_gpu.py -p no:cacheprovider
+  report core-exact-cuda SKIP "no CUDA device: the same cases on CUDA, and CUDA against the CPU"
+  report bounded-memory SKIP "no CUDA device (its CPU half: tests/test_gpu_path.py, in make test)"
+  run bench bench_cache_device.txt "$py" scripts/bench_cache_device.py --device cpu --scale 0.002 --steps 6 \
+    --warm 2 --batch 256
+  report bench-cuda SKIP "no CUDA device: ms/step and the loads' overlap on CUDA"
+fi
+echo "gpu_check: figures in $out/ (record them in docs/benchmarks.md)"
+exit "$failed"

@@ -1,8 +1,11 @@
 """The cache core runs on plain PyTorch: no torchrec, no fbgemm (what a lent GPU machine has)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,3 +73,17 @@ def test_the_planners_and_their_cost_model_plan_without_torchrec():
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["table_wise", "True"]
+
+
+@pytest.mark.slow  # the core's CPU cases once more, and a short benchmark
+def test_the_gpu_check_runs_here_and_names_each_cuda_check_it_skips(tmp_path):
+    r = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "PYTHON": sys.executable}, timeout=900, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    said = [line.split(maxsplit=3) for line in r.stdout.splitlines() if line.startswith("gpu_check: ")]
+    status = {words[2]: words[1] for words in said if words[1] in ("PASS", "FAIL", "SKIP")}
+    assert status == {"core-exact": "PASS", "core-exact-cuda": "SKIP", "bounded-memory": "SKIP",
+                      "bench": "PASS", "bench-cuda": "SKIP"}  # fmt: skip
+    assert (tmp_path / "summary.txt").read_text().count("gpu_check: ") == 5

@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import torch
 
-_KEPT_UPDATES = (
-    4  # the events of the last few steps' updates (a plan needs the one before the step in flight)
-)
+# the events of the last few steps' updates kept (a plan needs the one before the step in flight)
+_KEPT_UPDATES = 4
 
 
 class _Staging:
@@ -61,6 +60,10 @@ class DeviceTransfers:
         self.ready: torch.cuda.Event | None = None  # after the latest loads
         # (start, end) timing events of every load's copies, where a benchmark asks for them
         self.load_timings: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
+
+    def staged_bytes(self) -> int:
+        """The pinned host memory of the staging buffers (a check of bounded memory reads it)."""
+        return self._loads.buffer.nbytes + self._write_backs.buffer.nbytes
 
     def after_update(self, step: int) -> None:
         """Training thread, after step ``step``'s update is queued: copies that need it wait for it."""
