@@ -188,3 +188,27 @@ def test_warm_up_and_flush_of_a_large_dirty_cache_take_a_chunk_of_extra_memory()
     # the cache's pages are counted once it is made (zeros): what warm-up adds is its temporaries
     assert warm["made"] - cold["made"] < 4 * chunk_mb, (cold, warm)
     assert warm["flush"] < 3 * chunk_mb, warm  # not a copy of every dirty row
+
+
+def test_training_steps_leave_the_loss_on_the_device_between_the_figures_asked_for(tmp_path, monkeypatch):
+    """Reading a loss from the device waits for the step: the trainer reads them 64 at a time, and
+    where a figure is logged, evaluated or checkpointed - not every step."""
+    from dlrm_cache.config import DataConfig, ModelConfig, TrainLoopConfig, TrainRunConfig
+    from dlrm_cache.data.default_dataset import synthetic_dataset
+    from dlrm_cache.train import trainer
+
+    reads = []
+    finite_loss = trainer.Trainer.finite_loss
+
+    def counted(self):
+        reads.append(len(self.losses))
+        return finite_loss(self)
+
+    monkeypatch.setattr(trainer.Trainer, "finite_loss", counted)
+    root = synthetic_dataset(tmp_path / "d", 30_000, 0.001, progress=False)
+    small = ModelConfig(embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
+    loop = TrainLoopConfig(
+        batch_size=256, max_steps=100, log_every=1000, checkpoint_every=0, tensorboard=False
+    )
+    trainer.train(TrainRunConfig(data=DataConfig(path=str(root)), model=small, train=loop), tmp_path / "r")
+    assert [n for n in reads if n] == [64, 36]  # 100 steps: one read of 64, then the last 36 at the end

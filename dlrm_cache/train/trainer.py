@@ -44,6 +44,7 @@ from dlrm_cache.train.run_log import RunLog, cache_summary, json_text
 from dlrm_cache.train.train_state import TrainState, dense_optimizer, resumable_checkpoint
 
 log = logging.getLogger(__name__)
+_LOSSES_HELD = 64  # losses left on the device at most: then read at once (one wait every 64 steps)
 
 
 def train(cfg: TrainRunConfig, run_dir: Path) -> dict:
@@ -148,6 +149,8 @@ class Trainer:
         self.cfg, self.run_dir, self.rank, self.device = cfg, run_dir, rank, device
         self.runtime, self.state, self.loaders = runtime, state, loaders
         self.steps_per_epoch = len(loaders["train"])
+        self.losses: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device) not yet read
+        self.last_loss = math.nan
         self.total = self.steps_per_epoch * cfg.train.epochs
         if cfg.train.max_steps:
             self.total = min(self.total, cfg.train.max_steps)
@@ -162,14 +165,15 @@ class Trainer:
                 while state.step < self.total:
                     epoch, skip = divmod(state.step, self.steps_per_epoch)
                     for batch in self._lookahead(epoch, skip):
-                        loss = self.train_step(batch)
+                        self.train_step(batch)
                         self.log.stepped(len(batch.labels) * self.rank.world_size)
-                        self.maybe_log(epoch, loss)
+                        self.maybe_log(epoch)
                         self.maybe_eval()
                         self.maybe_checkpoint()
                         if state.step >= self.total:
                             break
             self.log.bar.close()
+            self.finite_loss()
             samples_per_s = self.log.samples_per_s()
             train_stats = runtime.stats()  # before evaluation: the training figures alone
             self.checkpoint()  # the trained model is safe before anything else can fail
@@ -190,9 +194,10 @@ class Trainer:
             **({"comm": comm} if comm else {}),
         }  # fmt: skip
 
-    def train_step(self, batch) -> float:
+    def train_step(self, batch) -> None:
         """One step on ``batch``: forward (the cache gathers the planned rows), the next batch planned,
-        backward (the sparse update fused in), the dense update; returns the global batch's mean loss."""
+        backward (the sparse update fused in), the dense update. The global batch's mean loss stays on
+        the device (``losses``) until a figure is needed: a step waits for no device work."""
         cfg, runtime, state = self.cfg, self.runtime, self.state
         factor = lr_factor(state.step, cfg)
         for group in state.optimizer.param_groups:
@@ -206,29 +211,44 @@ class Trainer:
             runtime.prefetch()
             state.optimizer.zero_grad()
             loss.backward()
-        loss_value = float(runtime.mean_loss(loss))
-        if not math.isfinite(loss_value):
-            raise TrainingError(f"loss is {loss_value} at step {state.step + 1}; {self._kept()}")
         state.optimizer.step()
         state.step += 1
-        return loss_value
+        self.losses.append((state.step, runtime.mean_loss(loss)))
+        if len(self.losses) == _LOSSES_HELD:
+            self.finite_loss()
 
-    def maybe_log(self, epoch: int, loss: float) -> None:
+    def finite_loss(self) -> float:
+        """The losses since the last look, read from the device at once: the first that is not finite
+        stops the run with its step (before any checkpoint or evaluation of the model it made); returns
+        the latest."""
+        if self.losses:
+            steps, values = [s for s, _ in self.losses], torch.stack([v for _, v in self.losses]).cpu()
+            self.losses.clear()
+            bad = torch.nonzero(~torch.isfinite(values)).squeeze(1)
+            if len(bad):
+                raise TrainingError(
+                    f"loss is {float(values[bad[0]])} at step {steps[bad[0]]}; {self._kept()}"
+                )
+            self.last_loss = float(values[-1])
+        return self.last_loss
+
+    def maybe_log(self, epoch: int) -> None:
         step = self.state.step
         if step % self.cfg.train.log_every == 0 or step == self.total:
             factor, o = lr_factor(step - 1, self.cfg), self.cfg.optim
-            self.log.log_step(
-                step, epoch, loss, (o.dense_lr * factor, o.sparse_lr * factor), self.runtime.stats()
-            )
+            lrs = (o.dense_lr * factor, o.sparse_lr * factor)
+            self.log.log_step(step, epoch, self.finite_loss(), lrs, self.runtime.stats())
 
     def maybe_eval(self) -> None:
         every = self.cfg.train.eval_every
         if every and self.state.step % every == 0:
+            self.finite_loss()
             self.log.log_eval(self.state.step, evaluate(self.runtime, self.loaders["val"], self.device))
 
     def maybe_checkpoint(self) -> None:
         every = self.cfg.train.checkpoint_every
         if every and self.state.step % every == 0:
+            self.finite_loss()
             self.checkpoint()
 
     def checkpoint(self) -> None:
