@@ -1,6 +1,6 @@
 """``dlrm-export``: a trained run as ``model.json`` + ``model.pt``, loadable by TorchRec alone.
 
-dlrm-export run_dir=outputs/2026-12-01/10-00-00 output=exported/kaggle_dlrm
+dlrm-export run_dir=outputs/2026-12-01/10-00-00-4242 output=exported/kaggle_dlrm
 """
 
 from __future__ import annotations

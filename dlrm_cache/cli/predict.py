@@ -1,6 +1,6 @@
 """``dlrm-predict``: a trained run's click probabilities for new data, one per input line, in order.
 
-dlrm-predict run_dir=outputs/2026-12-01/10-00-00 input=/data/criteo/test.txt output=submission.csv
+dlrm-predict run_dir=outputs/2026-12-01/10-00-00-4242 input=/data/criteo/test.txt output=submission.csv
 dlrm-predict run_dir=runs/a input=/data/day31_pq split=test output=day31.csv   # a preprocessed folder
 """
 
