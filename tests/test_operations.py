@@ -388,3 +388,11 @@ def test_under_torchrun_the_libraries_warn_once(dataset, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     said = [line for line in proc.stderr.splitlines() if "Warning" in line]
     assert said and len(said) == len(set(said)), "\n".join(said)
+
+
+def test_a_read_only_run_dir_is_one_line_and_a_read_only_working_folder_is_fine(tmp_path, mounted):
+    ro = mounted("ro", "ro,size=1m")
+    proc = command("train", f"hydra.run.dir={ro / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2 and f"cannot write into {ro} (Read-only file system)" in error_line(proc)
+    synth = command("synth", "rows=10", f"out={tmp_path / 't.txt'}", "progress=false", cwd=ro)
+    assert synth.returncode == 0, synth.stderr  # it has no run dir to make there

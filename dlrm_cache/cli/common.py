@@ -73,7 +73,9 @@ def _check(name: str, config_name: str, schema: type, overrides: list[str]) -> N
         _fail(name, str(e))
     finally:
         GlobalHydra.instance().clear()
-    existing = next(p for p in (run_dir.absolute(), *run_dir.absolute().parents) if p.exists())
+    if run_dir.exists():  # nothing for Hydra to make (`.` for the commands without a run dir)
+        return
+    existing = next(p for p in run_dir.absolute().parents if p.exists())
     try:  # made and removed: what Hydra will make there must be possible (root included)
         os.rmdir(tempfile.mkdtemp(prefix=".dlrm-check-", dir=existing))
     except OSError as e:
