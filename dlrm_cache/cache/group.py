@@ -256,7 +256,8 @@ class TableGroup:
         else:
             with self.host.measured():
                 plan = self._plan_cached(batch, step, pin_floor, host_rows)
-            plan.ready = self.mover.ready()  # the step's gather waits for the loads made so far
+            self.mover.stage(plan)
+            plan.ready = self.mover.ready()  # the step's gather waits for its loads (and index tensors)
         self.stats.bookkeeping_s += time.perf_counter() - t0
         return plan
 

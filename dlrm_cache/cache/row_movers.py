@@ -83,6 +83,10 @@ class TorchRows:
     def adopt(self, cache: Tensor) -> None:
         """The group's cache tensor, just made (and filled) on the compute stream."""
 
+    def stage(self, plan: StepPlan) -> None:
+        """Bookkeeping thread, once a step is planned: its index tensors on their way to the device
+        (CUDA; elsewhere they are where they are used)."""
+
     def record_load_timings(self) -> list | None:
         """CUDA: from now on, the (start, end) timing events of every load's copies (for benchmarks);
         None elsewhere."""
@@ -114,6 +118,21 @@ class CudaRows(TorchRows):
         zeros), and the allocator keeps its memory until the copies queued on the stream are done."""
         self.transfers.stream.wait_stream(torch.cuda.current_stream(self.device))
         cache.record_stream(self.transfers.stream)
+
+    def stage(self, plan: StepPlan) -> None:
+        """The step's index tensors pinned and copied on the copy stream, after its loads (the step's
+        ``ready`` event covers them): the training thread copies none from pageable memory mid-step."""
+        b = plan.batch
+        tensors = {"slots": plan.slots, "inverse": b.inverse, "offsets": b.offsets, "bags": b.bag_of_id,
+                   "overflow": plan.overflow, "write_slots": plan.write_slots}  # fmt: skip
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.transfers.stream):
+            for name, t in tensors.items():
+                if t is not None:
+                    on_device = t.pin_memory().to(self.device, non_blocking=True)
+                    on_device.record_stream(compute)  # used there: not reused before it is done
+                    plan.device_tensors[name] = on_device
+            self.transfers.mark_ready()
 
     def record_load_timings(self) -> list | None:
         self.transfers.load_timings = []

@@ -124,6 +124,12 @@ class DeviceTransfers:
         self._loads.busy = done
         self.ready = done
 
+    def mark_ready(self) -> None:
+        """``ready`` from now on: after everything queued on the copy stream so far."""
+        done = torch.cuda.Event()
+        done.record(self.stream)
+        self.ready = done
+
     def wait_ready(self, event: torch.cuda.Event | None) -> None:
         """Training thread: the compute stream waits for a step's loads (the host does not)."""
         if event is not None:
