@@ -135,12 +135,8 @@ def remove_dead(paths: Iterable[Path], pid: str, what: str) -> None:
         match = re.search(pid, path.name)
         if match is None or alive(int(match[1])):
             continue
-        files = list(path.rglob("*")) if path.is_dir() else [path]
-        size = sum(f.stat().st_size for f in files if f.is_file()) / 1e9
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        size = _gigabytes(path)
+        _remove(path)
         log.warning("removed %s (%.2f GB), a %s left by a run that was killed (pid %s)", path, size, what,
                     match[1])  # fmt: skip
 
@@ -152,7 +148,7 @@ def remove_leftovers(out: Path) -> None:
         if not path.is_dir():
             continue
         match = re.fullmatch(rf"\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)(?:-.*)?", path.name)
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e9
+        size = _gigabytes(path)
         if match is None:
             log.warning(
                 "%s (%.2f GB) looks left by an interrupted run: remove it if none is running", path, size
@@ -162,8 +158,21 @@ def remove_leftovers(out: Path) -> None:
         if alive(pid):
             log.warning("%s (%.2f GB) belongs to a running process (pid %d): left alone", path, size, pid)
             continue
-        shutil.rmtree(path, ignore_errors=True)
+        _remove(path)
         log.warning("removed %s (%.2f GB), left by an interrupted run (pid %d)", path, size, pid)
+
+
+def _gigabytes(path: Path) -> float:
+    """What a file, or a folder's files, take (GB, 1e9 bytes)."""
+    files = path.rglob("*") if path.is_dir() else [path]
+    return sum(f.stat().st_size for f in files if f.is_file()) / 1e9
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def alive(pid: int) -> bool:

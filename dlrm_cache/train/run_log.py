@@ -29,9 +29,8 @@ class RunLog:
         self.path, self.lead = run_dir / "metrics.jsonl", lead
         self.evaluated: set[int] = set()  # steps whose evaluation is on record (a resumed run's)
         if lead and resumed:
-            keep_metrics_until(self.path, first_step)
-            records = map(json.loads, self.path.read_text().splitlines()) if self.path.exists() else ()
-            self.evaluated = {r["step"] for r in records if "val" in r}
+            kept = keep_metrics_until(self.path, first_step)
+            self.evaluated = {r["step"] for r in kept if "val" in r}
         elif lead:
             self.path.unlink(missing_ok=True)
         self.bar = tqdm(total=total, initial=first_step, desc="dlrm-train", unit="step", disable=not lead)

@@ -111,15 +111,17 @@ def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def keep_metrics_until(path: Path, step: int) -> None:
-    """Drop the records a killed run wrote after its last checkpoint (they are trained again)."""
+def keep_metrics_until(path: Path, step: int) -> list[dict]:
+    """Drop the records a killed run wrote after its last checkpoint (they are trained again); returns
+    the records kept."""
     if not path.exists():
-        return
+        return []
     lines = path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if _record_step(line) <= step]
     if len(kept) != len(lines):
         with atomic_file(path) as f:
             f.write("".join(kept).encode())
+    return [json.loads(line) for line in kept]
 
 
 def _record_step(line: str) -> float:
