@@ -20,7 +20,8 @@ A training step for one batch:
 3. ``gather`` + ``pool`` (forward): the step's unique rows, then ``embedding_bag`` over them.
 4. ``apply_gradients`` (backward): the summed gradient of each unique row, the fused optimizer update
    of weight and state together, the rows written back to their slots (marked dirty) or, for overflow
-   rows, to the host.
+   rows, to the host (``host_served``: read when planned, written back lazily; the training thread
+   never waits for the device).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from dlrm_cache.cache import python_planner
 from dlrm_cache.cache.bookkeeping import Bookkeeping, GroupStats
 from dlrm_cache.cache.future import FutureIndex
 from dlrm_cache.cache.host import CHUNK_BYTES, HostTable, TableShard, stream_rows
+from dlrm_cache.cache.host_served import HostServed
 from dlrm_cache.cache.layout import GroupLayout
 from dlrm_cache.cache.native import NativePlanner
 from dlrm_cache.cache.optim import SparseOptimizer
@@ -99,6 +101,7 @@ class StepPlan:
     rows: torch.Tensor | None = None  # (U, width) on the device, set by `gather`
     ready: torch.cuda.Event | None = None  # CUDA: recorded once the loads this step gathers are done
     device_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    host_served: HostServed | None = None  # with overflow: where the host-served rows come from
     # With overflow, worked out with the plan (off the training thread): the global rows served from
     # the host; for training (`scratch`: the cache's scratch row), the slot each unique row is written
     # back to (the scratch row for those served from the host).
@@ -269,6 +272,8 @@ class TableGroup:
                 if batch.arena_base is None
                 else self.future.consume(batch.arena_base, len(batch.uniq))
             )
+        # the updates of the steps before the one in flight are in the host before anything reads it
+        self.mover.settle(self.host.data, pin_floor)
         tiers = (self.host.data, self.cache) if self.mover.planner_copies else None
         p = self.planner.plan(self.book, batch, step, pin_floor, host_rows, tiers)
         if tiers is None:  # after the update of the last step that may have used the slots
@@ -278,7 +283,10 @@ class TableGroup:
         for t in torch.nonzero(p.short_of).squeeze(1).tolist():
             self._log_overflow(t, batch, int(p.short_of[t]))
         scratch = self.layout.total_slots if self.mover.scratch else None  # where ``write_slots`` point
-        return StepPlan(batch, step, p.slots, p.overflow, scratch=scratch)
+        plan = StepPlan(batch, step, p.slots, p.overflow, scratch=scratch)
+        if plan.overflow is not None and self.mover.reads_host_at_plan:
+            plan.host_served = HostServed.plan(self.host.data, plan.host_rows, plan.overflow, host_rows, step)
+        return plan
 
     def _log_overflow(self, t: int, batch: PreparedBatch, short: int) -> None:
         if t in self._overflow_logged:
@@ -371,11 +379,13 @@ class TableGroup:
         if self.resident:
             plan = StepPlan(batch, 0, batch.uniq, None)
         else:
+            self.mover.settle(self.host.data)
             slots = self.state.row_to_slot[batch.uniq].to(torch.int64)
             miss = torch.nonzero(slots < 0).squeeze(1)
             plan = StepPlan(batch, 0, slots, miss if miss.numel() else None)
             if miss.numel():
-                self.stats.eval_host_rows += self.layout.count_per_table(batch.uniq[miss])
+                self.stats.eval_host_rows += self.layout.count_per_table(plan.host_rows)
+                plan.host_served = HostServed.plan(self.host.data, plan.host_rows, miss, None, 0)
         return self.pool(plan, self.gather(plan))
 
     # ---------------------------------------------------------------- state
@@ -388,6 +398,8 @@ class TableGroup:
         """Write every dirty cached row back to the host (they stay cached, now clean)."""
         if self.resident:
             return
+        with self.host.measured():
+            self.mover.settle(self.host.data)
         slots = torch.nonzero(self.state.dirty).squeeze(1)
         for at in range(0, len(slots), self._chunk_rows):  # bounded: a chunk of rows in flight at a time
             chunk = slots[at : at + self._chunk_rows]
@@ -422,6 +434,7 @@ class TableGroup:
         if self.resident:
             self.cache[lo : lo + len(rows)] = rows.to(self.device)
         else:
+            self.mover.settle(self.host.data)  # no update queued before may land on these rows later
             self.host.write_rows(lo, rows)
 
     def rebuild(self, queued: list[PreparedBatch]) -> None:

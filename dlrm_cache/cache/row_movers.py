@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from dlrm_cache.cache.host_served import HostWrites
 from dlrm_cache.cache.native import RowKernels
 from dlrm_cache.cache.transfer import DeviceTransfers
 
@@ -31,9 +32,11 @@ if TYPE_CHECKING:
 class TorchRows:
     planner_copies = False  # the planner lists the rows to copy; this mover copies them
     scratch = True  # updated rows go back through the scratch row after the cache's slots
+    reads_host_at_plan = True  # host-served rows read when planned, written back lazily (``host_served``)
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.writes = HostWrites()
 
     def copy_in(self, host: Tensor, rows: Tensor, cache: Tensor, slots: Tensor, after: int | None) -> None:
         """Host ``rows`` into cache ``slots`` (the data only), once step ``after`` is updated (None: every
@@ -45,14 +48,20 @@ class TorchRows:
         host.index_copy_(0, rows, cache.index_select(0, slots.to(self.device)).cpu())
 
     def gather(self, plan: StepPlan, cache: torch.Tensor, host: torch.Tensor | None) -> torch.Tensor:
-        """The step's unique rows (U, width) on the device; overflow rows from ``host``."""
+        """The step's unique rows (U, width) on the device; host-served rows as the plan read them
+        (``host_served.HostServed``), or from the previous step's update."""
         slots = plan.on_device("slots", plan.slots, self.device)
         if plan.overflow is None:
             return cache.index_select(0, slots)
-        # Every position reads a slot (overflow ones slot 0), then the host rows replace those.
+        # Every position reads a slot (host-served ones slot 0), then the host-served rows replace those.
         rows = cache.index_select(0, slots.clamp(min=0))
-        from_host = host.index_select(0, plan.host_rows).to(self.device, non_blocking=True)
-        return rows.index_copy_(0, plan.on_device("overflow", plan.overflow, self.device), from_host)
+        served = plan.host_served
+        on = {k: plan.on_device(k, t, self.device) for k, t in served.index_tensors().items()}
+        rows.index_copy_(0, on["read_at"], on["values"])
+        if len(served.updated_at):
+            updated = self.writes.updated_by(served.after_step)
+            rows.index_copy_(0, on["updated_at"], updated.index_select(0, on["update_index"]))
+        return rows
 
     def write_back(self, plan: StepPlan, rows: torch.Tensor, cache: torch.Tensor,
                    cache_and_scratch: torch.Tensor | None, state: SlotState | None,
@@ -67,8 +76,16 @@ class TorchRows:
             return
         cache_and_scratch.index_copy_(0, plan.on_device("write_slots", plan.write_slots, self.device), rows)
         state.dirty_and_scratch[plan.write_slots] = True
-        updated = rows.index_select(0, plan.on_device("overflow", plan.overflow, self.device)).to("cpu")
-        host.index_copy_(0, plan.host_rows, updated)
+        updated = rows.index_select(0, plan.on_device("overflow", plan.overflow, self.device))
+        self.writes.queue(plan.step, plan.host_rows, updated, self.to_host)
+
+    def to_host(self, t: Tensor) -> tuple[Tensor, torch.cuda.Event | None]:
+        """``t`` on its way into host memory, and what marks it there (None: it is)."""
+        return t.to("cpu"), None
+
+    def settle(self, host: Tensor, before: int | None = None) -> None:
+        """The host-served rows updated by the steps before ``before`` (None: all) written into ``host``."""
+        self.writes.settle(host, before)
 
     def ready(self) -> torch.cuda.Event | None:
         """An event after the loads queued so far (None: they are done when queued)."""
@@ -125,6 +142,8 @@ class CudaRows(TorchRows):
         b = plan.batch
         tensors = {"slots": plan.slots, "inverse": b.inverse, "offsets": b.offsets, "bags": b.bag_of_id,
                    "overflow": plan.overflow, "write_slots": plan.write_slots}  # fmt: skip
+        if plan.host_served is not None:
+            tensors.update(plan.host_served.index_tensors())
         compute = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self.transfers.stream):
             for name, t in tensors.items():
@@ -138,10 +157,19 @@ class CudaRows(TorchRows):
         self.transfers.load_timings = []
         return self.transfers.load_timings
 
+    def to_host(self, t: Tensor) -> tuple[Tensor, torch.cuda.Event]:
+        """A non-blocking copy into pinned memory on the compute stream: the training thread does not wait."""
+        pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        pinned.copy_(t, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        return pinned, done
+
 
 class NativeRows(TorchRows):
     planner_copies = True
     scratch = False
+    reads_host_at_plan = False  # gathers and scatters host-served rows in place, on the CPU
 
     def __init__(self) -> None:
         super().__init__(torch.device("cpu"))
