@@ -26,6 +26,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from dlrm_cache.cache import native
+from dlrm_cache.cache.batch_signature import WRONG_FEED, FeedCheck, Signature
 from dlrm_cache.cache.group import GroupSettings, PreparedBatch, StepPlan, TableGroup
 from dlrm_cache.cache.host import TableShard
 from dlrm_cache.cache.optim import SparseOptimizer
@@ -108,7 +109,8 @@ class CachedEmbeddingBagCollection(nn.Module):
         self._dims = [t.embedding_dim for t in tables for _ in t.feature_names]
         self._group_order = [f for g in self.groups for f in g.layout.features]
         self._group_dims = [g.dim for g in self.groups for _ in g.layout.features]
-        self._queue: deque[tuple[tuple, Future]] = deque()  # (signature, prepared batch per group)
+        self._queue: deque[tuple[Signature, Future]] = deque()  # (signature, prepared batch per group)
+        self._feed = FeedCheck()  # the signatures of batches on a device, compared there
         self._planned: Future | None = None  # the plan of the queue's head, made by prefetch()
         self._worker: ThreadPoolExecutor | None = None  # the bookkeeping thread
         self._step = 0
@@ -120,12 +122,13 @@ class CachedEmbeddingBagCollection(nn.Module):
     def enqueue(self, features: KeyedJaggedTensor) -> None:
         """Hand over a future training batch; ``forward`` must then receive the batches in this order.
         Its ids are prepared on the bookkeeping thread (inline on the CPU; see ``_submit``)."""
-        self._queue.append((_signature(features), self._submit(self._prepare_future, features)))
+        pin = self.device.type == "cuda" and features.values().device.type == "cpu"  # compared on the device
+        self._queue.append((Signature.of(features, pin), self._submit(self._prepare_future, features)))
 
     def is_enqueued(self, features: KeyedJaggedTensor) -> bool:
         """Whether this batch is waiting in the lookahead queue."""
-        signature = _signature(features)
-        return any(s == signature for s, _ in self._queue)
+        signature = Signature.of(features)
+        return any(s.matches(signature) for s, _ in self._queue)
 
     def prefetch(self) -> None:
         """Plan the next enqueued batch and load its missing rows, on the bookkeeping thread while the
@@ -183,9 +186,11 @@ class CachedEmbeddingBagCollection(nn.Module):
     def _drain(self) -> None:
         """Wait until the bookkeeping thread has done everything submitted so far, and raise what the
         plan made ahead (``prefetch``) raised: a failed prefetch surfaces here, before a checkpoint
-        (``flush``) or an evaluation could work on a half-applied plan, not only at the next step."""
+        (``flush``) or an evaluation could work on a half-applied plan, not only at the next step;
+        and raise a wrong batch that a forward on a device found (``batch_signature``)."""
         if self._worker is not None:
             self._worker.submit(lambda: None).result()
+        self._feed.raise_if_wrong()
         if self._planned is not None and self._planned.done() and self._planned.exception() is not None:
             raise self._planned.exception()
 
@@ -198,11 +203,11 @@ class CachedEmbeddingBagCollection(nn.Module):
             return self.keyed(outs)
         if self._queue:
             signature, prepared = self._queue[0]
-            if signature != _signature(features):
-                raise ValueError(
-                    "forward() got a batch other than the next one handed to enqueue(): enqueue every "
-                    "training batch, in the order forward() will see them"
-                )
+            got = Signature.of(features)
+            if got.sums.device.type != "cpu":
+                self._feed.compare(got, signature)  # no host sync: the verdict is read at the next wait
+            elif not got.matches(signature):
+                raise ValueError(WRONG_FEED)
             planned = self._planned or self._submit_plan(prepared)
             self._queue.popleft()
         else:
@@ -421,23 +426,6 @@ def feature_index(kjt: KeyedJaggedTensor, features: list[str]) -> dict[str, int]
     if missing:
         raise ValueError(f"the batch has no feature {missing[0]!r} (it has {keys})")
     return index
-
-
-def _signature(kjt: KeyedJaggedTensor) -> tuple:
-    """What identifies a batch: its keys, sizes and checksums of its ids and bag lengths
-    (position-weighted, so that reordered ids differ)."""
-    return (
-        tuple(kjt.keys()),
-        kjt.stride(),
-        tuple(kjt.length_per_key()),
-        _checksum(kjt.values()),
-        _checksum(kjt.lengths()),
-    )
-
-
-def _checksum(t: torch.Tensor) -> int:
-    t = t.to(torch.int64)
-    return int((t * torch.arange(1, len(t) + 1, dtype=torch.int64, device=t.device)).sum())
 
 
 def merge_stats(parts: list[dict], cache: CacheConfig) -> dict:

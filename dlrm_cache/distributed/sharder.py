@@ -15,7 +15,9 @@ After table- and column-wise input distribution a kernel sees the original ids o
 batch (rank 0's samples first), which is exactly the global batch the data loader yields at world size
 1: ``enqueue_global`` hands a kernel future batches read that way, ``cache.lookahead`` batches ahead,
 far beyond the one batch TorchRec's pipeline runs ahead. Each forward checks that its batch is the
-one enqueued (ids included), so a wrong feed fails loudly instead of training on wrong rows.
+one enqueued (ids included), so a wrong feed fails loudly instead of training on wrong rows (ids on a
+device are compared there, without a host sync, and a wrong one raises at the next log, checkpoint
+or evaluation).
 """
 
 from __future__ import annotations
