@@ -13,9 +13,9 @@ together, one id per bag (Criteo's layout), ``D`` the embedding dim:
   cold bags any owner has among its samples (expected from a normal approximation of each owner's
   count: the mean and spread of a sum of independent lookups).
 - **All-reduce** of the hot rows' gradients (``hot_rows``), as a ring all-reduce sends it, ``2 (W - 1)``
-  times its size: a byte per hot row (which the global batch touched), then the touched rows'
-  gradients, ``D`` floats each; a row with lookup probability ``p`` is touched with probability
-  ``1 - (1 - p)^G``.
+  times its size: the gradients of the rows the global batch touched (known on the host from the
+  lookahead: nothing is sent to agree on them), ``D`` floats each; a row with lookup probability ``p``
+  is touched with probability ``1 - (1 - p)^G``.
 - **Host <-> device**: the cache's misses, a row (weight and state) each, from the hit share of the rows
   a cold part's cache holds (its hottest).
 
@@ -119,12 +119,11 @@ def _erf(x: np.ndarray) -> np.ndarray:
 def hot_sync_bytes(
     tables: list[TableStats], hot: dict[str, int], global_batch: int, world_size: int
 ) -> float:
-    """The hot rows' synchronisation: the touched-row bytes, then the touched rows' gradients."""
+    """The hot rows' synchronisation: the touched rows' gradients."""
     if world_size == 1:
         return 0.0
-    rows = sum(hot.get(t.name, 0) for t in tables)
     touched = sum(t.expected_touched(hot.get(t.name, 0), global_batch * t.features) for t in tables)
-    return 2 * (world_size - 1) * (rows + touched * tables[0].dim * FLOAT_BYTES)
+    return 2 * (world_size - 1) * touched * tables[0].dim * FLOAT_BYTES
 
 
 def dense_sync_bytes(tables: list[TableStats], hot: dict[str, int], world_size: int) -> float:

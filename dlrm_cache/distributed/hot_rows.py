@@ -3,19 +3,20 @@
 ``dlrm-preprocess`` numbers ids by frequency, so a table's hot rows are its first ``H_t``. Every rank
 keeps the same copy (one resident ``TableGroup``: weight and optimizer state on the device) and serves
 its own samples' hot lookups from it; nothing of the lookup crosses the network. In backward the ranks
-agree on the rows the global batch touched (a byte per hot row, all-reduced by max), all-reduce the
-gradients of those rows only, and every rank applies the same fused update to them from the same bytes:
-the replicas stay bit-identical, and lazy Adam (``torch.optim.SparseAdam``: an untouched row keeps its
-moments) is exact, since the touched rows are known whatever their gradients.
+all-reduce the gradients of the rows the global batch touched, and every rank applies the same fused
+update to them from the same bytes: the replicas stay bit-identical, and lazy Adam
+(``torch.optim.SparseAdam``: an untouched row keeps its moments) is exact.
 
-Why the touched rows rather than a dense all-reduce of all ``sum H_t`` rows: the first all-reduce costs
-one byte a row, ``1 / (4 D)`` of a row's gradient, so this never sends more than ``1 + 1 / (4 D)`` times
-the dense all-reduce and sends less as soon as some hot row goes untouched in a step, which most rows
-of the small tables replicated whole do (``comm_model.hot_sync_bytes`` has both figures).
+Which rows the global batch touched is known on the host before the step: every rank sees the global
+batches ahead (the lookahead), and ``HybridCache.enqueue`` hands their touched hot rows here
+(``enqueue``; sorted). No collective agrees on them and no host sync finds them; the gradient sent is
+``D`` floats a touched row, never more than a dense all-reduce of all ``sum H_t`` rows and much less when
+a step leaves hot rows untouched (``comm_model.hot_sync_bytes`` and ``dense_sync_bytes``).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import replace
 
 import torch
@@ -52,6 +53,7 @@ class HotRows:
         self.device = device
         self.process_group = group
         self.optimizer_step = 0
+        self._touched: deque[torch.Tensor] = deque()  # per future global batch: its hot rows (sorted)
         self.groups: list[TableGroup] = []
         self.shards: dict[str, TableShard] = {}
         self._offsets: dict[str, int] = {}
@@ -83,34 +85,47 @@ class HotRows:
         """Where ``table``'s hot rows start in the replicated block."""
         return self._offsets[table]
 
-    def pooled(self, ids: torch.Tensor, offsets: torch.Tensor, bags: int) -> torch.Tensor:
+    def enqueue(self, touched: torch.Tensor) -> None:
+        """The hot rows (of the replicated block, sorted, on the host) that a future global batch
+        touches: one call per training batch, in training order."""
+        self._touched.append(touched)
+
+    def next_touched(self) -> torch.Tensor:
+        """The hot rows the global batch of the training step about to run touches (``enqueue``)."""
+        if not self._touched:
+            raise RuntimeError(
+                "a training step of the hot rows without its global batch: hand every training batch to "
+                "the cache's enqueue() before its step (the trainer's lookahead does)"
+            )
+        return self._touched.popleft()
+
+    def pooled(self, ids: torch.Tensor, offsets: torch.Tensor, bags: int,
+               touched: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:  # fmt: skip
         """Sum-pooled ``(bags, D)`` hot embeddings: ``ids`` (rows of the block) in bag order, ``offsets``
-        their ``bags + 1`` bag offsets; backward all-reduces the gradients and updates the rows."""
-        trigger = torch.empty(0, requires_grad=True)
-        return _HotLookup.apply(trigger, self, ids, offsets, bags)
+        their ``bags + 1`` bag offsets; for training, ``touched``: the rows the global batch touches
+        and where each of ``ids`` sits among them (on the device), and backward all-reduces those
+        rows' gradients and updates them."""
+        trigger = torch.empty(0, requires_grad=touched is not None)
+        return _HotLookup.apply(trigger, self, ids, offsets, bags, touched)
 
     @torch.no_grad()
-    def update(self, ids: torch.Tensor, offsets: torch.Tensor, grad_bags: torch.Tensor) -> None:
-        """The synchronous fused update of the rows the global batch touched: which ones (a byte per
-        row, all-reduced by max), then their gradients, summed over ranks and divided by the number of
-        ranks (each rank's loss is the mean over its share of the global batch)."""
+    def update(self, ids: torch.Tensor, offsets: torch.Tensor, grad_bags: torch.Tensor,
+               touched: tuple[torch.Tensor, torch.Tensor]) -> None:  # fmt: skip
+        """The synchronous fused update of the rows the global batch touched (``touched``: those rows
+        and each id's place among them): their gradients, summed over ranks and divided by the number
+        of ranks (each rank's loss is the mean over its share of the global batch)."""
         g = self.groups[0]
+        rows, position = touched
+        self.optimizer_step += 1
+        if not len(rows):
+            return
         lengths = offsets[1:] - offsets[:-1]
         bag_of_id = torch.repeat_interleave(
             torch.arange(len(lengths), device=self.device), lengths, output_size=len(ids)
         )
-        touched = torch.zeros(g.layout.total_rows, dtype=torch.uint8, device=self.device)
-        touched[ids] = 1
-        world = dist.get_world_size(self.process_group) if dist.is_initialized() else 1
-        if world > 1:
-            dist.all_reduce(touched, op=dist.ReduceOp.MAX, group=self.process_group)
-        self.optimizer_step += 1
-        rows = torch.nonzero(touched).squeeze(1)
-        if not rows.numel():
-            return
-        position = torch.cumsum(touched, 0, dtype=torch.int64) - 1  # row -> its place among `rows`
         grad = torch.zeros(len(rows), self.dim, device=self.device)
-        grad.index_add_(0, position[ids], grad_bags.index_select(0, bag_of_id))
+        grad.index_add_(0, position, grad_bags.index_select(0, bag_of_id))
+        world = dist.get_world_size(self.process_group) if dist.is_initialized() else 1
         if world > 1:
             dist.all_reduce(grad, group=self.process_group)
             grad /= world
@@ -137,8 +152,8 @@ class HotRows:
 
 class _HotLookup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, trigger, hot: HotRows, ids, offsets, bags):
-        ctx.hot, ctx.ids, ctx.offsets = hot, ids, offsets
+    def forward(ctx, trigger, hot: HotRows, ids, offsets, bags, touched):
+        ctx.hot, ctx.ids, ctx.offsets, ctx.touched = hot, ids, offsets, touched
         weight = hot.groups[0].cache[:, : hot.dim]
         if weight.stride(0) != hot.dim:  # optimizer state beside the weight
             weight = weight.contiguous()
@@ -146,5 +161,5 @@ class _HotLookup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.hot.update(ctx.ids, ctx.offsets, grad.contiguous())
-        return None, None, None, None, None
+        ctx.hot.update(ctx.ids, ctx.offsets, grad.contiguous(), ctx.touched)
+        return None, None, None, None, None, None

@@ -104,6 +104,22 @@ class Split:
     cold_bags: list[torch.Tensor]
     lengths: torch.Tensor  # (B * F,) sample-major bag lengths (mean pooling)
 
+    def to(self, device: torch.device) -> Split:
+        """On ``device``, copied without the host waiting (``to_device``)."""
+        if device.type == "cpu":
+            return self
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return to_device(t, device)
+
+        cold = None
+        if self.cold is not None:
+            c = self.cold
+            cold = KeyedJaggedTensor(keys=c.keys(), values=move(c.values()), lengths=move(c.lengths()),
+                                     stride=c.stride())  # fmt: skip
+        return Split(move(self.hot_ids), move(self.hot_offsets), cold, [move(b) for b in self.cold_bags],
+                     move(self.lengths))  # fmt: skip
+
 
 @dataclass
 class _Ids:
@@ -140,6 +156,7 @@ class HybridLayout:
         hot = [min(hot_rows.get(c.name, 0), c.num_embeddings) for c in configs]
         owner = [place.get(c.name, (-1, 0))[0] for c in configs]
         self.mean = torch.tensor([c.pooling == PoolingType.MEAN for c in configs])
+        self.any_mean = bool(self.mean.any())
         self._index = {
             "hot": torch.tensor(hot, dtype=torch.int64),
             "rows": torch.tensor([c.num_embeddings for c in configs], dtype=torch.int64),
@@ -149,6 +166,7 @@ class HybridLayout:
                 [place.get(c.name, (-1, 0))[1] - h for c, h in zip(configs, hot, strict=True)]
             ),
             "hot_at": torch.tensor([hot_offsets.get(c.name, 0) for c in configs], dtype=torch.int64),
+            "mean": self.mean,
         }
         self._owner_features = [
             torch.tensor([f for f, o in enumerate(owner) if o == v], dtype=torch.int64)
@@ -156,7 +174,7 @@ class HybridLayout:
         ]
         self._on: dict[torch.device, dict] = {}
 
-    def _index_on(self, dev: torch.device) -> dict:
+    def index_on(self, dev: torch.device) -> dict:
         """The index tensors on ``dev``, copied there once."""
         if dev not in self._on:
             on = {k: t.to(dev) for k, t in self._index.items()}
@@ -171,7 +189,7 @@ class HybridLayout:
             kjt = kjt.permute([index[f] for f in self.features])
         nf, batch = len(self.features), kjt.stride()
         dev = kjt.values().device
-        on = self._index_on(dev)
+        on = self.index_on(dev)
         lengths = kjt.lengths().to(torch.int64).view(nf, batch)
         ids = kjt.values().to(torch.int64)
         n = len(ids)
@@ -189,8 +207,13 @@ class HybridLayout:
         )
         return _Ids(ids, feature, bag_fm, lengths, ids < on["hot"][feature], on)
 
+    def touched_hot_rows(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        """The rows of the replicated block that a (global) batch looks up, sorted."""
+        x = self._ids(kjt)
+        return torch.unique((x.ids + x.on["hot_at"][x.feature])[x.hot])
+
     def split(self, kjt: KeyedJaggedTensor) -> Split:
-        """This rank's batch, split (tensors stay on the ids' device)."""
+        """This rank's batch, split (tensors stay on the ids' device: the host, in training)."""
         x = self._ids(kjt)
         nf, batch = x.lengths.shape
         hot_sm = ((x.bag_fm % batch) * nf + x.bag_fm // batch)[x.hot]  # sample-major bags
@@ -245,6 +268,13 @@ class HybridLayout:
         )
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (on the host) on ``device``; on CUDA through pinned memory, so the host does not wait."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _shares(kjt: KeyedJaggedTensor, world_size: int) -> list[KeyedJaggedTensor]:
     """A global batch cut into the ranks' equal consecutive shares of samples (the loader's cut)."""
     nf, batch = len(kjt.keys()), kjt.stride()
@@ -291,12 +321,27 @@ class HybridEmbeddingBagCollection(nn.Module):
         return self._configs
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """``features``: this rank's batch, best on the host (``ShardedEmbeddings.sparse_input``): it is
+        split there, with no host sync, and its parts go to the device."""
+        if features.values().device.type != "cpu":
+            features = features.to(torch.device("cpu"))
         split = self.layout.split(features)
         nf, batch = len(self.layout.features), features.stride()
         bags = nf * batch
-        dev = features.values().device
+        dev = self.hot.device
+        touched = None
+        if self.hot.groups and self.training and torch.is_grad_enabled():
+            rows = self.hot.next_touched()
+            position = torch.searchsorted(rows, split.hot_ids)
+            if len(split.hot_ids) and not torch.equal(rows[position.clamp(max=len(rows) - 1)], split.hot_ids):
+                raise ValueError(
+                    "the batch has hot ids its global batch (handed to enqueue()) does not: enqueue every "
+                    "training batch, in the order forward() will see them"
+                )
+            touched = (to_device(rows, dev), to_device(position, dev))
+        split = split.to(dev)
         if self.hot.groups:
-            pooled = self.hot.pooled(split.hot_ids, split.hot_offsets, bags)
+            pooled = self.hot.pooled(split.hot_ids, split.hot_offsets, bags, touched)
         else:
             pooled = torch.zeros(bags, self.dim, device=dev)
         if split.cold is not None:
@@ -304,8 +349,8 @@ class HybridEmbeddingBagCollection(nn.Module):
             for v, where in enumerate(split.cold_bags):
                 block = cold[: len(where), v * self.dim : (v + 1) * self.dim]
                 pooled = pooled.index_add(0, where, block)
-        mean = self.layout.mean.to(dev)
-        if bool(mean.any()):
+        if self.layout.any_mean:
+            mean = self.layout.index_on(dev)["mean"]
             scale = torch.where(mean.repeat(batch), 1 / split.lengths.clamp(min=1).to(pooled.dtype), 1.0)
             pooled = pooled * scale.unsqueeze(1)
         return KeyedTensor(

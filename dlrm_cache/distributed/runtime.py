@@ -51,6 +51,8 @@ class ShardedCache:
     """This rank's cache kernels, with the interface the trainer uses on an unsharded
     ``CachedEmbeddingBagCollection``."""
 
+    host_ids = False  # the model takes a batch's ids on the device (TorchRec's input distribution)
+
     def __init__(self, kernels: list[CachedEmbeddingKernel], cache_config: CacheConfig):
         self.kernels = kernels
         self.cache_config = cache_config
@@ -89,13 +91,18 @@ class ShardedCache:
 class HybridCache(ShardedCache):
     """The hybrid sharding's caches (over the cold rows) and its replicated hot rows."""
 
+    host_ids = True  # the model splits a batch on the host, then sends its parts to the device
+
     def __init__(self, kernels: list[CachedEmbeddingKernel], hybrid: HybridEmbeddingBagCollection,
                  cache_config: CacheConfig):  # fmt: skip
         super().__init__(kernels, cache_config)
         self.hybrid = hybrid
 
     def enqueue(self, global_features: KeyedJaggedTensor) -> None:
-        """A future global batch: its cold features, as each owner will receive them."""
+        """A future global batch: the hot rows it touches, and its cold features as each owner will
+        receive them."""
+        if self.hybrid.hot.groups:
+            self.hybrid.hot.enqueue(self.hybrid.layout.touched_hot_rows(global_features))
         if self.kernels:
             cold = self.hybrid.layout.global_cold(global_features, dist.get_world_size())
             super().enqueue(cold)

@@ -116,7 +116,10 @@ class ShardedEmbeddings(EmbeddingRuntime):
 
     def sparse_input(self, batch: Batch):
         """On the device: TorchRec's input distribution builds its splits where the ids are, and NCCL
-        takes device tensors only."""
+        takes device tensors only. Hybrid: on the host, where the model splits the batch without a
+        host sync (``HybridEmbeddingBagCollection.forward``)."""
+        if self.cache.host_ids:
+            return batch.sparse_features
         return batch.sparse_features.to(self.device, non_blocking=True)
 
     def checkpoint_state(self) -> Collections:
