@@ -9,14 +9,17 @@ bookkeeping, loads), gather + pool (forward), the row gradients of a fixed upstr
 fused row-wise Adagrad update (backward); the same for both runs. Ids: Zipf(1.05) over the Kaggle
 cardinalities times ``--scale``, handed to the cache ``--lookahead`` batches ahead. The plans come
 from the C++ planner where the machine's compiler builds it, as in training (``--planner``; ``auto``
-falls back to the Python planner with a warning). Target (issue): cached throughput >= 0.9x the
-all-on-device throughput.
+falls back to the Python planner with a warning). ``--bookkeeping both``: the threaded and the inline
+bookkeeping side by side. ``--require-speed 0.9 --require-overlap 0.8`` (``scripts/gpu_check.sh``):
+exit non-zero unless the cached step (threaded) reaches 0.9x the all-on-device throughput and 80% of
+the loads' copy time runs under compute (CUDA events).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,7 +35,9 @@ from dlrm_cache.criteo import CAT_COLUMNS, KAGGLE_CARDINALITIES
 from dlrm_cache.data.zipf import ZipfSampler
 
 
-def run(policy: str, args, trace: list[np.ndarray], device: torch.device) -> tuple[float, dict]:
+def run(
+    policy: str, args, trace: list[np.ndarray], device: torch.device, threaded: bool
+) -> tuple[float, dict]:
     tables = [
         TableSpec(f"t_{f}", max(1, round(n * args.scale)), args.dim, [f])
         for f, n in zip(CAT_COLUMNS, KAGGLE_CARDINALITIES, strict=True)
@@ -59,7 +64,7 @@ def run(policy: str, args, trace: list[np.ndarray], device: torch.device) -> tup
     grad = torch.randn(args.batch, len(tables) * args.dim, device=device)
     # The bookkeeping (prepare, plan) in order on a thread of its own where training puts it
     # (cache.bookkeeping), the step's compute on this one: the plan of step t + 1 runs during step t.
-    worker = ThreadPoolExecutor(1) if threaded(args, device) else None
+    worker = ThreadPoolExecutor(1) if threaded else None
 
     def submit(fn, *a) -> Future:
         if worker is not None:
@@ -108,10 +113,6 @@ def run(policy: str, args, trace: list[np.ndarray], device: torch.device) -> tup
     return seconds, stats
 
 
-def threaded(args, device: torch.device) -> bool:
-    return args.bookkeeping == "thread" or (args.bookkeeping == "auto" and device.type == "cuda")
-
-
 def _event(device: torch.device) -> torch.cuda.Event:
     event = torch.cuda.Event(enable_timing=True)
     event.record(torch.cuda.current_stream(device))
@@ -131,7 +132,7 @@ def _overlap(loads: list, compute: list) -> tuple[float, float]:
     return total, covered
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--scale", type=float, default=1.0)
@@ -145,38 +146,74 @@ def main() -> None:
         "--planner", default="auto", help="cache.planner: auto (C++ where it builds), native, python"
     )
     ap.add_argument(
-        "--bookkeeping", default="auto", help="cache.bookkeeping: auto (a thread on CUDA), inline, thread"
+        "--bookkeeping",
+        default="auto",
+        choices=("auto", "inline", "thread", "both"),
+        help="cache.bookkeeping: auto (a thread on CUDA), inline, thread, or both side by side",
+    )
+    ap.add_argument(
+        "--require-speed", type=float, help="fail unless cached (threaded) >= this x every table whole"
+    )
+    ap.add_argument(
+        "--require-overlap",
+        type=float,
+        help="CUDA: fail unless this share of the loads' copy time runs during compute (threaded)",
     )
     args = ap.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {name}, torch {torch.__version__}, dim {args.dim}, batch {args.batch}, scale {args.scale}")
+    print(
+        f"device {name}, torch {torch.__version__}, dim {args.dim}, batch {args.batch}, "
+        f"scale {args.scale}, ratio {args.ratio}, {args.steps} timed steps"
+    )
     rng = np.random.default_rng(1)
     samplers = [ZipfSampler(max(1, round(n * args.scale)), 1.05) for n in KAGGLE_CARDINALITIES]
     trace = [np.stack([s.sample(rng, args.batch) for s in samplers]) for _ in range(args.warm + args.steps)]
+    modes = {"auto": [device.type == "cuda"], "inline": [False], "thread": [True], "both": [True, False]}
+    runs = [("none", device.type == "cuda"), *(("lookahead", t) for t in modes[args.bookkeeping])]
     results = {}
-    for policy in ("none", "lookahead"):
-        results[policy] = run(policy, args, trace, device)
+    for policy, threaded in runs:
+        results[(policy, threaded)] = run(policy, args, trace, device, threaded)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    base = results["none"][0]
-    for policy, (secs, s) in results.items():
+    base = results[runs[0]][0]
+    for (policy, threaded), (secs, s) in results.items():
         hit = 1 - s["loaded"] / max(s["touched"], 1)
+        label = f"{policy} ({'thread' if threaded else 'inline'})"
+        rate = args.batch / secs
         print(
-            f"{policy:10s} {secs * 1e3:8.2f} ms/step {1 / secs:8.1f} it/s  {base / secs:5.2f}x none", end="  "
+            f"{label:20s} {secs * 1e3:8.2f} ms/step {rate:12,.0f} samples/s  {base / secs:5.2f}x none",
+            end="  ",
         )
         book = s["book"] / (args.warm + args.steps) * 1e3
         print(f"unique hit rate {hit:.3f}, bookkeeping {book:.2f} ms/step", end="")
         if (
             "load_ms" in s
         ):  # CUDA: the loads' copies on the copy stream, and how much of them ran during compute
-            share = s["overlap_ms"] / s["load_ms"] if s["load_ms"] else 1.0
+            s["overlap"] = s["overlap_ms"] / s["load_ms"] if s["load_ms"] else 1.0
             print(
-                f", loads {s['load_ms'] / args.steps:.3f} ms/step, {share:.0%} of it during compute", end=""
+                f", loads {s['load_ms'] / args.steps:.3f} ms/step, {s['overlap']:.0%} of it during compute",
+                end="",
             )
         print()
+    cached = next(k for k in runs[1:] if k[1] == runs[1][1])  # the threaded run where there is one
+    failed = False
+    if args.require_speed is not None:
+        speed = base / results[cached][0]
+        ok = speed >= args.require_speed
+        failed |= not ok
+        print(f"requirement speed: {'PASS' if ok else 'FAIL'} cached {speed:.2f}x every table whole "
+              f"(>= {args.require_speed:.2f}x)")  # fmt: skip
+    if args.require_overlap is not None:
+        share = results[cached][1].get("overlap")
+        ok = share is not None and share >= args.require_overlap
+        failed |= not ok
+        shown = "not measured (CUDA only)" if share is None else f"{share:.0%}"
+        print(f"requirement overlap: {'PASS' if ok else 'FAIL'} loads' copy time during compute {shown} "
+              f"(>= {args.require_overlap:.0%})")  # fmt: skip
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
