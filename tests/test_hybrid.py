@@ -48,15 +48,7 @@ def test_training_matches_one_process_and_the_model_predicts_the_bytes(dataset, 
     if sparse == "adam":
         steps.append("optim.sparse_lr=0.005")
     ok(run(1, tmp_path / "one", dataset, *steps, "cache.policy=none"))
-    # t_cat_2's rows past its 100 hottest stay cold (at this size the model would replicate nearly all)
-    proc = run(
-        ranks,
-        tmp_path / "hybrid",
-        dataset,
-        *steps,
-        "trainer.sharding=hybrid",
-        "+trainer.hot_rows.t_cat_2=100",
-    )
+    proc = run(ranks, tmp_path / "hybrid", dataset, *steps, "trainer.sharding=hybrid")
     ok(proc)
     printed = proc.stdout + proc.stderr
     assert printed.count(f"hybrid plan over {ranks} rank(s)") == 1
@@ -161,6 +153,17 @@ def test_the_chosen_split_beats_every_fixed_share_of_hot_rows():
         hot = {t.name: int(share * t.rows) for t in tables}
         other = comm_model.evaluate(tables, hot, w, g, 64, net, none)
         assert best.seconds <= other.seconds, share
+
+
+def test_without_a_device_budget_the_replicated_rows_are_what_the_cache_would_hold():
+    """A replicated row untouched in a step sends nothing, so only device memory bounds the hot rows:
+    without ``cache.device_budget_gb``, at most ``cache.ratio`` of all rows (unless fixed by the user)."""
+    tables, cache, opt = kaggle_like(), CacheConfig(ratio=0.01), SparseOptimizer("adagrad")
+    total = sum(t.rows for t in tables)
+    plan = plan_hybrid(tables, 2, 16384, cache, opt, NetworkConfig())
+    assert 0 < sum(plan.hot_rows.values()) <= 0.01 * total
+    fixed = plan_hybrid(tables, 2, 16384, cache, opt, NetworkConfig(), fixed={"t0": 500_000})
+    assert fixed.hot_rows["t0"] == 500_000 and sum(fixed.hot_rows.values()) <= 500_000
 
 
 def test_bad_hybrid_settings_are_refused_before_any_work(dataset, tmp_path):  # noqa: F811

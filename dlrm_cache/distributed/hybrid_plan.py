@@ -4,7 +4,6 @@ each table's cold rows, and the caches of those cold rows (``planner.plan_cache`
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 from dlrm_cache.cache.optim import SparseOptimizer
@@ -107,7 +106,11 @@ def plan_hybrid(
         raise ValueError(f"hybrid sharding takes one embedding dim for all tables, not {sorted(dims)}")
     dim = dims.pop()
     row_bytes = 4 * (dim + optimizer.state_width(dim))
-    budget = cache.device_budget_gb * GB if cache.device_budget_gb else math.inf
+    if cache.device_budget_gb:
+        budget = cache.device_budget_gb * GB
+    else:  # the device memory a cache of cache.ratio would take anyway (or what the user fixed, if more)
+        fixed_rows = sum(fixed.values())
+        budget = max(cache.ratio * sum(t.rows for t in tables), fixed_rows) * row_bytes
     net_ = network(net)
 
     def cold_cache_rows(t: TableStats, hot: int) -> int:
