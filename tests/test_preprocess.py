@@ -4,6 +4,7 @@ import gzip
 import json
 import math
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -388,21 +389,33 @@ def test_vocabulary_ranks_by_count_then_value(wide):
     assert [(-int(c), int(v)) for v, c in zip(vocab.raw, vocab.count, strict=True)] == expected
 
 
-def test_vocabulary_hash_lookup_matches_the_binary_search():
-    """vocab_map.cpp's hash table and the sorted-array fallback give every raw value the same id:
-    kept values, values under min_count and values never counted (both the rare id), and -1 (empty)."""
+def test_the_compact_lookup_gives_every_value_its_id_natively_and_in_numpy():
+    """``IdLookup`` (sorted 32-bit keys and ids, a directory; vocab_map.cpp or numpy's binary search)
+    against a plain dict of the vocabulary: kept values, values under min_count and values never counted
+    (both the rare id), -1 (empty, kept here), values beyond 32 bits; and the lookup's size."""
     rng = np.random.default_rng(0)
     values = np.unique(np.concatenate([[-1], rng.integers(0, 2**32, 50_000)]))
     counts = rng.integers(1, 6, len(values))
-    queries = np.concatenate([values, rng.integers(0, 2**32, 20_000), [-1, 0, 2**32 - 1]])
+    counts[0] = 9  # the empty value kept
+    queries = np.concatenate([values, rng.integers(0, 2**32, 20_000), [-1, 0, 2**32 - 1, 2**32, 2**40, -7]])
     rng.shuffle(queries)
-    fast = Vocabulary.fit(values, counts, min_count=2)
-    slow = Vocabulary.fit(values, counts, min_count=2)
-    slow.native = False
-    got, expected = fast.transform(queries), slow.transform(queries)
-    assert fast._map is not None and slow._map is None
-    np.testing.assert_array_equal(got, expected)
-    assert (got == fast.rare_id).sum() > 20_000  # unseen and rare values all went to the rare id
+    vocab = Vocabulary.fit(values, counts, min_count=2)
+    by_value = {int(r): i for i, r in enumerate(vocab.raw) if i != vocab.rare_id}
+    expected = np.array([by_value.get(int(q), vocab.rare_id) for q in queries])
+    fast, slow = vocab.lookup(), vocab.lookup(native=False)
+    assert fast._lib is not None and slow._lib is None
+    np.testing.assert_array_equal(fast.transform(queries), expected)
+    np.testing.assert_array_equal(slow.transform(queries), expected)
+    assert (expected == vocab.rare_id).sum() > 20_000  # unseen and rare values all went to the rare id
+    assert fast.nbytes <= 9 * len(vocab)  # 8 bytes a kept value, the directory at most one more
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(fast)).transform(queries), expected)
+
+
+def test_raw_values_beyond_32_bits_are_looked_up_too():
+    vocab = Vocabulary.fit(np.array([-1, 3, 2**40, 7]), np.array([5, 4, 3, 1]), min_count=2)
+    lookup = vocab.lookup()
+    got = lookup.transform(np.array([-1, 3, 2**40, 7, 9]))
+    assert got.tolist() == [0, 1, 2, vocab.rare_id, vocab.rare_id]
 
 
 def test_a_line_without_end_is_refused_in_bounded_memory(tmp_path):

@@ -58,7 +58,7 @@ from dlrm_cache.data.memory_budget import MemoryBudget, memory_budget
 from dlrm_cache.data.saved_vocab import SavedVocabularies, saved_vocabularies
 from dlrm_cache.data.spilled_counts import SpilledCounter
 from dlrm_cache.data.synthetic import hash_to_hex
-from dlrm_cache.data.vocab import Vocabulary
+from dlrm_cache.data.vocab import IdLookup, Vocabulary
 from dlrm_cache.files import file_crc32, folder_beside, naming, refuse_foreign, remove_leftovers, swap_in
 
 SCHEMA_VERSION = 1
@@ -202,7 +202,8 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
             f"input {with_labels} has labels (40 fields) but {without} has none (39 fields): "
             "preprocess labelled and unlabelled files apart"
         )
-    known = source.read() if source else None  # vocab_from's, read once nothing is left to refuse
+    if source is not None:  # vocab_from's vocabularies checked once nothing is left to refuse (read
+        source.check()  # again, a feature at a time, once the inputs are parsed)
     opts = cfg.preprocess
     tmp = folder_beside(out)
     stop = threading.Event()  # set on a failure: a line count still running gives up
@@ -226,17 +227,22 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
                 counts_dir,
                 n,
                 budget.values_per_feature,
-                count=known is None,
+                count=source is None,
             )  # fmt: skip
             for n, (f, cols, train_end, spill) in enumerate(
                 zip(files, layouts, train_ends, spills, strict=True)
             )
         ]
         counters, bad = _parse_all(jobs, workers, opts.progress)
-        vocabs = known or _fit(counters, opts.min_count, budget, counts_dir, opts.progress)
-        del counters  # their counts live on in the vocabularies: not held twice through the write pass
+        made = (
+            source.read_each()
+            if source
+            else _fit(counters, opts.min_count, budget, counts_dir, opts.progress)
+        )
+        del counters  # the generator holds them while it fits, no longer
+        vocabs, coverage = _vocabularies(made, tmp / "vocab", budget)
         counts_dir.rmdir()
-        id_type = pa.int32() if max(len(v) for v in vocabs) < 2**31 else pa.int64()
+        id_type = pa.int32() if max(v.size for v in vocabs) < 2**31 else pa.int64()
         schema = pa.schema(
             [("label", pa.int8())]
             + [(c, pa.float32()) for c in INT_COLUMNS]
@@ -246,19 +252,20 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
         # a vocabulary of 2^16 or more are written plain: smaller files, and less work, than a
         # dictionary of up to a row group's worth of values.
         dictionary = [c for c in schema.names if c not in CAT_COLUMNS]
-        dictionary += [c for c, v in zip(CAT_COLUMNS, vocabs, strict=True) if len(v) < 1 << 16]
+        dictionary += [c for c, v in zip(CAT_COLUMNS, vocabs, strict=True) if v.size < 1 << 16]
         writers = {
             s: _SplitWriter(tmp / s, schema, opts.row_group_rows, opts.max_file_rows, dictionary)
             for s in SPLITS
         }
         bounds = list(zip(train_ends, val_ends.result(), strict=True))
-        # The vocabularies, the skew report and its plot (~0.5 s of matplotlib, whatever the input)
-        # are written meanwhile, on a thread of their own; leaving the block waits for it, also on a
-        # failure, before the temporary folder it writes into is removed.
+        # The skew report and its plot (~0.5 s of matplotlib, whatever the input) are written
+        # meanwhile, on a thread of their own; leaving the block waits for it, also on a failure,
+        # before the temporary folder it writes into is removed.
+        skew = coverage.report()
         with ThreadPoolExecutor(1, thread_name_prefix="dlrm-preprocess-stats") as stats:
-            skew_done = stats.submit(_write_stats, tmp, vocabs)
+            plotted = stats.submit(_write_skew, tmp / "stats", skew, coverage.samples)
             rows = _write_splits(spills, bounds, writers, vocabs, schema, opts.progress)
-            skew = skew_done.result()
+            plotted.result()
         metadata = {
             "schema_version": SCHEMA_VERSION,
             **fingerprint,
@@ -269,7 +276,7 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
                 {"file": str(f), "train_last_line": min(t, 2**62), "val_last_line": min(v, 2**62)}
                 for f, (t, v) in zip(files, bounds, strict=True)
             ],
-            "vocab_sizes": {c: len(v) for c, v in zip(CAT_COLUMNS, vocabs, strict=True)},
+            "vocab_sizes": {c: v.size for c, v in zip(CAT_COLUMNS, vocabs, strict=True)},
             "rare_ids": {c: v.rare_id for c, v in zip(CAT_COLUMNS, vocabs, strict=True)},
             "dense_transform": DENSE_TRANSFORM,
             "max_ind_range": opts.max_ind_range,
@@ -390,7 +397,7 @@ def _write_splits(
     spills: list[Path],
     bounds: list[tuple[int, int]],
     writers: dict[str, _SplitWriter],
-    vocabs: list[Vocabulary],
+    vocabs: list[IdLookup],
     schema: pa.Schema,
     progress: bool,
 ) -> dict[str, int]:
@@ -476,39 +483,50 @@ def _die_with(parent: int) -> None:
     threading.Thread(target=watch, name="dlrm-preprocess-parent-watch", daemon=True).start()
 
 
-# a kept value through the write pass: raw and count, its hash-map slot, the copies made building the
-# map (measured: 80 bytes, bench_preprocess_scale.py at 4.5M and 8.3M kept values)
-VOCAB_BYTES_PER_VALUE = 80
-
-
 def _fit(
     counters: list[SpilledCounter], min_count: int, budget: MemoryBudget, folder: Path, progress: bool
-) -> list[Vocabulary]:
-    """The vocabularies: side by side when every count fit in memory; else one feature at a time, each
-    spilled one a partition at a time (``spilled_counts``)."""
+) -> Iterator[Vocabulary]:
+    """The vocabularies, in ``CAT_COLUMNS`` order: side by side when every count fit in memory; else one
+    feature at a time, each spilled one a partition at a time (``spilled_counts``), so that one
+    feature's vocabulary at most is whole at a time."""
     spilled = [c for c in counters if c.files]
     if not spilled:
         with ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="dlrm-preprocess-fit") as pool:
             # numpy's sorts release the GIL: the 26 features are ranked side by side
-            return list(pool.map(lambda c: c.fit(min_count), counters))
+            yield from pool.map(lambda c: c.fit(min_count), counters)
+        return
     log.info(
         "out of core: the counts of %d feature(s) outgrew their share of preprocess.memory_gb (%.2f GB: "
         "%d distinct values a feature); %.2f GB of counts spilled to %s, ranked a partition at a time",
         len(spilled), budget.total / GB, budget.values_per_feature,
         sum(c.spilled_bytes for c in counters) / GB, folder,
     )  # fmt: skip
-    vocabs = []
     for c in tqdm(counters, desc="rank", unit="feature", disable=not progress):
-        vocabs.append(c.fit(min_count))
-    held = sum(len(v) for v in vocabs) * VOCAB_BYTES_PER_VALUE
+        yield c.fit(min_count)
+
+
+def _vocabularies(
+    made: Iterator[Vocabulary], folder: Path, budget: MemoryBudget
+) -> tuple[list[IdLookup], Coverage]:
+    """Each vocabulary as it is made: its file written into ``folder`` (``cat_N.parquet``), its coverage
+    taken in, then only its re-numbering kept (``IdLookup``: about 9 bytes a kept value, not the
+    vocabulary's 16)."""
+    folder.mkdir()
+    lookups, coverage = [], Coverage()
+    for name, vocab in zip(CAT_COLUMNS, made, strict=True):
+        _write_vocab(folder / f"{name}.parquet", vocab)
+        coverage.add(name, vocab.count)
+        lookups.append(vocab.lookup())
+        del vocab
+    held = sum(v.nbytes for v in lookups)
     if held + budget.write_fixed > budget.total:
         log.warning(
-            "the write pass holds every feature's vocabulary, %.2f GB (%d kept values), more than "
+            "the write pass holds every feature's re-numbering, %.2f GB (%d kept values), more than "
             "preprocess.memory_gb leaves (%.2f GB): raise preprocess.memory_gb or preprocess.min_count, "
             "or set preprocess.max_ind_range",
-            held / GB, sum(len(v) for v in vocabs), (budget.total - budget.write_fixed) / GB,
+            held / GB, sum(v.size for v in lookups), (budget.total - budget.write_fixed) / GB,
         )  # fmt: skip
-    return vocabs
+    return lookups, coverage
 
 
 # The rows as parsed: dense values already transformed, categorical values still raw hashes.
@@ -531,7 +549,7 @@ def _parsed_table(chunk) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=_PARSED)
 
 
-def _renumbered(batch: pa.RecordBatch, vocabs: list[Vocabulary], schema: pa.Schema) -> pa.Table:
+def _renumbered(batch: pa.RecordBatch, vocabs: list[IdLookup], schema: pa.Schema) -> pa.Table:
     id_type = schema.field(CAT_COLUMNS[0]).type
     cols = [batch.column("label")] + [batch.column(c) for c in INT_COLUMNS]
     cols += [
@@ -581,54 +599,74 @@ class _SplitWriter:
             self.writer.close()
 
 
-def _write_vocab(folder: Path, vocabs: list[Vocabulary]) -> None:
-    folder.mkdir()
-    for name, v in zip(CAT_COLUMNS, vocabs, strict=True):
-        is_rare = np.arange(len(v)) == v.rare_id
-        null = is_rare | (v.raw < 0)
-        hexes = pa.array(hash_to_hex(np.where(null, 0, v.raw)), pa.binary(), mask=null).cast(pa.string())
-        table = pa.table(
-            {
-                "id": pa.array(np.arange(len(v)), pa.int64()),
-                "raw": hexes,  # null: the empty value, or the rare bucket
-                "is_rare": pa.array(is_rare),
-                "train_count": pa.array(v.count),
-            }
-        )
-        # No dictionary pages: ids and raw values are all distinct (0.16 -> 0.10 s, 14 -> 11 MB for 26
-        # vocabularies of 0.9M ids in all).
-        with naming(folder / f"{name}.parquet"):
-            pq.write_table(table, folder / f"{name}.parquet", use_dictionary=False)
+def _write_vocab(path: Path, v: Vocabulary) -> None:
+    is_rare = np.arange(len(v)) == v.rare_id
+    null = is_rare | (v.raw < 0)
+    hexes = pa.array(hash_to_hex(np.where(null, 0, v.raw)), pa.binary(), mask=null).cast(pa.string())
+    table = pa.table(
+        {
+            "id": pa.array(np.arange(len(v)), pa.int64()),
+            "raw": hexes,  # null: the empty value, or the rare bucket
+            "is_rare": pa.array(is_rare),
+            "train_count": pa.array(v.count),
+        }
+    )
+    # No dictionary pages: ids and raw values are all distinct (0.16 -> 0.10 s, 14 -> 11 MB for 26
+    # vocabularies of 0.9M ids in all).
+    with naming(path):
+        pq.write_table(table, path, use_dictionary=False)
 
 
-def coverage(vocabs: list[Vocabulary]) -> dict[str, np.ndarray]:
-    """Per feature, and over all tables ("all"): the share of train lookups covered by the hottest
-    1, 2, ... rows. Vocabulary counts are already hottest first; only the union needs a sort."""
-    desc = {name: v.count for name, v in zip(CAT_COLUMNS, vocabs, strict=True)}
-    desc["all"] = np.sort(np.concatenate(list(desc.values())))[::-1]
-    return {name: np.cumsum(c) / c.sum() if c.sum() else np.zeros(len(c)) for name, c in desc.items()}
+class Coverage:
+    """The skew report's curves: the share of train lookups covered by the hottest 1, 2, ... rows, per
+    feature and over all tables ("all"), taken in a feature at a time (its counts, hottest first). Kept
+    of each curve: the report's points and the plot's few hundred samples; of the union, a histogram of
+    the counts (its curve needs no concatenation of every count)."""
+
+    def __init__(self) -> None:
+        self.points: dict[str, list[float]] = {}
+        self.samples: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}  # (row share, coverage)
+        self._histogram: dict[int, int] = {}  # count -> how many rows of all tables have it
+
+    def add(self, name: str, counts: np.ndarray) -> None:
+        cum = np.cumsum(counts)
+        self._curve(name, len(counts), int(cum[-1]) if len(cum) else 0, lambda k: cum[k - 1])
+        values, rows = np.unique(counts, return_counts=True)
+        for value, n in zip(values.tolist(), rows.tolist(), strict=True):
+            self._histogram[value] = self._histogram.get(value, 0) + n
+
+    def report(self) -> dict:
+        """The union's curve (from the histogram), then the report: ``row_share``, ``features``,
+        ``overall``."""
+        values = np.array(sorted(self._histogram, reverse=True), dtype=np.int64)
+        rows = np.array([self._histogram[v] for v in values.tolist()], dtype=np.int64)
+        rows_to = np.cumsum(rows)  # rows down to each count, highest first
+        sum_to = np.cumsum(values * rows)
+
+        def top(k: np.ndarray) -> np.ndarray:  # the sum of the k highest counts (1 <= k <= rows)
+            i = np.searchsorted(rows_to, k, side="left")
+            return sum_to[i] - (rows_to[i] - k) * values[i]
+
+        self._curve("all", int(rows_to[-1]) if len(rows) else 0, int(sum_to[-1]) if len(rows) else 0, top)
+        features = {name: p for name, p in self.points.items() if name != "all"}
+        return {"row_share": SKEW_POINTS, "features": features, "overall": self.points["all"]}
+
+    def _curve(self, name: str, n: int, total: int, top) -> None:
+        """``top(k)``: the sum of the ``k`` highest of the ``n`` counts (``k``: int64, 1 <= k <= n)."""
+
+        def cov(k: np.ndarray) -> np.ndarray:
+            return top(k) / total if total else np.zeros(len(k))
+
+        at = np.array([max(1, int(np.ceil(x * n))) for x in SKEW_POINTS], dtype=np.int64)
+        self.points[name] = [float(c) for c in cov(at)] if n else [0.0] * len(SKEW_POINTS)
+        if n < 2 or not total:
+            self.samples[name] = None
+            return
+        at = np.unique(np.geomspace(1, n, num=400).astype(np.int64))  # a few hundred points
+        self.samples[name] = (at / n, cov(at))
 
 
-def skew_report(curves: dict[str, np.ndarray]) -> dict:
-    """Share of train accesses covered by the hottest x of rows, per feature and over all tables."""
-
-    def at_points(cov: np.ndarray) -> list[float]:
-        return [float(cov[max(1, int(np.ceil(x * len(cov)))) - 1]) for x in SKEW_POINTS]
-
-    features = {name: at_points(cov) for name, cov in curves.items() if name != "all"}
-    return {"row_share": SKEW_POINTS, "features": features, "overall": at_points(curves["all"])}
-
-
-def _write_stats(folder: Path, vocabs: list[Vocabulary]) -> dict:
-    """``vocab/``, ``stats/skew.json`` and ``stats/skew.png`` under ``folder``; returns the skew report."""
-    _write_vocab(folder / "vocab", vocabs)
-    curves = coverage(vocabs)
-    skew = skew_report(curves)
-    _write_skew(folder / "stats", skew, curves)
-    return skew
-
-
-def _write_skew(folder: Path, skew: dict, curves: dict[str, np.ndarray]) -> None:
+def _write_skew(folder: Path, skew: dict, samples: dict[str, tuple[np.ndarray, np.ndarray] | None]) -> None:
     # Matplotlib's object interface, not pyplot: no global figure state, and about half a second less
     # of imports and layout (tight_layout) on every run.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -640,15 +678,14 @@ def _write_skew(folder: Path, skew: dict, curves: dict[str, np.ndarray]) -> None
     fig = Figure(figsize=(8, 5))
     FigureCanvasAgg(fig)
     ax = fig.add_axes((0.09, 0.11, 0.88, 0.85))
-    for i, (name, cov) in enumerate(curves.items()):
-        if len(cov) < 2 or cov[-1] == 0:
+    for i, (name, sample) in enumerate(samples.items()):
+        if sample is None:
             continue
-        at = np.unique(np.geomspace(1, len(cov), num=400).astype(np.int64))  # a few hundred points
         if name == "all":
             style = {"color": "k", "lw": 2}
         else:  # 26 features, 10 colours: the line style tells apart features of one colour
             style = {"color": f"C{i % 10}", "ls": ("-", "--", ":")[i // 10], "lw": 0.8, "alpha": 0.7}
-        ax.plot(at / len(cov), cov[at - 1], label=name, **style)
+        ax.plot(*sample, label=name, **style)
     ax.set_xscale("log")
     # Shares as percentages (0.1%, 1%, ...): what cache.ratio reads as, and no mathtext to lay out
     # (the log axis's default 10^k labels cost ~0.06 s).

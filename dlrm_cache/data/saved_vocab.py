@@ -9,6 +9,7 @@ value and for the rare bucket), whether it is the rare bucket, and its train cou
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,12 +36,15 @@ class SavedVocabularies:
     identity: dict  # the source dataset's inputs and options: a change to them is a different encoding
     vocab_id: str | None  # the source's ``metadata.json`` ``vocab_id`` (None: written before ids existed)
 
-    def read(self) -> list[Vocabulary]:
-        """The vocabularies, ``CAT_COLUMNS`` order, each checked against the metadata."""
-        return [
-            _read_one(self.root / "vocab" / f"{c}.parquet", self.sizes[c], self.rare_ids[c])
-            for c in CAT_COLUMNS
-        ]
+    def read_each(self) -> Iterator[Vocabulary]:
+        """The vocabularies, ``CAT_COLUMNS`` order, one at a time, each checked against the metadata."""
+        for c in CAT_COLUMNS:
+            yield _read_one(self.root / "vocab" / f"{c}.parquet", self.sizes[c], self.rare_ids[c])
+
+    def check(self) -> None:
+        """Raise what ``read_each`` would (a missing or damaged vocabulary), holding one at a time."""
+        for _ in self.read_each():
+            pass
 
 
 def saved_vocabularies(root: Path) -> SavedVocabularies:

@@ -7,13 +7,14 @@ outgrow the merged table (an LSM-style amortized merge). Two counters merge as s
 can run one file per process. ``Vocabulary`` ranks values by descending train count (ties by raw
 value, the empty value ranked like any other); values seen fewer than ``min_count`` times, and values
 never seen in train, share one "rare" id ranked by its total train count. The hottest k rows are then
-ids 0..k-1.
+ids 0..k-1. ``IdLookup`` re-numbers raw values in about 9 bytes a kept value (what the write pass holds).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -102,9 +103,6 @@ class Vocabulary:
     raw: np.ndarray  # (V,) int64 raw value per new id
     count: np.ndarray  # (V,) int64 train count per new id: non-increasing (hottest first)
     rare_id: int
-    native: bool = True  # look values up in vocab_map.cpp's hash table where it builds
-    _map: _NativeMap | None = field(default=None, init=False, repr=False, compare=False)
-    _sorted: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def fit(cls, values: np.ndarray, counts: np.ndarray, min_count: int) -> Vocabulary:
@@ -124,32 +122,96 @@ class Vocabulary:
     def __len__(self) -> int:
         return len(self.raw)
 
+    def lookup(self, native: bool = True) -> IdLookup:
+        """What re-numbers raw values (``IdLookup``): made from this vocabulary, which the caller may
+        then drop (its raw values and counts take 16 bytes a value, the lookup about 9)."""
+        return IdLookup.of(self.raw, self.rare_id, native)
+
+
+class IdLookup:
+    """Raw values -> new ids of one feature; values not kept map to ``rare_id``.
+
+    Compact: the kept values as sorted 32-bit keys with 32-bit ids beside them (8 bytes a value) and a
+    directory of where each run of keys sharing their top bits starts (at most a quarter of an entry,
+    one byte, a value); the empty value (-1) apart. Looked up by ``vocab_map.cpp`` where it builds, else
+    by a binary search (the same ids). Raw values beyond 32 bits (not Criteo's hashes: other integer
+    data) take int64 keys and ids instead, 16 bytes a value."""
+
+    def __init__(self, keys: np.ndarray, ids: np.ndarray, rare_id: int, empty_id: int, size: int,
+                 native: bool):  # fmt: skip
+        self.keys, self.ids, self.rare_id, self.empty_id, self.size = keys, ids, rare_id, empty_id, size
+        self.bits = max(0, len(keys).bit_length() - 3) if keys.dtype == np.uint32 else 0
+        self.directory = _directory(keys, self.bits) if keys.dtype == np.uint32 else None
+        self._lib = None
+        if native and keys.dtype == np.uint32:
+            try:
+                self._lib = load(Path(__file__).with_name("vocab_map.cpp"), _declare)
+            except NativeUnavailable:
+                self._lib = None  # the binary search below gives the same ids
+
+    @classmethod
+    def of(cls, raw: np.ndarray, rare_id: int, native: bool = True) -> IdLookup:
+        """From a vocabulary's raw value per id (``Vocabulary.raw``) and its rare id."""
+        ids = np.arange(len(raw), dtype=np.int64)
+        kept = (ids != rare_id) & (raw != -1)
+        empty = np.flatnonzero((raw == -1) & (ids != rare_id))
+        empty_id = int(empty[0]) if len(empty) else rare_id
+        values = raw[kept]
+        if len(values) and (values.min() < 0 or values.max() >= 1 << 32):  # not 32-bit hashes
+            order = np.argsort(values, kind="stable")
+            return cls(values[order], ids[kept][order], rare_id, empty_id, len(raw), native)
+        # one 64-bit key (value, id) per kept value, sorted in place, then split: 8 bytes a value kept
+        packed = (values.astype(np.uint64) << np.uint64(32)) | ids[kept].astype(np.uint64)
+        del values, ids, kept
+        packed.sort()
+        keys = (packed >> np.uint64(32)).astype(np.uint32)
+        own = (packed & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        return cls(keys, own, rare_id, empty_id, len(raw), native)
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.ids.nbytes + (0 if self.directory is None else self.directory.nbytes)
+
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_map": None}  # the hash table is rebuilt where it is next used
+        return {**self.__dict__, "_lib": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.keys.dtype == np.uint32:
+            with contextlib.suppress(NativeUnavailable):
+                self._lib = load(Path(__file__).with_name("vocab_map.cpp"), _declare)
 
     def transform(self, raw: np.ndarray) -> np.ndarray:
-        """Raw values -> new ids; values not kept map to ``rare_id``."""
-        if self.native and self._map is None:
-            try:
-                self._map = _NativeMap(*self._kept())
-            except NativeUnavailable:
-                self.native = False  # the binary search below gives the same ids
-        if self._map is not None:
-            return self._map.lookup(raw, self.rare_id)
-        if self._sorted is None:  # the kept values in ascending order, and their ids
-            keys, ids = self._kept()
-            sorter = np.argsort(keys, kind="stable")
-            self._sorted = keys[sorter], ids[sorter]
-        keys, ids = self._sorted
-        if len(keys) == 0:
-            return np.full(len(raw), self.rare_id, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(keys, raw), len(keys) - 1)
-        return np.where(keys[pos] == raw, ids[pos], self.rare_id)
+        """Raw values (int64) -> new ids (int64)."""
+        raw = np.ascontiguousarray(raw, dtype=np.int64)
+        if self._lib is not None:
+            out = np.empty(len(raw), dtype=np.int64)
+            self._lib.sorted_map_lookup(
+                _ptr(self.keys, _U32), _ptr(self.ids, _U32), len(self.keys), _ptr(self.directory, _U32),
+                self.bits, _ptr(raw, _I64), len(raw), self.rare_id, self.empty_id, _ptr(out, _I64),
+            )  # fmt: skip
+            return out
+        out = np.full(len(raw), self.rare_id, dtype=np.int64)
+        out[raw == -1] = self.empty_id
+        if self.keys.dtype == np.uint32:
+            where = np.flatnonzero((raw >= 0) & (raw < 1 << 32))
+            query = raw[where].astype(np.uint32)
+        else:
+            where = np.flatnonzero(raw != -1)
+            query = raw[where]
+        if len(self.keys) and len(where):
+            pos = np.minimum(np.searchsorted(self.keys, query), len(self.keys) - 1)
+            hit = self.keys[pos] == query
+            out[where[hit]] = self.ids[pos[hit]]
+        return out
 
-    def _kept(self) -> tuple[np.ndarray, np.ndarray]:
-        """The kept raw values and their ids (every id but the rare bucket's), in id order."""
-        ids = np.delete(np.arange(len(self.raw)), self.rare_id)
-        return self.raw[ids], ids
+
+def _directory(keys: np.ndarray, bits: int) -> np.ndarray:
+    """Where each run of sorted ``keys`` sharing their top ``bits`` bits starts, and ``len(keys)`` last."""
+    if bits == 0:
+        return np.array([0, len(keys)], dtype=np.uint32)
+    starts = (np.arange(1 << bits, dtype=np.uint64) << np.uint64(32 - bits)).astype(np.uint32)
+    return np.append(np.searchsorted(keys, starts), len(keys)).astype(np.uint32)
 
 
 def _by_rank(values: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -168,6 +230,7 @@ def _by_rank(values: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 _I64 = ctypes.POINTER(ctypes.c_int64)
+_U32 = ctypes.POINTER(ctypes.c_uint32)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -180,34 +243,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.value_counter_size.restype = ctypes.c_int64
     lib.value_counter_export.argtypes = [ctypes.c_void_p, _I64, _I64]
     lib.value_counter_export.restype = None
-    lib.vocab_map_new.restype = ctypes.c_void_p
-    lib.vocab_map_new.argtypes = [_I64, _I64, ctypes.c_int64]
-    lib.vocab_map_free.argtypes = [ctypes.c_void_p]
-    lib.vocab_map_lookup.argtypes = [ctypes.c_void_p, _I64, ctypes.c_int64, ctypes.c_int64, _I64]
-    lib.vocab_map_lookup.restype = None
+    lib.sorted_map_lookup.argtypes = [_U32, _U32, ctypes.c_int64, _U32, ctypes.c_int64, _I64, ctypes.c_int64,
+                                      ctypes.c_int64, ctypes.c_int64, _I64]  # fmt: skip
+    lib.sorted_map_lookup.restype = None
 
 
-class _NativeMap:
-    """A hash table of raw value -> id (``vocab_map.cpp``)."""
-
-    def __init__(self, keys: np.ndarray, ids: np.ndarray):
-        self._lib = load(Path(__file__).with_name("vocab_map.cpp"), _declare)
-        keys = np.ascontiguousarray(keys, dtype=np.int64)
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        self._handle = self._lib.vocab_map_new(keys.ctypes.data_as(_I64), ids.ctypes.data_as(_I64), len(keys))
-
-    def lookup(self, raw: np.ndarray, missing: int) -> np.ndarray:
-        raw = np.ascontiguousarray(raw, dtype=np.int64)
-        out = np.empty(len(raw), dtype=np.int64)
-        self._lib.vocab_map_lookup(
-            self._handle, raw.ctypes.data_as(_I64), len(raw), missing, out.ctypes.data_as(_I64)
-        )
-        return out
-
-    def __del__(self) -> None:
-        if getattr(self, "_handle", None) is not None:
-            self._lib.vocab_map_free(self._handle)
-            self._handle = None
+def _ptr(a: np.ndarray, kind):
+    return a.ctypes.data_as(kind)
 
 
 class _NativeCounter:

@@ -1,8 +1,8 @@
-// Hash tables of raw categorical values (open addressing, linear probing), for vocab.py:
-// - a counter: one feature's train counts, a probe or two per value as the chunks stream by (numpy's
-//   fallback sorts every chunk and merges the sorted runs);
-// - the re-numbering map: raw value -> new id, built once per feature (load <= 0.6), then a probe or
-//   two per value instead of a binary search over the whole vocabulary.
+// Raw categorical values for vocab.py:
+// - a counter (open addressing, linear probing): one feature's train counts, a probe or two per
+//   value as the chunks stream by (numpy's fallback sorts every chunk and merges the sorted runs);
+// - the re-numbering map (sorted_map_lookup): raw value -> new id in 8 bytes a kept value (plus at most
+//   one of directory), a directory read and a search of a few keys per value.
 // Built by dlrm_cache/native_build.py.
 
 #include <cstdint>
@@ -13,18 +13,12 @@ namespace {
 
 constexpr int64_t kEmpty = std::numeric_limits<int64_t>::min();  // never a raw value
 
-struct Map {
-  std::vector<int64_t> keys;
-  std::vector<int64_t> ids;
-  uint64_t mask = 0;
-
-  static uint64_t hash(int64_t k) {  // splitmix64's finalizer
-    uint64_t x = static_cast<uint64_t>(k);
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-    return x ^ (x >> 31);
-  }
-};
+uint64_t hash(int64_t k) {  // splitmix64's finalizer
+  uint64_t x = static_cast<uint64_t>(k);
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
 
 // Counts per distinct raw value (never kEmpty: raw values are -1 .. 2^32 - 1); doubles at load 1/2.
 struct Counter {
@@ -37,7 +31,7 @@ struct Counter {
   int64_t size = 0;
 
   void add(int64_t key) {
-    uint64_t h = Map::hash(key) & mask;
+    uint64_t h = hash(key) & mask;
     while (slots[h].key != key) {
       if (slots[h].key == kEmpty) {
         slots[h] = Slot{key, 1};
@@ -55,7 +49,7 @@ struct Counter {
     mask = slots.size() - 1;
     for (const Slot& s : old) {
       if (s.key == kEmpty) continue;
-      uint64_t h = Map::hash(s.key) & mask;
+      uint64_t h = hash(s.key) & mask;
       while (slots[h].key != kEmpty) h = (h + 1) & mask;
       slots[h] = s;
     }
@@ -89,39 +83,28 @@ void value_counter_export(const void* counter, int64_t* values, int64_t* counts)
   }
 }
 
-// keys: n distinct raw values; ids: their new ids.
-void* vocab_map_new(const int64_t* keys, const int64_t* ids, int64_t n) {
-  auto* m = new Map();
-  uint64_t cap = 16;
-  while (cap * 3 < static_cast<uint64_t>(n) * 5) cap <<= 1;  // load <= 0.6
-  m->keys.assign(cap, kEmpty);
-  m->ids.assign(cap, 0);
-  m->mask = cap - 1;
-  for (int64_t i = 0; i < n; ++i) {
-    uint64_t h = Map::hash(keys[i]) & m->mask;
-    while (m->keys[h] != kEmpty) h = (h + 1) & m->mask;
-    m->keys[h] = keys[i];
-    m->ids[h] = ids[i];
-  }
-  return m;
-}
-
-void vocab_map_free(void* m) { delete static_cast<Map*>(m); }
-
-// out[i] = the id of raw[i], or `missing` for a value not in the map.
-void vocab_map_lookup(const void* map, const int64_t* raw, int64_t n, int64_t missing, int64_t* out) {
-  const Map& m = *static_cast<const Map*>(map);
-  for (int64_t i = 0; i < n; ++i) {
-    uint64_t h = Map::hash(raw[i]) & m.mask;
-    int64_t id = missing;
-    while (m.keys[h] != kEmpty) {
-      if (m.keys[h] == raw[i]) {
-        id = m.ids[h];
-        break;
-      }
-      h = (h + 1) & m.mask;
+// The re-numbering map, compact: the kept values' 32-bit keys sorted (4 bytes each), their ids beside
+// them (4 bytes), and a directory of where each run of keys sharing their top `bits` bits starts (at
+// most a quarter of an entry per key). A lookup reads the directory, then searches a few keys.
+// out[i] = the id of raw[i]; `empty_id` for -1 (the empty value), `missing` for any other value not kept.
+void sorted_map_lookup(const uint32_t* keys, const uint32_t* ids, int64_t n, const uint32_t* dir,
+                       int64_t bits, const int64_t* raw, int64_t m, int64_t missing, int64_t empty_id,
+                       int64_t* out) {
+  const int shift = 32 - static_cast<int>(bits);
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t r = raw[i];
+    if (r < 0 || r > 0xFFFFFFFFLL) {
+      out[i] = r == -1 ? empty_id : missing;
+      continue;
     }
-    out[i] = id;
+    const uint32_t key = static_cast<uint32_t>(r);
+    const uint64_t bucket = bits ? key >> shift : 0;
+    uint32_t lo = dir[bucket], hi = dir[bucket + 1];
+    while (lo < hi) {  // the first key >= key
+      const uint32_t mid = lo + (hi - lo) / 2;
+      if (keys[mid] < key) lo = mid + 1; else hi = mid;
+    }
+    out[i] = (lo < n && keys[lo] == key) ? ids[lo] : missing;
   }
 }
 
