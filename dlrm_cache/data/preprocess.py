@@ -264,7 +264,7 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
         skew = coverage.report()
         with ThreadPoolExecutor(1, thread_name_prefix="dlrm-preprocess-stats") as stats:
             plotted = stats.submit(_write_skew, tmp / "stats", skew, coverage.samples)
-            rows = _write_splits(spills, bounds, writers, vocabs, schema, opts.progress)
+            rows = _write_splits(spills, bounds, writers, vocabs, schema, opts)
             plotted.result()
         metadata = {
             "schema_version": SCHEMA_VERSION,
@@ -399,19 +399,28 @@ def _write_splits(
     writers: dict[str, _SplitWriter],
     vocabs: list[IdLookup],
     schema: pa.Schema,
-    progress: bool,
+    opts: PreprocessOptions,
 ) -> dict[str, int]:
     """The parsed rows of each spill, re-numbered, into their split's writer (closed at the end): rows
     up to the file's last train line (``bounds``) train, then up to its last val line val, the rest
-    test. Each spill is deleted once written. Returns the rows per split."""
+    test. Each spill is deleted once written. Returns the rows per split.
+
+    A chunk is re-numbered on ``preprocess.workers`` threads (one per core by default; the lookups
+    and Parquet's encoding release the GIL: threads, not processes, so no row is copied between
+    processes) while the one before it is written: the same tables in the same order whatever the
+    threads, so the same bytes."""
     rows = dict.fromkeys(SPLITS, 0)
-    with _progress("write", sum(s.stat().st_size for s in spills), progress) as bar:
+    threads = opts.workers or os.cpu_count() or 1
+    with (
+        _progress("write", sum(s.stat().st_size for s in spills), opts.progress) as bar,
+        ThreadPoolExecutor(threads, thread_name_prefix="dlrm-preprocess-renumber") as pool,
+    ):
         for spill_path, (train_end, val_end) in zip(spills, bounds, strict=True):
             on_progress = bar.at(spill_path)
             # read, not memory-mapped: a mapping would keep every page of the spill resident
             with pa.OSFile(str(spill_path)) as source:
                 renumbered = (
-                    (batch.column("line").to_numpy(), _renumbered(batch, vocabs, schema))
+                    (batch.column("line").to_numpy(), _renumbered(batch, vocabs, schema, pool))
                     for batch in pa.ipc.open_stream(source)
                 )
                 for lines, table in _read_ahead(renumbered):
@@ -549,13 +558,18 @@ def _parsed_table(chunk) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=_PARSED)
 
 
-def _renumbered(batch: pa.RecordBatch, vocabs: list[IdLookup], schema: pa.Schema) -> pa.Table:
+def _renumbered(
+    batch: pa.RecordBatch, vocabs: list[IdLookup], schema: pa.Schema, pool: ThreadPoolExecutor
+) -> pa.Table:
+    """``batch``'s columns, its categorical values re-numbered: the 26 looked up side by side on
+    ``pool`` (the lookups release the GIL)."""
     id_type = schema.field(CAT_COLUMNS[0]).type
+
+    def ids(c: str, v: IdLookup) -> pa.Array:
+        return pa.array(v.transform(batch.column(c).to_numpy()), type=id_type)
+
     cols = [batch.column("label")] + [batch.column(c) for c in INT_COLUMNS]
-    cols += [
-        pa.array(v.transform(batch.column(c).to_numpy()), type=id_type)
-        for c, v in zip(CAT_COLUMNS, vocabs, strict=True)
-    ]
+    cols += list(pool.map(ids, CAT_COLUMNS, vocabs))
     return pa.Table.from_arrays(cols, schema=schema)
 
 
