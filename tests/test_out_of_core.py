@@ -91,13 +91,16 @@ def peak_rss_mb(*args) -> tuple[float, subprocess.CompletedProcess]:
     return int(proc.stdout.split()[-1]) / 1024, proc
 
 
-def test_peak_memory_stays_under_the_budget_where_in_memory_does_not(tmp_path):
-    """Nearly every value distinct and dropped by min_count=2 (the shape of Criteo 1TB's long tail):
-    counting them all in memory needs more than the budget; out of core stays under it."""
+@pytest.mark.parametrize("min_count", [2, 1], ids=["tail-dropped", "every-value-kept"])
+def test_peak_memory_stays_under_the_budget_where_in_memory_does_not(tmp_path, min_count):
+    """Nearly every value distinct (the shape of Criteo 1TB's long tail), dropped by min_count=2 or
+    every one kept (min_count=1: the write pass re-numbers millions of kept values): counting them all
+    in memory needs more than the budget; out of core, ranking and the write pass stay under it."""
     src = synth(tmp_path / "wide.txt", rows=1_000_000, zipf=0.05, cardinality_scale=20000)
     budget_gb = 0.45
-    common = [f"input={src}", "preprocess.min_count=2", "preprocess.chunk_mb=4", "preprocess.progress=false",
-              "preprocess.row_group_rows=65536", "preprocess.workers=1"]  # fmt: skip
+    common = [f"input={src}", f"preprocess.min_count={min_count}", "preprocess.chunk_mb=4",
+              "preprocess.progress=false", "preprocess.row_group_rows=65536",
+              "preprocess.workers=1"]  # fmt: skip
     free, proc = peak_rss_mb(*common, f"output_dir={tmp_path / 'mem'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     bounded, proc = peak_rss_mb(
@@ -107,6 +110,9 @@ def test_peak_memory_stays_under_the_budget_where_in_memory_does_not(tmp_path):
     assert "out of core" in proc.stderr
     assert free > budget_gb * 1024 > bounded, (free, bounded)
     assert outputs(tmp_path / "mem") == outputs(tmp_path / "ooc")
+    if min_count == 1:  # millions of values kept, and none of them rare
+        kept = sum(json.loads((tmp_path / "ooc" / "metadata.json").read_text())["vocab_sizes"].values())
+        assert kept > 5_000_000, kept
 
 
 def test_bad_memory_settings_are_refused_before_any_work(tmp_path):
