@@ -3,6 +3,7 @@
 
 import json
 import logging
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -13,7 +14,7 @@ from test_preprocess import read_split, run
 
 from dlrm_cache.config import ConfigError, DatasetConfig, PreprocessOptions, SynthConfig
 from dlrm_cache.criteo import TERABYTE_CARDINALITIES
-from dlrm_cache.data import memory_budget
+from dlrm_cache.data import held_lookups, memory_budget
 from dlrm_cache.data.synthetic import CriteoSynthesizer, generate, output_files
 
 TERABYTE = DatasetConfig(name="criteo_1tb", split="last_file")
@@ -51,6 +52,32 @@ def test_out_of_core_writes_the_same_bytes_as_in_memory(tmp_path, monkeypatch, c
     assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
     assert not any("_counts" in str(p) for p in spilled.rglob("*"))  # spilled runs removed
     assert not list(tmp_path.glob(".ooc.tmp-*"))
+
+
+@pytest.mark.parametrize("room", [0, 40_000], ids=["a-feature-a-group", "several-a-group"])
+def test_lookups_applied_a_group_at_a_time_write_the_same_bytes(tmp_path, monkeypatch, caplog, room):
+    """Where the re-numbering does not fit the room the budget leaves it, the lookups go to disk and
+    are applied a group at a time, each group but the last in a pass of its own: the same bytes as
+    with every lookup in memory, and nothing of the passes left in the output."""
+    inputs = sorted(synth(tmp_path / "days", rows=6000, layout="terabyte", days=3).iterdir())
+    in_memory = run(inputs, tmp_path / "mem", TERABYTE, workers=1)
+    made = held_lookups.HeldLookups.__init__
+    monkeypatch.setattr(
+        held_lookups.HeldLookups, "__init__", lambda self, folder, _: made(self, folder, room)
+    )
+    with caplog.at_level(logging.INFO, logger="dlrm_cache.data.held_lookups"):
+        grouped = run(inputs, tmp_path / "grouped", TERABYTE, workers=1)
+    passes = re.search(r"applied in (\d+) groups of features, (\d+) pass", caplog.text)
+    groups = int(passes[1])
+    assert int(passes[2]) == groups - 1
+    assert groups == 26 if room == 0 else 1 < groups < 26
+    a, b = outputs(in_memory), outputs(grouped)
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
+    assert (
+        json.loads((in_memory / "metadata.json").read_text())["rows"]
+        == json.loads((grouped / "metadata.json").read_text())["rows"]
+    )
+    assert {p.name for p in grouped.iterdir()} == {"train", "val", "test", "vocab", "stats", "metadata.json"}
 
 
 def test_max_ind_range_hashes_like_the_reference(tmp_path):

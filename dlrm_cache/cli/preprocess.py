@@ -10,10 +10,12 @@ import sys
 
 from dlrm_cache.cli.common import command
 from dlrm_cache.config import PreprocessRunConfig
+from dlrm_cache.data.memory_budget import map_large_allocations
 from dlrm_cache.data.preprocess import preprocess
 
 
 def _preprocess(config: PreprocessRunConfig) -> None:
+    map_large_allocations()  # preprocess.memory_gb bounds what is resident, not what malloc keeps
     out = preprocess(config)
     print(f"dlrm-preprocess: {out} ({out / 'metadata.json'})")
 

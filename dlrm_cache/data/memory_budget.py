@@ -3,7 +3,9 @@ chunks, and the rest to the value counters, which spill to disk past their share
 
 from __future__ import annotations
 
+import ctypes
 import os
+from contextlib import suppress
 from dataclasses import dataclass
 
 from dlrm_cache.config import GB, PreprocessOptions
@@ -47,3 +49,15 @@ def memory_budget(opts: PreprocessOptions, processes: int) -> MemoryBudget:
         )
     per_feature = (total - fixed) // (processes * len(CAT_COLUMNS) * BYTES_PER_VALUE)
     return MemoryBudget(total, fixed, write_fixed, max(1, per_feature))
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def map_large_allocations() -> None:
+    """Large arrays mapped and unmapped whole, in this process (the ``dlrm-preprocess`` command and its
+    parsing processes, not the library's callers): glibc otherwise raises its mmap threshold to the
+    size of the first large block freed and serves later ones from its heap, which does not shrink
+    (measured: a peak 130 MB higher at a 0.45 GB budget). A no-op without glibc."""
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 128 << 10)

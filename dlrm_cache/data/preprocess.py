@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TypeVar
@@ -54,11 +55,12 @@ from dlrm_cache.data.criteo_tsv import (
     read_chunks,
     unreadable,
 )
-from dlrm_cache.data.memory_budget import MemoryBudget, memory_budget
+from dlrm_cache.data.held_lookups import HeldLookups, id_table, ids_path
+from dlrm_cache.data.memory_budget import MemoryBudget, map_large_allocations, memory_budget
 from dlrm_cache.data.saved_vocab import SavedVocabularies, saved_vocabularies
 from dlrm_cache.data.spilled_counts import SpilledCounter
 from dlrm_cache.data.synthetic import hash_to_hex
-from dlrm_cache.data.vocab import IdLookup, Vocabulary
+from dlrm_cache.data.vocab import Vocabulary
 from dlrm_cache.files import file_crc32, folder_beside, naming, refuse_foreign, remove_leftovers, swap_in
 
 SCHEMA_VERSION = 1
@@ -234,15 +236,17 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
             )
         ]
         counters, bad = _parse_all(jobs, workers, opts.progress)
+        pa.default_memory_pool().release_unused()  # the parse's buffers, back to the system
         made = (
             source.read_each()
             if source
             else _fit(counters, opts.min_count, budget, counts_dir, opts.progress)
         )
         del counters  # the generator holds them while it fits, no longer
-        vocabs, coverage = _vocabularies(made, tmp / "vocab", budget)
+        held = HeldLookups(tmp / "_lookups", budget.total - budget.write_fixed)
+        coverage = _vocabularies(made, tmp / "vocab", held)
         counts_dir.rmdir()
-        id_type = pa.int32() if max(v.size for v in vocabs) < 2**31 else pa.int64()
+        id_type = pa.int32() if max(held.sizes) < 2**31 else pa.int64()
         schema = pa.schema(
             [("label", pa.int8())]
             + [(c, pa.float32()) for c in INT_COLUMNS]
@@ -252,7 +256,7 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
         # a vocabulary of 2^16 or more are written plain: smaller files, and less work, than a
         # dictionary of up to a row group's worth of values.
         dictionary = [c for c in schema.names if c not in CAT_COLUMNS]
-        dictionary += [c for c, v in zip(CAT_COLUMNS, vocabs, strict=True) if v.size < 1 << 16]
+        dictionary += [c for c, size in zip(CAT_COLUMNS, held.sizes, strict=True) if size < 1 << 16]
         writers = {
             s: _SplitWriter(tmp / s, schema, opts.row_group_rows, opts.max_file_rows, dictionary)
             for s in SPLITS
@@ -264,8 +268,9 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
         skew = coverage.report()
         with ThreadPoolExecutor(1, thread_name_prefix="dlrm-preprocess-stats") as stats:
             plotted = stats.submit(_write_skew, tmp / "stats", skew, coverage.samples)
-            rows = _write_splits(spills, bounds, writers, vocabs, schema, opts)
+            rows = _write_splits(spills, bounds, writers, held, schema, opts)
             plotted.result()
+        held.remove()
         metadata = {
             "schema_version": SCHEMA_VERSION,
             **fingerprint,
@@ -276,8 +281,8 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
                 {"file": str(f), "train_last_line": min(t, 2**62), "val_last_line": min(v, 2**62)}
                 for f, (t, v) in zip(files, bounds, strict=True)
             ],
-            "vocab_sizes": {c: v.size for c, v in zip(CAT_COLUMNS, vocabs, strict=True)},
-            "rare_ids": {c: v.rare_id for c, v in zip(CAT_COLUMNS, vocabs, strict=True)},
+            "vocab_sizes": dict(zip(CAT_COLUMNS, held.sizes, strict=True)),
+            "rare_ids": dict(zip(CAT_COLUMNS, held.rare_ids, strict=True)),
             "dense_transform": DENSE_TRANSFORM,
             "max_ind_range": opts.max_ind_range,
             "skipped_lines": {"count": bad.count, "reasons": bad.reasons, "first": bad.first},
@@ -397,7 +402,7 @@ def _write_splits(
     spills: list[Path],
     bounds: list[tuple[int, int]],
     writers: dict[str, _SplitWriter],
-    vocabs: list[IdLookup],
+    held: HeldLookups,
     schema: pa.Schema,
     opts: PreprocessOptions,
 ) -> dict[str, int]:
@@ -407,34 +412,62 @@ def _write_splits(
 
     A chunk is re-numbered on ``preprocess.workers`` threads (one per core by default; the lookups
     and Parquet's encoding release the GIL: threads, not processes, so no row is copied between
-    processes) while the one before it is written: the same tables in the same order whatever the
-    threads, so the same bytes."""
+    processes) while the one before it is written. Where the lookups do not fit in memory together,
+    every group of them but the last is applied first in a pass of its own (``held_lookups``). The
+    same tables in the same order whatever the threads and groups, so the same bytes."""
     rows = dict.fromkeys(SPLITS, 0)
+    groups = held.groups()
+    id_type = schema.field(CAT_COLUMNS[0]).type
+    total = sum(s.stat().st_size for s in spills)
     threads = opts.workers or os.cpu_count() or 1
-    with (
-        _progress("write", sum(s.stat().st_size for s in spills), opts.progress) as bar,
-        ThreadPoolExecutor(threads, thread_name_prefix="dlrm-preprocess-renumber") as pool,
-    ):
-        for spill_path, (train_end, val_end) in zip(spills, bounds, strict=True):
-            on_progress = bar.at(spill_path)
-            # read, not memory-mapped: a mapping would keep every page of the spill resident
-            with pa.OSFile(str(spill_path)) as source:
-                renumbered = (
-                    (batch.column("line").to_numpy(), _renumbered(batch, vocabs, schema, pool))
-                    for batch in pa.ipc.open_stream(source)
-                )
-                for lines, table in _read_ahead(renumbered):
-                    # A file's lines go train, val, test in order: each split's rows are one slice.
-                    ends = [*np.searchsorted(lines, [train_end, val_end], side="right"), len(lines)]
-                    for s, lo, hi in zip(SPLITS, [0, *ends[:-1]], ends, strict=True):
-                        if hi > lo:
-                            writers[s].write(table.slice(lo, hi - lo))
-                            rows[s] += int(hi - lo)
-                    on_progress(source.tell())
-            spill_path.unlink()
+    with ThreadPoolExecutor(threads, thread_name_prefix="dlrm-preprocess-ids") as pool:
+        for g, group in enumerate(groups[:-1]):
+            lookups = held.load(group)
+            with _progress(f"ids {g + 1}/{len(groups) - 1}", total, opts.progress) as bar:
+                for n, spill_path in enumerate(spills):
+                    _write_ids(spill_path, ids_path(spill_path.parent, g, n), lookups, id_type, pool, bar)
+            del lookups
+        lookups = held.load(groups[-1])
+        with _progress("write", total, opts.progress) as bar:
+            for n, (spill_path, (train_end, val_end)) in enumerate(zip(spills, bounds, strict=True)):
+                on_progress = bar.at(spill_path)
+                ahead = [ids_path(spill_path.parent, g, n) for g in range(len(groups) - 1)]
+                # read, not memory-mapped: a mapping would keep every page of the spill resident
+                with pa.OSFile(str(spill_path)) as source, ExitStack() as opened:
+                    done_ids = [pa.ipc.open_stream(opened.enter_context(pa.OSFile(str(p)))) for p in ahead]
+                    renumbered = (
+                        (batch.column("line").to_numpy(), _renumbered(batch, lookups, done_ids, schema, pool))
+                        for batch in pa.ipc.open_stream(source)
+                    )
+                    for lines, table in _read_ahead(renumbered):
+                        # A file's lines go train, val, test in order: each split's rows are one slice.
+                        ends = [*np.searchsorted(lines, [train_end, val_end], side="right"), len(lines)]
+                        for s, lo, hi in zip(SPLITS, [0, *ends[:-1]], ends, strict=True):
+                            if hi > lo:
+                                writers[s].write(table.slice(lo, hi - lo))
+                                rows[s] += int(hi - lo)
+                        on_progress(source.tell())
+                spill_path.unlink()
+                for p in ahead:
+                    p.unlink()
     for w in writers.values():
         w.close()
     return rows
+
+
+def _write_ids(spill: Path, out: Path, lookups: dict, id_type: pa.DataType, pool, bar: _progress) -> None:
+    """The ids of ``lookups``' features for the rows of ``spill``: a batch per spilled batch, into ``out``."""
+    on_progress = bar.at(spill)
+    with pa.OSFile(str(spill)) as source, naming(out), pa.OSFile(str(out), "wb") as sink:
+        writer = None
+        for batch in pa.ipc.open_stream(source):
+            ids = id_table(batch, lookups, id_type, pool)
+            if writer is None:
+                writer = pa.ipc.new_stream(sink, ids.schema)
+            writer.write_table(ids)
+            on_progress(source.tell())
+        if writer is not None:
+            writer.close()
 
 
 def _read_ahead(items: Iterator[T]) -> Iterator[T]:
@@ -459,7 +492,10 @@ def _parse_all(jobs: list[_ParseJob], workers: int, progress: bool) -> tuple[lis
             ctx = multiprocessing.get_context("spawn")  # pyarrow's thread pools do not survive fork
             parent = os.getpid()
             with ProcessPoolExecutor(
-                max_workers=min(workers, len(jobs)), mp_context=ctx, initializer=_die_with, initargs=(parent,)
+                max_workers=min(workers, len(jobs)),
+                mp_context=ctx,
+                initializer=_start_parse_process,
+                initargs=(parent,),
             ) as pool:
                 try:
                     futures = [pool.submit(job.run) for job in jobs]
@@ -478,6 +514,13 @@ def _parse_all(jobs: list[_ParseJob], workers: int, progress: bool) -> tuple[lis
             c.merge(m)
         bad.extend(more_bad)
     return counters, bad
+
+
+def _start_parse_process(parent: int) -> None:
+    """A parse process ends with its parent (``_die_with``) and maps its large arrays whole, as its
+    parent does under ``dlrm-preprocess`` (``map_large_allocations``)."""
+    map_large_allocations()
+    _die_with(parent)
 
 
 def _die_with(parent: int) -> None:
@@ -510,32 +553,26 @@ def _fit(
         len(spilled), budget.total / GB, budget.values_per_feature,
         sum(c.spilled_bytes for c in counters) / GB, folder,
     )  # fmt: skip
-    for c in tqdm(counters, desc="rank", unit="feature", disable=not progress):
-        yield c.fit(min_count)
+    for c in counters:  # every count to disk: ranking then holds one partition of one feature at a time
+        c.spill()
+    for j in tqdm(range(len(counters)), desc="rank", unit="feature", disable=not progress):
+        counter, counters[j] = counters[j], None  # each feature's counts go once its vocabulary is made
+        yield counter.fit(min_count)
+        del counter
 
 
-def _vocabularies(
-    made: Iterator[Vocabulary], folder: Path, budget: MemoryBudget
-) -> tuple[list[IdLookup], Coverage]:
+def _vocabularies(made: Iterator[Vocabulary], folder: Path, held: HeldLookups) -> Coverage:
     """Each vocabulary as it is made: its file written into ``folder`` (``cat_N.parquet``), its coverage
     taken in, then only its re-numbering kept (``IdLookup``: about 9 bytes a kept value, not the
-    vocabulary's 16)."""
+    vocabulary's 16), into ``held``."""
     folder.mkdir()
-    lookups, coverage = [], Coverage()
+    coverage = Coverage()
     for name, vocab in zip(CAT_COLUMNS, made, strict=True):
         _write_vocab(folder / f"{name}.parquet", vocab)
         coverage.add(name, vocab.count)
-        lookups.append(vocab.lookup())
+        held.add(vocab.lookup())
         del vocab
-    held = sum(v.nbytes for v in lookups)
-    if held + budget.write_fixed > budget.total:
-        log.warning(
-            "the write pass holds every feature's re-numbering, %.2f GB (%d kept values), more than "
-            "preprocess.memory_gb leaves (%.2f GB): raise preprocess.memory_gb or preprocess.min_count, "
-            "or set preprocess.max_ind_range",
-            held / GB, sum(v.size for v in lookups), (budget.total - budget.write_fixed) / GB,
-        )  # fmt: skip
-    return lookups, coverage
+    return coverage
 
 
 # The rows as parsed: dense values already transformed, categorical values still raw hashes.
@@ -559,17 +596,21 @@ def _parsed_table(chunk) -> pa.Table:
 
 
 def _renumbered(
-    batch: pa.RecordBatch, vocabs: list[IdLookup], schema: pa.Schema, pool: ThreadPoolExecutor
+    batch: pa.RecordBatch,
+    lookups: dict,
+    done: list,
+    schema: pa.Schema,
+    pool: ThreadPoolExecutor,
 ) -> pa.Table:
-    """``batch``'s columns, its categorical values re-numbered: the 26 looked up side by side on
-    ``pool`` (the lookups release the GIL)."""
-    id_type = schema.field(CAT_COLUMNS[0]).type
-
-    def ids(c: str, v: IdLookup) -> pa.Array:
-        return pa.array(v.transform(batch.column(c).to_numpy()), type=id_type)
-
-    cols = [batch.column("label")] + [batch.column(c) for c in INT_COLUMNS]
-    cols += list(pool.map(ids, CAT_COLUMNS, vocabs))
+    """``batch``'s columns, its categorical values re-numbered by ``lookups`` (feature index ->
+    ``IdLookup``) or read from ``done`` (readers of the same rows' ids, written by earlier passes)."""
+    ids = id_table(batch, lookups, schema.field(CAT_COLUMNS[0]).type, pool)
+    by_name = {name: ids.column(name) for name in ids.column_names}
+    for reader in done:
+        more = reader.read_next_batch()
+        by_name.update({name: more.column(name) for name in more.schema.names})
+    cols = [batch.column("label"), *(batch.column(c) for c in INT_COLUMNS)]
+    cols += [by_name[c] for c in CAT_COLUMNS]
     return pa.Table.from_arrays(cols, schema=schema)
 
 

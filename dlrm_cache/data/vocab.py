@@ -168,6 +168,18 @@ class IdLookup:
         own = (packed & np.uint64(0xFFFFFFFF)).astype(np.uint32)
         return cls(keys, own, rare_id, empty_id, len(raw), native)
 
+    def save(self, path: Path) -> None:
+        """Into the folder ``path`` (made here), for ``load`` (the directory is made again there)."""
+        path.mkdir()
+        np.save(path / "keys.npy", self.keys)
+        np.save(path / "ids.npy", self.ids)
+        np.save(path / "numbers.npy", np.array([self.rare_id, self.empty_id, self.size], dtype=np.int64))
+
+    @classmethod
+    def load(cls, path: Path, native: bool = True) -> IdLookup:
+        rare_id, empty_id, size = np.load(path / "numbers.npy").tolist()
+        return cls(np.load(path / "keys.npy"), np.load(path / "ids.npy"), rare_id, empty_id, size, native)
+
     @property
     def nbytes(self) -> int:
         return self.keys.nbytes + self.ids.nbytes + (0 if self.directory is None else self.directory.nbytes)
