@@ -38,12 +38,11 @@ class HostServed:
     ) -> HostServed:
         """``rows`` (sorted) at ``positions``, for step ``step``; ``inflight``: the rows (sorted) that
         step ``step - 1``, in flight, serves from the host and will update there."""
-        if inflight is None or not inflight.numel():
-            updated = torch.zeros(len(rows), dtype=torch.bool)
-        else:
-            updated = torch.isin(rows, inflight)
+        if inflight is None:
+            inflight = rows[:0]
+        updated = torch.isin(rows, inflight)
         read = ~updated
-        index = torch.searchsorted(inflight, rows[updated]) if inflight is not None else rows[:0]
+        index = torch.searchsorted(inflight, rows[updated])
         return cls(positions[read], host.index_select(0, rows[read]), positions[updated], index, step - 1)
 
     def index_tensors(self) -> dict[str, Tensor]:

@@ -94,7 +94,7 @@ class DeviceTransfers:
         staging = self._write_backs.take(len(slots))
         with torch.cuda.stream(self.stream):
             self._begin(after)
-            staging.copy_(cache.index_select(0, _pinned_to(slots, self.device)), non_blocking=True)
+            staging.copy_(cache.index_select(0, to_device(slots, self.device)), non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.stream)
         done.synchronize()
@@ -116,7 +116,7 @@ class DeviceTransfers:
             self._begin(after)
             timing = None if self.load_timings is None else _timed(self.stream)
             on_device = staging.to(self.device, non_blocking=True)
-            cache.index_copy_(0, _pinned_to(slots, self.device), on_device)
+            cache.index_copy_(0, to_device(slots, self.device), on_device)
             done = torch.cuda.Event()
             done.record(self.stream)
             if timing is not None:
@@ -136,10 +136,12 @@ class DeviceTransfers:
             torch.cuda.current_stream(self.device).wait_event(event)
 
 
-def _pinned_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """An index tensor on ``device``, copied from pinned memory: a copy from pageable memory would first
-    wait for the stream's earlier work."""
-    return t.pin_memory().to(device, non_blocking=True)
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (on the host) on ``device``; on CUDA through pinned memory, so the host does not wait (a copy
+    from pageable memory would first wait for the stream's earlier work)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _timed(stream: torch.cuda.Stream) -> torch.cuda.Event:

@@ -4,8 +4,9 @@ they all fit the room the budget leaves them, else all on disk and applied a gro
 On disk, the features are packed in input order into groups whose lookups fit the room together (a
 feature whose lookup alone is larger makes a group of its own: that lookup is the floor, said in the
 log). Every group but the last is applied in a pass of its own over the parsed rows, its ids written
-beside them (``id_pass``); the last group is applied in the write pass, which reads those ids back
-batch by batch. The tables written are the same as with every lookup in memory, so are the bytes.
+beside them (``ids_path``, ``id_table``); the last group is applied in the write pass, which reads
+those ids back batch by batch. The tables written are the same as with every lookup in memory, so
+are the bytes.
 """
 
 from __future__ import annotations

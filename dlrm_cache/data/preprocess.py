@@ -242,7 +242,7 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
             if source
             else _fit(counters, opts.min_count, budget, counts_dir, opts.progress)
         )
-        del counters  # the generator holds them while it fits, no longer
+        del counters  # held by the generator alone, which drops each once it is ranked
         held = HeldLookups(tmp / "_lookups", budget.total - budget.write_fixed)
         coverage = _vocabularies(made, tmp / "vocab", held)
         counts_dir.rmdir()

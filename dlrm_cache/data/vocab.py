@@ -12,7 +12,6 @@ ids 0..k-1. ``IdLookup`` re-numbers raw values in about 9 bytes a kept value (wh
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,12 +141,7 @@ class IdLookup:
         self.keys, self.ids, self.rare_id, self.empty_id, self.size = keys, ids, rare_id, empty_id, size
         self.bits = max(0, len(keys).bit_length() - 3) if keys.dtype == np.uint32 else 0
         self.directory = _directory(keys, self.bits) if keys.dtype == np.uint32 else None
-        self._lib = None
-        if native and keys.dtype == np.uint32:
-            try:
-                self._lib = load(Path(__file__).with_name("vocab_map.cpp"), _declare)
-            except NativeUnavailable:
-                self._lib = None  # the binary search below gives the same ids
+        self._lib = _lookup_library() if native and keys.dtype == np.uint32 else None
 
     @classmethod
     def of(cls, raw: np.ndarray, rare_id: int, native: bool = True) -> IdLookup:
@@ -189,9 +183,7 @@ class IdLookup:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        if self.keys.dtype == np.uint32:
-            with contextlib.suppress(NativeUnavailable):
-                self._lib = load(Path(__file__).with_name("vocab_map.cpp"), _declare)
+        self._lib = _lookup_library() if self.keys.dtype == np.uint32 else None
 
     def transform(self, raw: np.ndarray) -> np.ndarray:
         """Raw values (int64) -> new ids (int64)."""
@@ -216,6 +208,14 @@ class IdLookup:
             hit = self.keys[pos] == query
             out[where[hit]] = self.ids[pos[hit]]
         return out
+
+
+def _lookup_library() -> ctypes.CDLL | None:
+    """``vocab_map.cpp``, or None where it does not build (the binary search gives the same ids)."""
+    try:
+        return load(Path(__file__).with_name("vocab_map.cpp"), _declare)
+    except NativeUnavailable:
+        return None
 
 
 def _directory(keys: np.ndarray, bits: int) -> np.ndarray:

@@ -27,8 +27,10 @@ from torchrec import EmbeddingBagCollection
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from dlrm_cache.cache.batch_signature import WRONG_FEED
 from dlrm_cache.cache.collection import CachedEmbeddingBagCollection, feature_index
 from dlrm_cache.cache.host import TableShard
+from dlrm_cache.cache.transfer import to_device
 from dlrm_cache.distributed.hot_rows import HotRows
 
 COLD_FEATURE = "cold_rank{}"
@@ -268,13 +270,6 @@ class HybridLayout:
         )
 
 
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` (on the host) on ``device``; on CUDA through pinned memory, so the host does not wait."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def _shares(kjt: KeyedJaggedTensor, world_size: int) -> list[KeyedJaggedTensor]:
     """A global batch cut into the ranks' equal consecutive shares of samples (the loader's cut)."""
     nf, batch = len(kjt.keys()), kjt.stride()
@@ -334,10 +329,7 @@ class HybridEmbeddingBagCollection(nn.Module):
             rows = self.hot.next_touched()
             position = torch.searchsorted(rows, split.hot_ids)
             if len(split.hot_ids) and not torch.equal(rows[position.clamp(max=len(rows) - 1)], split.hot_ids):
-                raise ValueError(
-                    "the batch has hot ids its global batch (handed to enqueue()) does not: enqueue every "
-                    "training batch, in the order forward() will see them"
-                )
+                raise ValueError(f"{WRONG_FEED} (its hot ids are not those of the global batch enqueued)")
             touched = (to_device(rows, dev), to_device(position, dev))
         split = split.to(dev)
         if self.hot.groups:
