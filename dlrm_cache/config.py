@@ -92,6 +92,11 @@ class DatasetConfig:
         )
 
 
+# MLPerf DLRM-DCNv2's ids per bag of each Criteo feature (214 a sample); the most a bag may hold.
+MULTI_HOT_MLPERF = (3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1)
+MAX_BAG = 1 << 16
+
+
 @dataclass
 class PreprocessOptions:
     """``preprocess.*``: the knobs of ``dlrm-preprocess``."""
@@ -112,9 +117,26 @@ class PreprocessOptions:
     # The DLRM reference's / MLPerf's hashing: every categorical value becomes int(hex, 16) % this
     # before counting (40000000 gives MLPerf's Criteo 1TB tables); 0: off. The empty value stays apart.
     max_ind_range: int = 0
+    # MLPerf DLRM-DCNv2's synthetic multi-hot data (dlrm_cache/data/multi_hot.py): 26 bag sizes, one per
+    # feature; every id expands to a fixed bag of its feature's size (the id, then size - 1 ids drawn
+    # from `multi_hot_distribution`: uniform | pareto, seeded by `multi_hot_seed`). None: one id a value.
+    multi_hot_sizes: Any = None
+    multi_hot_distribution: str = "uniform"
+    multi_hot_seed: int = 0
 
     def __post_init__(self) -> None:
         _require(self.min_count >= 1, "preprocess.min_count", self.min_count, ">= 1")
+        if self.multi_hot_sizes is not None:
+            sizes = self.multi_hot_sizes
+            _require(isinstance(sizes, list | tuple) and len(sizes) == len(MULTI_HOT_MLPERF),
+                     "preprocess.multi_hot_sizes", sizes, f"{len(MULTI_HOT_MLPERF)} bag sizes, one per "
+                     f"feature (MLPerf's: {','.join(map(str, MULTI_HOT_MLPERF))})")  # fmt: skip
+            for i, s in enumerate(sizes):
+                _require(isinstance(s, int) and 1 <= s <= MAX_BAG, f"preprocess.multi_hot_sizes[{i}]", s,
+                         f"a bag size from 1 to {MAX_BAG}")  # fmt: skip
+            self.multi_hot_sizes = list(sizes)
+        distributions = ("uniform", "pareto")
+        _require_choice("preprocess.multi_hot_distribution", self.multi_hot_distribution, distributions)
         _require_choice("preprocess.on_bad_lines", self.on_bad_lines, ("error", "skip"))
         _require_choice("preprocess.parser", self.parser, ("auto", "native", "arrow"))
         _require(self.chunk_mb >= 1, "preprocess.chunk_mb", self.chunk_mb, ">= 1")

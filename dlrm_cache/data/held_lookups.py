@@ -15,10 +15,12 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from dlrm_cache.config import GB
 from dlrm_cache.criteo import CAT_COLUMNS
+from dlrm_cache.data.multi_hot import BagLookup, load_lookup
 from dlrm_cache.data.vocab import IdLookup
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,7 @@ class HeldLookups:
 
     def __init__(self, folder: Path, room: int):
         self.folder, self.room = folder, room
-        self._held: list[IdLookup | None] = []  # None: on disk, in folder/<feature>
+        self._held: list[IdLookup | BagLookup | None] = []  # None: on disk, in folder/<feature>
         self.sizes: list[int] = []  # ids per feature
         self.rare_ids: list[int] = []
         self.nbytes: list[int] = []
@@ -38,7 +40,7 @@ class HeldLookups:
     def on_disk(self) -> bool:
         return any(lookup is None for lookup in self._held)
 
-    def add(self, lookup: IdLookup) -> None:
+    def add(self, lookup: IdLookup | BagLookup) -> None:
         self.sizes.append(lookup.size)
         self.rare_ids.append(lookup.rare_id)
         self.nbytes.append(lookup.nbytes)
@@ -75,9 +77,9 @@ class HeldLookups:
             )  # fmt: skip
         return groups
 
-    def load(self, group: list[int]) -> dict[int, IdLookup]:
+    def load(self, group: list[int]) -> dict[int, IdLookup | BagLookup]:
         """The lookups of ``group``'s features, by feature index (read from disk where they are)."""
-        return {j: self._held[j] or IdLookup.load(self.folder / CAT_COLUMNS[j]) for j in group}
+        return {j: self._held[j] or load_lookup(self.folder / CAT_COLUMNS[j]) for j in group}
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -88,12 +90,21 @@ def ids_path(folder: Path, group: int, spill: int) -> Path:
     return folder / f"_ids-{group}-{spill}.arrow"
 
 
-def id_table(batch: pa.RecordBatch, lookups: dict[int, IdLookup], id_type: pa.DataType, pool) -> pa.Table:
+def id_table(batch: pa.RecordBatch, lookups: dict[int, IdLookup | BagLookup], column_type: pa.DataType,
+             pool) -> pa.Table:  # fmt: skip
     """``batch``'s categorical columns of ``lookups``' features re-numbered (side by side on ``pool``:
-    the lookups release the GIL), named as the output names them."""
+    the lookups release the GIL), named as the output names them: a list (a bag) per row where the
+    lookup makes bags (``BagLookup``); ``column_type``: the output's, an id or a list of ids."""
+
+    id_type = column_type.value_type if pa.types.is_list(column_type) else column_type
 
     def ids(j: int) -> pa.Array:
-        return pa.array(lookups[j].transform(batch.column(CAT_COLUMNS[j]).to_numpy()), type=id_type)
+        got = lookups[j].transform(batch.column(CAT_COLUMNS[j]).to_numpy())
+        if got.ndim == 1:
+            return pa.array(got, type=id_type)
+        rows, size = got.shape
+        offsets = pa.array(np.arange(0, rows * size + 1, size, dtype=np.int32))
+        return pa.ListArray.from_arrays(offsets, pa.array(got.reshape(-1), type=id_type))
 
     features = sorted(lookups)
     return pa.Table.from_arrays(list(pool.map(ids, features)), names=[CAT_COLUMNS[j] for j in features])

@@ -1,6 +1,11 @@
 """Batches from a ``dlrm-preprocess`` output: Parquet read row group by row group, in a background
-thread, as TorchRec ``Batch``es (dense features, a ``KeyedJaggedTensor`` of one id per feature,
-labels).
+thread, as TorchRec ``Batch``es (dense features, a ``KeyedJaggedTensor`` of each row's ids, labels).
+
+The categorical columns hold one id a row (integers), or, where ``metadata.json`` has
+``multi_hot_sizes``, a bag a row (lists of integers; a size of 0 there allows bags of any length, empty
+ones too). What the footers can tell is checked before the first batch: the column types, the ids per
+row of fixed-size bags, ids beyond their table (``vocab_sizes``) from the columns' statistics; every bag's
+length is checked again as it is read.
 
 Batches are global: with ``world_size`` ranks each batch of ``batch_size`` rows is cut into equal
 consecutive shares, rank 0's first, so every rank sees its part of the same global batch.
@@ -15,12 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torchrec.datasets.utils import Batch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm_cache.criteo import CAT_COLUMNS, INT_COLUMNS
+from dlrm_cache.data.id_columns import BagIds, OneHotIds
 
 SCHEMA_VERSIONS = (1,)  # metadata.json versions this loader reads
 _PREFETCH = 8  # batches read ahead by the background thread
@@ -42,22 +48,66 @@ def load_metadata(root: Path) -> dict:
         raise ValueError(
             f"{meta_path}: schema_version {version!r} is not one this version reads {SCHEMA_VERSIONS}"
         )
+    sizes = meta.get("multi_hot_sizes")
+    if sizes is not None and (
+        not isinstance(sizes, dict)
+        or sorted(sizes) != sorted(CAT_COLUMNS)
+        or not all(isinstance(n, int) and n >= 0 for n in sizes.values())
+    ):
+        raise ValueError(
+            f"{meta_path}: multi_hot_sizes {str(sizes)[:80]}: expected ids per bag (>= 0; 0: any) for "
+            "each of cat_0 .. cat_25, or null (one id a row)"
+        )
     return meta
 
 
 COLUMNS = ["label", *INT_COLUMNS, *CAT_COLUMNS]
 
 
-def _footer(path: Path) -> pq.FileMetaData:
-    """A part's footer (no data read), refused unless it is a readable part with the dataset's columns."""
+def _footer(path: Path, meta: dict) -> pq.FileMetaData:
+    """A part's footer (no data read), refused unless it is a readable part with the dataset's columns,
+    its bags and ids as ``meta`` (``metadata.json``) says."""
     try:
-        meta = pq.ParquetFile(path).metadata
+        file = pq.ParquetFile(path)
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
         raise ValueError(f"{path}: not a readable Parquet part ({e})") from None
-    names = meta.schema.names
-    if names != COLUMNS:
+    schema = file.schema_arrow
+    if schema.names != COLUMNS:
+        names = schema.names
         raise ValueError(f"{path}: columns {names[:3]}... ({len(names)}), expected {COLUMNS[:3]}... (40)")
-    return meta
+    sizes = meta.get("multi_hot_sizes")
+    for c in CAT_COLUMNS:
+        kind = schema.field(c).type
+        bags = pa.types.is_list(kind) or pa.types.is_large_list(kind)
+        ids = kind.value_type if bags else kind
+        if bags != (sizes is not None) or not pa.types.is_integer(ids):
+            said = "bags (multi_hot_sizes)" if sizes is not None else "one id a row (no multi_hot_sizes)"
+            raise ValueError(f"{path}: {c} is {kind}, but metadata.json says {said}: expected "
+                             f"{'a list of integers' if sizes is not None else 'integers'}")  # fmt: skip
+    footer = file.metadata
+    leaves = {footer.schema.column(i).path.split(".")[0]: i for i in range(footer.num_columns)}
+    for g in range(footer.num_row_groups):
+        group = footer.row_group(g)
+        for c in CAT_COLUMNS:
+            chunk = group.column(leaves[c])
+            size = sizes[c] if sizes is not None else 1
+            if size and group.num_rows * size != chunk.num_values:
+                raise ValueError(
+                    f"{path}: row group {g}: {c} holds {chunk.num_values} ids for {group.num_rows} rows, "
+                    f"metadata.json says {size} a row"
+                )
+            stats = chunk.statistics
+            if (
+                stats is not None
+                and stats.has_min_max
+                and (stats.min < 0 or stats.max >= meta["vocab_sizes"][c])
+            ):
+                bad = stats.min if stats.min < 0 else stats.max
+                raise ValueError(
+                    f"{path}: row group {g}: {c} holds id {bad}, beyond its table of "
+                    f"{meta['vocab_sizes'][c]} rows (metadata.json vocab_sizes)"
+                )
+    return footer
 
 
 class ParquetBatches:
@@ -83,10 +133,13 @@ class ParquetBatches:
         files = sorted((root / split).glob("part-*.parquet"))
         if not files:
             raise ValueError(f"{root / split}: no part-*.parquet files")
-        footers = [_footer(f) for f in files]
+        meta = load_metadata(root)
+        self.bag_sizes: dict[str, int] | None = meta.get("multi_hot_sizes")
+        self.vocab_sizes: dict[str, int] = meta["vocab_sizes"]
+        footers = [_footer(f, meta) for f in files]
         self.groups = [(f, g) for f, m in zip(files, footers, strict=True) for g in range(m.num_row_groups)]
         self.rows = sum(m.num_rows for m in footers)
-        expected = load_metadata(root)["rows"][split]
+        expected = meta["rows"][split]
         if self.rows != expected:
             raise ValueError(
                 f"{root / split}: its parts hold {self.rows} rows, metadata.json says {expected} "
@@ -135,32 +188,49 @@ class ParquetBatches:
     def _read(self, epoch: int) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.groups)) if self.shuffle else range(len(self.groups))
-        carry: list[np.ndarray] | None = None
+        carry: tuple | None = None
         files: dict[Path, pq.ParquetFile] = {}
         for gi in order:
             path, g = self.groups[gi]
             pf = files.setdefault(path, pq.ParquetFile(path))
             t = pf.read_row_group(g)
-            cols = [
-                t.column("label").to_numpy(),
-                *(t.column(c).to_numpy() for c in INT_COLUMNS + CAT_COLUMNS),
-            ]
-            label = cols[0].astype(np.float32)
-            dense = np.stack(cols[1:14], axis=1).astype(np.float32)
-            cats = np.stack(cols[14:], axis=1).astype(np.int64)
+            label = t.column("label").to_numpy().astype(np.float32)
+            dense = np.stack([t.column(c).to_numpy() for c in INT_COLUMNS], axis=1).astype(np.float32)
+            cats = self._ids(t, path, g)
             if self.shuffle:  # within the row group
                 perm = rng.permutation(len(label))
-                label, dense, cats = label[perm], dense[perm], cats[perm]
+                label, dense, cats = label[perm], dense[perm], cats.take(perm)
             if carry is not None:
-                label, dense, cats = (
-                    np.concatenate([a, b]) for a, b in zip(carry, (label, dense, cats), strict=True)
-                )
+                label, dense = (np.concatenate([a, b]) for a, b in zip(carry, (label, dense), strict=False))
+                cats = carry[2].then(cats)
             full = len(label) // self.batch_size * self.batch_size
             for start in range(0, full, self.batch_size):
                 yield self._batch(label, dense, cats, start, start + self.batch_size)
-            carry = [a[full:] for a in (label, dense, cats)]
+            carry = (label[full:], dense[full:], cats.take(slice(full, len(label))))
         if carry is not None and len(carry[0]) and not self.drop_last:
             yield self._batch(*carry, 0, len(carry[0]))
+
+    def _ids(self, t: pa.Table, path: Path, g: int) -> OneHotIds | BagIds:
+        """A row group's categorical ids; bags checked against ``multi_hot_sizes``."""
+        if self.bag_sizes is None:
+            return OneHotIds(np.stack([t.column(c).to_numpy() for c in CAT_COLUMNS], axis=1).astype(np.int64))
+        offsets, values = [], []
+        for c in CAT_COLUMNS:
+            bags = t.column(c).combine_chunks()
+            ids = bags.flatten()
+            if ids.null_count:
+                raise ValueError(f"{path}: row group {g}: {c} holds a null id in a bag")
+            off = bags.offsets.to_numpy().astype(np.int64)
+            off -= off[0]
+            size = self.bag_sizes[c]
+            if size and not (np.diff(off) == size).all():
+                row = int(np.flatnonzero(np.diff(off) != size)[0])
+                got = off[row + 1] - off[row]
+                raise ValueError(f"{path}: row group {g}, row {row}: {c} holds a bag of {got} ids, "
+                                 f"metadata.json's multi_hot_sizes say {size}")  # fmt: skip
+            offsets.append(off)
+            values.append(ids.to_numpy().astype(np.int64))
+        return BagIds(offsets, values)
 
     def _batch(self, label, dense, cats, start: int, stop: int) -> Batch:
         if self.pad_shares:
@@ -177,13 +247,8 @@ class ParquetBatches:
         if pad:
             rows = np.concatenate([np.arange(lo, hi), np.full(pad, start)])
             labels = np.concatenate([labels, np.full(pad, -1, dtype=label.dtype)])
-        n = len(labels)
-        ids = torch.from_numpy(np.ascontiguousarray(cats[rows].T).reshape(-1))
-        kjt = KeyedJaggedTensor(
-            keys=CAT_COLUMNS, values=ids, lengths=torch.ones(n * len(CAT_COLUMNS), dtype=torch.int32)
-        )
         return Batch(
             dense_features=torch.from_numpy(dense[rows]),
-            sparse_features=kjt,
+            sparse_features=cats.take(rows).kjt(CAT_COLUMNS),
             labels=torch.from_numpy(labels),
         )

@@ -57,6 +57,7 @@ from dlrm_cache.data.criteo_tsv import (
 )
 from dlrm_cache.data.held_lookups import HeldLookups, id_table, ids_path
 from dlrm_cache.data.memory_budget import MemoryBudget, map_large_allocations, memory_budget
+from dlrm_cache.data.multi_hot import BagLookup, MultiHot, expanded
 from dlrm_cache.data.saved_vocab import SavedVocabularies, saved_vocabularies
 from dlrm_cache.data.spilled_counts import SpilledCounter
 from dlrm_cache.data.synthetic import hash_to_hex
@@ -175,8 +176,9 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
                 f"output_dir {out} holds the input {f}: choose an output_dir apart from the inputs"
             )
     source = _vocab_source(cfg, out)
-    if source is not None:  # the vocabularies' hashing, whatever was given
-        cfg = replace(cfg, preprocess=replace(cfg.preprocess, max_ind_range=source.max_ind_range))
+    if source is not None:  # the vocabularies' hashing and bags, whatever was given
+        cfg = replace(cfg, preprocess=replace(cfg.preprocess, max_ind_range=source.max_ind_range,
+                                              **source.multi_hot))  # fmt: skip
     fingerprint = _fingerprint(cfg, files, source)
     remove_leftovers(out)  # what killed runs left beside it, also when this run has nothing to do
     if out.exists():
@@ -237,26 +239,31 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
         ]
         counters, bad = _parse_all(jobs, workers, opts.progress)
         pa.default_memory_pool().release_unused()  # the parse's buffers, back to the system
+        multi = MultiHot.of(opts)
         made = (
             source.read_each()
             if source
             else _fit(counters, opts.min_count, budget, counts_dir, opts.progress)
         )
+        if multi is not None and source is None:  # ranked again by the expanded ids' counts
+            made = (expanded(vocab, j, multi) for j, vocab in enumerate(made))
         del counters  # held by the generator alone, which drops each once it is ranked
         held = HeldLookups(tmp / "_lookups", budget.total - budget.write_fixed)
-        coverage = _vocabularies(made, tmp / "vocab", held)
+        coverage = _vocabularies(made, tmp / "vocab", held, multi)
         counts_dir.rmdir()
         id_type = pa.int32() if max(held.sizes) < 2**31 else pa.int64()
+        bag_type = id_type if multi is None else pa.list_(id_type)
         schema = pa.schema(
             [("label", pa.int8())]
             + [(c, pa.float32()) for c in INT_COLUMNS]
-            + [(c, id_type) for c in CAT_COLUMNS]
+            + [(c, bag_type) for c in CAT_COLUMNS]
         )
         # Dictionary pages for the columns with few values (dense values, small vocabularies); ids of
         # a vocabulary of 2^16 or more are written plain: smaller files, and less work, than a
         # dictionary of up to a row group's worth of values.
         dictionary = [c for c in schema.names if c not in CAT_COLUMNS]
-        dictionary += [c for c, size in zip(CAT_COLUMNS, held.sizes, strict=True) if size < 1 << 16]
+        leaf = "" if multi is None else ".list.element"  # a bag's ids: the list's values
+        dictionary += [c + leaf for c, size in zip(CAT_COLUMNS, held.sizes, strict=True) if size < 1 << 16]
         writers = {
             s: _SplitWriter(tmp / s, schema, opts.row_group_rows, opts.max_file_rows, dictionary)
             for s in SPLITS
@@ -282,6 +289,7 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
                 for f, (t, v) in zip(files, bounds, strict=True)
             ],
             "vocab_sizes": dict(zip(CAT_COLUMNS, held.sizes, strict=True)),
+            "multi_hot_sizes": None if multi is None else dict(zip(CAT_COLUMNS, multi.sizes, strict=True)),
             "rare_ids": dict(zip(CAT_COLUMNS, held.rare_ids, strict=True)),
             "dense_transform": DENSE_TRANSFORM,
             "max_ind_range": opts.max_ind_range,
@@ -329,6 +337,13 @@ def _vocab_source(cfg: PreprocessRunConfig, out: Path) -> SavedVocabularies | No
             f"preprocess.max_ind_range={given}, but vocab_from={root} was made with "
             f"max_ind_range={source.max_ind_range}: its ids mean other values (leave the setting out)"
         )
+    for key, made in source.multi_hot.items():
+        given, default = getattr(cfg.preprocess, key), getattr(PreprocessOptions(), key)
+        if given != default and given != made:
+            raise ValueError(
+                f"preprocess.{key}={given}, but vocab_from={root} was made with {key}={made}: its ids "
+                "expand to other bags (leave the setting out)"
+            )
     return source
 
 
@@ -417,7 +432,7 @@ def _write_splits(
     same tables in the same order whatever the threads and groups, so the same bytes."""
     rows = dict.fromkeys(SPLITS, 0)
     groups = held.groups()
-    id_type = schema.field(CAT_COLUMNS[0]).type
+    column_type = schema.field(CAT_COLUMNS[0]).type
     total = sum(s.stat().st_size for s in spills)
     threads = opts.workers or os.cpu_count() or 1
     with ThreadPoolExecutor(threads, thread_name_prefix="dlrm-preprocess-ids") as pool:
@@ -425,7 +440,7 @@ def _write_splits(
             lookups = held.load(group)
             with _progress(f"ids {g + 1}/{len(groups) - 1}", total, opts.progress) as bar:
                 for n, spill_path in enumerate(spills):
-                    _write_ids(spill_path, ids_path(spill_path.parent, g, n), lookups, id_type, pool, bar)
+                    _write_ids(spill_path, ids_path(spill_path.parent, g, n), lookups, column_type, pool, bar)
             del lookups
         lookups = held.load(groups[-1])
         with _progress("write", total, opts.progress) as bar:
@@ -455,13 +470,13 @@ def _write_splits(
     return rows
 
 
-def _write_ids(spill: Path, out: Path, lookups: dict, id_type: pa.DataType, pool, bar: _progress) -> None:
+def _write_ids(spill: Path, out: Path, lookups: dict, column_type: pa.DataType, pool, bar: _progress) -> None:
     """The ids of ``lookups``' features for the rows of ``spill``: a batch per spilled batch, into ``out``."""
     on_progress = bar.at(spill)
     with pa.OSFile(str(spill)) as source, naming(out), pa.OSFile(str(out), "wb") as sink:
         writer = None
         for batch in pa.ipc.open_stream(source):
-            ids = id_table(batch, lookups, id_type, pool)
+            ids = id_table(batch, lookups, column_type, pool)
             if writer is None:
                 writer = pa.ipc.new_stream(sink, ids.schema)
             writer.write_table(ids)
@@ -561,16 +576,18 @@ def _fit(
         del counter
 
 
-def _vocabularies(made: Iterator[Vocabulary], folder: Path, held: HeldLookups) -> Coverage:
+def _vocabularies(
+    made: Iterator[Vocabulary], folder: Path, held: HeldLookups, multi: MultiHot | None
+) -> Coverage:
     """Each vocabulary as it is made: its file written into ``folder`` (``cat_N.parquet``), its coverage
     taken in, then only its re-numbering kept (``IdLookup``: about 9 bytes a kept value, not the
-    vocabulary's 16), into ``held``."""
+    vocabulary's 16; with bags, ``BagLookup``: about 13), into ``held``."""
     folder.mkdir()
     coverage = Coverage()
-    for name, vocab in zip(CAT_COLUMNS, made, strict=True):
+    for j, (name, vocab) in enumerate(zip(CAT_COLUMNS, made, strict=True)):
         _write_vocab(folder / f"{name}.parquet", vocab)
         coverage.add(name, vocab.count)
-        held.add(vocab.lookup())
+        held.add(vocab.lookup() if multi is None else BagLookup.of(vocab, j, multi))
         del vocab
     return coverage
 

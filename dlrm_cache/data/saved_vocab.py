@@ -23,6 +23,7 @@ from dlrm_cache.data.criteo_tsv import MISSING, hex_to_int
 from dlrm_cache.data.vocab import Vocabulary
 
 VOCAB_COLUMNS = ["id", "raw", "is_rare", "train_count"]
+MULTI_HOT_OPTIONS = ("multi_hot_sizes", "multi_hot_distribution", "multi_hot_seed")
 
 
 @dataclass
@@ -35,6 +36,7 @@ class SavedVocabularies:
     max_ind_range: int
     identity: dict  # the source dataset's inputs and options: a change to them is a different encoding
     vocab_id: str | None  # the source's ``metadata.json`` ``vocab_id`` (None: written before ids existed)
+    multi_hot: dict  # the source's ``preprocess.multi_hot_*`` options: its ids expand to the same bags
 
     def read_each(self) -> Iterator[Vocabulary]:
         """The vocabularies, ``CAT_COLUMNS`` order, one at a time, each checked against the metadata."""
@@ -69,9 +71,12 @@ def saved_vocabularies(root: Path) -> SavedVocabularies:
         "inputs": meta.get("inputs"),
         "preprocess": meta.get("preprocess"),
     }
+    options = meta.get("preprocess") or {}
+    multi_hot = {k: options[k] for k in MULTI_HOT_OPTIONS if k in options}
     return SavedVocabularies(
-        root, sizes, meta["rare_ids"], int(meta.get("max_ind_range", 0)), identity, meta.get("vocab_id")
-    )
+        root, sizes, meta["rare_ids"], int(meta.get("max_ind_range", 0)), identity, meta.get("vocab_id"),
+        multi_hot,
+    )  # fmt: skip
 
 
 def missing_vocabulary(path: Path) -> str:

@@ -62,7 +62,7 @@ _MASK32 = np.uint64(0xFFFFFFFF)
 _HEX_PAIRS = np.array([ord(f"{b:02x}"[0]) | ord(f"{b:02x}"[1]) << 8 for b in range(256)], dtype=np.uint16)
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
     """A fixed 64-bit mixing function (vectorized), used for per-id random effects."""
     with np.errstate(over="ignore"):
         z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
@@ -73,8 +73,8 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 def _hash_normal(key: np.ndarray, salt: int) -> np.ndarray:
     """A standard normal value that is a fixed function of ``key`` (Box-Muller on two hashes)."""
-    h1 = _splitmix64(key ^ np.uint64(salt))
-    h2 = _splitmix64(h1)
+    h1 = splitmix64(key ^ np.uint64(salt))
+    h2 = splitmix64(h1)
     u1 = ((h1 >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53
     u2 = (h2 >> np.uint64(11)).astype(np.float64) / 2.0**53
     return np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
