@@ -282,11 +282,29 @@ class DataConfig:
     synthetic_dir: str = "data/default"  # where the built-in default dataset is made (once)
     synthetic_rows: int = 200_000
     synthetic_cardinality_scale: float = 0.01
+    synthetic_cardinalities: str = "kaggle"  # kaggle | terabyte: the profile the data is generated from
+    # preprocess.max_ind_range, multi_hot_sizes and multi_hot_distribution of the default dataset
+    synthetic_max_ind_range: int = 0
+    synthetic_multi_hot_sizes: Any = None
+    synthetic_multi_hot_distribution: str = "uniform"
 
     def __post_init__(self) -> None:
         _require(self.synthetic_rows >= 1000, "data.synthetic_rows", self.synthetic_rows, ">= 1000")
         _require(self.synthetic_cardinality_scale > 0, "data.synthetic_cardinality_scale",
                  self.synthetic_cardinality_scale, "> 0")  # fmt: skip
+        _require_choice("data.synthetic_cardinalities", self.synthetic_cardinalities, ("kaggle", "terabyte"))
+        self.synthetic_preprocess()  # checks the preprocessing values
+
+    def synthetic_preprocess(self) -> PreprocessOptions:
+        """How the built-in default dataset is preprocessed (``data.synthetic_*``)."""
+        try:
+            return PreprocessOptions(
+                max_ind_range=self.synthetic_max_ind_range,
+                multi_hot_sizes=self.synthetic_multi_hot_sizes,
+                multi_hot_distribution=self.synthetic_multi_hot_distribution,
+            )
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("preprocess.", "data.synthetic_", 1)) from None
 
 
 @dataclass
@@ -367,7 +385,8 @@ class TrainLoopConfig:
     max_steps: int = 0  # 0: no limit beyond `epochs`
     batch_size: int = 2048  # global, over all ranks
     log_every: int = 50
-    eval_every: int = 0  # 0: evaluate only at the end
+    eval_every: int = 0  # steps; 0: evaluate only at the end (or as evals_per_epoch says)
+    evals_per_epoch: int = 0  # evaluate this many times an epoch, evenly (MLPerf: 20); 0: by eval_every
     checkpoint_every: int = 0  # 0: checkpoint only at the end
     resume: bool = False
     tensorboard: bool = True  # event files of every logged figure under <run dir>/tensorboard
@@ -378,6 +397,10 @@ class TrainLoopConfig:
         _require(self.batch_size >= 1, "train.batch_size", self.batch_size, ">= 1")
         _require(self.log_every >= 1, "train.log_every", self.log_every, ">= 1")
         _require(self.eval_every >= 0, "train.eval_every", self.eval_every, ">= 0")
+        _require(self.evals_per_epoch >= 0, "train.evals_per_epoch", self.evals_per_epoch, ">= 0")
+        both = bool(self.eval_every and self.evals_per_epoch)
+        _require(not both, "train.evals_per_epoch", self.evals_per_epoch,
+                 f"0 beside train.eval_every={self.eval_every} (one of the two says when)")  # fmt: skip
         _require(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every, ">= 0")
 
 

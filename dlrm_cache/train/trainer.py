@@ -240,7 +240,8 @@ class Trainer:
             self.log.log_step(step, epoch, self.finite_loss(), lrs, self.runtime.stats())
 
     def maybe_eval(self) -> None:
-        every = self.cfg.train.eval_every
+        t, steps = self.cfg.train, len(self.loaders["train"])
+        every = t.eval_every or (max(1, steps // t.evals_per_epoch) if t.evals_per_epoch else 0)
         if every and self.state.step % every == 0:
             self.finite_loss()
             self.log.log_eval(self.state.step, evaluate(self.runtime, self.loaders["val"], self.device))
@@ -290,8 +291,9 @@ def _dataset(cfg: TrainRunConfig, lead: bool, sharded: bool) -> Path:
 
     def made() -> Path:
         return synthetic_dataset(
-            Path(d.synthetic_dir), d.synthetic_rows, d.synthetic_cardinality_scale, cfg.seed
-        )
+            Path(d.synthetic_dir), d.synthetic_rows, d.synthetic_cardinality_scale, cfg.seed,
+            cardinalities=d.synthetic_cardinalities, options=d.synthetic_preprocess(),
+        )  # fmt: skip
 
     root = made() if lead else None
     if sharded:
