@@ -158,6 +158,22 @@ def test_every_policy_trains_like_all_on_device(policy, optimizer, ratio, mode, 
             assert stats["rows_from_host"] == 0
 
 
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_mean_pooled_bags_train_like_all_on_device(optimizer):
+    """Bags of 0 to 3 ids, mean-pooled (an empty bag pools to zeros), for every optimizer."""
+    opt = SparseOptimizer(optimizer, lr=0.05)
+    batches = make_batches(40)
+    tables = make_tables(pooling=PoolingType.MEAN)
+    reference = CachedEmbeddingBagCollection(tables, CacheConfig(policy="none"), opt)
+    cached = CachedEmbeddingBagCollection(make_tables(pooling=PoolingType.MEAN), cache_cfg("lookahead", 0.02,
+                                          lookahead=3), opt)  # fmt: skip
+    expected, got = train(reference, batches, lookahead=3), train(cached, batches, lookahead=3)
+    for step, (e, g) in enumerate(zip(expected, got, strict=True)):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5, msg=f"step {step}")
+    assert_same_state(reference, cached, atol=1e-6)
+    assert cached.stats()["rows_loaded"] > 0
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("one_hot", [False, True], ids=["multi-hot", "one-hot"])
 @pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
