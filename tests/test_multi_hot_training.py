@@ -57,6 +57,13 @@ def test_ranks_train_on_bags_like_one_unsharded_process(bags, tmp_path, ranks, s
     assert_same_model(tmp_path / "one", tmp_path / "ranks")
     summary = json.loads((tmp_path / "ranks" / "summary.json").read_text())
     assert summary["world_size"] == ranks and summary["cache"]["rows_loaded"] > 0
+    # Table-wise sends every bag and id: modeled within 10%. The hybrid model takes a bag's ids as drawn
+    # independently, so that a bag is cold with 1 - (1 - q)^size; MLPerf's bags are not (a value's extra
+    # ids are drawn once, the hottest ones replicated together): it over-counts cold bags (measured 22%).
+    tolerance = 0.30 if sharding == "hybrid" else 0.10
+    for kind in ("all_to_all", "all_reduce") if sharding == "hybrid" else ("all_to_all",):
+        measured, predicted = (summary["comm"][f"{p}{kind}_bytes_per_step"] for p in ("", "predicted_"))
+        assert abs(predicted - measured) <= tolerance * measured, (kind, predicted, measured)
 
 
 def test_predict_and_export_score_bags_as_the_trainer_does(bags, tmp_path):

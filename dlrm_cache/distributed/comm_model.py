@@ -82,7 +82,7 @@ def sharded_bytes(
         return 0.0
     total = splits_bytes(w) * len({kinds.get(t.name, "table_wise") for t in tables})  # an input dist each
     for t in tables:
-        ids = (w - 1) * b * t.features * (LENGTH_BYTES + ID_BYTES)
+        ids = (w - 1) * b * (t.features * LENGTH_BYTES + t.lookups * ID_BYTES)
         if kinds.get(t.name) == "column_wise":
             ids *= w  # every rank's bags go to every column shard
         total += ids + 2 * (w - 1) * b * t.features * t.dim * FLOAT_BYTES
@@ -122,7 +122,7 @@ def hot_sync_bytes(
     """The hot rows' synchronisation: the touched rows' gradients."""
     if world_size == 1:
         return 0.0
-    touched = sum(t.expected_touched(hot.get(t.name, 0), global_batch * t.features) for t in tables)
+    touched = sum(t.expected_touched(hot.get(t.name, 0), global_batch * t.lookups) for t in tables)
     return 2 * (world_size - 1) * touched * tables[0].dim * FLOAT_BYTES
 
 
@@ -148,16 +148,17 @@ def hybrid_bytes(
     if not by_owner:
         return StepBytes(0.0, reduce)
     dim = tables[0].dim
-    means, sds = [], []
+    means, sds, cold_ids = [], [], 0.0  # a bag is cold when one of its ids is
     for ts in by_owner.values():
-        q = np.array([cold_share(t, hot.get(t.name, 0)) for t in ts])
+        q = np.array([t.bag_share(cold_share(t, hot.get(t.name, 0))) for t in ts])
         f = np.array([t.features for t in ts], dtype=np.float64)
         means.append(b * float((f * q).sum()))
         sds.append(math.sqrt(b * float((f * q * (1 - q)).sum())))
+        cold_ids += (w - 1) * b * sum(t.lookups * cold_share(t, hot.get(t.name, 0)) for t in ts)
     stride = max(1.0, expected_max(np.array(means), np.array(sds)))
     n_owners = len(by_owner)
     remote_features = sum(n_owners - (1 if r in by_owner else 0) for r in range(w))
-    cold_ids = (w - 1) * sum(means)  # an owner's cold ids come from the other w - 1 ranks
+    # an owner's cold ids come from the other w - 1 ranks
     a2a = splits_bytes(w) + remote_features * stride * (LENGTH_BYTES + 2 * dim * FLOAT_BYTES)
     a2a += cold_ids * ID_BYTES
     return StepBytes(a2a, reduce)
@@ -169,10 +170,10 @@ def place_cold(tables: list[TableStats], hot: dict[str, int], world_size: int) -
     load = [0.0] * world_size
     owners = {}
     cold = [t for t in tables if hot.get(t.name, 0) < t.rows]
-    for t in sorted(cold, key=lambda t: (-t.features * cold_share(t, hot.get(t.name, 0)), t.name)):
+    for t in sorted(cold, key=lambda t: (-t.lookups * cold_share(t, hot.get(t.name, 0)), t.name)):
         r = min(range(world_size), key=lambda r: (load[r], r))
         owners[t.name] = r
-        load[r] += t.features * cold_share(t, hot.get(t.name, 0))
+        load[r] += t.lookups * cold_share(t, hot.get(t.name, 0))
     return owners
 
 
@@ -185,9 +186,9 @@ def hot_rows_at(
         if t.name in fixed:
             out[t.name] = fixed[t.name]
         elif not t.known:
-            out[t.name] = t.rows if global_batch * t.features / t.rows >= threshold else 0
+            out[t.name] = t.rows if global_batch * t.lookups / t.rows >= threshold else 0
         else:
-            per_count = global_batch * t.features / t.total  # expected lookups per batch per count
+            per_count = global_batch * t.lookups / t.total  # expected lookups per batch per count
             out[t.name] = t.rows_at_least(threshold / per_count)
     return out
 
@@ -198,9 +199,9 @@ def candidate_thresholds(tables: list[TableStats], global_batch: int, limit: int
     levels = []
     for t in tables:
         if not t.known:
-            levels.append(np.array([global_batch * t.features / t.rows]))
+            levels.append(np.array([global_batch * t.lookups / t.rows]))
             continue
-        per_count = global_batch * t.features / t.total
+        per_count = global_batch * t.lookups / t.total
         positive = t.counts[: t.counted_rows()]
         few = len(positive) <= limit
         levels.append((np.unique(positive) if few else positive[[0, -1]]) * per_count)
@@ -229,7 +230,7 @@ def evaluate(tables, hot, world_size, global_batch, row_bytes, net, cold_cache_r
     bytes_.host_to_device = (
         sum(
             global_batch
-            * t.features
+            * t.lookups
             * (1 - t.hit_share(hot.get(t.name, 0) + cold_cache_rows(t, hot.get(t.name, 0))))
             for t in tables
         )

@@ -129,6 +129,7 @@ def plan_hybrid(
             t.dim,
             t.features,
             None if t.counts is None else t.counts[hot[t.name] :],
+            ids_per_bag=t.ids_per_bag,
         )
         for t in tables
         if hot[t.name] < t.rows
@@ -139,7 +140,7 @@ def plan_hybrid(
         left = replace(left, table_ratios={k: v for k, v in cache.table_ratios.items() if k in choice.owners})
         if not cache.device_budget_gb:  # sized by cache.ratio: never below what a step's cold lookups need
             cold_lookups = {
-                t.name: global_batch * t.features * comm_model.cold_share(t, hot[t.name]) for t in tables
+                t.name: global_batch * t.lookups * comm_model.cold_share(t, hot[t.name]) for t in tables
             }
             left, _ = fit_to_batch(left, cold_stats, cold_lookups)
         cold = plan_cache(cold_stats, world_size, left, optimizer, "table_wise", placement=choice.owners)

@@ -6,6 +6,7 @@ fitted to a batch. numpy only: both planners and the cost model sit on it, none 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,8 +26,9 @@ class TableStats:
     name: str
     rows: int
     dim: int
-    features: int = 1  # lookups per sample (features that use the table, one id each)
+    features: int = 1  # bags per sample (features that use the table)
     counts: np.ndarray | None = None
+    ids_per_bag: float = 1.0  # ids a bag holds, on average (1: one-hot; MLPerf's multi-hot: 1 to 100)
     _cum: np.ndarray | None = field(default=None, init=False, repr=False)  # cumulative counts
     _neg: np.ndarray | None = field(default=None, init=False, repr=False)  # -counts, ascending (search)
     _touched: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -41,6 +43,18 @@ class TableStats:
             self.counts = c
             self._cum = np.concatenate([[0.0], np.cumsum(c)])
             self._neg = -c
+
+    @property
+    def lookups(self) -> float:
+        """Ids looked up per sample: every id of every bag."""
+        return self.features * self.ids_per_bag
+
+    def bag_share(self, id_share: float) -> float:
+        """Share of bags holding at least one id of a set that ``id_share`` of the ids fall in (ids
+        drawn independently; for one id a bag, ``id_share`` itself)."""
+        if self.ids_per_bag == 1.0:
+            return id_share
+        return -math.expm1(self.ids_per_bag * math.log1p(-min(id_share, 1 - 1e-12)))
 
     @property
     def total(self) -> float:
@@ -102,7 +116,9 @@ class TableStats:
 
 
 def load_table_stats(root: Path, tables: dict[str, str], dims: dict[str, int]) -> list[TableStats]:
-    """``TableStats`` from a ``dlrm-preprocess`` output; ``tables``: table name -> its feature."""
+    """``TableStats`` from a ``dlrm-preprocess`` output; ``tables``: table name -> its feature. The ids
+    per bag are the train lookups counted over the train rows (1 for one id a row)."""
+    train_rows = json.loads((root / "metadata.json").read_text())["rows"]["train"]
     out = []
     for name, feature in tables.items():
         path = root / "vocab" / f"{feature}.parquet"
@@ -113,7 +129,8 @@ def load_table_stats(root: Path, tables: dict[str, str], dims: dict[str, int]) -
         counts = np.zeros(len(ids), dtype=np.float64)
         counts[ids] = t.column("train_count").to_numpy()
         # Ids are ranked by train count; rare/unseen buckets at the end may break the order: sort.
-        out.append(TableStats(name, len(ids), dims[name], 1, -np.sort(-counts)))
+        per_bag = float(counts.sum()) / train_rows if train_rows and counts.sum() else 1.0
+        out.append(TableStats(name, len(ids), dims[name], 1, -np.sort(-counts), ids_per_bag=per_bag))
     return out
 
 
@@ -130,7 +147,7 @@ def fit_to_batch(
     for t in stats:
         if cache.keeps_whole(t.rows) or t.name in cache.table_ratios:
             continue
-        n = lookups[t.name] if isinstance(lookups, dict) else lookups * t.features
+        n = lookups[t.name] if isinstance(lookups, dict) else lookups * t.lookups
         expected = t.expected_touched(t.rows, n)
         need = min(t.rows, math.ceil(2 * (expected + 4 * math.sqrt(expected))))
         have = cache.capacity(t.name, t.rows)

@@ -18,7 +18,7 @@ class FrequencyCacheStatistics(CacheStatistics):
     @property
     def expected_lookups(self) -> float:
         """Expected distinct rows in a global batch."""
-        return self.table.expected_distinct(self.batch_size * self.table.features)
+        return self.table.expected_distinct(self.batch_size * self.table.lookups)
 
     def expected_miss_rate(self, clf: float) -> float:
         return 1.0 - self.table.hit_share(int(round(clf * self.table.rows)))
