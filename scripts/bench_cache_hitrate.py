@@ -1,11 +1,15 @@
 """Rows loaded per step by each cache policy, against Belady's MIN (the offline physical limit).
 
     .venv/bin/python scripts/bench_cache_hitrate.py [--steps 1000 --batch 2048 --ratio 0.015]
+    .venv/bin/python scripts/bench_cache_hitrate.py --multi-hot pareto --scale 0.005 --steps 200
 
 Trace: Zipf ids over the Criteo Kaggle cardinalities (one id per sample and feature, ids ranked by
-frequency), ``--steps`` batches of ``--batch`` samples. Every table above ``--full-table-rows`` rows
-gets a cache of ``--ratio`` of its rows, warmed up to ``--warmup`` with its hottest rows; the smaller
-tables live wholly on the device and are left out of the counts. Each policy runs the real cache
+frequency), ``--steps`` batches of ``--batch`` samples; with ``--multi-hot uniform|pareto``, over
+Criteo 1TB's (capped at 40M rows, as MLPerf hashes them), each value expanded to its bag of MLPerf's
+sizes (214 ids a sample) as ``dlrm-preprocess`` expands it, ids ranked by the expanded counts.
+Every table above ``--full-table-rows`` rows gets a cache of ``--ratio`` of its rows, warmed up to
+``--warmup`` with its hottest rows; the smaller tables live wholly on the device and are left out of
+the counts. Each policy runs the real cache
 (``CachedEmbeddingBagCollection``, dim 1, SGD) as the trainer drives it: ids enqueued ``--lookahead``
 batches ahead, the next batch prefetched while the current one computes. Belady's MIN runs on the
 same trace, capacities and warm-up, evicting the cached row whose next use is farthest (never a row
@@ -18,11 +22,12 @@ import argparse
 import time
 
 import numpy as np
-from cache_trace import kaggle_tables, to_kjt, zipf_trace
+from cache_trace import kaggle_tables, multi_hot_trace, terabyte_tables, to_kjt, zipf_trace
 
 from dlrm_cache.cache.collection import CachedEmbeddingBagCollection, table_capacity
 from dlrm_cache.cache.optim import SparseOptimizer
-from dlrm_cache.config import CacheConfig
+from dlrm_cache.config import MULTI_HOT_MLPERF, CacheConfig
+from dlrm_cache.data.multi_hot import MultiHot
 
 
 def belady_loads(trace: list[np.ndarray], t: int, rows: int, capacity: int, warm: int) -> int:
@@ -111,10 +116,16 @@ def main() -> None:
     ap.add_argument("--full-table-rows", type=int, default=10_000)
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies every cardinality")
     ap.add_argument("--policies", default="lru,lfu,freq,lookahead")
+    ap.add_argument("--multi-hot", choices=("uniform", "pareto"), help="MLPerf's bags over the 1TB tables")
     ap.add_argument("--plot", help="a PNG of each policy's rows loaded per step over Belady's")
     args = ap.parse_args()
-    tables = kaggle_tables(dim=1, scale=args.scale)
-    trace = zipf_trace(tables, args.steps, args.batch, args.zipf, seed=0)
+    if args.multi_hot:
+        tables = terabyte_tables(dim=1, scale=args.scale)
+        multi = MultiHot(MULTI_HOT_MLPERF, args.multi_hot, seed=0)
+        trace = multi_hot_trace(tables, args.steps, args.batch, args.zipf, 0, multi)
+    else:
+        tables = kaggle_tables(dim=1, scale=args.scale)
+        trace = zipf_trace(tables, args.steps, args.batch, args.zipf, seed=0)
     cfg = CacheConfig(ratio=args.ratio, full_table_rows=args.full_table_rows)
     t0 = time.perf_counter()
     belady = 0

@@ -145,13 +145,24 @@ def _repeated(given: dict, defaults: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _given(path) -> tuple[dict, dict]:
+    """What the files of its own group a config file builds on (its defaults list: ``- mlperf_dcnv2``)
+    set, and what it sets."""
+    loaded = OmegaConf.to_container(OmegaConf.load(CONFIGS / path))
+    below: dict = {}
+    for entry in loaded.get("defaults", []):
+        if isinstance(entry, str) and (CONFIGS / path.parent / f"{entry}.yaml").is_file():
+            below = OmegaConf.to_container(OmegaConf.merge(below, *_given(path.parent / f"{entry}.yaml")))
+    return below, {k: v for k, v in loaded.items() if k not in ("defaults", "hydra")}
+
+
 @pytest.mark.parametrize("path", sorted(p.relative_to(CONFIGS) for p in CONFIGS.rglob("*.yaml")), ids=str)
 def test_no_config_file_repeats_a_schema_default(path):
-    """Defaults live in one place, dlrm_cache/config.py: a YAML file holds only what it changes."""
+    """Defaults live in one place, dlrm_cache/config.py: a YAML file holds only what it changes (of the
+    schema's defaults, or of the file of its group it builds on)."""
     schema = SCHEMA_OF[path.parts[0]]
-    given = OmegaConf.to_container(OmegaConf.load(CONFIGS / path))
-    given = {k: v for k, v in given.items() if k not in ("defaults", "hydra")}
-    assert _repeated(given, _defaults(schema)) == []
+    below, given = _given(path)
+    assert _repeated(given, OmegaConf.to_container(OmegaConf.merge(_defaults(schema), below))) == []
 
 
 def _defaults(schema) -> dict:
