@@ -1,5 +1,11 @@
 """The Parquet loader: every row once per epoch, global batches split across ranks, seeded shuffle."""
 
+import json
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 import torch
 
 from dlrm_cache.data.default_dataset import synthetic_dataset
@@ -64,3 +70,20 @@ def test_padded_shares_give_every_rank_the_same_rows_and_mark_the_padding(tmp_pa
         kept = [_rows([s])[m] for s, m in zip(shares, real, strict=True)]
         assert torch.equal(torch.cat(kept), _rows([b]))  # every row once, in order; padding marked -1
         assert torch.equal(torch.cat([s.labels[m] for s, m in zip(shares, real, strict=True)]), b.labels)
+
+
+def test_an_id_beyond_its_table_is_refused_from_the_footer_before_any_batch(tmp_path):
+    root = tmp_path / "bad"
+    shutil.copytree(_dataset(tmp_path), root)
+    part = sorted((root / "train").glob("part-*.parquet"))[0]
+    t = pq.read_table(part)
+    ids = t.column("cat_3").to_numpy().copy()
+    rows = json.loads((root / "metadata.json").read_text())["vocab_sizes"]["cat_3"]
+    ids[1500] = rows
+    pq.write_table(
+        t.set_column(t.schema.get_field_index("cat_3"), "cat_3", pa.array(ids)), part, row_group_size=1000
+    )
+    with pytest.raises(
+        ValueError, match=rf"part-00000.parquet: row group 1: cat_3 holds id {rows}, beyond its table"
+    ):
+        ParquetBatches(root, "train", 256)
