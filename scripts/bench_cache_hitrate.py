@@ -83,10 +83,23 @@ def belady_loads(trace: list[np.ndarray], t: int, rows: int, capacity: int, warm
     return loads
 
 
-def run_policy(policy: str, tables, trace, args) -> tuple[int, float]:
+def fitted(tables, trace, ratio: float, full_table_rows: int) -> dict[str, float]:
+    """Per table, the ratio that holds twice the most distinct rows a batch of ``trace`` needs, where
+    ``ratio`` gives less: the sizes ``dlrm-train`` raises caches to (a step holds its batch's rows and
+    the prefetched next one's)."""
+    out = {}
+    for t, table in enumerate(tables):
+        cfg = CacheConfig(ratio=ratio, full_table_rows=full_table_rows)
+        need = 2 * max(len(np.unique(step[t])) for step in trace)
+        if table_capacity(table, cfg) < min(need, table.num_embeddings):
+            out[table.name] = min(1.0, need / table.num_embeddings)
+    return out
+
+
+def run_policy(policy: str, tables, trace, args, table_ratios) -> tuple[int, float]:
     cfg = CacheConfig(
         policy=policy, ratio=args.ratio, lookahead=args.lookahead, warmup_ratio=args.warmup,
-        full_table_rows=args.full_table_rows,
+        full_table_rows=args.full_table_rows, table_ratios=table_ratios,
     )  # fmt: skip
     ebc = CachedEmbeddingBagCollection(tables, cfg, SparseOptimizer("sgd", lr=0.01))
     kjts = [to_kjt(ids, tables) for ids in trace]
@@ -117,6 +130,7 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies every cardinality")
     ap.add_argument("--policies", default="lru,lfu,freq,lookahead")
     ap.add_argument("--multi-hot", choices=("uniform", "pareto"), help="MLPerf's bags over the 1TB tables")
+    ap.add_argument("--fit", action="store_true", help="caches raised to hold two batches, as dlrm-train")
     ap.add_argument("--plot", help="a PNG of each policy's rows loaded per step over Belady's")
     args = ap.parse_args()
     if args.multi_hot:
@@ -126,7 +140,8 @@ def main() -> None:
     else:
         tables = kaggle_tables(dim=1, scale=args.scale)
         trace = zipf_trace(tables, args.steps, args.batch, args.zipf, seed=0)
-    cfg = CacheConfig(ratio=args.ratio, full_table_rows=args.full_table_rows)
+    table_ratios = fitted(tables, trace, args.ratio, args.full_table_rows) if args.fit else {}
+    cfg = CacheConfig(ratio=args.ratio, full_table_rows=args.full_table_rows, table_ratios=table_ratios)
     t0 = time.perf_counter()
     belady = 0
     for t, table in enumerate(tables):
@@ -134,12 +149,13 @@ def main() -> None:
         if cap < table.num_embeddings:
             belady += belady_loads(trace, t, table.num_embeddings, cap, int(args.warmup * cap))
     print(f"{args.steps} steps x {args.batch} samples, ratio {args.ratio}, warm-up {args.warmup}", end=", ")
-    print(f"lookahead {args.lookahead}")
+    print(f"lookahead {args.lookahead}", end="")
+    print(f", raised to hold two batches: {', '.join(sorted(table_ratios))}" if table_ratios else "")
     print(f"{'policy':10s} {'rows loaded/step':>17s} {'x Belady':>9s} {'seconds':>8s}")
     print(f"{'belady':10s} {belady / args.steps:17.1f} {1.0:9.3f} {time.perf_counter() - t0:8.1f}")
     over = {}
     for policy in args.policies.split(","):
-        loaded, secs = run_policy(policy, tables, trace, args)
+        loaded, secs = run_policy(policy, tables, trace, args, table_ratios)
         print(f"{policy:10s} {loaded / args.steps:17.1f} {loaded / belady:9.3f} {secs:8.1f}", flush=True)
         over[policy] = loaded / belady
     if args.plot:

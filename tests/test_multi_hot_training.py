@@ -46,7 +46,9 @@ def test_cached_training_on_bags_matches_all_resident_step_by_step(bags, tmp_pat
 
 
 @pytest.mark.slow  # several processes
-@pytest.mark.parametrize("ranks,sharding,sparse", [(2, "table_wise", "adagrad"), (3, "hybrid", "sgd")])
+@pytest.mark.parametrize(
+    "ranks,sharding,sparse", [(2, "table_wise", "adagrad"), (2, "column_wise", "sgd"), (3, "hybrid", "sgd")]
+)
 def test_ranks_train_on_bags_like_one_unsharded_process(bags, tmp_path, ranks, sharding, sparse):
     steps = ["train.max_steps=10", f"optim.sparse={sparse}", "train.batch_size=258"]
     ok(run(1, tmp_path / "one", bags, *steps, "cache.policy=none"))
