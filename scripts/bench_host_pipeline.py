@@ -1,0 +1,209 @@
+"""The host side of a training step alone: everything a GPU step waits for, with no device compute.
+
+    .venv/bin/python scripts/bench_host_pipeline.py [--batch 16384 --dim 128 --ratio 0.015]
+    .venv/bin/python scripts/bench_host_pipeline.py --multi-hot uniform --plot docs/img/host_pipeline.png
+
+Data: generated rows of Criteo 1TB's profile (``--scale`` of its cardinalities, hashed as MLPerf caps
+them, the cap scaled alike), preprocessed by ``dlrm-preprocess`` into Parquet, one-hot or with MLPerf's
+bags (``--multi-hot uniform|pareto``: 214 ids a sample). The phases of a batch, timed one after the
+other on one thread:
+
+- ``load``: the loader's own work (``ParquetBatches``: Parquet row groups to a ``Batch``);
+- ``prepare``: the ids made ready for the cache (global ids, unique, inverse, bags: ``prepare_batch``)
+  and registered as future uses (``register_future``);
+- ``plan``: lookups, evictions and next uses (``TableGroup.plan``), with, on the CPU, the rows it
+  loads copied into their slots;
+- ``stage``: the step's start (``begin_step``): what is left of moving the loaded rows in.
+
+Then the whole pipeline as training runs it, its samples/s with the loader on a thread of its own
+(``--threads 2``: the bookkeeping on another, as ``cache.bookkeeping=thread``) against all on one
+(``--threads 1``). The cache: ``--ratio`` of each table above 10,000 rows (the rest whole), the
+lookahead policy, ``--lookahead`` batches ahead, row-wise Adagrad state beside the rows, on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import queue
+import tempfile
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+import torch
+
+from dlrm_cache.cache.collection import CachedEmbeddingBagCollection
+from dlrm_cache.cache.optim import SparseOptimizer
+from dlrm_cache.config import MULTI_HOT_MLPERF, CacheConfig, PreprocessOptions
+from dlrm_cache.data.default_dataset import synthetic_dataset
+from dlrm_cache.data.loader import ParquetBatches, load_metadata
+from dlrm_cache.train.model import table_configs
+
+PHASES = ("load", "prepare", "plan", "stage")
+
+
+class Pipeline:
+    """The cache's host work over one collection: ``prepare`` a batch ahead, ``plan`` and ``stage`` a
+    step; the step itself (gather, pool, gradients) is not run."""
+
+    def __init__(self, root: Path, args):
+        meta = load_metadata(root)
+        tables = table_configs(args.dim, meta["vocab_sizes"])
+        cache = CacheConfig(ratio=args.ratio, lookahead=args.lookahead, planner="auto")
+        self.ebc = CachedEmbeddingBagCollection(tables, cache, SparseOptimizer("adagrad", lr=0.01))
+        self.ahead: deque = deque()
+        self.step = 0
+
+    def prepare(self, batch) -> None:
+        prepared = self.ebc.prepare_batch(batch.sparse_features)
+        for g, p in zip(self.ebc.groups, prepared, strict=True):
+            g.register_future(p)
+        self.ahead.append(prepared)
+
+    def plan(self) -> list:
+        self.step += 1
+        prepared = self.ahead.popleft()
+        return [
+            g.plan(p, self.step, g.pin_floor(self.step), g.inflight_host_rows())
+            for g, p in zip(self.ebc.groups, prepared, strict=True)
+        ]
+
+    def stage(self, plans: list) -> None:
+        for g, plan in zip(self.ebc.groups, plans, strict=True):
+            g.begin_step(plan)
+
+    def close(self) -> None:
+        self.ebc.close()
+
+
+def batches(root: Path, args):
+    """The loader's batches, made on this thread (its own work, not its background thread's)."""
+    loader = ParquetBatches(root, "train", args.batch)
+    while True:
+        yield from loader._read(0)
+
+
+def phases(root: Path, args) -> dict[str, float]:
+    """Seconds per batch of each phase, one after the other on this thread."""
+    pipe, spent, made = Pipeline(root, args), dict.fromkeys(PHASES, 0.0), batches(root, args)
+    clock = time.perf_counter
+
+    def timed(phase: str, fn, *a):
+        t = clock()
+        out = fn(*a)
+        if counting:
+            spent[phase] += clock() - t
+        return out
+
+    counting = False
+    for _ in range(args.lookahead):
+        pipe.prepare(next(made))
+    for step in range(args.warm + args.steps):
+        counting = step >= args.warm
+        batch = timed("load", next, made)
+        timed("prepare", pipe.prepare, batch)
+        plans = timed("plan", pipe.plan)
+        timed("stage", pipe.stage, plans)
+    pipe.close()
+    return {k: v / args.steps for k, v in spent.items()}
+
+
+def pipelined(root: Path, args, threads: int) -> float:
+    """Samples/s of load -> prepare -> plan -> stage: on one thread, or the loader on a thread of its
+    own and the cache's work on this one (two threads)."""
+    pipe, made = Pipeline(root, args), batches(root, args)
+    source = made
+    if threads > 1:
+        handed: queue.Queue = queue.Queue(maxsize=8)
+        stop = threading.Event()
+
+        def produce() -> None:
+            for b in made:
+                if stop.is_set():
+                    return
+                handed.put(b)
+
+        threading.Thread(target=produce, daemon=True).start()
+        source = iter(handed.get, None)
+    for _ in range(args.lookahead):
+        pipe.prepare(next(source))
+    for step in range(args.warm + args.steps):
+        if step == args.warm:
+            t0 = time.perf_counter()
+        pipe.prepare(next(source))
+        pipe.stage(pipe.plan())
+    seconds = time.perf_counter() - t0
+    if threads > 1:
+        stop.set()
+    pipe.close()
+    return args.steps * args.batch / seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=600_000, help="generated rows")
+    ap.add_argument("--scale", type=float, default=0.01, help="of Criteo 1TB's cardinalities and cap")
+    ap.add_argument("--multi-hot", choices=("uniform", "pareto"))
+    ap.add_argument("--batch", type=int, default=16_384)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--ratio", type=float, default=0.015)
+    ap.add_argument("--lookahead", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warm", type=int, default=5)
+    ap.add_argument("--data", help="a folder to keep the generated data in (made once)")
+    ap.add_argument("--plot", help="a PNG of samples/s per phase")
+    args = ap.parse_args()
+    print(f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}", end=", ")
+    print(f"{torch.get_num_threads()} intra-op threads")
+    options = PreprocessOptions(
+        max_ind_range=round(40_000_000 * args.scale),
+        multi_hot_sizes=list(MULTI_HOT_MLPERF) if args.multi_hot else None,
+        multi_hot_distribution=args.multi_hot or "uniform",
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.data) if args.data else Path(tmp)
+        root = synthetic_dataset(folder, args.rows, args.scale, progress=False, cardinalities="terabyte",
+                                 options=options)  # fmt: skip
+        ids = len(next(batches(root, args)).sparse_features.values()) / args.batch
+        print(f"{args.rows:,} rows of Criteo 1TB's profile x {args.scale}, {ids:.0f} ids a sample", end=", ")
+        print(f"batch {args.batch:,}, dim {args.dim}, cache {args.ratio:.1%}, lookahead {args.lookahead}")
+        per_phase = phases(root, args)
+        total = sum(per_phase.values())
+        print(f"{'phase':8s} {'ms/batch':>9s} {'ns/id':>7s} {'samples/s alone':>16s}")
+        for name, s in per_phase.items():
+            print(f"{name:8s} {1e3 * s:9.2f} {1e9 * s / (ids * args.batch):7.1f} {args.batch / s:16,.0f}")
+        per_id = 1e9 * total / (ids * args.batch)
+        print(f"{'all':8s} {1e3 * total:9.2f} {per_id:7.1f} {args.batch / total:16,.0f}")
+        rates = {n: pipelined(root, args, n) for n in (1, 2)}
+        print(f"pipeline, 1 thread:  {rates[1]:12,.0f} samples/s")
+        print(f"pipeline, 2 threads: {rates[2]:12,.0f} samples/s ({rates[2] / rates[1]:.2f}x)")
+    if args.plot:
+        plot(
+            args.plot, per_phase, args.batch, f"{ids:.0f} ids a sample, batch {args.batch:,}, dim {args.dim}"
+        )
+
+
+def plot(path: str, per_phase: dict[str, float], batch: int, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 2.6))
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.14, 0.2, 0.82, 0.68))
+    names = [*per_phase, "all"]
+    rates = [batch / per_phase[n] for n in per_phase] + [batch / sum(per_phase.values())]
+    ax.barh(names, rates, color=["C0"] * len(per_phase) + ["C2"])
+    for i, r in enumerate(rates):
+        ax.text(r, i, f" {r:,.0f}", va="center", fontsize=8)
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.set_xlabel("samples/s of each phase alone (one thread)")
+    ax.set_title(title, fontsize=9)
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
