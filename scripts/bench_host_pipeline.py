@@ -18,7 +18,8 @@ other on one thread:
 Then the whole pipeline as training runs it, its samples/s with the loader on a thread of its own
 (``--threads 2``: the bookkeeping on another, as ``cache.bookkeeping=thread``) against all on one
 (``--threads 1``). The cache: ``--ratio`` of each table above 10,000 rows (the rest whole), the
-lookahead policy, ``--lookahead`` batches ahead, row-wise Adagrad state beside the rows, on the CPU.
+lookahead policy, ``--lookahead`` batches ahead, row-wise Adagrad state beside the rows, on the CPU;
+caches that ``--ratio`` leaves too small for a step raised to fit, as ``dlrm-train`` raises them.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from dlrm_cache.cache.optim import SparseOptimizer
 from dlrm_cache.config import MULTI_HOT_MLPERF, CacheConfig, PreprocessOptions
 from dlrm_cache.data.default_dataset import synthetic_dataset
 from dlrm_cache.data.loader import ParquetBatches, load_metadata
+from dlrm_cache.distributed.table_stats import fit_to_batch, load_table_stats
 from dlrm_cache.train.model import table_configs
 
 PHASES = ("load", "prepare", "plan", "stage")
@@ -53,6 +55,11 @@ class Pipeline:
         meta = load_metadata(root)
         tables = table_configs(args.dim, meta["vocab_sizes"])
         cache = CacheConfig(ratio=args.ratio, lookahead=args.lookahead, planner="auto")
+        # caches too small for a step raised to hold two batches, as dlrm-train raises them
+        stats = load_table_stats(
+            root, {t.name: t.feature_names[0] for t in tables}, {t.name: args.dim for t in tables}
+        )
+        cache, _ = fit_to_batch(cache, stats, args.batch)
         self.ebc = CachedEmbeddingBagCollection(tables, cache, SparseOptimizer("adagrad", lr=0.01))
         self.ahead: deque = deque()
         self.step = 0
@@ -199,6 +206,7 @@ def plot(path: str, per_phase: dict[str, float], batch: int, title: str) -> None
     for i, r in enumerate(rates):
         ax.text(r, i, f" {r:,.0f}", va="center", fontsize=8)
     ax.set_xscale("log")
+    ax.set_xlim(min(rates) / 1.5, max(rates) * 4)  # room for the labels
     ax.invert_yaxis()
     ax.set_xlabel("samples/s of each phase alone (one thread)")
     ax.set_title(title, fontsize=9)

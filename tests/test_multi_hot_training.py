@@ -1,48 +1,22 @@
-"""Training on multi-hot data (MLPerf's bag sizes): cached against all-resident in one process, table-wise
-and hybrid ranks against one process, and predict and export of a multi-hot run."""
+"""Training on multi-hot data (MLPerf's bag sizes; ``bags``, conftest.py): table-wise, column-wise and
+hybrid ranks against one process, and predict and export of a multi-hot run. Cached against all-resident
+in one process: tests/test_train.py."""
 
 import json
 from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 from test_distributed import assert_same_model, ok, run
 from test_distributed import losses as run_losses
-from test_multi_hot import SIZES
-from test_predict_export import scores_of, trainer_scores
-from test_train import config, losses
-from torchrec import EmbeddingBagCollection
-from torchrec.models.dlrm import DLRM
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from test_predict_export import exported_model, scores_of, trainer_scores
+from test_train import config
 
-from dlrm_cache.config import CacheConfig, ExportConfig, OptimConfig, PredictConfig, PreprocessOptions
-from dlrm_cache.data.default_dataset import synthetic_dataset
+from dlrm_cache.config import ExportConfig, PredictConfig
 from dlrm_cache.data.loader import ParquetBatches, load_metadata
 from dlrm_cache.train.export import export
 from dlrm_cache.train.predict import predict, read_predictions
 from dlrm_cache.train.trainer import train
-
-
-@pytest.fixture(scope="module")
-def bags(tmp_path_factory):
-    """20,000 generated rows of Criteo 1TB's profile, hashed as MLPerf's cap, scaled, and expanded to
-    MLPerf's bags (pareto: the skewed variant, so that a 2% cache has hits to find)."""
-    options = PreprocessOptions(max_ind_range=40_000, multi_hot_sizes=SIZES, multi_hot_distribution="pareto")
-    return synthetic_dataset(tmp_path_factory.mktemp("bags"), 20_000, 0.0005, row_group_rows=4096,
-                             progress=False, cardinalities="terabyte", options=options)  # fmt: skip
-
-
-@pytest.mark.parametrize("sparse", ["sgd", "adagrad", "adam"])
-def test_cached_training_on_bags_matches_all_resident_step_by_step(bags, tmp_path, sparse):
-    optim = OptimConfig(
-        sparse=sparse, dense="sgd", sparse_lr=0.05 if sparse != "adam" else 0.005, dense_lr=0.05
-    )
-    cached = train(config(bags, optim=optim), tmp_path / "cached")
-    plain = train(config(bags, optim=optim, cache=CacheConfig(policy="none")), tmp_path / "none")
-    np.testing.assert_allclose(losses(tmp_path / "cached"), losses(tmp_path / "none"), rtol=1e-5, atol=1e-6)
-    assert cached["test_auc"] == pytest.approx(plain["test_auc"], abs=1e-5)
-    assert cached["cache"]["rows_loaded"] > 0 and plain["cache"]["rows_loaded"] == 0
 
 
 @pytest.mark.slow  # several processes
@@ -88,20 +62,9 @@ def test_predict_and_export_score_bags_as_the_trainer_does(bags, tmp_path):
                               progress=False))
     )  # fmt: skip
     np.testing.assert_array_equal(from_tsv["probability"], got["probability"])
-    out = export(ExportConfig(run_dir=str(tmp_path / "run"), output=str(tmp_path / "export")))
-    spec = json.loads((out / "model.json").read_text())
-    tables = [
-        EmbeddingBagConfig(**{k: t[k] for k in ("name", "num_embeddings", "embedding_dim", "feature_names")})
-        for t in spec["tables"]
-    ]
-    plain = DLRM(
-        embedding_bag_collection=EmbeddingBagCollection(tables),
-        dense_in_features=spec["dense_in_features"],
-        dense_arch_layer_sizes=spec["dense_arch_layer_sizes"],
-        over_arch_layer_sizes=spec["over_arch_layer_sizes"],
+    plain, _ = exported_model(
+        export(ExportConfig(run_dir=str(tmp_path / "run"), output=str(tmp_path / "export")))
     )
-    plain.load_state_dict(torch.load(out / "model.pt", weights_only=True), strict=True)
-    plain.eval()
     np.testing.assert_array_equal(
         scores_of(plain, ParquetBatches(bags, "val", 512, drop_last=False)), expected
     )

@@ -187,8 +187,19 @@ def test_the_export_loads_strictly_into_plain_torchrec_and_scores_alike(dataset,
     train(cfg, tmp_path / "run")
     out = export(ExportConfig(run_dir=str(tmp_path / "run"), output=str(tmp_path / "export")))
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.pt"]
+    plain, spec = exported_model(out)
+    assert spec["torchrec_class"].endswith(type(plain).__name__)
+    loader = ParquetBatches(dataset, "val", cfg.train.batch_size, drop_last=False)
+    np.testing.assert_array_equal(
+        scores_of(plain, loader), trainer_scores(cfg, tmp_path / "run", dataset, "val")
+    )
+    assert spec["vocabulary"] == str(dataset.resolve() / "vocab")
+
+
+def exported_model(out):
+    """The model an export describes, built from its model.json with TorchRec alone and loaded strictly
+    from its model.pt, in eval mode; and the model.json."""
     spec = json.loads((out / "model.json").read_text())
-    # built from model.json with TorchRec alone
     tables = [
         EmbeddingBagConfig(**{k: t[k] for k in ("name", "num_embeddings", "embedding_dim", "feature_names")})
         for t in spec["tables"]
@@ -205,14 +216,8 @@ def test_the_export_loads_strictly_into_plain_torchrec_and_scores_alike(dataset,
         )
     else:
         plain = DLRM(**common)
-    assert spec["torchrec_class"].endswith(type(plain).__name__)
     plain.load_state_dict(torch.load(out / "model.pt", weights_only=True), strict=True)
-    plain.eval()
-    loader = ParquetBatches(dataset, "val", cfg.train.batch_size, drop_last=False)
-    np.testing.assert_array_equal(
-        scores_of(plain, loader), trainer_scores(cfg, tmp_path / "run", dataset, "val")
-    )
-    assert spec["vocabulary"] == str(dataset.resolve() / "vocab")
+    return plain.eval(), spec
 
 
 def test_bad_input_is_refused_in_one_line_and_nothing_is_written(run, dataset, val_tsv, tmp_path):

@@ -54,13 +54,16 @@ def losses(run_dir):
     ]
 
 
+@pytest.mark.parametrize("data", ["dataset", "bags"], ids=["one-hot", "multi-hot"])
 @pytest.mark.parametrize("sparse", ["sgd", "adagrad", "adam"])
-def test_cached_training_matches_all_on_device_step_by_step(dataset, tmp_path, sparse):
+def test_cached_training_matches_all_on_device_step_by_step(request, tmp_path, sparse, data):
+    """One id a feature, and MLPerf's bags (``bags``: 214 ids a sample)."""
+    root = request.getfixturevalue(data)
     optim = OptimConfig(
         sparse=sparse, dense="sgd", sparse_lr=0.05 if sparse != "adam" else 0.005, dense_lr=0.05
     )
-    cached = train(config(dataset, optim=optim), tmp_path / "cached")
-    plain = train(config(dataset, optim=optim, cache=CacheConfig(policy="none")), tmp_path / "none")
+    cached = train(config(root, optim=optim), tmp_path / "cached")
+    plain = train(config(root, optim=optim, cache=CacheConfig(policy="none")), tmp_path / "none")
     np.testing.assert_allclose(losses(tmp_path / "cached"), losses(tmp_path / "none"), rtol=1e-5, atol=1e-6)
     assert cached["test_auc"] == pytest.approx(plain["test_auc"], abs=1e-5)
     assert cached["cache"]["rows_loaded"] > 0 and plain["cache"]["rows_loaded"] == 0
