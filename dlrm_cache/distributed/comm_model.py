@@ -2,16 +2,17 @@
 that minimises their time.
 
 Per step of a global batch of ``G`` samples over ``W`` ranks (``B = G / W`` each), every figure all ranks
-together, one id per bag (Criteo's layout), ``D`` the embedding dim:
+together, ``s`` ids per bag (``TableStats.ids_per_bag``: 1 for Criteo's layout), ``D`` the embedding dim:
 
 - **All-to-all** (TorchRec's input and output distribution): to a table's owner, each other rank sends
   its bags' lengths (int32) and ids (int64); the owner returns one pooled row per bag (float32,
   ``D / W`` columns from each owner under column-wise sharding) and gets its gradient back. Table-wise:
-  ``(W - 1) B (4 + 8 + 8 D)`` per table; plus one exchange of split sizes per step and sharding type
+  ``(W - 1) B (4 + 8 s + 8 D)`` per table; plus one exchange of split sizes per step and sharding type
   (TorchRec distributes each type's input on its own), ``24 W (W - 1)``.
-  Hybrid: only the cold bags travel; rank ``r``'s cold features share one stride, the largest count of
-  cold bags any owner has among its samples (expected from a normal approximation of each owner's
-  count: the mean and spread of a sum of independent lookups).
+  Hybrid: only the cold bags travel (a bag is cold when one of its ids is, the ids taken as
+  independent); rank ``r``'s cold features share one stride, the largest count of cold bags any owner
+  has among its samples (expected from a normal approximation of each owner's count: the mean and
+  spread of a sum of independent lookups), and the cold ids only.
 - **All-reduce** of the hot rows' gradients (``hot_rows``), as a ring all-reduce sends it, ``2 (W - 1)``
   times its size: the gradients of the rows the global batch touched (known on the host from the
   lookahead: nothing is sent to agree on them), ``D`` floats each; a row with lookup probability ``p``
