@@ -9,7 +9,7 @@ dataclasses. This module imports neither Hydra nor OmegaConf: the library (``dlr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 GB = 1 << 30  # what the *_gb settings count in (bandwidths in GB/s are 1e9 bytes a second)
@@ -47,9 +47,23 @@ class SynthConfig:
     gzip: bool = False
     overwrite: bool = False
     progress: bool = True
+    # tsv: the files above; parquet: a dlrm-preprocess dataset in the folder `out`, preprocessed with
+    # `preprocess.*` (MLPerf's multi-hot bags: preprocess.multi_hot_sizes) from such files, made beside
+    # it and removed (dlrm_cache/data/generated_dataset.py)
+    format: str = "tsv"
+    preprocess: PreprocessOptions = field(default_factory=lambda: PreprocessOptions())
 
     def __post_init__(self) -> None:
         _require(self.rows > 0, "rows", self.rows, "a positive number of rows")
+        _require_choice("format", self.format, ("tsv", "parquet"))
+        if self.format == "tsv":
+            given = next(
+                (k for k, v in asdict(self.preprocess).items() if v != getattr(PreprocessOptions(), k)), None
+            )
+            _require(given is None, f"preprocess.{given}", getattr(self.preprocess, given or "min_count"),
+                     "nothing: preprocess.* makes a dataset, with format=parquet")  # fmt: skip
+        else:
+            _require(not self.gzip, "gzip", self.gzip, "false with format=parquet (a dataset, not text)")
         _require(bool(self.out), "out", self.out, "an output path")
         _require(self.zipf > 0, "zipf", self.zipf, "an exponent > 0")
         _require(self.cardinality_scale > 0, "cardinality_scale", self.cardinality_scale, "a factor > 0")

@@ -5,6 +5,8 @@ import json
 import logging
 import math
 import shutil
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -247,3 +249,27 @@ def test_bags_that_disagree_with_the_metadata_are_refused_before_the_first_batch
         ValueError, match=r"cat_0 is list<element: int32>, but metadata.json says one id a row"
     ):
         ParquetBatches(root, "train", 256)
+
+
+def test_dlrm_synth_writes_a_multi_hot_dataset_and_refuses_settings_that_make_none(tmp_path):
+    out = tmp_path / "mlperf"
+    sizes = f"preprocess.multi_hot_sizes=[{','.join(map(str, SIZES))}]"
+    synth_cli = [sys.executable, "-m", "dlrm_cache.cli.synth", "progress=false"]
+    args = [*synth_cli, "format=parquet", "rows=3000", "cardinalities=terabyte", "cardinality_scale=0.0005",
+            "preprocess.max_ind_range=20000", sizes, f"out={out}"]  # fmt: skip
+    made = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert f"dlrm-synth: wrote the dataset {out}" in made.stdout
+    meta = json.loads((out / "metadata.json").read_text())
+    assert list(meta["multi_hot_sizes"].values()) == SIZES and meta["max_ind_range"] == 20000
+    batch = next(iter(ParquetBatches(out, "train", 128).batches(0)))
+    assert len(batch.sparse_features.values()) == 128 * 214
+    assert [p.name for p in tmp_path.iterdir()] == ["mlperf"]  # the TSV it was made from is gone
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and again.stderr.strip().endswith(
+        f"out={out} already exists (pass overwrite=true to replace it)"
+    )
+    text = subprocess.run([*synth_cli, sizes, f"out={tmp_path / 'x.txt'}"], capture_output=True, text=True)
+    assert text.returncode == 2 and "preprocess.multi_hot_sizes=[3, 2, 1" in text.stderr
+    assert "expected nothing: preprocess.* makes a dataset, with format=parquet" in text.stderr
+    assert len(text.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.txt").exists()
