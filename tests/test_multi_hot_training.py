@@ -3,6 +3,8 @@ hybrid ranks against one process, and predict and export of a multi-hot run. Cac
 in one process: tests/test_train.py."""
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -68,3 +70,21 @@ def test_predict_and_export_score_bags_as_the_trainer_does(bags, tmp_path):
     np.testing.assert_array_equal(
         scores_of(plain, ParquetBatches(bags, "val", 512, drop_last=False)), expected
     )
+
+
+@pytest.mark.slow  # generates and preprocesses its data, a model of MLPerf's size
+def test_the_small_mlperf_experiment_runs_on_generated_multi_hot_data_and_reports_auc(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dlrm_cache.cli.train", "experiment=mlperf_dcnv2_small",
+         "data.synthetic_rows=20000", f"data.synthetic_dir={tmp_path / 'data'}", "train.max_steps=3",
+         "train.batch_size=512", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 0 < summary["test_auc"] < 1 and summary["steps"] == 3
+    meta = json.loads((tmp_path / "data" / "parquet" / "metadata.json").read_text())
+    assert sum(meta["multi_hot_sizes"].values()) == 214 and meta["max_ind_range"] == 40_000
+    evaluations = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+                   if "val" in r and "loss" not in r]  # fmt: skip
+    assert len(evaluations) >= 3  # 20 an epoch: every step of this short one, and the end's
