@@ -57,9 +57,8 @@ class SynthConfig:
         _require(self.rows > 0, "rows", self.rows, "a positive number of rows")
         _require_choice("format", self.format, ("tsv", "parquet"))
         if self.format == "tsv":
-            given = next(
-                (k for k, v in asdict(self.preprocess).items() if v != getattr(PreprocessOptions(), k)), None
-            )
+            defaults = asdict(PreprocessOptions())
+            given = next((k for k, v in asdict(self.preprocess).items() if v != defaults[k]), None)
             _require(given is None, f"preprocess.{given}", getattr(self.preprocess, given or "min_count"),
                      "nothing: preprocess.* makes a dataset, with format=parquet")  # fmt: skip
         else:

@@ -135,7 +135,6 @@ class ParquetBatches:
             raise ValueError(f"{root / split}: no part-*.parquet files")
         meta = load_metadata(root)
         self.bag_sizes: dict[str, int] | None = meta.get("multi_hot_sizes")
-        self.vocab_sizes: dict[str, int] = meta["vocab_sizes"]
         footers = [_footer(f, meta) for f in files]
         self.groups = [(f, g) for f, m in zip(files, footers, strict=True) for g in range(m.num_row_groups)]
         self.rows = sum(m.num_rows for m in footers)
@@ -201,7 +200,9 @@ class ParquetBatches:
                 perm = rng.permutation(len(label))
                 label, dense, cats = label[perm], dense[perm], cats.take(perm)
             if carry is not None:
-                label, dense = (np.concatenate([a, b]) for a, b in zip(carry, (label, dense), strict=False))
+                label, dense = (
+                    np.concatenate([a, b]) for a, b in zip(carry[:2], (label, dense), strict=True)
+                )
                 cats = carry[2].then(cats)
             full = len(label) // self.batch_size * self.batch_size
             for start in range(0, full, self.batch_size):

@@ -149,17 +149,18 @@ def hybrid_bytes(
     if not by_owner:
         return StepBytes(0.0, reduce)
     dim = tables[0].dim
-    means, sds, cold_ids = [], [], 0.0  # a bag is cold when one of its ids is
+    means, sds, cold_ids = [], [], 0.0
     for ts in by_owner.values():
-        q = np.array([t.bag_share(cold_share(t, hot.get(t.name, 0))) for t in ts])
+        cold = np.array([cold_share(t, hot.get(t.name, 0)) for t in ts])  # of the ids
+        q = np.array([t.bag_share(c) for t, c in zip(ts, cold, strict=True)])  # of the bags
         f = np.array([t.features for t in ts], dtype=np.float64)
         means.append(b * float((f * q).sum()))
         sds.append(math.sqrt(b * float((f * q * (1 - q)).sum())))
-        cold_ids += (w - 1) * b * sum(t.lookups * cold_share(t, hot.get(t.name, 0)) for t in ts)
+        # an owner's cold ids come from the other w - 1 ranks
+        cold_ids += (w - 1) * b * float((np.array([t.lookups for t in ts]) * cold).sum())
     stride = max(1.0, expected_max(np.array(means), np.array(sds)))
     n_owners = len(by_owner)
     remote_features = sum(n_owners - (1 if r in by_owner else 0) for r in range(w))
-    # an owner's cold ids come from the other w - 1 ranks
     a2a = splits_bytes(w) + remote_features * stride * (LENGTH_BYTES + 2 * dim * FLOAT_BYTES)
     a2a += cold_ids * ID_BYTES
     return StepBytes(a2a, reduce)

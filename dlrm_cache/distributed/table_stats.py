@@ -130,7 +130,8 @@ def load_table_stats(root: Path, tables: dict[str, str], dims: dict[str, int]) -
         counts = np.zeros(len(ids), dtype=np.float64)
         counts[ids] = t.column("train_count").to_numpy()
         # Ids are ranked by train count; rare/unseen buckets at the end may break the order: sort.
-        per_bag = float(counts.sum()) / train_rows if train_rows and counts.sum() else 1.0
+        lookups = float(counts.sum())
+        per_bag = lookups / train_rows if train_rows and lookups else 1.0
         out.append(TableStats(name, len(ids), dims[name], 1, -np.sort(-counts), ids_per_bag=per_bag))
     pa.default_memory_pool().release_unused()  # the files' buffers (~16 bytes a row), before the tables
     return out
