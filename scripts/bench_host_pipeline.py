@@ -11,15 +11,20 @@ other on one thread:
 - ``load``: the loader's own work (``ParquetBatches``: Parquet row groups to a ``Batch``);
 - ``prepare``: the ids made ready for the cache (global ids, unique, inverse, bags: ``prepare_batch``)
   and registered as future uses (``register_future``);
-- ``plan``: lookups, evictions and next uses (``TableGroup.plan``), with, on the CPU, the rows it
-  loads copied into their slots;
-- ``stage``: the step's start (``begin_step``): what is left of moving the loaded rows in.
+- ``plan``: lookups, evictions and next uses (``TableGroup.plan``), with the rows it loads copied out of
+  the host tier (on the CPU, into their slots; on a GPU, into the pinned buffer they travel in);
+- ``stage``: the step's index tensors (slots, inverse, offsets, bags) copied into transfer buffers, as
+  ``CudaRows.stage`` pins them for the device.
 
-Then the whole pipeline as training runs it, its samples/s with the loader on a thread of its own
-(``--threads 2``: the bookkeeping on another, as ``cache.bookkeeping=thread``) against all on one
-(``--threads 1``). The cache: ``--ratio`` of each table above 10,000 rows (the rest whole), the
-lookahead policy, ``--lookahead`` batches ahead, row-wise Adagrad state beside the rows, on the CPU;
-caches that ``--ratio`` leaves too small for a step raised to fit, as ``dlrm-train`` raises them.
+What a GPU then does with them is device work and not counted: ``gather`` (the step's rows out of the
+cache: an ``index_select`` on the device) is timed too, and shown apart, because here the CPU is the
+device. The per-phase times are taken on one thread (``torch.set_num_threads(1)``, pyarrow's pool of
+one). Then the whole pipeline as training runs it, its samples/s on one thread against two: the loader
+on a thread of its own and the cache's work on another (as ``cache.bookkeeping=thread``), torch's
+intra-op threads (the C++ preparation's tables, the planner's rows) and pyarrow's decoding on both
+cores. The cache: ``--ratio`` of each table above 10,000 rows (the rest whole), the lookahead policy,
+``--lookahead`` batches ahead, row-wise Adagrad state beside the rows, on the CPU; caches that
+``--ratio`` leaves too small for a step raised to fit, as ``dlrm-train`` raises them.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 
 from dlrm_cache.cache.collection import CachedEmbeddingBagCollection
@@ -45,6 +51,7 @@ from dlrm_cache.distributed.table_stats import fit_to_batch, load_table_stats
 from dlrm_cache.train.model import table_configs
 
 PHASES = ("load", "prepare", "plan", "stage")
+INDEX_TENSORS = ("slots", "inverse", "offsets", "bag_of_id")
 
 
 class Pipeline:
@@ -63,6 +70,7 @@ class Pipeline:
         self.ebc = CachedEmbeddingBagCollection(tables, cache, SparseOptimizer("adagrad", lr=0.01))
         self.ahead: deque = deque()
         self.step = 0
+        self.buffers: dict[str, torch.Tensor] = {}  # transfer buffers, reused (grown as needed)
 
     def prepare(self, batch) -> None:
         prepared = self.ebc.prepare_batch(batch.sparse_features)
@@ -79,6 +87,20 @@ class Pipeline:
         ]
 
     def stage(self, plans: list) -> None:
+        """The step's index tensors into transfer buffers (what ``CudaRows.stage`` pins)."""
+        for i, plan in enumerate(plans):
+            for name in INDEX_TENSORS:
+                t = getattr(plan, name, None)
+                t = getattr(plan.batch, name) if t is None and name != "slots" else t
+                if t is None:
+                    continue
+                buf = self.buffers.get(f"{i}.{name}")
+                if buf is None or len(buf) < len(t):
+                    buf = self.buffers[f"{i}.{name}"] = torch.empty(2 * len(t), dtype=t.dtype)
+                buf[: len(t)].copy_(t)
+
+    def gather(self, plans: list) -> None:
+        """Device work: the step's rows out of the cache (here the CPU is the device)."""
         for g, plan in zip(self.ebc.groups, plans, strict=True):
             g.begin_step(plan)
 
@@ -93,9 +115,16 @@ def batches(root: Path, args):
         yield from loader._read(0)
 
 
+def threads(n: int) -> None:
+    """Torch's intra-op threads (OpenMP: the C++ preparation and planner too) and pyarrow's decoding."""
+    torch.set_num_threads(n)
+    pa.set_cpu_count(n)
+
+
 def phases(root: Path, args) -> dict[str, float]:
-    """Seconds per batch of each phase, one after the other on this thread."""
-    pipe, spent, made = Pipeline(root, args), dict.fromkeys(PHASES, 0.0), batches(root, args)
+    """Seconds per batch of each phase, and of the gather, one after the other on one thread."""
+    threads(1)
+    pipe, spent, made = Pipeline(root, args), dict.fromkeys([*PHASES, "gather"], 0.0), batches(root, args)
     clock = time.perf_counter
 
     def timed(phase: str, fn, *a):
@@ -114,16 +143,18 @@ def phases(root: Path, args) -> dict[str, float]:
         timed("prepare", pipe.prepare, batch)
         plans = timed("plan", pipe.plan)
         timed("stage", pipe.stage, plans)
+        timed("gather", pipe.gather, plans)
     pipe.close()
     return {k: v / args.steps for k, v in spent.items()}
 
 
-def pipelined(root: Path, args, threads: int) -> float:
-    """Samples/s of load -> prepare -> plan -> stage: on one thread, or the loader on a thread of its
-    own and the cache's work on this one (two threads)."""
+def pipelined(root: Path, args, n: int) -> float:
+    """Samples/s of load -> prepare -> plan -> stage: on one thread, or on two (the loader on a thread
+    of its own and the cache's work on this one, the native kernels and pyarrow on both cores)."""
+    threads(n)
     pipe, made = Pipeline(root, args), batches(root, args)
     source = made
-    if threads > 1:
+    if n > 1:
         handed: queue.Queue = queue.Queue(maxsize=8)
         stop = threading.Event()
 
@@ -137,13 +168,18 @@ def pipelined(root: Path, args, threads: int) -> float:
         source = iter(handed.get, None)
     for _ in range(args.lookahead):
         pipe.prepare(next(source))
+    device = 0.0  # the gathers' time: the device's work, not counted
     for step in range(args.warm + args.steps):
         if step == args.warm:
-            t0 = time.perf_counter()
+            t0, device = time.perf_counter(), 0.0
         pipe.prepare(next(source))
-        pipe.stage(pipe.plan())
-    seconds = time.perf_counter() - t0
-    if threads > 1:
+        plans = pipe.plan()
+        pipe.stage(plans)
+        t = time.perf_counter()
+        pipe.gather(plans)  # the step starts: its plan is the batch in flight while the next is planned
+        device += time.perf_counter() - t
+    seconds = time.perf_counter() - t0 - device
+    if n > 1:
         stop.set()
     pipe.close()
     return args.steps * args.batch / seconds
@@ -178,12 +214,15 @@ def main() -> None:
         print(f"{args.rows:,} rows of Criteo 1TB's profile x {args.scale}, {ids:.0f} ids a sample", end=", ")
         print(f"batch {args.batch:,}, dim {args.dim}, cache {args.ratio:.1%}, lookahead {args.lookahead}")
         per_phase = phases(root, args)
+        gather = per_phase.pop("gather")
         total = sum(per_phase.values())
         print(f"{'phase':8s} {'ms/batch':>9s} {'ns/id':>7s} {'samples/s alone':>16s}")
         for name, s in per_phase.items():
             print(f"{name:8s} {1e3 * s:9.2f} {1e9 * s / (ids * args.batch):7.1f} {args.batch / s:16,.0f}")
         per_id = 1e9 * total / (ids * args.batch)
         print(f"{'all':8s} {1e3 * total:9.2f} {per_id:7.1f} {args.batch / total:16,.0f}")
+        gather_per_id = 1e9 * gather / (ids * args.batch)
+        print(f"(device work, not counted: gather {1e3 * gather:.2f} ms/batch, {gather_per_id:.1f} ns/id)")
         rates = {n: pipelined(root, args, n) for n in (1, 2)}
         print(f"pipeline, 1 thread:  {rates[1]:12,.0f} samples/s")
         print(f"pipeline, 2 threads: {rates[2]:12,.0f} samples/s ({rates[2] / rates[1]:.2f}x)")

@@ -27,9 +27,10 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from dlrm_cache.cache import native
 from dlrm_cache.cache.batch_signature import WRONG_FEED, FeedCheck, Signature
-from dlrm_cache.cache.group import GroupSettings, PreparedBatch, StepPlan, TableGroup
+from dlrm_cache.cache.group import GroupSettings, StepPlan, TableGroup
 from dlrm_cache.cache.host import TableShard
 from dlrm_cache.cache.optim import SparseOptimizer
+from dlrm_cache.cache.prepare import PreparedBatch
 from dlrm_cache.config import CacheConfig
 
 COUNTERS = ("lookups", "rows_touched", "rows_loaded", "rows_written", "rows_from_host", "warmup_rows")
@@ -244,35 +245,13 @@ class CachedEmbeddingBagCollection(nn.Module):
         if kjt.values().device.type != "cpu":
             kjt = kjt.to(torch.device("cpu"))
         index = feature_index(kjt, self._feature_names)
-        batch = kjt.stride()
-        lengths = kjt.lengths().view(len(index), batch)
-        value_ends = torch.tensor(kjt.length_per_key()).cumsum(0).tolist()
-        values = kjt.values()
+        lengths = kjt.lengths().view(len(index), kjt.stride())
+        starts = [0, *torch.tensor(kjt.length_per_key()).cumsum(0).tolist()]
         prepared = []
         for g in self.groups:
-            lay = g.layout
-            per_feature = [index[f] for f in lay.features]
-            lens = lengths[per_feature].to(torch.int64)  # (F, B)
-            ids = torch.cat([values[(value_ends[i - 1] if i else 0) : value_ends[i]] for i in per_feature])
-            counts = lens.sum(dim=1)
-            local = ids.to(torch.int64)
-            limit = torch.repeat_interleave(lay.feature_rows, counts, output_size=len(local))
-            bad = (local < 0) | (local >= limit)
-            if bool(bad.any()):
-                pos = int(torch.nonzero(bad)[0])
-                f = int(torch.searchsorted(counts.cumsum(0), pos, right=True))
-                raise ValueError(
-                    f"feature {lay.features[f]!r}: id {int(local[pos])} is outside its table "
-                    f"{lay.configs[int(lay.feature_table[f])].name!r} of {int(lay.feature_rows[f])} rows"
-                )
-            global_ids = local + torch.repeat_interleave(
-                lay.feature_row_offset, counts, output_size=len(local)
-            )
-            global_ids, lengths_sm = _to_sample_major(global_ids, lens)
-            offsets = torch.zeros(lens.numel() + 1, dtype=torch.int64)
-            torch.cumsum(lengths_sm, 0, out=offsets[1:])
-            lookups = torch.zeros(lay.tables, dtype=torch.int64).index_add_(0, lay.feature_table, counts)
-            prepared.append(g.prepare(global_ids, offsets, batch, lookups))
+            features = [index[f] for f in g.layout.features]
+            lens = lengths[features].to(torch.int64)  # (F, B)
+            prepared.append(g.prepare_features(kjt.values(), [starts[i] for i in features], lens))
         return prepared
 
     # ---------------------------------------------------------------- state
@@ -402,20 +381,6 @@ class CachedEmbeddingBagCollection(nn.Module):
             ours = set(expected)
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in ours)
         self.restored(step)
-
-
-def _to_sample_major(ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reorder ids from a KeyedJaggedTensor's feature-major bags (F, B) to sample-major bags (B, F), so
-    that the pooled (B * F, D) output is already the (B, F * D) layout DLRM wants, with no copy."""
-    nf, batch = lengths.shape
-    lengths_sm = lengths.t().reshape(-1)
-    if len(ids) == nf * batch and bool((lengths == 1).all()):  # one id per bag (Criteo): a transpose
-        return ids.view(nf, batch).t().reshape(-1), lengths_sm
-    bag_fm = torch.repeat_interleave(torch.arange(nf * batch), lengths.reshape(-1), output_size=len(ids))
-    start_fm = torch.cumsum(lengths.reshape(-1), 0) - lengths.reshape(-1)
-    start_sm = (torch.cumsum(lengths_sm, 0) - lengths_sm).view(batch, nf).t().reshape(-1)
-    new_pos = start_sm[bag_fm] + (torch.arange(len(ids)) - start_fm[bag_fm])
-    return torch.empty_like(ids).index_copy_(0, new_pos, ids), lengths_sm
 
 
 def feature_index(kjt: KeyedJaggedTensor, features: list[str]) -> dict[str, int]:

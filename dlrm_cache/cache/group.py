@@ -44,6 +44,7 @@ from dlrm_cache.cache.host_served import HostServed
 from dlrm_cache.cache.layout import GroupLayout
 from dlrm_cache.cache.native import NativePlanner
 from dlrm_cache.cache.optim import SparseOptimizer
+from dlrm_cache.cache.prepare import PreparedBatch, preparer
 from dlrm_cache.cache.row_movers import row_mover
 from dlrm_cache.cache.slots import SlotState
 
@@ -72,22 +73,6 @@ class GroupSettings:
     shards: list[TableShard] | None = None
     planner: str = "python"  # "native" (the C++ planner, ``native.py``) or "python"
     native_copies: bool | None = None  # rows copied by C++ (``row_movers``); None: wherever they can be
-
-
-@dataclass
-class PreparedBatch:
-    """A batch's ids for one group, in host memory."""
-
-    uniq: torch.Tensor  # (U,) sorted global rows
-    inverse: torch.Tensor  # (N,) position in `uniq` of every id
-    occurrences: torch.Tensor  # (U,) how often each unique row occurs
-    offsets: torch.Tensor  # (B * F + 1,) bag offsets, sample-major: bag b * F + f is sample b, feature f
-    batch_size: int
-    lookups: torch.Tensor  # (T,) ids looked up per table
-    bag_of_id: torch.Tensor | None  # (N,) the bag of every id; None when every bag holds one id
-    seq: int | None = None  # lookahead: sequence number and arena position, set by register_future
-    arena_base: int | None = None
-    next_use: torch.Tensor | None = None  # (U,) each row's next use after this batch, once planned
 
 
 @dataclass
@@ -142,6 +127,7 @@ class TableGroup:
         self.stats = GroupStats.zeros(layout.tables)
         self._inflight: StepPlan | None = None
         self._overflow_logged: set[int] = set()
+        self._prepare = preparer(layout, s.planner == "native")
         self.mover = row_mover(s.device, self.width, s.native_copies, s.planner, self.resident)
         self._chunk_rows = max(1, CHUNK_BYTES // (4 * self.width))  # warm-up and flush copy this many at once
         if self.resident:
@@ -217,6 +203,13 @@ class TableGroup:
             self.stats.warmup[t] += k
 
     # ---------------------------------------------------------------- prepare and plan
+    def prepare_features(
+        self, values: torch.Tensor, starts: list[int], lengths: torch.Tensor
+    ) -> PreparedBatch:
+        """A batch's ids as a ``KeyedJaggedTensor`` holds them: ``values`` (every feature's), where each of
+        the group's features starts in them, and its (F, B) int64 bag ``lengths`` (``prepare.py``)."""
+        return self._read_ahead(self._prepare(values, starts, lengths))
+
     def prepare(
         self, global_ids: torch.Tensor, offsets: torch.Tensor, batch_size: int, lookups
     ) -> PreparedBatch:
@@ -224,12 +217,18 @@ class TableGroup:
         uniq, inverse, occurrences = torch.unique(
             global_ids, sorted=True, return_inverse=True, return_counts=True
         )
-        if self.host is not None and self.host.mapped:  # the rows this batch will miss, read meanwhile
-            self.host.will_need(uniq[self.state.row_to_slot[uniq] < 0])
         lengths = offsets[1:] - offsets[:-1]
         one_hot = len(global_ids) == len(lengths) and bool((lengths == 1).all())
         bag_of_id = None if one_hot else torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-        return PreparedBatch(uniq, inverse, occurrences, offsets, batch_size, lookups, bag_of_id)
+        return self._read_ahead(
+            PreparedBatch(uniq, inverse, occurrences, offsets, batch_size, lookups, bag_of_id)
+        )
+
+    def _read_ahead(self, batch: PreparedBatch) -> PreparedBatch:
+        """A mapped host tier reads the rows this batch will miss meanwhile."""
+        if self.host is not None and self.host.mapped:
+            self.host.will_need(batch.uniq[self.state.row_to_slot[batch.uniq] < 0])
+        return batch
 
     def register_future(self, batch: PreparedBatch) -> None:
         """A batch the trainer will train on later (lookahead): record its rows' uses."""

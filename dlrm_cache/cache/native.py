@@ -20,7 +20,7 @@ from dlrm_cache.native_build import choose, load
 
 if TYPE_CHECKING:
     from dlrm_cache.cache.bookkeeping import Bookkeeping
-    from dlrm_cache.cache.group import PreparedBatch
+    from dlrm_cache.cache.prepare import PreparedBatch
 
 SOURCE = Path(__file__).with_name("planner.cpp")
 POLICIES = {"lru": 0, "lfu": 1, "freq": 2, "lookahead": 3}

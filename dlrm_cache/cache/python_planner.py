@@ -16,8 +16,8 @@ from dlrm_cache.cache.slots import SlotPlan
 
 if TYPE_CHECKING:
     from dlrm_cache.cache.bookkeeping import Bookkeeping
-    from dlrm_cache.cache.group import PreparedBatch
     from dlrm_cache.cache.layout import GroupLayout
+    from dlrm_cache.cache.prepare import PreparedBatch
 
 _INT64_MIN = torch.iinfo(torch.int64).min
 _INT64_MAX = torch.iinfo(torch.int64).max

@@ -187,7 +187,7 @@ class ParquetBatches:
     def _read(self, epoch: int) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.groups)) if self.shuffle else range(len(self.groups))
-        carry: tuple | None = None
+        carry: tuple | None = None  # the rows of the row groups before that fill no whole batch
         files: dict[Path, pq.ParquetFile] = {}
         for gi in order:
             path, g = self.groups[gi]
@@ -199,14 +199,16 @@ class ParquetBatches:
             if self.shuffle:  # within the row group
                 perm = rng.permutation(len(label))
                 label, dense, cats = label[perm], dense[perm], cats.take(perm)
-            if carry is not None:
-                label, dense = (
-                    np.concatenate([a, b]) for a, b in zip(carry[:2], (label, dense), strict=True)
-                )
-                cats = carry[2].then(cats)
-            full = len(label) // self.batch_size * self.batch_size
-            for start in range(0, full, self.batch_size):
-                yield self._batch(label, dense, cats, start, start + self.batch_size)
+            start = 0
+            if carry is not None and len(carry[0]):  # joined with only the rows that complete its batch
+                start = min(len(label), self.batch_size - len(carry[0]))
+                carry = _joined(carry, (label[:start], dense[:start], cats.take(slice(0, start))))
+                if len(carry[0]) < self.batch_size:
+                    continue
+                yield self._batch(*carry, 0, self.batch_size)
+            full = start + (len(label) - start) // self.batch_size * self.batch_size
+            for at in range(start, full, self.batch_size):
+                yield self._batch(label, dense, cats, at, at + self.batch_size)
             carry = (label[full:], dense[full:], cats.take(slice(full, len(label))))
         if carry is not None and len(carry[0]) and not self.drop_last:
             yield self._batch(*carry, 0, len(carry[0]))
@@ -253,3 +255,8 @@ class ParquetBatches:
             sparse_features=cats.take(rows).kjt(CAT_COLUMNS),
             labels=torch.from_numpy(labels),
         )
+
+
+def _joined(first: tuple, then: tuple) -> tuple:
+    """Rows (labels, dense, ids) followed by more rows."""
+    return (np.concatenate([first[0], then[0]]), np.concatenate([first[1], then[1]]), first[2].then(then[2]))
