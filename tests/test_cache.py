@@ -531,7 +531,8 @@ def test_planner_without_a_compiler(monkeypatch, caplog, request):
 
 
 def test_the_planner_builds_serial_where_the_compiler_has_no_openmp(monkeypatch, tmp_path, request):
-    """planner.cpp without OpenMP (a compiler that refuses the flag) builds serial and trains the same."""
+    """planner.cpp and prepare.cpp without OpenMP (a compiler that refuses the flag) build serial and
+    train the same."""
     opt = SparseOptimizer("adagrad", lr=0.05)
     batches = make_batches(20)
     cfg = cache_cfg("lookahead", 0.2, planner="native")
@@ -541,7 +542,8 @@ def test_the_planner_builds_serial_where_the_compiler_has_no_openmp(monkeypatch,
     native_build.forget()
     request.addfinalizer(native_build.forget)
     serial = train(CachedEmbeddingBagCollection(make_tables(), cfg, opt), batches)
-    assert [p.name.split("-")[0] for p in tmp_path.glob("*.so")] == ["planner"]  # the serial build only
+    built = sorted(p.name.split("-")[0] for p in tmp_path.glob("*.so"))
+    assert built == ["planner", "prepare"]  # the serial builds only
     torch.testing.assert_close(torch.stack(serial), torch.stack(threaded))
 
 
