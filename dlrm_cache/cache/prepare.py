@@ -20,6 +20,7 @@ import torch
 
 from dlrm_cache.cache.layout import GroupLayout
 from dlrm_cache.native_build import choose, load
+from dlrm_cache.reused_buffers import ReusedBuffers
 
 SOURCE = Path(__file__).with_name("prepare.cpp")
 _NATIVE_LIMIT = 1 << 32  # ids and positions each fit in 32 bits of the native sort's keys
@@ -119,7 +120,8 @@ def library() -> ctypes.CDLL:
 
 class NativePrepare:
     """``prepare.cpp`` for one group (the same tensors as ``prepare_torch``); its sort's workspace is
-    kept by each thread that calls it, sized by the largest batch it prepared."""
+    kept by each thread that calls it, sized by the largest batch it prepared, and its outputs are
+    views of buffers reused once no batch holds them (``ReusedBuffers``)."""
 
     def __init__(self, layout: GroupLayout):
         self.layout = layout
@@ -127,6 +129,7 @@ class NativePrepare:
         self._row_offsets = layout.row_bounds.contiguous()
         self._feature_table = layout.feature_table.contiguous()
         self.fits = max(layout.rows) < _NATIVE_LIMIT
+        self._buffers = ReusedBuffers(torch.int64)
 
     def __reduce__(self):
         """A copy (``copy.deepcopy``, pickle) loads the library again (a ctypes handle has no copy)."""
@@ -140,10 +143,10 @@ class NativePrepare:
         lengths = lengths.contiguous()
         nf, batch = lengths.shape
         value_start = torch.tensor(starts, dtype=torch.int64)
-        offsets = torch.empty(nf * batch + 1, dtype=torch.int64)
-        buf = torch.empty(4 * n, dtype=torch.int64)
-        inverse, uniq, occurrences, bag_of_id = buf.view(4, n)
-        lookups = torch.empty(self.layout.tables, dtype=torch.int64)
+        tables, bags = self.layout.tables, nf * batch
+        buf = self._buffers.take(tables + bags + 1 + 4 * n)
+        lookups, offsets = buf[:tables], buf[tables : tables + bags + 1]
+        inverse, uniq, occurrences, bag_of_id = buf[tables + bags + 1 :].view(4, n)
         a = _PrepareArgs(
             features=nf, batch=batch, tables=self.layout.tables, threads=torch.get_num_threads(),
             values=values.data_ptr(), value_start=value_start.data_ptr(), lengths=lengths.data_ptr(),

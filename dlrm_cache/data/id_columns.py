@@ -1,5 +1,8 @@
 """The categorical ids of a run of rows, as the loader cuts, shuffles and joins them into batches: one id
-per row and feature (``OneHotIds``, Criteo), or a bag of any length (``BagIds``: multi-hot)."""
+per row and feature (``OneHotIds``, Criteo), or a bag of any length (``BagIds``: multi-hot).
+
+Ids stay in the integer type the Parquet columns hold (zero-copy from pyarrow) until a batch is made:
+``kjt`` then writes them, as int64, into the buffer it is given, in one pass."""
 
 from __future__ import annotations
 
@@ -11,22 +14,26 @@ Rows = slice | np.ndarray  # consecutive rows, or any rows (in that order)
 
 
 class OneHotIds:
-    """(rows, features) ids."""
+    """(features, rows) ids."""
 
     def __init__(self, ids: np.ndarray):
         self.ids = ids
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return self.ids.shape[1]
+
+    def size(self) -> int:
+        return self.ids.size
 
     def take(self, rows: Rows) -> OneHotIds:
-        return OneHotIds(self.ids[rows])
+        return OneHotIds(self.ids[:, rows])
 
     def then(self, more: OneHotIds) -> OneHotIds:
-        return OneHotIds(np.concatenate([self.ids, more.ids]))
+        return OneHotIds(np.concatenate([self.ids, more.ids], axis=1))
 
-    def kjt(self, keys: list[str]) -> KeyedJaggedTensor:
-        values = torch.from_numpy(np.ascontiguousarray(self.ids.T).reshape(-1))
+    def kjt(self, keys: list[str], values: torch.Tensor) -> KeyedJaggedTensor:
+        """The batch, its ids written into ``values`` (int64, ``size()`` of them)."""
+        np.copyto(values.numpy().reshape(self.ids.shape), self.ids, casting="unsafe")  # checked ids
         return KeyedJaggedTensor(keys=keys, values=values, lengths=torch.ones(len(values), dtype=torch.int32))
 
 
@@ -38,6 +45,9 @@ class BagIds:
 
     def __len__(self) -> int:
         return len(self.offsets[0]) - 1
+
+    def size(self) -> int:
+        return sum(len(v) for v in self.values)
 
     def take(self, rows: Rows) -> BagIds:
         offsets, values = [], []
@@ -61,9 +71,8 @@ class BagIds:
         values = [np.concatenate([a, b]) for a, b in zip(self.values, more.values, strict=True)]
         return BagIds(offsets, values)
 
-    def kjt(self, keys: list[str]) -> KeyedJaggedTensor:
+    def kjt(self, keys: list[str], values: torch.Tensor) -> KeyedJaggedTensor:
+        """The batch, its ids written into ``values`` (int64, ``size()`` of them)."""
         lengths = np.concatenate([np.diff(off) for off in self.offsets]).astype(np.int32)
-        values = np.concatenate(self.values).astype(np.int64, copy=False)
-        return KeyedJaggedTensor(
-            keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths)
-        )
+        np.concatenate(self.values, out=values.numpy(), casting="unsafe")  # checked ids
+        return KeyedJaggedTensor(keys=keys, values=values, lengths=torch.from_numpy(lengths))
