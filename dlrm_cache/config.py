@@ -222,6 +222,9 @@ class CacheConfig:
     # Where each step is planned: inline (on the training thread, between the step's phases) or on a
     # bookkeeping thread of its own while the step computes; auto: inline on the CPU, thread on CUDA.
     bookkeeping: str = "auto"
+    # With a bookkeeping thread: threads that make enqueued batches' ids ready for the cache (global ids,
+    # unique rows, bags), each batch on one thread, ahead of the bookkeeping thread that plans them in order.
+    prepare_threads: int = 1
     # Who copies rows between host and cache: native (C++ memcpy per row, CPU device and native planner
     # only) or torch (index_select / index_copy_); auto: native where it can, torch elsewhere.
     row_copies: str = "auto"
@@ -231,6 +234,12 @@ class CacheConfig:
         _require_choice("cache.planner", self.planner, ("auto", "native", "python"))
         _require_choice("cache.bookkeeping", self.bookkeeping, ("auto", "inline", "thread"))
         _require_choice("cache.row_copies", self.row_copies, ("auto", "native", "torch"))
+        _require(
+            self.prepare_threads >= 1,
+            "cache.prepare_threads",
+            self.prepare_threads,
+            "a number of threads >= 1",
+        )
         _require(self.device_budget_gb >= 0, "cache.device_budget_gb", self.device_budget_gb, ">= 0")
         _require(0 < self.ratio <= 1, "cache.ratio", self.ratio, "a share in (0, 1]")
         for name, r in self.table_ratios.items():

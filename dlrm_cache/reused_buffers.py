@@ -4,7 +4,8 @@ Memory fresh from the system costs a page fault per 4 KiB page on its first writ
 VMs ~1-4 us each: a multi-hot batch's ids, tens of MB, paid ~30 ms a batch in faults alone while the
 lookahead queue held eight of them). A buffer is reused once no tensor refers to its memory (torch's
 count of a storage's users: every view counts), so what is handed out can be kept as long as the caller
-likes; the buffers kept are as many as were held at once, each as large as the largest taken.
+likes; the buffers kept are as many as were held at once, each up to 1.25x the largest taken (a buffer
+outgrown is replaced with room to spare, so that sizes that vary batch to batch settle).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ class ReusedBuffers:
                 return torch.empty(n, dtype=self.dtype)
             for i, (buf, alone) in enumerate(self._kept):
                 if _users(buf) == alone:
-                    if len(buf) < n:  # grown: the small one is dropped
-                        buf = torch.empty(n, dtype=self.dtype)
+                    if len(buf) < n:  # grown (with room for the next few): the small one is dropped
+                        buf = torch.empty(n + n // 4, dtype=self.dtype)
                         self._kept[i] = (buf, _users(buf))
                     return buf[:n]
             buf = torch.empty(n, dtype=self.dtype)
@@ -48,3 +49,7 @@ class ReusedBuffers:
 
     def __len__(self) -> int:
         return len(self._kept)
+
+    def __reduce__(self):
+        """A copy (``copy.deepcopy``, pickle) starts with no buffers of its own."""
+        return ReusedBuffers, (self.dtype,)

@@ -19,12 +19,20 @@ other on one thread:
 What a GPU then does with them is device work and not counted: ``gather`` (the step's rows out of the
 cache: an ``index_select`` on the device) is timed too, and shown apart, because here the CPU is the
 device. The per-phase times are taken on one thread (``torch.set_num_threads(1)``, pyarrow's pool of
-one). Then the whole pipeline as training runs it, its samples/s on one thread against two: the loader
-on a thread of its own and the cache's work on another (as ``cache.bookkeeping=thread``), torch's
-intra-op threads (the C++ preparation's tables, the planner's rows) and pyarrow's decoding on both
-cores. The cache: ``--ratio`` of each table above 10,000 rows (the rest whole), the lookahead policy,
-``--lookahead`` batches ahead, row-wise Adagrad state beside the rows, on the CPU; caches that
-``--ratio`` leaves too small for a step raised to fit, as ``dlrm-train`` raises them.
+one). Then the whole pipeline, each run in a process of its own pinned to its cores
+(``sched_setaffinity``), ``--repeats`` times in alternation:
+
+- ``sequential, 1 core``: the four phases one after the other on one thread;
+- ``threads``: as training on a GPU runs it - the loader's own thread reads, a preparing thread
+  (``cache.prepare_threads``) makes each enqueued batch's ids ready, the bookkeeping thread
+  (``cache.bookkeeping=thread``) registers, plans and stages each step ahead, and the training thread
+  starts each step - on 1 core and on 2 (torch's intra-op threads and pyarrow's pool as many as the
+  cores).
+
+The scaling is the 2-core rate over the faster of the two 1-core ones. The cache: ``--ratio`` of each
+table above 10,000 rows (the rest whole), the lookahead policy, ``--lookahead`` batches ahead, row-wise
+Adagrad state beside the rows, on the CPU; caches that ``--ratio`` leaves too small for a step raised to
+fit, as ``dlrm-train`` raises them.
 """
 
 from __future__ import annotations
@@ -32,9 +40,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import queue
+import statistics
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -58,10 +67,17 @@ class Pipeline:
     """The cache's host work over one collection: ``prepare`` a batch ahead, ``plan`` and ``stage`` a
     step; the step itself (gather, pool, gradients) is not run."""
 
-    def __init__(self, root: Path, args):
+    def __init__(self, root: Path, args, threaded: bool = False):
+        """``threaded``: the collection's own threads prepare (``cache.prepare_threads``) and plan
+        (``cache.bookkeeping=thread``) the batches handed to ``enqueue``."""
         meta = load_metadata(root)
         tables = table_configs(args.dim, meta["vocab_sizes"])
-        cache = CacheConfig(ratio=args.ratio, lookahead=args.lookahead, planner="auto")
+        cache = CacheConfig(
+            ratio=args.ratio,
+            lookahead=args.lookahead,
+            planner="auto",
+            bookkeeping="thread" if threaded else "inline",
+        )
         # caches too small for a step raised to hold two batches, as dlrm-train raises them
         stats = load_table_stats(
             root, {t.name: t.feature_names[0] for t in tables}, {t.name: args.dim for t in tables}
@@ -98,6 +114,26 @@ class Pipeline:
                 if buf is None or len(buf) < len(t):
                     buf = self.buffers[f"{i}.{name}"] = torch.empty(2 * len(t), dtype=t.dtype)
                 buf[: len(t)].copy_(t)
+
+    def enqueue(self, batch) -> None:
+        """Threaded: hand a future batch to the collection (prepared and registered on its threads)."""
+        self.ebc.enqueue(batch.sparse_features)
+
+    def next_plans(self) -> list:
+        """Threaded: the plans of the queue's head, made on the bookkeeping thread (planned there ahead,
+        while the step before computed, as ``forward`` and ``prefetch`` do), and staged there too."""
+        ebc = self.ebc
+        planned = ebc._planned or ebc._submit_plan(ebc._queue[0][1])
+        ebc._queue.popleft()
+        ebc._planned = None
+        staged = ebc._submit(lambda: self.stage(planned.result()))
+        staged.result()
+        return planned.result()
+
+    def plan_ahead(self) -> None:
+        """Threaded: the next plan starts on the bookkeeping thread (``prefetch``)."""
+        if self.ebc._queue:
+            self.ebc._planned = self.ebc._submit_plan(self.ebc._queue[0][1])
 
     def gather(self, plans: list) -> None:
         """Device work: the step's rows out of the cache (here the CPU is the device)."""
@@ -148,41 +184,62 @@ def phases(root: Path, args) -> dict[str, float]:
     return {k: v / args.steps for k, v in spent.items()}
 
 
-def pipelined(root: Path, args, n: int) -> float:
-    """Samples/s of load -> prepare -> plan -> stage: on one thread, or on two (the loader on a thread
-    of its own and the cache's work on this one, the native kernels and pyarrow on both cores)."""
-    threads(n)
+def sequential(root: Path, args) -> float:
+    """Samples/s of load -> prepare -> plan -> stage, one after the other on one thread."""
     pipe, made = Pipeline(root, args), batches(root, args)
-    source = made
-    if n > 1:
-        handed: queue.Queue = queue.Queue(maxsize=8)
-        stop = threading.Event()
-
-        def produce() -> None:
-            for b in made:
-                if stop.is_set():
-                    return
-                handed.put(b)
-
-        threading.Thread(target=produce, daemon=True).start()
-        source = iter(handed.get, None)
     for _ in range(args.lookahead):
-        pipe.prepare(next(source))
+        pipe.prepare(next(made))
     device = 0.0  # the gathers' time: the device's work, not counted
     for step in range(args.warm + args.steps):
         if step == args.warm:
             t0, device = time.perf_counter(), 0.0
-        pipe.prepare(next(source))
+        pipe.prepare(next(made))
         plans = pipe.plan()
         pipe.stage(plans)
         t = time.perf_counter()
         pipe.gather(plans)  # the step starts: its plan is the batch in flight while the next is planned
         device += time.perf_counter() - t
     seconds = time.perf_counter() - t0 - device
-    if n > 1:
-        stop.set()
     pipe.close()
     return args.steps * args.batch / seconds
+
+
+def threaded(root: Path, args) -> float:
+    """Samples/s of the pipeline as training on a GPU runs it: the loader's thread reads, a preparing
+    thread makes each enqueued batch's ids ready, the bookkeeping thread plans and stages each step
+    ahead, and this thread (the training thread) starts each step."""
+    pipe = Pipeline(root, args, threaded=True)
+    made = iter(ParquetBatches(root, "train", args.batch).batches(0))
+    for _ in range(args.lookahead):
+        pipe.enqueue(next(made))
+    device = 0.0
+    for step in range(args.warm + args.steps):
+        if step == args.warm:
+            t0, device = time.perf_counter(), 0.0
+        pipe.enqueue(next(made))
+        plans = pipe.next_plans()
+        t = time.perf_counter()
+        pipe.gather(plans)
+        device += time.perf_counter() - t
+        pipe.plan_ahead()
+    seconds = time.perf_counter() - t0 - device
+    pipe.close()
+    return args.steps * args.batch / seconds
+
+
+def pipeline_rate(root: Path, args, mode: str, cores: int) -> float:
+    """``sequential`` or ``threaded`` samples/s, in a process of its own pinned to ``cores`` cores."""
+    same = ["--batch", args.batch, "--dim", args.dim, "--ratio", args.ratio, "--lookahead", args.lookahead]
+    same += ["--steps", args.steps, "--warm", args.warm]
+    cmd = [sys.executable, __file__, "--child", f"{mode}:{cores}:{root}", *map(str, same)]
+    return float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1])
+
+
+def child(args) -> None:
+    mode, cores, root = args.child.split(":", 2)
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: int(cores)])  # before any thread starts
+    threads(int(cores))
+    print((sequential if mode == "sequential" else threaded)(Path(root), args))
 
 
 def main() -> None:
@@ -198,7 +255,12 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=5)
     ap.add_argument("--data", help="a folder to keep the generated data in (made once)")
     ap.add_argument("--plot", help="a PNG of samples/s per phase")
+    ap.add_argument("--repeats", type=int, default=3, help="pipeline runs of each kind, in alternation")
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # MODE:CORES:ROOT, one pipeline run
     args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
     print(f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}", end=", ")
     print(f"{torch.get_num_threads()} intra-op threads")
     options = PreprocessOptions(
@@ -223,9 +285,18 @@ def main() -> None:
         print(f"{'all':8s} {1e3 * total:9.2f} {per_id:7.1f} {args.batch / total:16,.0f}")
         gather_per_id = 1e9 * gather / (ids * args.batch)
         print(f"(device work, not counted: gather {1e3 * gather:.2f} ms/batch, {gather_per_id:.1f} ns/id)")
-        rates = {n: pipelined(root, args, n) for n in (1, 2)}
-        print(f"pipeline, 1 thread:  {rates[1]:12,.0f} samples/s")
-        print(f"pipeline, 2 threads: {rates[2]:12,.0f} samples/s ({rates[2] / rates[1]:.2f}x)")
+        kinds = {"sequential, 1 core": ("sequential", 1), "threads, 1 core": ("threaded", 1),
+                 "threads, 2 cores": ("threaded", 2)}  # fmt: skip
+        rates: dict[str, list[float]] = {k: [] for k in kinds}
+        for _ in range(args.repeats):  # in alternation: this machine's speed drifts
+            for k, (mode, cores) in kinds.items():
+                rates[k].append(pipeline_rate(root, args, mode, cores))
+        median = {k: statistics.median(v) for k, v in rates.items()}
+        print(f"pipeline (median of {args.repeats}, samples/s):")
+        for k, v in rates.items():
+            print(f"  {k:20s} {median[k]:12,.0f}   ({', '.join(f'{r:,.0f}' for r in v)})")
+        one = max(median["sequential, 1 core"], median["threads, 1 core"])
+        print(f"  2 cores / the faster on 1: {median['threads, 2 cores'] / one:.2f}x")
     if args.plot:
         plot(
             args.plot, per_phase, args.batch, f"{ids:.0f} ids a sample, batch {args.batch:,}, dim {args.dim}"

@@ -27,8 +27,12 @@ def test_a_buffer_is_reused_only_once_nothing_refers_to_it():
     d = buffers.take(80)
     assert d.data_ptr() == first and len(buffers) == 3  # reused, nothing more allocated
     del d
-    e = buffers.take(1000)  # larger than any: a buffer nothing holds is replaced by a larger one
+    e = buffers.take(1000)  # larger than any: a buffer nothing holds is replaced, with room to spare
     assert len(e) == 1000 and len(buffers) == 3
+    grown = e.data_ptr()
+    del e
+    f = buffers.take(1200)
+    assert f.data_ptr() == grown and len(buffers) == 3
 
 
 def _ids_from_parquet(root, rows: int) -> dict:

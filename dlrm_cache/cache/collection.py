@@ -114,6 +114,7 @@ class CachedEmbeddingBagCollection(nn.Module):
         self._feed = FeedCheck()  # the signatures of batches on a device, compared there
         self._planned: Future | None = None  # the plan of the queue's head, made by prefetch()
         self._worker: ThreadPoolExecutor | None = None  # the bookkeeping thread
+        self._preparers: ThreadPoolExecutor | None = None  # threads preparing enqueued batches
         self._step = 0
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
@@ -124,7 +125,8 @@ class CachedEmbeddingBagCollection(nn.Module):
         """Hand over a future training batch; ``forward`` must then receive the batches in this order.
         Its ids are prepared on the bookkeeping thread (inline on the CPU; see ``_submit``)."""
         pin = self.device.type == "cuda" and features.values().device.type == "cpu"  # compared on the device
-        self._queue.append((Signature.of(features, pin), self._submit(self._prepare_future, features)))
+        prepared = self._submit_prepare(features)
+        self._queue.append((Signature.of(features, pin), self._submit(self._register_future, prepared)))
 
     def is_enqueued(self, features: KeyedJaggedTensor) -> bool:
         """Whether this batch is waiting in the lookahead queue."""
@@ -141,11 +143,22 @@ class CachedEmbeddingBagCollection(nn.Module):
             return
         self._planned = self._submit_plan(self._queue[0][1])
 
-    def _prepare_future(self, features: KeyedJaggedTensor) -> list[PreparedBatch]:
-        prepared = self.prepare_batch(features)
-        for g, p in zip(self.groups, prepared, strict=True):
+    def _submit_prepare(self, features: KeyedJaggedTensor) -> Future:
+        """A future batch's ids made ready (``prepare_batch``): with a bookkeeping thread, on one of
+        ``cache.prepare_threads`` threads, each batch on one thread (batches are independent: the
+        bookkeeping thread takes them in order); inline, right here on every thread."""
+        if not self.threaded:
+            return self._run_inline(self.prepare_batch, features)
+        if self._preparers is None:
+            self._preparers = self._pool(self.cache_config.prepare_threads, "dlrm-cache-prepare")
+        return self._preparers.submit(self.prepare_batch, features, 1)
+
+    def _register_future(self, prepared: Future) -> list[PreparedBatch]:
+        """Bookkeeping thread, in enqueue order: a prepared batch's rows registered as future uses."""
+        batches = prepared.result()
+        for g, p in zip(self.groups, batches, strict=True):
             g.register_future(p)
-        return prepared
+        return batches
 
     def _submit_plan(self, prepared: Future) -> Future:
         self._step += 1
@@ -166,23 +179,30 @@ class CachedEmbeddingBagCollection(nn.Module):
         step's own compute already uses every core (intra-op threads), and a second busy thread slows
         both down (``scripts/bench_cache_step.py``; docs/cache.md)."""
         if not self.threaded:
-            done: Future = Future()
-            try:
-                done.set_result(fn(*args))
-            except Exception as e:  # raised where the result is read, as from the thread
-                done.set_exception(e)
-            return done
+            return self._run_inline(fn, *args)
         if self._worker is None:
-            # On CUDA the thread works on this collection's device (else it would open a context on
-            # GPU 0, in every rank's process).
-            cuda = self.device.type == "cuda"
-            self._worker = ThreadPoolExecutor(
-                max_workers=1,
-                thread_name_prefix="dlrm-cache",
-                initializer=torch.cuda.set_device if cuda else None,
-                initargs=(self.device,) if cuda else (),
-            )
+            self._worker = self._pool(1, "dlrm-cache")
         return self._worker.submit(fn, *args)
+
+    @staticmethod
+    def _run_inline(fn, *args) -> Future:
+        done: Future = Future()
+        try:
+            done.set_result(fn(*args))
+        except Exception as e:  # raised where the result is read, as from the thread
+            done.set_exception(e)
+        return done
+
+    def _pool(self, threads: int, name: str) -> ThreadPoolExecutor:
+        # On CUDA the threads work on this collection's device (else they would open a context on
+        # GPU 0, in every rank's process).
+        cuda = self.device.type == "cuda"
+        return ThreadPoolExecutor(
+            max_workers=threads,
+            thread_name_prefix=name,
+            initializer=torch.cuda.set_device if cuda else None,
+            initargs=(self.device,) if cuda else (),
+        )
 
     def _drain(self) -> None:
         """Wait until the bookkeeping thread has done everything submitted so far, and raise what the
@@ -240,8 +260,9 @@ class CachedEmbeddingBagCollection(nn.Module):
             values = torch.cat([per_feature[f] for f in self._feature_names], dim=1)
         return KeyedTensor(keys=self._feature_names, length_per_key=self._dims, values=values, key_dim=1)
 
-    def prepare_batch(self, kjt: KeyedJaggedTensor) -> list[PreparedBatch]:
-        """Global row ids per group, their unique set and bag offsets, in host memory."""
+    def prepare_batch(self, kjt: KeyedJaggedTensor, threads: int | None = None) -> list[PreparedBatch]:
+        """Global row ids per group, their unique set and bag offsets, in host memory; ``threads``: the
+        threads the C++ preparation spreads a group's tables over (None: torch's intra-op threads)."""
         if kjt.values().device.type != "cpu":
             kjt = kjt.to(torch.device("cpu"))
         index = feature_index(kjt, self._feature_names)
@@ -251,16 +272,17 @@ class CachedEmbeddingBagCollection(nn.Module):
         for g in self.groups:
             features = [index[f] for f in g.layout.features]
             lens = lengths[features].to(torch.int64)  # (F, B)
-            prepared.append(g.prepare_features(kjt.values(), [starts[i] for i in features], lens))
+            prepared.append(g.prepare_features(kjt.values(), [starts[i] for i in features], lens, threads))
         return prepared
 
     # ---------------------------------------------------------------- state
     def close(self) -> None:
         """Stop the bookkeeping thread (after what it was given) and drop the host tier's scratch files
         (``cache.host=mmap``); raises nothing of a failed plan (the step or flush that needed it did)."""
-        if self._worker is not None:
-            self._worker.shutdown()
-            self._worker = None
+        for pool in (self._preparers, self._worker):  # the bookkeeping thread waits on the preparers
+            if pool is not None:
+                pool.shutdown()
+        self._preparers = self._worker = None
         for g in self.groups:
             g.close()
 

@@ -204,11 +204,12 @@ class TableGroup:
 
     # ---------------------------------------------------------------- prepare and plan
     def prepare_features(
-        self, values: torch.Tensor, starts: list[int], lengths: torch.Tensor
+        self, values: torch.Tensor, starts: list[int], lengths: torch.Tensor, threads: int | None = None
     ) -> PreparedBatch:
         """A batch's ids as a ``KeyedJaggedTensor`` holds them: ``values`` (every feature's), where each of
-        the group's features starts in them, and its (F, B) int64 bag ``lengths`` (``prepare.py``)."""
-        return self._read_ahead(self._prepare(values, starts, lengths))
+        the group's features starts in them, and its (F, B) int64 bag ``lengths`` (``prepare.py``), its
+        tables spread over ``threads`` (None: torch's intra-op threads)."""
+        return self._read_ahead(self._prepare(values, starts, lengths, threads=threads))
 
     def prepare(
         self, global_ids: torch.Tensor, offsets: torch.Tensor, batch_size: int, lookups

@@ -141,12 +141,17 @@ class RowKernels:
         )
 
     def gather(
-        self, cache: torch.Tensor, slots: torch.Tensor, host: torch.Tensor | None, host_rows: torch.Tensor
+        self,
+        cache: torch.Tensor,
+        slots: torch.Tensor,
+        host: torch.Tensor | None,
+        host_rows: torch.Tensor,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``cache[slots[u]]`` for each ``u``, or ``host[host_rows[u]]`` where ``slots[u] < 0`` (then
-        ``host`` must be given)."""
+        ``host`` must be given), into ``out`` where given ((len(slots), width) float32)."""
         w = cache.shape[1]
-        out = torch.empty(len(slots), w)
+        out = torch.empty(len(slots), w) if out is None else out
         self._lib.gather_rows(
             _rows_ptr(cache, w),
             _index_ptr(slots),

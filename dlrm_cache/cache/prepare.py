@@ -57,10 +57,15 @@ def out_of_table(
 
 
 def prepare_torch(
-    values: torch.Tensor, starts: list[int], lengths: torch.Tensor, layout: GroupLayout
+    values: torch.Tensor,
+    starts: list[int],
+    lengths: torch.Tensor,
+    layout: GroupLayout,
+    threads: int | None = None,
 ) -> PreparedBatch:
     """The reference: torch operations. ``values`` the batch's ids (every feature), ``starts`` where
-    each of the group's features starts in them, ``lengths`` (F, B) int64 its bags."""
+    each of the group's features starts in them, ``lengths`` (F, B) int64 its bags (``threads`` is
+    not used: torch's operations use torch's threads)."""
     counts = lengths.sum(dim=1)
     local = torch.cat([values[s : s + c] for s, c in zip(starts, counts.tolist(), strict=True)]).to(
         torch.int64
@@ -135,7 +140,10 @@ class NativePrepare:
         """A copy (``copy.deepcopy``, pickle) loads the library again (a ctypes handle has no copy)."""
         return NativePrepare, (self.layout,)
 
-    def __call__(self, values: torch.Tensor, starts: list[int], lengths: torch.Tensor) -> PreparedBatch:
+    def __call__(
+        self, values: torch.Tensor, starts: list[int], lengths: torch.Tensor, threads: int | None = None
+    ) -> PreparedBatch:
+        """``threads``: the threads the tables are spread over (None: torch's intra-op threads)."""
         n = int(lengths.sum())
         if not self.fits or n >= _NATIVE_LIMIT:
             return prepare_torch(values, starts, lengths, self.layout)
@@ -148,7 +156,7 @@ class NativePrepare:
         lookups, offsets = buf[:tables], buf[tables : tables + bags + 1]
         inverse, uniq, occurrences, bag_of_id = buf[tables + bags + 1 :].view(4, n)
         a = _PrepareArgs(
-            features=nf, batch=batch, tables=self.layout.tables, threads=torch.get_num_threads(),
+            features=nf, batch=batch, tables=self.layout.tables, threads=threads or torch.get_num_threads(),
             values=values.data_ptr(), value_start=value_start.data_ptr(), lengths=lengths.data_ptr(),
             feature_table=self._feature_table.data_ptr(), row_offsets=self._row_offsets.data_ptr(),
             offsets=offsets.data_ptr(), inverse=inverse.data_ptr(),
@@ -163,9 +171,7 @@ class NativePrepare:
         return PreparedBatch(uniq[:u], inverse, occurrences[:u], offsets, batch, lookups, bags)
 
 
-def preparer(
-    layout: GroupLayout, native: bool
-) -> Callable[[torch.Tensor, list[int], torch.Tensor], PreparedBatch]:
+def preparer(layout: GroupLayout, native: bool) -> Callable[..., PreparedBatch]:
     """The group's preparation: ``NativePrepare`` where ``native`` (the native planner is used) and it
     builds, else ``prepare_torch``."""
     if native and choose("auto", "cache.planner", library, "id preparation", "torch prepares the ids"):

@@ -23,6 +23,7 @@ from torch import Tensor
 from dlrm_cache.cache.host_served import HostWrites
 from dlrm_cache.cache.native import RowKernels
 from dlrm_cache.cache.transfer import DeviceTransfers
+from dlrm_cache.reused_buffers import ReusedBuffers
 
 if TYPE_CHECKING:
     from dlrm_cache.cache.group import StepPlan
@@ -174,6 +175,7 @@ class NativeRows(TorchRows):
     def __init__(self) -> None:
         super().__init__(torch.device("cpu"))
         self.kernels = RowKernels()
+        self._rows = ReusedBuffers(torch.float32)  # a step's rows: fresh memory would fault every page
 
     def copy_in(self, host: Tensor, rows: Tensor, cache: Tensor, slots: Tensor, after: int | None) -> None:
         self.kernels.copy(host, rows, cache, slots)
@@ -182,8 +184,9 @@ class NativeRows(TorchRows):
         self.kernels.copy(cache, slots, host, rows)
 
     def gather(self, plan: StepPlan, cache: torch.Tensor, host: torch.Tensor | None) -> torch.Tensor:
+        out = self._rows.take(len(plan.slots) * cache.shape[1]).view(len(plan.slots), cache.shape[1])
         return self.kernels.gather(
-            cache, plan.slots, None if plan.overflow is None else host, plan.batch.uniq
+            cache, plan.slots, None if plan.overflow is None else host, plan.batch.uniq, out
         )
 
     def write_back(self, plan: StepPlan, rows: torch.Tensor, cache: torch.Tensor,

@@ -364,7 +364,8 @@ class ColdCollection(CachedEmbeddingBagCollection):
             raise ValueError(f"{feature}: its tables must share one embedding dim and pooling")
         self.feature = feature
 
-    def prepare_batch(self, kjt: KeyedJaggedTensor):
+    def prepare_batch(self, kjt: KeyedJaggedTensor, threads: int | None = None):
+        """The cold rows' ids: already global rows of the one group (``threads`` not used: torch's)."""
         if kjt.values().device.type != "cpu":
             kjt = kjt.to(torch.device("cpu"))
         (g,) = self.groups
