@@ -38,6 +38,7 @@ fit, as ``dlrm-train`` raises them.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
@@ -209,7 +210,8 @@ def threaded(root: Path, args) -> float:
     thread makes each enqueued batch's ids ready, the bookkeeping thread plans and stages each step
     ahead, and this thread (the training thread) starts each step."""
     pipe = Pipeline(root, args, threaded=True)
-    made = iter(ParquetBatches(root, "train", args.batch).batches(0))
+    loader = ParquetBatches(root, "train", args.batch)
+    made = (b for epoch in itertools.count() for b in loader.batches(epoch))  # its background thread
     for _ in range(args.lookahead):
         pipe.enqueue(next(made))
     device = 0.0

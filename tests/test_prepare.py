@@ -5,7 +5,7 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from dlrm_cache.cache.layout import GroupLayout
-from dlrm_cache.cache.prepare import NativePrepare, prepare_torch
+from dlrm_cache.cache.prepare import NativePrepare, position_checksum, prepare_torch
 
 FIELDS = ("uniq", "inverse", "occurrences", "offsets", "lookups", "bag_of_id", "batch_size")
 
@@ -110,3 +110,18 @@ def test_an_id_outside_its_table_is_refused_alike(bad_id, batch):
             prepare(values, starts, lengths)
         errors.append(str(e.value))
     assert errors[0] == errors[1] == f"feature 'f1': id {bad_id} is outside its table 't0' of 40 rows"
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_the_batch_checksum_is_torchs_sum_of_weighted_ids_wrapping_around(dtype):
+    g = torch.Generator().manual_seed(5)
+    info = torch.iinfo(dtype)
+    cases = [
+        torch.randint(info.min, info.max, (100_003,), generator=g, dtype=dtype),  # products wrap around
+        torch.tensor([info.max, info.min, -1, 0, 1], dtype=dtype),
+        torch.empty(0, dtype=dtype),
+        torch.arange(10, dtype=dtype)[::2],  # not contiguous
+    ]
+    for t in cases:
+        want = (t.to(torch.int64) * torch.arange(1, len(t) + 1, dtype=torch.int64)).sum()
+        assert torch.equal(position_checksum(t), want)

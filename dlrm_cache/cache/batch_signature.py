@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dlrm_cache.cache.prepare import position_checksum
+
 if TYPE_CHECKING:
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -31,7 +33,7 @@ class Signature:
     def of(cls, kjt: KeyedJaggedTensor, pin: bool = False) -> Signature:
         """``pin``: host checksums in pinned memory (compared later on a CUDA device without a sync)."""
         values, lengths = kjt.values(), kjt.lengths()
-        sums = torch.stack([_checksum(values), _checksum(lengths)])
+        sums = torch.stack([position_checksum(values), position_checksum(lengths)])
         return cls((tuple(kjt.keys()), kjt.stride(), values.numel()), sums.pin_memory() if pin else sums)
 
     def matches(self, other: Signature) -> bool:
@@ -55,8 +57,3 @@ class FeedCheck:
         wrong, self._wrong = self._wrong, None
         if wrong is not None and bool(wrong):
             raise ValueError(WRONG_FEED)
-
-
-def _checksum(t: torch.Tensor) -> torch.Tensor:
-    t = t.to(torch.int64)
-    return (t * torch.arange(1, len(t) + 1, dtype=torch.int64, device=t.device)).sum()

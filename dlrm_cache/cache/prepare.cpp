@@ -245,4 +245,18 @@ void prepare_ids(PrepareArgs* a) {
   }
 }
 
+// A batch's checksum (batch_signature.py): the sum of (i + 1) * v[i], wrapping around as torch's int64
+// arithmetic does, in one pass (torch's needs two temporaries the size of the batch).
+int64_t checksum_i64(const int64_t* v, int64_t n) {
+  uint64_t s = 0;
+  for (int64_t i = 0; i < n; ++i) s += uint64_t(i + 1) * uint64_t(v[i]);
+  return int64_t(s);
+}
+
+int64_t checksum_i32(const int32_t* v, int64_t n) {
+  uint64_t s = 0;
+  for (int64_t i = 0; i < n; ++i) s += uint64_t(i + 1) * uint64_t(int64_t(v[i]));
+  return int64_t(s);
+}
+
 }  // extern "C"

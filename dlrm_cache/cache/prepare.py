@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from dlrm_cache.cache.layout import GroupLayout
-from dlrm_cache.native_build import choose, load
+from dlrm_cache.native_build import NativeUnavailable, choose, load
 from dlrm_cache.reused_buffers import ReusedBuffers
 
 SOURCE = Path(__file__).with_name("prepare.cpp")
@@ -116,6 +116,9 @@ class _PrepareArgs(ctypes.Structure):
 def _declare(lib: ctypes.CDLL) -> None:
     lib.prepare_ids.argtypes = [ctypes.POINTER(_PrepareArgs)]
     lib.prepare_ids.restype = None
+    for name in ("checksum_i64", "checksum_i32"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_int64]
+        getattr(lib, name).restype = ctypes.c_int64
 
 
 def library() -> ctypes.CDLL:
@@ -177,3 +180,19 @@ def preparer(layout: GroupLayout, native: bool) -> Callable[..., PreparedBatch]:
     if native and choose("auto", "cache.planner", library, "id preparation", "torch prepares the ids"):
         return NativePrepare(layout)
     return functools.partial(prepare_torch, layout=layout)
+
+
+def position_checksum(t: torch.Tensor) -> torch.Tensor:
+    """``sum((i + 1) * t[i])`` in int64 (wrapping around), as a 0-d tensor on ``t``'s device: in one C++
+    pass for host int64/int32 tensors, where the library builds; with torch's operations elsewhere."""
+    kernel = {torch.int64: "checksum_i64", torch.int32: "checksum_i32"}.get(t.dtype)
+    if kernel is not None and t.device.type == "cpu":
+        try:
+            lib = library()
+        except NativeUnavailable:
+            lib = None
+        if lib is not None:
+            t = t.contiguous()
+            return torch.tensor(getattr(lib, kernel)(t.data_ptr(), t.numel()), dtype=torch.int64)
+    t = t.to(torch.int64)
+    return (t * torch.arange(1, len(t) + 1, dtype=torch.int64, device=t.device)).sum()
