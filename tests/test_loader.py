@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -87,3 +89,23 @@ def test_an_id_beyond_its_table_is_refused_from_the_footer_before_any_batch(tmp_
         ValueError, match=rf"part-00000.parquet: row group 1: cat_3 holds id {rows}, beyond its table"
     ):
         ParquetBatches(root, "train", 256)
+
+
+READ_AND_EXIT = """
+import sys
+from pathlib import Path
+from dlrm_cache.data.loader import ParquetBatches
+epoch = ParquetBatches(Path(sys.argv[1]), "train", int(sys.argv[2])).batches(0)
+next(epoch)  # the producer goes on reading ahead, inside pyarrow, as the interpreter exits
+"""
+
+
+def test_a_process_exits_cleanly_while_an_epoch_is_still_being_read(tmp_path):
+    """An epoch left unfinished (its generator still referenced) is stopped before the interpreter
+    exits: its producer thread, still inside pyarrow, aborted the process about one exit in two."""
+    root = synthetic_dataset(tmp_path, 60_000, 0.001, row_group_rows=6_000, progress=False)
+    for _ in range(6):
+        done = subprocess.run(
+            [sys.executable, "-c", READ_AND_EXIT, str(root), "6000"], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-500:]

@@ -13,6 +13,7 @@ consecutive shares, rank 0's first, so every rank sees its part of the same glob
 
 from __future__ import annotations
 
+import atexit
 import json
 import queue
 import threading
@@ -63,6 +64,26 @@ def load_metadata(root: Path) -> dict:
 
 
 COLUMNS = ["label", *INT_COLUMNS, *CAT_COLUMNS]
+# Epochs being read: (stop, producer thread, its queue). Any left when the interpreter exits (an epoch
+# not read to its end, its generator still referenced) are stopped first: a producer still inside
+# pyarrow as the process ends aborts it ("terminate called without an active exception").
+_reading: set[tuple[threading.Event, threading.Thread, queue.Queue]] = set()
+
+
+def _stop(stop: threading.Event, thread: threading.Thread, q: queue.Queue) -> None:
+    """Stop a producer and wait for it, unblocking it where it waits on a full queue."""
+    stop.set()
+    while thread.is_alive():
+        try:
+            q.get_nowait()
+        except queue.Empty:
+            thread.join(0.01)
+
+
+@atexit.register
+def _stop_reading() -> None:
+    for reading in list(_reading):
+        _stop(*reading)
 
 
 def _footer(path: Path, meta: dict) -> pq.FileMetaData:
@@ -172,6 +193,8 @@ class ParquetBatches:
                 q.put(e)
 
         thread = threading.Thread(target=produce, daemon=True, name="dlrm-loader")
+        reading = (stop, thread, q)
+        _reading.add(reading)
         thread.start()
         try:
             while (item := q.get()) is not None:
@@ -179,12 +202,8 @@ class ParquetBatches:
                     raise item
                 yield item
         finally:
-            stop.set()
-            while thread.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    thread.join(0.01)
+            _stop(*reading)
+            _reading.discard(reading)
 
     def _read(self, epoch: int) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, epoch])
