@@ -13,7 +13,7 @@ other on one thread:
   and registered as future uses (``register_future``);
 - ``plan``: lookups, evictions and next uses (``TableGroup.plan``), with the rows it loads copied out of
   the host tier (on the CPU, into their slots; on a GPU, into the pinned buffer they travel in);
-- ``stage``: the step's index tensors (slots, inverse, offsets, bags) copied into transfer buffers, as
+- ``stage``: the step's index tensors (slots, inverse, offsets) copied into transfer buffers, as
   ``CudaRows.stage`` pins them for the device.
 
 What a GPU then does with them is device work and not counted: ``gather`` (the step's rows out of the
@@ -61,7 +61,7 @@ from dlrm_cache.distributed.table_stats import fit_to_batch, load_table_stats
 from dlrm_cache.train.model import table_configs
 
 PHASES = ("load", "prepare", "plan", "stage")
-INDEX_TENSORS = ("slots", "inverse", "offsets", "bag_of_id")
+INDEX_TENSORS = ("slots", "inverse", "offsets")
 
 
 class Pipeline:
@@ -88,6 +88,7 @@ class Pipeline:
         self.ahead: deque = deque()
         self.step = 0
         self.buffers: dict[str, torch.Tensor] = {}  # transfer buffers, reused (grown as needed)
+        self._staged: tuple | None = None  # threaded: (the head's plans, their staging), on their way
 
     def prepare(self, batch) -> None:
         prepared = self.ebc.prepare_batch(batch.sparse_features)
@@ -121,25 +122,34 @@ class Pipeline:
         self.ebc.enqueue(batch.sparse_features)
 
     def next_plans(self) -> list:
-        """Threaded: the plans of the queue's head, made on the bookkeeping thread (planned there ahead,
-        while the step before computed, as ``forward`` and ``prefetch`` do), and staged there too."""
-        ebc = self.ebc
-        planned = ebc._planned or ebc._submit_plan(ebc._queue[0][1])
-        ebc._queue.popleft()
-        ebc._planned = None
-        staged = ebc._submit(lambda: self.stage(planned.result()))
+        """Threaded: the plans of the queue's head, made and staged on the bookkeeping thread (ahead,
+        while the step before computed, as ``prefetch`` does; there, as ``CudaRows`` stages them)."""
+        if self._staged is None:
+            self.plan_ahead()
+        plans, staged = self._staged
+        self._staged = None
+        self.ebc._queue.popleft()
+        self.ebc._planned = None
         staged.result()
-        return planned.result()
+        return plans.result()
 
     def plan_ahead(self) -> None:
-        """Threaded: the next plan starts on the bookkeeping thread (``prefetch``)."""
-        if self.ebc._queue:
-            self.ebc._planned = self.ebc._submit_plan(self.ebc._queue[0][1])
+        """Threaded: the next plan starts on the bookkeeping thread (``prefetch``), staged right after."""
+        ebc = self.ebc
+        if ebc._queue and self._staged is None:
+            ebc._planned = planned = ebc._submit_plan(ebc._queue[0][1])
+            self._staged = (planned, ebc._submit(lambda: self.stage(planned.result())))
 
     def gather(self, plans: list) -> None:
         """Device work: the step's rows out of the cache (here the CPU is the device)."""
         for g, plan in zip(self.ebc.groups, plans, strict=True):
             g.begin_step(plan)
+
+    def start_step(self, plans: list) -> None:
+        """What starting the step leaves to the host of a GPU: the plan is the batch in flight (its
+        rows' gather is the device's work, left out of the pipeline runs)."""
+        for g, plan in zip(self.ebc.groups, plans, strict=True):
+            g._inflight = plan
 
     def close(self) -> None:
         self.ebc.close()
@@ -190,17 +200,14 @@ def sequential(root: Path, args) -> float:
     pipe, made = Pipeline(root, args), batches(root, args)
     for _ in range(args.lookahead):
         pipe.prepare(next(made))
-    device = 0.0  # the gathers' time: the device's work, not counted
     for step in range(args.warm + args.steps):
         if step == args.warm:
-            t0, device = time.perf_counter(), 0.0
+            t0 = time.perf_counter()
         pipe.prepare(next(made))
         plans = pipe.plan()
         pipe.stage(plans)
-        t = time.perf_counter()
-        pipe.gather(plans)  # the step starts: its plan is the batch in flight while the next is planned
-        device += time.perf_counter() - t
-    seconds = time.perf_counter() - t0 - device
+        pipe.start_step(plans)
+    seconds = time.perf_counter() - t0
     pipe.close()
     return args.steps * args.batch / seconds
 
@@ -214,17 +221,13 @@ def threaded(root: Path, args) -> float:
     made = (b for epoch in itertools.count() for b in loader.batches(epoch))  # its background thread
     for _ in range(args.lookahead):
         pipe.enqueue(next(made))
-    device = 0.0
     for step in range(args.warm + args.steps):
         if step == args.warm:
-            t0, device = time.perf_counter(), 0.0
+            t0 = time.perf_counter()
         pipe.enqueue(next(made))
-        plans = pipe.next_plans()
-        t = time.perf_counter()
-        pipe.gather(plans)
-        device += time.perf_counter() - t
+        pipe.start_step(pipe.next_plans())
         pipe.plan_ahead()
-    seconds = time.perf_counter() - t0 - device
+    seconds = time.perf_counter() - t0
     pipe.close()
     return args.steps * args.batch / seconds
 

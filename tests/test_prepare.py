@@ -7,7 +7,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from dlrm_cache.cache.layout import GroupLayout
 from dlrm_cache.cache.prepare import NativePrepare, position_checksum, prepare_torch
 
-FIELDS = ("uniq", "inverse", "occurrences", "offsets", "lookups", "bag_of_id", "batch_size")
+FIELDS = ("uniq", "inverse", "occurrences", "offsets", "lookups", "one_hot", "batch_size")
 
 
 def layout(rows: list[int], features_per_table: list[int]) -> GroupLayout:

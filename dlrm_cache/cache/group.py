@@ -220,9 +220,8 @@ class TableGroup:
         )
         lengths = offsets[1:] - offsets[:-1]
         one_hot = len(global_ids) == len(lengths) and bool((lengths == 1).all())
-        bag_of_id = None if one_hot else torch.repeat_interleave(torch.arange(len(lengths)), lengths)
         return self._read_ahead(
-            PreparedBatch(uniq, inverse, occurrences, offsets, batch_size, lookups, bag_of_id)
+            PreparedBatch(uniq, inverse, occurrences, offsets, batch_size, lookups, one_hot)
         )
 
     def _read_ahead(self, batch: PreparedBatch) -> PreparedBatch:
@@ -349,13 +348,16 @@ class TableGroup:
         """The fused update of the step's unique rows from the gradient of the pooled output."""
         b, dim = plan.batch, self.dim
         grad_bags = grad_out.reshape(-1, dim)  # (B * F, D): a view, bags are sample-major
-        if self.mean:
+        if self.mean or not b.one_hot:
             offsets = plan.on_device("offsets", b.offsets, self.device)
-            grad_bags = grad_bags / (offsets[1:] - offsets[:-1]).clamp(min=1).unsqueeze(1)
+            lengths = offsets[1:] - offsets[:-1]
+        if self.mean:
+            grad_bags = grad_bags / lengths.clamp(min=1).unsqueeze(1)
+        # each id's gradient is its bag's (repeated from the bag lengths on the device: no host index)
         per_id = (
             grad_bags
-            if b.bag_of_id is None
-            else grad_bags.index_select(0, plan.on_device("bags", b.bag_of_id, self.device))
+            if b.one_hot
+            else torch.repeat_interleave(grad_bags, lengths, dim=0, output_size=len(b.inverse))
         )
         grad_rows = torch.zeros(len(b.uniq), dim, device=self.device)
         grad_rows.index_add_(0, plan.on_device("inverse", b.inverse, self.device), per_id)

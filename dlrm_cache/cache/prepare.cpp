@@ -30,12 +30,11 @@ struct PrepareArgs {  // the field order of _PrepareArgs in prepare.py
   const int64_t* row_offsets;    // (T + 1)
   int64_t* offsets;              // out (F * B + 1): bag offsets, sample-major
   int64_t* inverse;              // out (N): position in `uniq` of each id, sample-major
-  int64_t* bag_of_id;            // out (N): the bag of each id, unless every bag holds one
   int64_t* uniq;                 // out (N at most): sorted unique global rows
   int64_t* occurrences;          // out (N at most)
   int64_t* lookups;              // out (T): ids per table
   int64_t n_uniq;                // out
-  int64_t one_hot;               // out: every bag holds one id (`bag_of_id` not written)
+  int64_t one_hot;               // out: every bag holds one id
   int64_t bad;                   // out: first id outside its table, at its position among the group's
                                  // ids taken feature after feature; -1 if none
 };
@@ -221,7 +220,7 @@ void prepare_ids(PrepareArgs* a) {
     }
   }
 
-  // sample-major: each id's unique index and bag, the samples in chunks over the threads
+  // sample-major: each id's unique index, the samples in chunks over the threads
   const int64_t chunks = parallel ? std::min<int64_t>(B, 8 * threads) : 1;
   std::vector<int64_t> cursor(chunks * F);  // where each chunk's samples start in each feature's ids
   for (int64_t f = 0; f < F; ++f) {
@@ -237,10 +236,7 @@ void prepare_ids(PrepareArgs* a) {
     for (int64_t b = B * c / chunks; b < B * (c + 1) / chunks; ++b)
       for (int64_t f = 0; f < F; ++f) {
         const int64_t bag = b * F + f;
-        for (int64_t o = a->offsets[bag]; o < a->offsets[bag + 1]; ++o) {
-          a->inverse[o] = unique[at[f]++];
-          if (!one_hot) a->bag_of_id[o] = bag;
-        }
+        for (int64_t o = a->offsets[bag]; o < a->offsets[bag + 1]; ++o) a->inverse[o] = unique[at[f]++];
       }
   }
 }

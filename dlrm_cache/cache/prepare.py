@@ -36,7 +36,7 @@ class PreparedBatch:
     offsets: torch.Tensor  # (B * F + 1,) bag offsets, sample-major: bag b * F + f is sample b, feature f
     batch_size: int
     lookups: torch.Tensor  # (T,) ids looked up per table
-    bag_of_id: torch.Tensor | None  # (N,) the bag of every id; None when every bag holds one id
+    one_hot: bool  # every bag holds one id
     seq: int | None = None  # lookahead: sequence number and arena position, set by register_future
     arena_base: int | None = None
     next_use: torch.Tensor | None = None  # (U,) each row's next use after this batch, once planned
@@ -83,8 +83,7 @@ def prepare_torch(
         global_ids, sorted=True, return_inverse=True, return_counts=True
     )
     one_hot = len(global_ids) == len(lengths_sm) and bool((lengths_sm == 1).all())
-    bag_of_id = None if one_hot else torch.repeat_interleave(torch.arange(len(lengths_sm)), lengths_sm)
-    return PreparedBatch(uniq, inverse, occurrences, offsets, lengths.shape[1], lookups, bag_of_id)
+    return PreparedBatch(uniq, inverse, occurrences, offsets, lengths.shape[1], lookups, one_hot)
 
 
 def _to_sample_major(ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,10 +104,7 @@ class _PrepareArgs(ctypes.Structure):
     _fields_ = [
         *[(k, ctypes.c_int64) for k in ("features", "batch", "tables", "threads")],
         *[(k, ctypes.c_void_p) for k in ("values", "value_start", "lengths", "feature_table", "row_offsets")],
-        *[
-            (k, ctypes.c_void_p)
-            for k in ("offsets", "inverse", "bag_of_id", "uniq", "occurrences", "lookups")
-        ],
+        *[(k, ctypes.c_void_p) for k in ("offsets", "inverse", "uniq", "occurrences", "lookups")],
         *[(k, ctypes.c_int64) for k in ("n_uniq", "one_hot", "bad")],
     ]
 
@@ -155,23 +151,22 @@ class NativePrepare:
         nf, batch = lengths.shape
         value_start = torch.tensor(starts, dtype=torch.int64)
         tables, bags = self.layout.tables, nf * batch
-        buf = self._buffers.take(tables + bags + 1 + 4 * n)
+        buf = self._buffers.take(tables + bags + 1 + 3 * n)
         lookups, offsets = buf[:tables], buf[tables : tables + bags + 1]
-        inverse, uniq, occurrences, bag_of_id = buf[tables + bags + 1 :].view(4, n)
+        inverse, uniq, occurrences = buf[tables + bags + 1 :].view(3, n)
         a = _PrepareArgs(
             features=nf, batch=batch, tables=self.layout.tables, threads=threads or torch.get_num_threads(),
             values=values.data_ptr(), value_start=value_start.data_ptr(), lengths=lengths.data_ptr(),
             feature_table=self._feature_table.data_ptr(), row_offsets=self._row_offsets.data_ptr(),
             offsets=offsets.data_ptr(), inverse=inverse.data_ptr(),
-            bag_of_id=bag_of_id.data_ptr(), uniq=uniq.data_ptr(),
+            uniq=uniq.data_ptr(),
             occurrences=occurrences.data_ptr(), lookups=lookups.data_ptr(),
         )  # fmt: skip
         self._lib.prepare_ids(ctypes.byref(a))
         if a.bad >= 0:
             raise out_of_table(self.layout, values, starts, lengths.sum(dim=1).tolist(), a.bad)
         u = a.n_uniq
-        bags = None if a.one_hot else bag_of_id
-        return PreparedBatch(uniq[:u], inverse, occurrences[:u], offsets, batch, lookups, bags)
+        return PreparedBatch(uniq[:u], inverse, occurrences[:u], offsets, batch, lookups, bool(a.one_hot))
 
 
 def preparer(layout: GroupLayout, native: bool) -> Callable[..., PreparedBatch]:

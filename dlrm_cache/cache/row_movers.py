@@ -141,8 +141,8 @@ class CudaRows(TorchRows):
         """The step's index tensors pinned and copied on the copy stream, after its loads (the step's
         ``ready`` event covers them): the training thread copies none from pageable memory mid-step."""
         b = plan.batch
-        tensors = {"slots": plan.slots, "inverse": b.inverse, "offsets": b.offsets, "bags": b.bag_of_id,
-                   "overflow": plan.overflow, "write_slots": plan.write_slots}  # fmt: skip
+        tensors = {"slots": plan.slots, "inverse": b.inverse, "offsets": b.offsets, "overflow": plan.overflow,
+                   "write_slots": plan.write_slots}  # fmt: skip
         if plan.host_served is not None:
             tensors.update(plan.host_served.index_tensors())
         compute = torch.cuda.current_stream(self.device)
