@@ -61,6 +61,14 @@ def test_group_choice_reaches_the_schema():
     assert (cfg.model.name, cfg.trainer.device, cfg.train.batch_size) == ("dcn", "cuda", 4096)
 
 
+def test_mlperf_queues_as_many_samples_ahead_at_either_batch_size():
+    """8 batches of 65,536 (what the host can hold of MLPerf's bags) and 256 of 2,048 alike."""
+    big, small = (to_config(_compose("train", [f"experiment={e}"]), TrainRunConfig)
+                  for e in ("mlperf_dcnv2", "mlperf_dcnv2_small"))  # fmt: skip
+    assert (big.cache.lookahead, small.cache.lookahead) == (8, 256)
+    assert big.cache.lookahead * big.train.batch_size == small.cache.lookahead * small.train.batch_size
+
+
 @pytest.mark.parametrize(
     ("override", "key"),
     [
