@@ -123,7 +123,8 @@ class CachedEmbeddingBagCollection(nn.Module):
     # ---------------------------------------------------------------- the lookahead queue
     def enqueue(self, features: KeyedJaggedTensor) -> None:
         """Hand over a future training batch; ``forward`` must then receive the batches in this order.
-        Its ids are prepared on the bookkeeping thread (inline on the CPU; see ``_submit``)."""
+        Its ids are prepared on a preparing thread and registered on the bookkeeping thread (inline on
+        the CPU; see ``_submit``)."""
         pin = self.device.type == "cuda" and features.values().device.type == "cpu"  # compared on the device
         prepared = self._submit_prepare(features)
         self._queue.append((Signature.of(features, pin), self._submit(self._register_future, prepared)))

@@ -8,7 +8,7 @@ data loader on the host anyway: the device holds the cached rows and nothing of 
 planning a step never waits for the device.
 
 A training step for one batch:
-1. ``prepare`` (at enqueue time): global ids, their unique set and the inverse map.
+1. ``prepare_features`` (at enqueue time, ``prepare.py``): global ids, their unique set and the inverse map.
 2. ``plan`` (at prefetch or forward time): look the unique rows up; for each table with misses, take
    free slots, then evict by policy among slots no in-flight batch needs (dirty victims are written
    back to the host), and load the missing rows host -> device. Rows that cannot be admitted because a
