@@ -1,5 +1,6 @@
 """Batches from a ``dlrm-preprocess`` output: Parquet read row group by row group, in a background
-thread, as TorchRec ``Batch``es (dense features, a ``KeyedJaggedTensor`` of each row's ids, labels).
+thread, as TorchRec ``Batch``es (dense features, a ``KeyedJaggedTensor`` of each row's ids, labels);
+each row group is decoded by pyarrow on a thread of its own while the one before is cut into batches.
 
 The categorical columns hold one id a row (integers), or, where ``metadata.json`` has
 ``multi_hot_sizes``, a bag a row (lists of integers; a size of 0 there allows bags of any length, empty
@@ -18,6 +19,7 @@ import json
 import queue
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -208,12 +210,25 @@ class ParquetBatches:
     def _read(self, epoch: int) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.groups)) if self.shuffle else range(len(self.groups))
-        carry: tuple | None = None  # the rows of the row groups before that fill no whole batch
+        with ThreadPoolExecutor(1, thread_name_prefix="dlrm-loader-read") as reader:
+            yield from self._batches(order, reader, rng)
+
+    def _batches(self, order, reader: ThreadPoolExecutor, rng) -> Iterator[Batch]:
+        """The row groups in ``order``, each read (decoded by pyarrow) on ``reader`` while the one before
+        is cut into batches."""
         files: dict[Path, pq.ParquetFile] = {}
-        for gi in order:
+
+        def read(gi: int) -> pa.Table:
             path, g = self.groups[gi]
-            pf = files.setdefault(path, pq.ParquetFile(path))
-            t = pf.read_row_group(g)
+            return files.setdefault(path, pq.ParquetFile(path)).read_row_group(g)
+
+        order = list(order)
+        ahead = reader.submit(read, order[0]) if order else None
+        carry: tuple | None = None  # the rows of the row groups before that fill no whole batch
+        for i, gi in enumerate(order):
+            path, g = self.groups[gi]
+            t = ahead.result()
+            ahead = reader.submit(read, order[i + 1]) if i + 1 < len(order) else None
             label = t.column("label").to_numpy().astype(np.float32)
             dense = np.stack([t.column(c).to_numpy() for c in INT_COLUMNS], axis=1).astype(np.float32)
             cats = self._ids(t, path, g)
