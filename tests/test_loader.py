@@ -100,6 +100,7 @@ next(epoch)  # the producer goes on reading ahead, inside pyarrow, as the interp
 """
 
 
+@pytest.mark.slow  # six processes
 def test_a_process_exits_cleanly_while_an_epoch_is_still_being_read(tmp_path):
     """An epoch left unfinished (its generator still referenced) is stopped before the interpreter
     exits: its producer thread, still inside pyarrow, aborted the process about one exit in two."""

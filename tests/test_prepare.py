@@ -1,11 +1,13 @@
-"""A batch's ids made ready for the cache: the C++ preparation gives exactly torch's tensors."""
+"""A batch's ids made ready for the cache: the C++ preparation gives exactly torch's tensors, and the
+batch signature's C++ checksum exactly torch's sum."""
 
 import pytest
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
+from dlrm_cache.cache.batch_signature import position_checksum
 from dlrm_cache.cache.layout import GroupLayout
-from dlrm_cache.cache.prepare import NativePrepare, position_checksum, prepare_torch
+from dlrm_cache.cache.prepare import NativePrepare, prepare_torch
 
 FIELDS = ("uniq", "inverse", "occurrences", "offsets", "lookups", "one_hot", "batch_size")
 

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dlrm_cache.cache.prepare import position_checksum
+from dlrm_cache.cache import prepare
+from dlrm_cache.native_build import NativeUnavailable
 
 if TYPE_CHECKING:
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -57,3 +58,19 @@ class FeedCheck:
         wrong, self._wrong = self._wrong, None
         if wrong is not None and bool(wrong):
             raise ValueError(WRONG_FEED)
+
+
+def position_checksum(t: torch.Tensor) -> torch.Tensor:
+    """``sum((i + 1) * t[i])`` in int64 (wrapping around), as a 0-d tensor on ``t``'s device: in one C++
+    pass for host int64/int32 tensors, where the library builds; with torch's operations elsewhere."""
+    kernel = {torch.int64: "checksum_i64", torch.int32: "checksum_i32"}.get(t.dtype)
+    if kernel is not None and t.device.type == "cpu":
+        try:
+            lib = prepare.library()  # prepare.cpp holds the checksum kernels
+        except NativeUnavailable:  # no compiler: torch's operations below
+            pass
+        else:
+            t = t.contiguous()
+            return torch.tensor(getattr(lib, kernel)(t.data_ptr(), t.numel()), dtype=torch.int64)
+    t = t.to(torch.int64)
+    return (t * torch.arange(1, len(t) + 1, dtype=torch.int64, device=t.device)).sum()

@@ -44,7 +44,7 @@ from dlrm_cache.cache.host_served import HostServed
 from dlrm_cache.cache.layout import GroupLayout
 from dlrm_cache.cache.native import NativePlanner
 from dlrm_cache.cache.optim import SparseOptimizer
-from dlrm_cache.cache.prepare import PreparedBatch, preparer
+from dlrm_cache.cache.prepare import PreparedBatch, from_global_ids, preparer
 from dlrm_cache.cache.row_movers import row_mover
 from dlrm_cache.cache.slots import SlotState
 
@@ -215,14 +215,7 @@ class TableGroup:
         self, global_ids: torch.Tensor, offsets: torch.Tensor, batch_size: int, lookups
     ) -> PreparedBatch:
         """``global_ids`` in sample-major bag order, ``offsets`` their (B * F + 1) bag offsets."""
-        uniq, inverse, occurrences = torch.unique(
-            global_ids, sorted=True, return_inverse=True, return_counts=True
-        )
-        lengths = offsets[1:] - offsets[:-1]
-        one_hot = len(global_ids) == len(lengths) and bool((lengths == 1).all())
-        return self._read_ahead(
-            PreparedBatch(uniq, inverse, occurrences, offsets, batch_size, lookups, one_hot)
-        )
+        return self._read_ahead(from_global_ids(global_ids, offsets, batch_size, lookups))
 
     def _read_ahead(self, batch: PreparedBatch) -> PreparedBatch:
         """A mapped host tier reads the rows this batch will miss meanwhile."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from dlrm_cache.cache.layout import GroupLayout
-from dlrm_cache.native_build import NativeUnavailable, choose, load
+from dlrm_cache.native_build import choose, load
 from dlrm_cache.reused_buffers import ReusedBuffers
 
 SOURCE = Path(__file__).with_name("prepare.cpp")
@@ -79,11 +79,20 @@ def prepare_torch(
     offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
     torch.cumsum(lengths_sm, 0, out=offsets[1:])
     lookups = torch.zeros(layout.tables, dtype=torch.int64).index_add_(0, layout.feature_table, counts)
+    return from_global_ids(global_ids, offsets, lengths.shape[1], lookups)
+
+
+def from_global_ids(
+    global_ids: torch.Tensor, offsets: torch.Tensor, batch_size: int, lookups: torch.Tensor
+) -> PreparedBatch:
+    """A batch from its global ids in sample-major bag order and their (B * F + 1) bag offsets: its
+    unique rows by torch's ``unique``."""
     uniq, inverse, occurrences = torch.unique(
         global_ids, sorted=True, return_inverse=True, return_counts=True
     )
-    one_hot = len(global_ids) == len(lengths_sm) and bool((lengths_sm == 1).all())
-    return PreparedBatch(uniq, inverse, occurrences, offsets, lengths.shape[1], lookups, one_hot)
+    lengths = offsets[1:] - offsets[:-1]
+    one_hot = len(global_ids) == len(lengths) and bool((lengths == 1).all())
+    return PreparedBatch(uniq, inverse, occurrences, offsets, batch_size, lookups, one_hot)
 
 
 def _to_sample_major(ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +164,7 @@ class NativePrepare:
         lookups, offsets = buf[:tables], buf[tables : tables + bags + 1]
         inverse, uniq, occurrences = buf[tables + bags + 1 :].view(3, n)
         a = _PrepareArgs(
-            features=nf, batch=batch, tables=self.layout.tables, threads=threads or torch.get_num_threads(),
+            features=nf, batch=batch, tables=tables, threads=threads or torch.get_num_threads(),
             values=values.data_ptr(), value_start=value_start.data_ptr(), lengths=lengths.data_ptr(),
             feature_table=self._feature_table.data_ptr(), row_offsets=self._row_offsets.data_ptr(),
             offsets=offsets.data_ptr(), inverse=inverse.data_ptr(),
@@ -175,19 +184,3 @@ def preparer(layout: GroupLayout, native: bool) -> Callable[..., PreparedBatch]:
     if native and choose("auto", "cache.planner", library, "id preparation", "torch prepares the ids"):
         return NativePrepare(layout)
     return functools.partial(prepare_torch, layout=layout)
-
-
-def position_checksum(t: torch.Tensor) -> torch.Tensor:
-    """``sum((i + 1) * t[i])`` in int64 (wrapping around), as a 0-d tensor on ``t``'s device: in one C++
-    pass for host int64/int32 tensors, where the library builds; with torch's operations elsewhere."""
-    kernel = {torch.int64: "checksum_i64", torch.int32: "checksum_i32"}.get(t.dtype)
-    if kernel is not None and t.device.type == "cpu":
-        try:
-            lib = library()
-        except NativeUnavailable:
-            lib = None
-        if lib is not None:
-            t = t.contiguous()
-            return torch.tensor(getattr(lib, kernel)(t.data_ptr(), t.numel()), dtype=torch.int64)
-    t = t.to(torch.int64)
-    return (t * torch.arange(1, len(t) + 1, dtype=torch.int64, device=t.device)).sum()
