@@ -1,5 +1,6 @@
 """The write pass's re-numbering in bounded memory: every feature's ``IdLookup``, held in memory while
-they all fit the room the budget leaves them, else all on disk and applied a group at a time.
+they all fit the room the budget leaves them (with the next one being made: ``reserve``), else all on
+disk and applied a group at a time.
 
 On disk, the features are packed in input order into groups whose lookups fit the room together (a
 feature whose lookup alone is larger makes a group of its own: that lookup is the floor, said in the
@@ -40,18 +41,27 @@ class HeldLookups:
     def on_disk(self) -> bool:
         return any(lookup is None for lookup in self._held)
 
+    def reserve(self, nbytes: int) -> None:
+        """Room for a lookup of ``nbytes`` about to be made beside the held ones: they go to disk first
+        if together they would not fit."""
+        if sum(self.nbytes) + nbytes > self.room:
+            self._to_disk()
+
     def add(self, lookup: IdLookup | BagLookup) -> None:
         self.sizes.append(lookup.size)
         self.rare_ids.append(lookup.rare_id)
         self.nbytes.append(lookup.nbytes)
         self._held.append(lookup)
         if self.on_disk or sum(self.nbytes) > self.room:
-            if not self.folder.exists():
-                self.folder.mkdir()
-            for j, held in enumerate(self._held):
-                if held is not None:
-                    held.save(self.folder / CAT_COLUMNS[j])
-                    self._held[j] = None
+            self._to_disk()
+
+    def _to_disk(self) -> None:
+        if not self.folder.exists():
+            self.folder.mkdir()
+        for j, held in enumerate(self._held):
+            if held is not None:
+                held.save(self.folder / CAT_COLUMNS[j])
+                self._held[j] = None
 
     def groups(self) -> list[list[int]]:
         """The features by group, in order: one group when every lookup is in memory."""

@@ -58,10 +58,10 @@ from dlrm_cache.data.criteo_tsv import (
 from dlrm_cache.data.held_lookups import HeldLookups, id_table, ids_path
 from dlrm_cache.data.memory_budget import MemoryBudget, map_large_allocations, memory_budget
 from dlrm_cache.data.multi_hot import BagLookup, MultiHot, expanded
-from dlrm_cache.data.saved_vocab import SavedVocabularies, saved_vocabularies
+from dlrm_cache.data.saved_vocab import SavedVocabularies, saved_vocabularies, write_vocabulary
 from dlrm_cache.data.spilled_counts import SpilledCounter
-from dlrm_cache.data.synthetic import hash_to_hex
-from dlrm_cache.data.vocab import Vocabulary
+from dlrm_cache.data.spilled_vocab import SpilledVocabulary
+from dlrm_cache.data.vocab import LOOKUP_BYTES, Vocabulary
 from dlrm_cache.files import file_crc32, folder_beside, naming, refuse_foreign, remove_leftovers, swap_in
 
 SCHEMA_VERSION = 1
@@ -246,7 +246,7 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
             else _fit(counters, opts.min_count, budget, counts_dir, opts.progress)
         )
         if multi is not None and source is None:  # ranked again by the expanded ids' counts
-            made = (expanded(vocab, j, multi) for j, vocab in enumerate(made))
+            made = (expanded(vocab.in_memory(), j, multi) for j, vocab in enumerate(made))
         del counters  # held by the generator alone, which drops each once it is ranked
         held = HeldLookups(tmp / "_lookups", budget.total - budget.write_fixed)
         coverage = _vocabularies(made, tmp / "vocab", held, multi)
@@ -552,7 +552,7 @@ def _die_with(parent: int) -> None:
 
 def _fit(
     counters: list[SpilledCounter], min_count: int, budget: MemoryBudget, folder: Path, progress: bool
-) -> Iterator[Vocabulary]:
+) -> Iterator[Vocabulary | SpilledVocabulary]:
     """The vocabularies, in ``CAT_COLUMNS`` order: side by side when every count fit in memory; else one
     feature at a time, each spilled one a partition at a time (``spilled_counts``), so that one
     feature's vocabulary at most is whole at a time."""
@@ -577,7 +577,7 @@ def _fit(
 
 
 def _vocabularies(
-    made: Iterator[Vocabulary], folder: Path, held: HeldLookups, multi: MultiHot | None
+    made: Iterator[Vocabulary | SpilledVocabulary], folder: Path, held: HeldLookups, multi: MultiHot | None
 ) -> Coverage:
     """Each vocabulary as it is made: its file written into ``folder`` (``cat_N.parquet``), its coverage
     taken in, then only its re-numbering kept (``IdLookup``: about 9 bytes a kept value, not the
@@ -585,8 +585,9 @@ def _vocabularies(
     folder.mkdir()
     coverage = Coverage()
     for j, (name, vocab) in enumerate(zip(CAT_COLUMNS, made, strict=True)):
-        _write_vocab(folder / f"{name}.parquet", vocab)
-        coverage.add(name, vocab.count)
+        held.reserve(LOOKUP_BYTES * len(vocab))  # a vocabulary ranked on disk makes its lookup first
+        write_vocabulary(folder / f"{name}.parquet", vocab)
+        coverage.add(name, *vocab.histogram())
         held.add(vocab.lookup() if multi is None else BagLookup.of(vocab, j, multi))
         del vocab
     return coverage
@@ -671,24 +672,6 @@ class _SplitWriter:
             self.writer.close()
 
 
-def _write_vocab(path: Path, v: Vocabulary) -> None:
-    is_rare = np.arange(len(v)) == v.rare_id
-    null = is_rare | (v.raw < 0)
-    hexes = pa.array(hash_to_hex(np.where(null, 0, v.raw)), pa.binary(), mask=null).cast(pa.string())
-    table = pa.table(
-        {
-            "id": pa.array(np.arange(len(v)), pa.int64()),
-            "raw": hexes,  # null: the empty value, or the rare bucket
-            "is_rare": pa.array(is_rare),
-            "train_count": pa.array(v.count),
-        }
-    )
-    # No dictionary pages: ids and raw values are all distinct (0.16 -> 0.10 s, 14 -> 11 MB for 26
-    # vocabularies of 0.9M ids in all).
-    with naming(path):
-        pq.write_table(table, path, use_dictionary=False)
-
-
 class Coverage:
     """The skew report's curves: the share of train lookups covered by the hottest 1, 2, ... rows, per
     feature and over all tables ("all"), taken in a feature at a time (its counts, hottest first). Kept
@@ -700,26 +683,18 @@ class Coverage:
         self.samples: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}  # (row share, coverage)
         self._histogram: dict[int, int] = {}  # count -> how many rows of all tables have it
 
-    def add(self, name: str, counts: np.ndarray) -> None:
-        cum = np.cumsum(counts)
-        self._curve(name, len(counts), int(cum[-1]) if len(cum) else 0, lambda k: cum[k - 1])
-        values, rows = np.unique(counts, return_counts=True)
-        for value, n in zip(values.tolist(), rows.tolist(), strict=True):
+    def add(self, name: str, levels: np.ndarray, rows: np.ndarray) -> None:
+        """A feature's train counts as a histogram: ``rows[i]`` ids have count ``levels[i]`` (descending)."""
+        self._curve(name, *_top_sums(levels, rows))
+        for value, n in zip(levels.tolist(), rows.tolist(), strict=True):
             self._histogram[value] = self._histogram.get(value, 0) + n
 
     def report(self) -> dict:
         """The union's curve (from the histogram), then the report: ``row_share``, ``features``,
         ``overall``."""
-        values = np.array(sorted(self._histogram, reverse=True), dtype=np.int64)
-        rows = np.array([self._histogram[v] for v in values.tolist()], dtype=np.int64)
-        rows_to = np.cumsum(rows)  # rows down to each count, highest first
-        sum_to = np.cumsum(values * rows)
-
-        def top(k: np.ndarray) -> np.ndarray:  # the sum of the k highest counts (1 <= k <= rows)
-            i = np.searchsorted(rows_to, k, side="left")
-            return sum_to[i] - (rows_to[i] - k) * values[i]
-
-        self._curve("all", int(rows_to[-1]) if len(rows) else 0, int(sum_to[-1]) if len(rows) else 0, top)
+        levels = np.array(sorted(self._histogram, reverse=True), dtype=np.int64)
+        rows = np.array([self._histogram[v] for v in levels.tolist()], dtype=np.int64)
+        self._curve("all", *_top_sums(levels, rows))
         features = {name: p for name, p in self.points.items() if name != "all"}
         return {"row_share": SKEW_POINTS, "features": features, "overall": self.points["all"]}
 
@@ -736,6 +711,19 @@ class Coverage:
             return
         at = np.unique(np.geomspace(1, n, num=400).astype(np.int64))  # a few hundred points
         self.samples[name] = (at / n, cov(at))
+
+
+def _top_sums(levels: np.ndarray, rows: np.ndarray):
+    """Of counts given as a histogram (``rows[i]`` of them equal ``levels[i]``, descending): how many,
+    their sum, and ``top(k)``, the sum of the ``k`` highest (``k``: int64, 1 <= k <= how many)."""
+    rows_to = np.cumsum(rows)  # counts down to each level, highest first
+    sum_to = np.cumsum(levels * rows)
+
+    def top(k: np.ndarray) -> np.ndarray:
+        i = np.searchsorted(rows_to, k, side="left")
+        return sum_to[i] - (rows_to[i] - k) * levels[i]
+
+    return (int(rows_to[-1]), int(sum_to[-1]), top) if len(rows) else (0, 0, top)
 
 
 def _write_skew(folder: Path, skew: dict, samples: dict[str, tuple[np.ndarray, np.ndarray] | None]) -> None:

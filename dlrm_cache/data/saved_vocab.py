@@ -4,6 +4,7 @@ new data (tomorrow's log, Kaggle's ``test.txt``) with the ids a model was traine
 A dataset's ``vocab/cat_N.parquet`` holds, per id, the raw value (8 hex digits; null for the empty
 value and for the rare bucket), whether it is the rare bucket, and its train count: exactly what
 ``Vocabulary`` is made of. Reading it back gives the same re-numbering the dataset was written with.
+``write_vocabulary`` writes it, a row group at a time (from memory, or from a vocabulary ranked on disk).
 """
 
 from __future__ import annotations
@@ -20,9 +21,14 @@ import pyarrow.parquet as pq
 
 from dlrm_cache.criteo import CAT_COLUMNS
 from dlrm_cache.data.criteo_tsv import MISSING, hex_to_int
+from dlrm_cache.data.synthetic import hash_to_hex
 from dlrm_cache.data.vocab import Vocabulary
+from dlrm_cache.files import naming
 
 VOCAB_COLUMNS = ["id", "raw", "is_rare", "train_count"]
+_SCHEMA = pa.schema(
+    [("id", pa.int64()), ("raw", pa.string()), ("is_rare", pa.bool_()), ("train_count", pa.int64())]
+)
 MULTI_HOT_OPTIONS = ("multi_hot_sizes", "multi_hot_distribution", "multi_hot_seed")
 
 
@@ -47,6 +53,21 @@ class SavedVocabularies:
         """Raise what ``read_each`` would (a missing or damaged vocabulary), holding one at a time."""
         for _ in self.read_each():
             pass
+
+
+def write_vocabulary(path: Path, vocab) -> None:
+    """``vocab`` (a ``Vocabulary`` or a ``SpilledVocabulary``: its ``chunks()`` and ``rare_id``) into
+    ``path``, a row group per chunk. No dictionary pages: ids and raw values are all distinct."""
+    first = 0
+    with naming(path), pq.ParquetWriter(path, _SCHEMA, use_dictionary=False) as writer:
+        for raw, count in vocab.chunks():
+            ids = np.arange(first, first + len(raw))
+            is_rare = ids == vocab.rare_id
+            null = is_rare | (raw < 0)
+            hexes = pa.array(hash_to_hex(np.where(null, 0, raw)), pa.binary(), mask=null).cast(pa.string())
+            columns = [pa.array(ids), hexes, pa.array(is_rare), pa.array(count)]
+            writer.write_table(pa.Table.from_arrays(columns, schema=_SCHEMA))
+            first += len(raw)
 
 
 def saved_vocabularies(root: Path) -> SavedVocabularies:

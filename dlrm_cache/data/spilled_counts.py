@@ -2,10 +2,10 @@
 they go to disk as a run, split by value into ``PARTITIONS`` files, and counting starts afresh.
 
 Fitting then reads one partition at a time (every run's share of it: the values of one partition only),
-sums the counts of each value and keeps those seen ``min_count`` times or more: what is ever held
-together is one partition's distinct values and the feature's kept values, never the counts of every
-distinct value. The vocabulary is the same as from one in-memory counter (``Vocabulary.fit``): the same
-counts, ranked the same way.
+sums the counts of each value and hands those seen ``min_count`` times or more to a ``SpilledVocabulary``,
+which ranks them on disk: what is ever held together is one partition's distinct values, never the
+counts of every distinct value nor every kept value with its count. The vocabulary is the same as from
+one in-memory counter (``Vocabulary.fit``): the same counts, ranked the same way.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from dlrm_cache.data.spilled_vocab import PAIR, SpilledVocabulary
 from dlrm_cache.data.vocab import ValueCounter, Vocabulary
 from dlrm_cache.files import naming
 
 PARTITIONS = 64
 _SHIFT = 33 - 6  # raw values -1 .. 2^32 - 1, shifted by one: 33 bits; the top 6 pick the partition
 BYTES_PER_VALUE = 100  # a counter's bytes per distinct value at its peak (hash table growth, export)
-_PAIR = np.dtype([("value", "<i8"), ("count", "<i8")])
 
 
 class SpilledCounter:
@@ -51,7 +51,7 @@ class SpilledCounter:
             lo, hi = bounds[p], bounds[p + 1]
             if hi == lo:
                 continue
-            pairs = np.empty(hi - lo, dtype=_PAIR)
+            pairs = np.empty(hi - lo, dtype=PAIR)
             pairs["value"], pairs["count"] = values[lo:hi], counts[lo:hi]
             path = self.folder / f"{self.name}.{p}.bin"
             with naming(path), open(path, "ab") as f:
@@ -69,29 +69,27 @@ class SpilledCounter:
         if self.counter.distinct() >= self.limit:
             self.spill()
 
-    def fit(self, min_count: int) -> Vocabulary:
-        """The vocabulary, one partition at a time; the spilled files are removed."""
+    def fit(self, min_count: int) -> Vocabulary | SpilledVocabulary:
+        """The vocabulary: in memory where nothing spilled, else ranked on disk (``SpilledVocabulary``)
+        from one partition at a time; the spilled runs are removed."""
         if not self.files:  # nothing spilled: the in-memory path
             return Vocabulary.fit(*self.counter.result(), min_count)
         self.spill()
         by_part: dict[int, list[Path]] = {}
         for path in self.files:
             by_part.setdefault(int(path.name.rsplit(".", 2)[1]), []).append(path)
-        kept_values, kept_counts, rare = [], [], 0
+        vocab = SpilledVocabulary(self.folder, self.name)
         for p in sorted(by_part):
-            runs = [np.fromfile(path, dtype=_PAIR) for path in sorted(by_part[p])]
+            runs = [np.fromfile(path, dtype=PAIR) for path in sorted(by_part[p])]
             pairs = np.concatenate(runs) if len(runs) > 1 else runs[0]
             del runs
             values, inverse = np.unique(pairs["value"], return_inverse=True)
             counts = np.bincount(inverse, weights=pairs["count"], minlength=len(values)).astype(np.int64)
             del pairs, inverse
-            keep = counts >= min_count
-            kept_values.append(values[keep])
-            kept_counts.append(counts[keep])
-            rare += int(counts[~keep].sum())
+            vocab.add_partition(values, counts, min_count)
             for path in by_part[p]:
                 path.unlink()
-        return Vocabulary.fit_kept(np.concatenate(kept_values), np.concatenate(kept_counts), rare)
+        return vocab
 
     def __getstate__(self) -> dict:
         self.counter.result()  # compacted: it crosses a process boundary as arrays

@@ -13,12 +13,16 @@ ids 0..k-1. ``IdLookup`` re-numbers raw values in about 9 bytes a kept value (wh
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dlrm_cache.native_build import NativeUnavailable, load
+
+VOCAB_GROUP_ROWS = 1 << 20  # ids a row group of a vocabulary file holds
+LOOKUP_BYTES = 9  # an ``IdLookup``'s bytes a kept value, at most (32-bit raw values)
 
 
 class ValueCounter:
@@ -120,6 +124,20 @@ class Vocabulary:
 
     def __len__(self) -> int:
         return len(self.raw)
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The raw value and train count of each id, ``VOCAB_GROUP_ROWS`` ids at a time (a row group of
+        the vocabulary file each)."""
+        for lo in range(0, len(self), VOCAB_GROUP_ROWS):
+            yield self.raw[lo : lo + VOCAB_GROUP_ROWS], self.count[lo : lo + VOCAB_GROUP_ROWS]
+
+    def histogram(self) -> tuple[np.ndarray, np.ndarray]:
+        """The train counts of the ids, descending, and how many ids have each."""
+        levels, n = np.unique(self.count, return_counts=True)
+        return levels[::-1], n[::-1]
+
+    def in_memory(self) -> Vocabulary:
+        return self
 
     def lookup(self, native: bool = True) -> IdLookup:
         """What re-numbers raw values (``IdLookup``): made from this vocabulary, which the caller may
