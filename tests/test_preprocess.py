@@ -18,7 +18,7 @@ import pytest
 
 from dlrm_cache.config import DatasetConfig, PreprocessOptions, PreprocessRunConfig, SynthConfig
 from dlrm_cache.criteo import LABELED_COLUMNS
-from dlrm_cache.data import criteo_tsv
+from dlrm_cache.data import criteo_tsv, write_pass
 from dlrm_cache.data import preprocess as preprocess_module
 from dlrm_cache.data.criteo_tsv import BadLines, CriteoFormatError, read_chunks
 from dlrm_cache.data.preprocess import preprocess
@@ -366,7 +366,7 @@ def test_a_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     def broken(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(preprocess_module, "_renumbered", broken)
+    monkeypatch.setattr(write_pass, "renumbered", broken)
     with pytest.raises(OSError, match="disk full"):
         run([src], tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.txt"], "nothing half-written"

@@ -15,7 +15,7 @@ from dlrm_cache.data.spilled_counts import BYTES_PER_VALUE
 PROCESS_BYTES = 200 << 20  # a process's own: Python, numpy, pyarrow (measured: ~180 MB)
 CHUNK_COPIES = 6  # a chunk in flight: its text, the parsed arrays, the spilled table, the next one read ahead
 MIN_COUNTING = 64 << 20  # the least the counters may share
-WRITE_ROW_BYTES = 400  # a row buffered by a split's Parquet writer (arrow, encoding); 3 splits
+WRITE_ROW_BYTES = 400  # a row buffered by a part's Parquet writer (arrow, encoding)
 PLOT_BYTES = 64 << 20  # the skew report's plot (matplotlib), drawn during the write pass
 
 
@@ -29,6 +29,7 @@ class MemoryBudget:
     fixed: int  # what the parse takes whatever the input: its processes and their chunks
     write_fixed: int  # what the write pass takes besides the vocabularies
     values_per_feature: int  # distinct values a feature's counter holds before it spills
+    write_threads: int  # parts written side by side
 
 
 def memory_budget(opts: PreprocessOptions, processes: int) -> MemoryBudget:
@@ -37,18 +38,24 @@ def memory_budget(opts: PreprocessOptions, processes: int) -> MemoryBudget:
     total = int(opts.memory_gb * GB) if opts.memory_gb else machine_ram() // 2
     own = PROCESS_BYTES * (processes + 1 if processes > 1 else 1)  # the parsers, and this process
     fixed = own + processes * CHUNK_COPIES * (opts.chunk_mb << 20)
-    write_fixed = PROCESS_BYTES + 3 * opts.row_group_rows * WRITE_ROW_BYTES + PLOT_BYTES
-    smallest = max(fixed + MIN_COUNTING, write_fixed)
+    # A part being written holds a row group and two spilled chunks (one re-numbered ahead); the parts
+    # written side by side take at most half of what the write pass leaves the lookups.
+    per_part = opts.row_group_rows * WRITE_ROW_BYTES + 2 * (opts.chunk_mb << 20)
+    wanted = opts.workers or os.cpu_count() or 1
+    write_threads = max(1, min(wanted, (total - PROCESS_BYTES - PLOT_BYTES) // (2 * per_part)))
+    write_fixed = PROCESS_BYTES + write_threads * per_part + PLOT_BYTES
+    write_least = PROCESS_BYTES + per_part + PLOT_BYTES  # one part at a time
+    smallest = max(fixed + MIN_COUNTING, write_least)
     if total < smallest:
         raise ValueError(
             f"preprocess.memory_gb={opts.memory_gb:g}: below the fixed costs ({processes} parsing "
             f"process(es) with preprocess.chunk_mb={opts.chunk_mb}: {fixed / GB:.2f} GB; the write pass "
-            f"with preprocess.row_group_rows={opts.row_group_rows}: {write_fixed / GB:.2f} GB); the smallest "
+            f"with preprocess.row_group_rows={opts.row_group_rows}: {write_least / GB:.2f} GB); the smallest "
             f"that works is {-(-smallest * 100 // GB) / 100:.2f} (or lower preprocess.chunk_mb, "
             "preprocess.workers or preprocess.row_group_rows)"
         )
     per_feature = (total - fixed) // (processes * len(CAT_COLUMNS) * BYTES_PER_VALUE)
-    return MemoryBudget(total, fixed, write_fixed, max(1, per_feature))
+    return MemoryBudget(total, fixed, write_fixed, max(1, per_feature), write_threads)
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter

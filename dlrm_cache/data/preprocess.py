@@ -36,14 +36,11 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from dlrm_cache.config import GB, PreprocessOptions, PreprocessRunConfig
@@ -55,21 +52,20 @@ from dlrm_cache.data.criteo_tsv import (
     read_chunks,
     unreadable,
 )
-from dlrm_cache.data.held_lookups import HeldLookups, id_table, ids_path
+from dlrm_cache.data.held_lookups import HeldLookups
 from dlrm_cache.data.memory_budget import MemoryBudget, map_large_allocations, memory_budget
 from dlrm_cache.data.multi_hot import BagLookup, MultiHot, expanded
 from dlrm_cache.data.saved_vocab import SavedVocabularies, saved_vocabularies, write_vocabulary
 from dlrm_cache.data.spilled_counts import SpilledCounter
 from dlrm_cache.data.spilled_vocab import SpilledVocabulary
 from dlrm_cache.data.vocab import LOOKUP_BYTES, Vocabulary
+from dlrm_cache.data.write_pass import SPLITS, BatchIndex, WritePass, plan, read_ahead
 from dlrm_cache.files import file_crc32, folder_beside, naming, refuse_foreign, remove_leftovers, swap_in
 
 SCHEMA_VERSION = 1
-SPLITS = ("train", "val", "test")
 OUTPUTS = {*SPLITS, "vocab", "stats", "metadata.json"}  # what a dataset folder holds
 SKEW_POINTS = [0.001, 0.005, 0.01, 0.015, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]  # shares of rows
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 def resolve_inputs(patterns: list[str]) -> list[Path]:
@@ -237,7 +233,7 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
                 zip(files, layouts, train_ends, spills, strict=True)
             )
         ]
-        counters, bad = _parse_all(jobs, workers, opts.progress)
+        counters, bad, index = _parse_all(jobs, workers, opts.progress)
         pa.default_memory_pool().release_unused()  # the parse's buffers, back to the system
         multi = MultiHot.of(opts)
         made = (
@@ -264,18 +260,17 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
         dictionary = [c for c in schema.names if c not in CAT_COLUMNS]
         leaf = "" if multi is None else ".list.element"  # a bag's ids: the list's values
         dictionary += [c + leaf for c, size in zip(CAT_COLUMNS, held.sizes, strict=True) if size < 1 << 16]
-        writers = {
-            s: _SplitWriter(tmp / s, schema, opts.row_group_rows, opts.max_file_rows, dictionary)
-            for s in SPLITS
-        }
         bounds = list(zip(train_ends, val_ends.result(), strict=True))
+        parts = plan(spills, index, bounds, opts.max_file_rows)
+        rows = {s: sum(p.rows for p in parts if p.split == s) for s in SPLITS}
         # The skew report and its plot (~0.5 s of matplotlib, whatever the input) are written
         # meanwhile, on a thread of their own; leaving the block waits for it, also on a failure,
         # before the temporary folder it writes into is removed.
         skew = coverage.report()
         with ThreadPoolExecutor(1, thread_name_prefix="dlrm-preprocess-stats") as stats:
             plotted = stats.submit(_write_skew, tmp / "stats", skew, coverage.samples)
-            rows = _write_splits(spills, bounds, writers, held, schema, opts)
+            writing = WritePass(spills, held, schema, dictionary, opts.row_group_rows, budget.write_threads)
+            writing.run(parts, tmp, opts.progress)
             plotted.result()
         held.remove()
         metadata = {
@@ -384,21 +379,22 @@ class _ParseJob:
     values_per_feature: int  # distinct values a counter holds before it spills
     count: bool = True  # False: the vocabularies exist already (vocab_from); nothing to count
 
-    def run(self, on_progress=None) -> tuple[list[SpilledCounter], BadLines]:
+    def run(self, on_progress=None) -> tuple[list[SpilledCounter], BadLines, list[BatchIndex]]:
         bad = BadLines()
+        index = []
         counters = [
             SpilledCounter(self.counts_dir, f"{self.index}-{c}", self.values_per_feature) for c in CAT_COLUMNS
         ]
         with (
             naming(self.spill),
             pa.OSFile(str(self.spill), "wb") as sink,
-            pa.ipc.new_stream(sink, _PARSED) as spill,
+            pa.ipc.new_file(sink, _PARSED) as spill,
             ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="dlrm-preprocess-count") as pool,
         ):
             chunks = read_chunks(
                 self.path, self.columns, self.chunk_bytes, self.on_bad_lines, bad, on_progress, self.parser
             )
-            for chunk in _read_ahead(chunks):
+            for chunk in read_ahead(chunks):
                 if self.max_ind_range:  # the reference's hashing; the empty value (-1) stays apart
                     np.remainder(chunk.cats, self.max_ind_range, out=chunk.cats, where=chunk.cats >= 0)
                 counted = []
@@ -407,98 +403,19 @@ class _ParseJob:
                     train = chunk.lines <= self.train_end
                     cats = chunk.cats if train.all() else chunk.cats[train]
                     counted = [pool.submit(c.add, cats[:, j]) for j, c in enumerate(counters)]
-                spill.write_table(_parsed_table(chunk))
+                if len(chunk.lines):
+                    spill.write_table(_parsed_table(chunk))
+                    index.append(BatchIndex(len(chunk.lines), int(chunk.lines[0]), int(chunk.lines[-1])))
                 for done in counted:
                     done.result()
-        return counters, bad
+        return counters, bad, index
 
 
-def _write_splits(
-    spills: list[Path],
-    bounds: list[tuple[int, int]],
-    writers: dict[str, _SplitWriter],
-    held: HeldLookups,
-    schema: pa.Schema,
-    opts: PreprocessOptions,
-) -> dict[str, int]:
-    """The parsed rows of each spill, re-numbered, into their split's writer (closed at the end): rows
-    up to the file's last train line (``bounds``) train, then up to its last val line val, the rest
-    test. Each spill is deleted once written. Returns the rows per split.
-
-    A chunk is re-numbered on ``preprocess.workers`` threads (one per core by default; the lookups
-    and Parquet's encoding release the GIL: threads, not processes, so no row is copied between
-    processes) while the one before it is written. Where the lookups do not fit in memory together,
-    every group of them but the last is applied first in a pass of its own (``held_lookups``). The
-    same tables in the same order whatever the threads and groups, so the same bytes."""
-    rows = dict.fromkeys(SPLITS, 0)
-    groups = held.groups()
-    column_type = schema.field(CAT_COLUMNS[0]).type
-    total = sum(s.stat().st_size for s in spills)
-    threads = opts.workers or os.cpu_count() or 1
-    with ThreadPoolExecutor(threads, thread_name_prefix="dlrm-preprocess-ids") as pool:
-        for g, group in enumerate(groups[:-1]):
-            lookups = held.load(group)
-            with _progress(f"ids {g + 1}/{len(groups) - 1}", total, opts.progress) as bar:
-                for n, spill_path in enumerate(spills):
-                    _write_ids(spill_path, ids_path(spill_path.parent, g, n), lookups, column_type, pool, bar)
-            del lookups
-        lookups = held.load(groups[-1])
-        with _progress("write", total, opts.progress) as bar:
-            for n, (spill_path, (train_end, val_end)) in enumerate(zip(spills, bounds, strict=True)):
-                on_progress = bar.at(spill_path)
-                ahead = [ids_path(spill_path.parent, g, n) for g in range(len(groups) - 1)]
-                # read, not memory-mapped: a mapping would keep every page of the spill resident
-                with pa.OSFile(str(spill_path)) as source, ExitStack() as opened:
-                    done_ids = [pa.ipc.open_stream(opened.enter_context(pa.OSFile(str(p)))) for p in ahead]
-                    renumbered = (
-                        (batch.column("line").to_numpy(), _renumbered(batch, lookups, done_ids, schema, pool))
-                        for batch in pa.ipc.open_stream(source)
-                    )
-                    for lines, table in _read_ahead(renumbered):
-                        # A file's lines go train, val, test in order: each split's rows are one slice.
-                        ends = [*np.searchsorted(lines, [train_end, val_end], side="right"), len(lines)]
-                        for s, lo, hi in zip(SPLITS, [0, *ends[:-1]], ends, strict=True):
-                            if hi > lo:
-                                writers[s].write(table.slice(lo, hi - lo))
-                                rows[s] += int(hi - lo)
-                        on_progress(source.tell())
-                spill_path.unlink()
-                for p in ahead:
-                    p.unlink()
-    for w in writers.values():
-        w.close()
-    return rows
-
-
-def _write_ids(spill: Path, out: Path, lookups: dict, column_type: pa.DataType, pool, bar: _progress) -> None:
-    """The ids of ``lookups``' features for the rows of ``spill``: a batch per spilled batch, into ``out``."""
-    on_progress = bar.at(spill)
-    with pa.OSFile(str(spill)) as source, naming(out), pa.OSFile(str(out), "wb") as sink:
-        writer = None
-        for batch in pa.ipc.open_stream(source):
-            ids = id_table(batch, lookups, column_type, pool)
-            if writer is None:
-                writer = pa.ipc.new_stream(sink, ids.schema)
-            writer.write_table(ids)
-            on_progress(source.tell())
-        if writer is not None:
-            writer.close()
-
-
-def _read_ahead(items: Iterator[T]) -> Iterator[T]:
-    """``items`` in order, the next one made on a thread while the caller works on the current one
-    (chunks read and parsed while one is counted and spilled; chunks re-numbered while one is written).
-    One item ahead: memory stays bounded by the chunk size."""
-    with ThreadPoolExecutor(1, thread_name_prefix="dlrm-preprocess-ahead") as ahead:
-        pending = ahead.submit(next, items, None)
-        while (item := pending.result()) is not None:
-            pending = ahead.submit(next, items, None)
-            yield item
-
-
-def _parse_all(jobs: list[_ParseJob], workers: int, progress: bool) -> tuple[list[SpilledCounter], BadLines]:
+def _parse_all(
+    jobs: list[_ParseJob], workers: int, progress: bool
+) -> tuple[list[SpilledCounter], BadLines, list[list[BatchIndex]]]:
     """Run the parse jobs, one input file per process when there are several, and merge their counts
-    (in input order, so the result does not depend on the scheduling)."""
+    (in input order, so the result does not depend on the scheduling); each spill's batches."""
     total = sum(j.path.stat().st_size for j in jobs)
     with _progress("parse", total, progress) as bar:
         if len(jobs) == 1 or workers == 1:
@@ -523,12 +440,12 @@ def _parse_all(jobs: list[_ParseJob], workers: int, progress: bool) -> tuple[lis
                     pool.shutdown(wait=False, cancel_futures=True)
                     raise
                 results = [f.result() for f in futures]
-    counters, bad = results[0]
-    for more, more_bad in results[1:]:
+    counters, bad, _ = results[0]
+    for more, more_bad, _ in results[1:]:
         for c, m in zip(counters, more, strict=True):
             c.merge(m)
         bad.extend(more_bad)
-    return counters, bad
+    return counters, bad, [index for _, _, index in results]
 
 
 def _start_parse_process(parent: int) -> None:
@@ -611,65 +528,6 @@ def _parsed_table(chunk) -> pa.Table:
     cols += [pa.array(chunk.cats[:, j]) for j in range(len(CAT_COLUMNS))]
     cols.append(pa.array(chunk.lines))
     return pa.Table.from_arrays(cols, schema=_PARSED)
-
-
-def _renumbered(
-    batch: pa.RecordBatch,
-    lookups: dict,
-    done: list,
-    schema: pa.Schema,
-    pool: ThreadPoolExecutor,
-) -> pa.Table:
-    """``batch``'s columns, its categorical values re-numbered by ``lookups`` (feature index ->
-    ``IdLookup``) or read from ``done`` (readers of the same rows' ids, written by earlier passes)."""
-    ids = id_table(batch, lookups, schema.field(CAT_COLUMNS[0]).type, pool)
-    by_name = {name: ids.column(name) for name in ids.column_names}
-    for reader in done:
-        more = reader.read_next_batch()
-        by_name.update({name: more.column(name) for name in more.schema.names})
-    cols = [batch.column("label"), *(batch.column(c) for c in INT_COLUMNS)]
-    cols += [by_name[c] for c in CAT_COLUMNS]
-    return pa.Table.from_arrays(cols, schema=schema)
-
-
-class _SplitWriter:
-    """``part-00000.parquet``, ``part-00001.parquet``, ... of at most ``max_rows`` rows each."""
-
-    def __init__(
-        self, folder: Path, schema: pa.Schema, row_group_rows: int, max_rows: int, dictionary: list[str]
-    ):
-        self.folder, self.schema, self.dictionary = folder, schema, dictionary
-        self.row_group_rows, self.max_rows = row_group_rows, max_rows
-        self.writer: pq.ParquetWriter | None = None
-        self.path: Path | None = None  # the part being written
-        self.parts = self.in_part = 0
-        folder.mkdir(parents=True)
-
-    def write(self, table: pa.Table) -> None:
-        while table.num_rows:
-            if self.writer is None or self.in_part == self.max_rows:
-                self._next_part()
-            take = min(table.num_rows, self.max_rows - self.in_part)
-            with naming(self.path):
-                self.writer.write_table(table.slice(0, take), row_group_size=self.row_group_rows)
-            self.in_part += take
-            table = table.slice(take)
-
-    def _next_part(self) -> None:
-        if self.writer is not None:
-            with naming(self.path):
-                self.writer.close()
-        self.path = self.folder / f"part-{self.parts:05d}.parquet"
-        with naming(self.path):
-            self.writer = pq.ParquetWriter(self.path, self.schema, use_dictionary=self.dictionary)
-        self.parts += 1
-        self.in_part = 0
-
-    def close(self) -> None:
-        if self.writer is None:  # an empty split still gets one (empty) file with the schema
-            self._next_part()
-        with naming(self.path):
-            self.writer.close()
 
 
 class Coverage:
