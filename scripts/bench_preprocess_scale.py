@@ -5,6 +5,11 @@ resident memory of the whole command (all its processes), time, and the outputs 
         --chunk-mb 16 --min-count 3 --dir /work/bench_tmp/pp_scale --repeats 2]
     .venv/bin/python scripts/bench_preprocess_scale.py --rows 2000000,4000000,8000000,16000000 \
         --repeats 1 --plot docs/img/preprocess_memory.png
+    .venv/bin/python scripts/bench_preprocess_scale.py --rows 16000000 --workers 1,2 --repeats 2
+
+``--workers``: out of core only, at each ``preprocess.workers`` in alternation: the time of each phase
+(parse, rank, ids passes, write; from the progress bars), rows per second, the Criteo 1TB time
+extrapolated from it (4,373,472,329 rows), and the scaling from the first count to the others.
 
 The default input (8M rows, Zipf 0.6 over the 1TB cardinalities) has ~39M distinct values: about 4
 GB of counters in memory, 4x the 1 GB budget.
@@ -19,9 +24,11 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -48,33 +55,58 @@ def _tree_rss(root: int) -> int:
     return total
 
 
-def run_measured(cmd: list[str]) -> tuple[subprocess.CompletedProcess, int, float]:
-    """Run ``cmd``; its peak resident memory, all its processes together (sampled every 20 ms), and
-    its wall time."""
+def run_measured(cmd: list[str]) -> tuple[subprocess.CompletedProcess, int, float, dict[str, float]]:
+    """Run ``cmd``; its peak resident memory, all its processes together (sampled every 20 ms), its
+    wall time, and the seconds of each phase its progress bars name (``dlrm-preprocess parse`` ...)."""
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    phases: dict[str, float] = {}
+    err: list[bytes] = []
+
+    def watch() -> None:  # the phase named by the latest progress line, and when it began
+        current, began, line = "start", time.perf_counter(), b""
+        for byte in iter(lambda: proc.stderr.read(1), b""):
+            err.append(byte)
+            if byte not in b"\r\n":
+                line += byte
+                continue
+            found = re.search(rb"(?:dlrm-preprocess |^)(parse|rank|ids \d+/\d+|write)\b", line)
+            if found and found[1].decode() != current:
+                now = time.perf_counter()
+                phases[current] = phases.get(current, 0.0) + now - began
+                current, began = found[1].decode(), now
+            line = b""
+        phases[current] = phases.get(current, 0.0) + time.perf_counter() - began
+
+    reader = threading.Thread(target=watch)
+    reader.start()
     peak = 0
     while proc.poll() is None:
         peak = max(peak, _tree_rss(proc.pid))
         time.sleep(0.02)
-    out, err = proc.communicate()
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), peak, time.perf_counter() - t
+    reader.join()
+    out = proc.stdout.read().decode()
+    done = subprocess.CompletedProcess(cmd, proc.returncode, out, b"".join(err).decode(errors="replace"))
+    return done, peak, time.perf_counter() - t, {k: round(v, 2) for k, v in phases.items()}
 
 
 IN_MEMORY_GB = 1000  # a budget no counter reaches here: the in-memory path
 
 
-def preprocess(src: Path, out: Path, memory_gb: float, min_count: int, chunk_mb: int) -> dict:
+def preprocess(
+    src: Path, out: Path, memory_gb: float, min_count: int, chunk_mb: int, workers: int = 0
+) -> dict:
     cmd = [sys.executable, "-m", "dlrm_cache.cli.preprocess",
            f"input={src}/day_*", f"output_dir={out}", "overwrite=true", "dataset=criteo_1tb",
            f"preprocess.min_count={min_count}", f"preprocess.memory_gb={memory_gb}",
-           f"preprocess.chunk_mb={chunk_mb}", "preprocess.progress=false"]  # fmt: skip
-    proc, peak, seconds = run_measured(cmd)
+           f"preprocess.chunk_mb={chunk_mb}", f"preprocess.workers={workers}",
+           "preprocess.progress=true"]  # fmt: skip
+    proc, peak, seconds, phases = run_measured(cmd)
     if proc.returncode:
         sys.exit(proc.stderr[-4000:])
     spilled = [line for line in proc.stderr.splitlines() if "out of core" in line]
-    return {"memory_gb": memory_gb, "peak_rss_gb": peak / 2**30, "seconds": seconds,
-            "out_of_core": spilled[0].split(": ", 1)[-1] if spilled else None}  # fmt: skip
+    return {"memory_gb": memory_gb, "workers": workers, "peak_rss_gb": peak / 2**30, "seconds": seconds,
+            "phases": phases, "out_of_core": spilled[0].split(": ", 1)[-1] if spilled else None}  # fmt: skip
 
 
 def files(out: Path) -> dict[str, bytes]:
@@ -82,8 +114,11 @@ def files(out: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != "metadata.json"}  # fmt: skip
 
 
-def measure(rows: int, args: argparse.Namespace) -> dict:
-    """One input size: the runs in alternation, then whether the outputs match."""
+TERABYTE_ROWS = 4_373_472_329  # Criteo 1TB's 24 days
+
+
+def generated(rows: int, args: argparse.Namespace) -> tuple[Path, dict]:
+    """The input of ``rows`` rows (generated once) and what describes the run."""
     folder = args.dir / f"rows{rows}"
     src = folder / "days"
     if not src.exists():
@@ -100,6 +135,42 @@ def measure(rows: int, args: argparse.Namespace) -> dict:
         "min_count": args.min_count,
     }
     print(json.dumps(head))
+    return src, head
+
+
+def measure_workers(rows: int, args: argparse.Namespace) -> dict:
+    """Out of core at each worker count, in alternation: phases, rows/s, the 1TB time, the scaling."""
+    src, head = generated(rows, args)
+    counts = [int(w) for w in args.workers.split(",")]
+    runs: dict[int, list[dict]] = {w: [] for w in counts}
+    for i in range(args.repeats):
+        for w in counts:
+            r = preprocess(
+                src, args.dir / f"rows{rows}" / f"w{w}", args.memory_gb, args.min_count, args.chunk_mb, w
+            )
+            runs[w].append(r)
+            print(json.dumps({"run": i, **r}), flush=True)
+    best = {w: min(runs[w], key=lambda r: r["seconds"]) for w in counts}
+    summary = {
+        **head,
+        "memory_gb": args.memory_gb,
+        "seconds": {w: b["seconds"] for w, b in best.items()},
+        "phases": {w: b["phases"] for w, b in best.items()},
+        "rows_per_s": {w: rows / b["seconds"] for w, b in best.items()},
+        "terabyte_hours": {w: TERABYTE_ROWS / (rows / b["seconds"]) / 3600 for w, b in best.items()},
+        "speedup_over_first": {w: best[counts[0]]["seconds"] / b["seconds"] for w, b in best.items()},
+        "peak_rss_gb": {w: max(r["peak_rss_gb"] for r in runs[w]) for w in counts},
+    }
+    print(json.dumps(summary), flush=True)
+    for w in counts:
+        shutil.rmtree(args.dir / f"rows{rows}" / f"w{w}")
+    return summary
+
+
+def measure(rows: int, args: argparse.Namespace) -> dict:
+    """One input size: the runs in alternation, then whether the outputs match."""
+    src, head = generated(rows, args)
+    folder = args.dir / f"rows{rows}"
     runs = {"in_memory": [], "out_of_core": []}
     for i in range(args.repeats):
         for kind, gb in (("in_memory", IN_MEMORY_GB), ("out_of_core", args.memory_gb)):
@@ -153,7 +224,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--dir", type=Path, default=Path("/work/bench_tmp/pp_scale"))
     p.add_argument("--plot", help="a PNG of peak memory against input size")
+    p.add_argument("--workers", help="worker counts, comma-separated: out of core only, timed by phase")
     args = p.parse_args()
+    if args.workers:
+        for n in args.rows.split(","):
+            measure_workers(int(n), args)
+        return
     sizes = [measure(int(n), args) for n in args.rows.split(",")]
     if args.plot:
         plot(args.plot, sizes, args.memory_gb)
