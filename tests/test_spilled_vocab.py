@@ -64,9 +64,11 @@ def test_ids_lookup_and_counts_are_those_ranked_in_memory(
     assert not list(tmp_path.iterdir())  # its partition and bucket files are gone
 
 
-def test_spilled_counter_writes_the_bytes_of_the_in_memory_vocabulary(tmp_path):
-    """Counted in many spilled runs, more ids than a row group (two buckets): the vocabulary file is
-    the same bytes as the in-memory one's."""
+@pytest.mark.parametrize("partition_bytes", [1 << 30, 200_000], ids=["whole-partitions", "partitions-split"])
+def test_spilled_counter_writes_the_bytes_of_the_in_memory_vocabulary(tmp_path, partition_bytes):
+    """Counted in many spilled runs, more ids than a row group (two buckets), each partition merged
+    whole or split into pieces of ~200 KB first: the vocabulary file is the same bytes as the in-memory
+    one's."""
     rng = np.random.default_rng(0)
     values, counts = random_counts(rng, 2_500_000, 3, empty=True)
     raw = np.repeat(values, counts)
@@ -75,7 +77,7 @@ def test_spilled_counter_writes_the_bytes_of_the_in_memory_vocabulary(tmp_path):
     for chunk in np.array_split(raw, 20):
         counter.add(chunk)
     assert counter.spills > 1
-    vocab = counter.fit(min_count=2)
+    vocab = counter.fit(min_count=2, partition_bytes=partition_bytes)
     assert isinstance(vocab, SpilledVocabulary)
     expected = Vocabulary.fit(values, counts, 2)
     write_vocabulary(tmp_path / "disk.parquet", vocab)

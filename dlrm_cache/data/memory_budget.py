@@ -30,6 +30,7 @@ class MemoryBudget:
     write_fixed: int  # what the write pass takes besides the vocabularies
     values_per_feature: int  # distinct values a feature's counter holds before it spills
     write_threads: int  # parts written side by side
+    partition_bytes: int  # spilled counts of a feature merged at a time while ranking (a piece)
 
 
 def memory_budget(opts: PreprocessOptions, processes: int) -> MemoryBudget:
@@ -55,7 +56,10 @@ def memory_budget(opts: PreprocessOptions, processes: int) -> MemoryBudget:
             "preprocess.workers or preprocess.row_group_rows)"
         )
     per_feature = (total - fixed) // (processes * len(CAT_COLUMNS) * BYTES_PER_VALUE)
-    return MemoryBudget(total, fixed, write_fixed, max(1, per_feature), write_threads)
+    # Ranking holds the lookups within the room the write pass leaves them, and up to three pieces
+    # of counts (~1.5x a piece's bytes each) in what the writers and the plot take later.
+    partition_bytes = max(8 << 20, (write_fixed - PROCESS_BYTES) // 5)
+    return MemoryBudget(total, fixed, write_fixed, max(1, per_feature), write_threads, partition_bytes)
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter

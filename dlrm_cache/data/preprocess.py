@@ -489,7 +489,7 @@ def _fit(
         c.spill()
     for j in tqdm(range(len(counters)), desc="rank", unit="feature", disable=not progress):
         counter, counters[j] = counters[j], None  # each feature's counts go once its vocabulary is made
-        yield counter.fit(min_count)
+        yield counter.fit(min_count, budget.partition_bytes)
         del counter
 
 

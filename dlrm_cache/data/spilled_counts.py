@@ -11,7 +11,9 @@ one in-memory counter (``Vocabulary.fit``): the same counts, ranked the same way
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -71,9 +73,10 @@ class SpilledCounter:
         if self.counter.distinct() >= self.limit:
             self.spill()
 
-    def fit(self, min_count: int) -> Vocabulary | SpilledVocabulary:
+    def fit(self, min_count: int, partition_bytes: int = 1 << 30) -> Vocabulary | SpilledVocabulary:
         """The vocabulary: in memory where nothing spilled, else ranked on disk (``SpilledVocabulary``)
-        from one partition at a time; the spilled runs are removed."""
+        from one partition at a time, a partition of more than ``partition_bytes`` of runs split first
+        by its values' next bits into pieces of about that size; the spilled runs are removed."""
         if not self.files:  # nothing spilled: the in-memory path
             return Vocabulary.fit(*self.counter.result(), min_count)
         self.spill()
@@ -82,26 +85,51 @@ class SpilledCounter:
             by_part.setdefault(int(path.name.rsplit(".", 2)[1]), []).append(path)
         vocab = SpilledVocabulary(self.folder, self.name)
 
-        def merged(p: int) -> tuple[np.ndarray, np.ndarray]:
-            runs = [np.fromfile(path, dtype=PAIR) for path in sorted(by_part[p])]
+        def merged(p: int, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+            runs = [np.fromfile(path, dtype=PAIR) for path in paths]
             pairs = np.concatenate(runs) if len(runs) > 1 else runs[0]
             del runs
+            for path in paths:
+                path.unlink()
             return _summed(pairs, p)
 
-        # Two partitions merged side by side (numpy's sorts release the GIL), handed over in order:
+        pieces = (
+            piece for p in sorted(by_part) for piece in self._pieces(p, sorted(by_part[p]), partition_bytes)
+        )
+        # Two pieces merged side by side (numpy's sorts release the GIL), handed over in value order:
         # at most two merged and one being merged in memory.
-        parts = sorted(by_part)
         with ThreadPoolExecutor(2, thread_name_prefix="dlrm-preprocess-merge") as pool:
-            pending = deque(pool.submit(merged, p) for p in parts[:2])
-            for i, p in enumerate(parts):
+            pending = deque(pool.submit(merged, *piece) for piece in islice(pieces, 2))
+            while pending:
                 values, counts = pending.popleft().result()
-                if i + 2 < len(parts):
-                    pending.append(pool.submit(merged, parts[i + 2]))
+                for piece in islice(pieces, 1):
+                    pending.append(pool.submit(merged, *piece))
                 vocab.add_partition(values, counts, min_count)
                 del values, counts
-                for path in by_part[p]:
-                    path.unlink()
         return vocab
+
+    def _pieces(self, p: int, paths: list[Path], most: int) -> Iterator[tuple[int, list[Path]]]:
+        """Partition ``p``'s runs (``paths``) as pieces of at most about ``most`` bytes, in value order:
+        the partition whole, or split by the values' next bits, a block of a run at a time."""
+        size = sum(path.stat().st_size for path in paths)
+        if size <= most:
+            yield p, paths
+            return
+        bits = (-(-size // most) - 1).bit_length()
+        split = [self.folder / f"{self.name}.{p}.split{k}" for k in range(1 << bits)]
+        for path in paths:
+            with open(path, "rb") as f:
+                while len(block := np.fromfile(f, dtype=PAIR, count=max(1, most // 4 // PAIR.itemsize))):
+                    k = ((block["value"] + 1) >> (_SHIFT - bits)) & ((1 << bits) - 1)
+                    order = np.argsort(k, kind="stable")
+                    bounds = np.searchsorted(k[order], np.arange((1 << bits) + 1))
+                    for j in np.flatnonzero(np.diff(bounds)).tolist():
+                        with naming(split[j]), open(split[j], "ab") as out:
+                            out.write(block[order[bounds[j] : bounds[j + 1]]].tobytes())
+            path.unlink()
+        for piece in split:
+            if piece.exists():
+                yield p, [piece]
 
     def __getstate__(self) -> dict:
         self.counter.result()  # compacted: it crosses a process boundary as arrays
