@@ -55,39 +55,45 @@ def _tree_rss(root: int) -> int:
     return total
 
 
-def run_measured(cmd: list[str]) -> tuple[subprocess.CompletedProcess, int, float, dict[str, float]]:
+def run_measured(cmd: list[str]) -> tuple[subprocess.CompletedProcess, int, float, dict[str, dict]]:
     """Run ``cmd``; its peak resident memory, all its processes together (sampled every 20 ms), its
-    wall time, and the seconds of each phase its progress bars name (``dlrm-preprocess parse`` ...)."""
+    wall time, and the seconds and peak GiB of each phase its progress bars name (``dlrm-preprocess
+    parse`` ...)."""
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    phases: dict[str, float] = {}
+    phases: dict[str, dict] = {}
+    current = ["start"]
     err: list[bytes] = []
 
     def watch() -> None:  # the phase named by the latest progress line, and when it began
-        current, began, line = "start", time.perf_counter(), b""
+        began, line = time.perf_counter(), b""
         for byte in iter(lambda: proc.stderr.read(1), b""):
             err.append(byte)
             if byte not in b"\r\n":
                 line += byte
                 continue
             found = re.search(rb"(?:dlrm-preprocess |^)(parse|rank|ids \d+/\d+|write)\b", line)
-            if found and found[1].decode() != current:
+            if found and found[1].decode() != current[0]:
                 now = time.perf_counter()
-                phases[current] = phases.get(current, 0.0) + now - began
-                current, began = found[1].decode(), now
+                phases.setdefault(current[0], {"s": 0.0, "peak_gib": 0.0})["s"] += now - began
+                current[0], began = found[1].decode(), now
             line = b""
-        phases[current] = phases.get(current, 0.0) + time.perf_counter() - began
+        phases.setdefault(current[0], {"s": 0.0, "peak_gib": 0.0})["s"] += time.perf_counter() - began
 
     reader = threading.Thread(target=watch)
     reader.start()
     peak = 0
     while proc.poll() is None:
-        peak = max(peak, _tree_rss(proc.pid))
+        now = _tree_rss(proc.pid)
+        peak = max(peak, now)
+        phase = phases.setdefault(current[0], {"s": 0.0, "peak_gib": 0.0})
+        phase["peak_gib"] = max(phase["peak_gib"], now / 2**30)
         time.sleep(0.02)
     reader.join()
     out = proc.stdout.read().decode()
     done = subprocess.CompletedProcess(cmd, proc.returncode, out, b"".join(err).decode(errors="replace"))
-    return done, peak, time.perf_counter() - t, {k: round(v, 2) for k, v in phases.items()}
+    rounded = {k: {"s": round(v["s"], 2), "peak_gib": round(v["peak_gib"], 3)} for k, v in phases.items()}
+    return done, peak, time.perf_counter() - t, rounded
 
 
 IN_MEMORY_GB = 1000  # a budget no counter reaches here: the in-memory path

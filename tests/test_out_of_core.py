@@ -6,6 +6,7 @@ import logging
 import re
 import subprocess
 import sys
+import weakref
 from collections import Counter
 
 import pyarrow.parquet as pq
@@ -14,7 +15,7 @@ from test_preprocess import read_split, run
 
 from dlrm_cache.config import ConfigError, DatasetConfig, PreprocessOptions, SynthConfig
 from dlrm_cache.criteo import TERABYTE_CARDINALITIES
-from dlrm_cache.data import held_lookups, memory_budget
+from dlrm_cache.data import held_lookups, memory_budget, spilled_counts
 from dlrm_cache.data.synthetic import CriteoSynthesizer, generate, output_files
 
 TERABYTE = DatasetConfig(name="criteo_1tb", split="last_file")
@@ -140,6 +141,26 @@ def test_peak_memory_stays_under_the_budget_where_in_memory_does_not(tmp_path, m
     if min_count == 1:  # millions of values kept, and none of them rare
         kept = sum(json.loads((tmp_path / "ooc" / "metadata.json").read_text())["vocab_sizes"].values())
         assert kept > 5_000_000, kept
+
+
+def test_each_files_counts_are_merged_as_it_ends(tmp_path, monkeypatch):
+    """Files parsed one after the other in this process (preprocess.workers=1): each file's counters
+    are merged into the first file's as it ends, so one set of counters holds counts between files
+    (a set per finished file, held to the end, grew the memory with the files: 1.15 GiB against a 1
+    GiB budget at 16M rows of 24 files)."""
+    inputs = sorted(synth(tmp_path / "days", rows=3000, layout="terabyte", days=6).iterdir())
+    live: weakref.WeakSet = weakref.WeakSet()
+    most = [0]
+    made = spilled_counts.SpilledCounter.__init__
+
+    def counting(self, *args, **kwargs):
+        made(self, *args, **kwargs)
+        live.add(self)
+        most[0] = max(most[0], sum(1 for c in live if c.counter.distinct()))
+
+    monkeypatch.setattr(spilled_counts.SpilledCounter, "__init__", counting)
+    run(inputs, tmp_path / "out", TERABYTE, workers=1)
+    assert most[0] == 26, most  # the merged set, never a second one
 
 
 def test_bad_memory_settings_are_refused_before_any_work(tmp_path):

@@ -96,7 +96,7 @@ class HeldLookups:
 
 
 def ids_path(folder: Path, group: int, spill: int) -> Path:
-    """Where a group's ids of one spill's rows go (an Arrow stream, a batch per spilled batch)."""
+    """Where a group's ids of one spill's rows go (an Arrow IPC file, a batch per spilled batch)."""
     return folder / f"_ids-{group}-{spill}.arrow"
 
 

@@ -5,11 +5,13 @@ Streaming, in bounded memory (one chunk of ``preprocess.chunk_mb`` of TSV at a t
 0. (``split=fraction`` only) count the inputs' lines, to place the split boundaries.
 1. Parse every input once, validate every field, transform integers with ``log1p(max(x, 0))`` as
    float32 (the DLRM reference's transform; missing -> 0), count categorical values over the
-   **train** lines only, and spill the parsed rows to an uncompressed Arrow stream in the temporary
-   folder (reading it back costs a fraction of parsing TSV again).
-2. Rank each feature's values by train count (``vocab.Vocabulary``): the hottest value gets id 0.
+   **train** lines only, and spill the parsed rows to an uncompressed Arrow IPC file in the temporary
+   folder (reading it back costs a fraction of parsing TSV again), a batch per chunk.
+2. Rank each feature's values by train count (``vocab.Vocabulary``; out of core
+   ``spilled_vocab.SpilledVocabulary``): the hottest value gets id 0.
 3. Read the spilled rows, re-number ids (values rare in train or unseen there share the "rare" id),
-   and write ``{train,val,test}/part-*.parquet`` with one fixed schema.
+   and write ``{train,val,test}/part-*.parquet`` with one fixed schema, parts side by side
+   (``write_pass``).
 4. Write ``vocab/cat_*.parquet``, the skew report (``stats/skew.json``, ``stats/skew.png``) and
    ``metadata.json``.
 
@@ -415,11 +417,29 @@ def _parse_all(
     jobs: list[_ParseJob], workers: int, progress: bool
 ) -> tuple[list[SpilledCounter], BadLines, list[list[BatchIndex]]]:
     """Run the parse jobs, one input file per process when there are several, and merge their counts
-    (in input order, so the result does not depend on the scheduling); each spill's batches."""
+    as each finishes, in input order (so the result does not depend on the scheduling, and the counts
+    of finished files wait merged, within their counters' limits, not one set per file); each
+    spill's batches."""
     total = sum(j.path.stat().st_size for j in jobs)
+    counters: list[SpilledCounter] | None = None
+    bad = BadLines()
+    index: list[list[BatchIndex]] = []
+
+    def take(result: tuple[list[SpilledCounter], BadLines, list[BatchIndex]]) -> None:
+        nonlocal counters
+        more, more_bad, more_index = result
+        if counters is None:
+            counters = more
+        else:
+            for c, m in zip(counters, more, strict=True):
+                c.merge(m)
+        bad.extend(more_bad)
+        index.append(more_index)
+
     with _progress("parse", total, progress) as bar:
         if len(jobs) == 1 or workers == 1:
-            results = [job.run(bar.at(job.path)) for job in jobs]
+            for job in jobs:
+                take(job.run(bar.at(job.path)))
         else:
             ctx = multiprocessing.get_context("spawn")  # pyarrow's thread pools do not survive fork
             parent = os.getpid()
@@ -431,21 +451,16 @@ def _parse_all(
             ) as pool:
                 try:
                     futures = [pool.submit(job.run) for job in jobs]
-                    for job, future in zip(jobs, futures, strict=True):
-                        future.result()
+                    for i, job in enumerate(jobs):
+                        take(futures[i].result())
+                        futures[i] = None  # its counts are merged: not held twice
                         bar.at(job.path)(job.path.stat().st_size)
                 except BaseException:  # a failure, Ctrl-C, SIGTERM: stop the other parses now
                     for process in list(getattr(pool, "_processes", {}).values()):
                         process.terminate()
                     pool.shutdown(wait=False, cancel_futures=True)
                     raise
-                results = [f.result() for f in futures]
-    counters, bad, _ = results[0]
-    for more, more_bad, _ in results[1:]:
-        for c, m in zip(counters, more, strict=True):
-            c.merge(m)
-        bad.extend(more_bad)
-    return counters, bad, [index for _, _, index in results]
+    return counters, bad, index
 
 
 def _start_parse_process(parent: int) -> None:
