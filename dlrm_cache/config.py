@@ -122,7 +122,7 @@ class PreprocessOptions:
     chunk_mb: int = 32  # bytes of TSV parsed at a time: bounds memory
     row_group_rows: int = 131_072
     max_file_rows: int = 4_000_000  # start a new part file after this many rows
-    workers: int = 0  # processes parsing input files in parallel (one file each); 0: one per core
+    workers: int = 0  # processes parsing input files (one file each), parts written at once; 0: one per core
     progress: bool = True
     # The whole command's memory, GB: past it, counting goes out of core (spilled beside the output).
     # 0: half the machine's RAM.
