@@ -486,8 +486,8 @@ def _fit(
     counters: list[SpilledCounter], min_count: int, budget: MemoryBudget, folder: Path, progress: bool
 ) -> Iterator[Vocabulary | SpilledVocabulary]:
     """The vocabularies, in ``CAT_COLUMNS`` order: side by side when every count fit in memory; else one
-    feature at a time, each spilled one a partition at a time (``spilled_counts``), so that one
-    feature's vocabulary at most is whole at a time."""
+    feature at a time, each merged a piece of its spilled counts at a time (``spilled_counts``) and
+    ranked on disk (``spilled_vocab``): no feature's kept values are whole in memory."""
     spilled = [c for c in counters if c.files]
     if not spilled:
         with ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="dlrm-preprocess-fit") as pool:
@@ -511,9 +511,10 @@ def _fit(
 def _vocabularies(
     made: Iterator[Vocabulary | SpilledVocabulary], folder: Path, held: HeldLookups, multi: MultiHot | None
 ) -> Coverage:
-    """Each vocabulary as it is made: its file written into ``folder`` (``cat_N.parquet``), its coverage
-    taken in, then only its re-numbering kept (``IdLookup``: about 9 bytes a kept value, not the
-    vocabulary's 16; with bags, ``BagLookup``: about 13), into ``held``."""
+    """Each vocabulary as it is made: room made in ``held`` for its lookup, its file written into
+    ``folder`` (``cat_N.parquet``), its coverage taken in (a histogram of its counts), then only its
+    re-numbering kept (``IdLookup``: about 9 bytes a kept value, not the vocabulary's 16; with bags,
+    ``BagLookup``: about 13), into ``held``."""
     folder.mkdir()
     coverage = Coverage()
     for j, (name, vocab) in enumerate(zip(CAT_COLUMNS, made, strict=True)):
