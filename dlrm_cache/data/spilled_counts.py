@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dlrm_cache.data.spilled_vocab import PAIR, SpilledVocabulary
+from dlrm_cache.data.spilled_vocab import PAIR, SpilledVocabulary, append_by_key
 from dlrm_cache.data.vocab import ValueCounter, Vocabulary
-from dlrm_cache.files import naming
 
 PARTITIONS = 64
 _SHIFT = 33 - 6  # raw values -1 .. 2^32 - 1, shifted by one: 33 bits; the top 6 pick the partition
@@ -48,20 +47,13 @@ class SpilledCounter:
         if not len(values):
             return
         order = np.argsort(values, kind="stable")
-        values, counts = values[order], counts[order]
-        part = (values + 1) >> _SHIFT
-        bounds = np.searchsorted(part, np.arange(PARTITIONS + 1))
-        for p in range(PARTITIONS):
-            lo, hi = bounds[p], bounds[p + 1]
-            if hi == lo:
-                continue
-            pairs = np.empty(hi - lo, dtype=PAIR)
-            pairs["value"], pairs["count"] = values[lo:hi], counts[lo:hi]
-            path = self.folder / f"{self.name}.{p}.bin"
-            with naming(path), open(path, "ab") as f:
-                f.write(pairs.tobytes())
-            self.files.add(path)
-            self.spilled_bytes += pairs.nbytes
+        pairs = np.empty(len(values), dtype=PAIR)
+        pairs["value"], pairs["count"] = values[order], counts[order]
+        del values, counts, order
+        paths = [self.folder / f"{self.name}.{p}.bin" for p in range(PARTITIONS)]
+        written = append_by_key(pairs, (pairs["value"] + 1) >> _SHIFT, paths)
+        self.files.update(paths[p] for p in written)
+        self.spilled_bytes += pairs.nbytes
         self.spills += 1
 
     def merge(self, other: SpilledCounter) -> None:
@@ -120,12 +112,7 @@ class SpilledCounter:
         for path in paths:
             with open(path, "rb") as f:
                 while len(block := np.fromfile(f, dtype=PAIR, count=max(1, most // 4 // PAIR.itemsize))):
-                    k = ((block["value"] + 1) >> (_SHIFT - bits)) & ((1 << bits) - 1)
-                    order = np.argsort(k, kind="stable")
-                    bounds = np.searchsorted(k[order], np.arange((1 << bits) + 1))
-                    for j in np.flatnonzero(np.diff(bounds)).tolist():
-                        with naming(split[j]), open(split[j], "ab") as out:
-                            out.write(block[order[bounds[j] : bounds[j + 1]]].tobytes())
+                    append_by_key(block, ((block["value"] + 1) >> (_SHIFT - bits)) & ((1 << bits) - 1), split)
             path.unlink()
         for piece in split:
             if piece.exists():

@@ -113,14 +113,9 @@ class SpilledVocabulary:
         return self.folder / f"{self.name}.ids.{b}"
 
     def _place(self, buckets: list[Path], own: np.ndarray, values: np.ndarray) -> None:
-        which = own // self.bucket_rows
-        order = np.argsort(which, kind="stable")
-        placed = np.empty(len(order), dtype=_PLACED)
-        placed["id"], placed["value"] = own[order], values[order]
-        bounds = np.searchsorted(which[order], np.arange(len(buckets) + 1))
-        for b in np.flatnonzero(np.diff(bounds)).tolist():
-            with naming(buckets[b]), open(buckets[b], "ab") as f:
-                f.write(placed[bounds[b] : bounds[b + 1]].tobytes())
+        placed = np.empty(len(own), dtype=_PLACED)
+        placed["id"], placed["value"] = own, values
+        append_by_key(placed, own // self.bucket_rows, buckets)
 
     def lookup(self, native: bool = True) -> IdLookup:
         if self._lookup is None:
@@ -148,3 +143,15 @@ class SpilledVocabulary:
         """The whole vocabulary as arrays (16 bytes a value): for what needs them (bags)."""
         raw, count = (np.concatenate(parts) for parts in zip(*self.chunks(), strict=True))
         return Vocabulary(raw, count, self.rare_id)
+
+
+def append_by_key(rows: np.ndarray, key: np.ndarray, paths: list[Path]) -> list[int]:
+    """Each of ``rows`` appended to the file ``paths[key]`` (keys 0 .. len(paths) - 1), in their order
+    within each file; the keys written."""
+    order = np.argsort(key, kind="stable")
+    bounds = np.searchsorted(key[order], np.arange(len(paths) + 1))
+    written = np.flatnonzero(np.diff(bounds)).tolist()
+    for j in written:
+        with naming(paths[j]), open(paths[j], "ab") as f:
+            f.write(rows[order[bounds[j] : bounds[j + 1]]].tobytes())
+    return written
