@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from test_out_of_core import outputs
-from test_preprocess import read_split, run, synth
+from test_preprocess import run, synth
 
 from dlrm_cache.config import (
     MULTI_HOT_MLPERF,
@@ -32,6 +32,24 @@ from dlrm_cache.data.preprocess import preprocess
 
 SIZES = list(MULTI_HOT_MLPERF)
 MASK = (1 << 64) - 1
+
+
+def bag_array(column: pa.ChunkedArray | pa.Array, size: int) -> np.ndarray:
+    """A column of fixed-size binary bags as (rows, size) ids, decoded value by value as
+    docs/preprocess.md defines them (little-endian integers of the value's bytes / size)."""
+    raw = b"".join(column.to_pylist())
+    return np.frombuffer(raw, dtype=f"<i{column.type.byte_width // size}").reshape(len(column), size)
+
+
+def read_bags(out, split) -> list[dict]:
+    """A split's rows, each bag as a list of ids."""
+    table = pq.read_table(sorted((out / split).glob("part-*.parquet")))
+    sizes = json.loads((out / "metadata.json").read_text())["multi_hot_sizes"]
+    rows = table.drop_columns(CAT_COLUMNS).to_pylist()
+    for c in CAT_COLUMNS:
+        for row, bag in zip(rows, bag_array(table.column(c), sizes[c]).tolist(), strict=True):
+            row[c] = bag
+    return rows
 
 
 def splitmix64(x: int) -> int:
@@ -95,7 +113,7 @@ def test_bags_match_an_independent_expansion(tmp_path, distribution, min_count, 
     out = run([src], tmp_path / "out", min_count=min_count, max_ind_range=max_ind_range, **multi)
     lines = src.read_text().splitlines()
     expected, counts = expected_rows(lines, 1200, SIZES, distribution, 7, min_count, max_ind_range)
-    got = [row for split in ("train", "val", "test") for row in read_split(out, split)]
+    got = [row for split in ("train", "val", "test") for row in read_bags(out, split)]
     assert len(got) == len(expected)
     for i, (g, e) in enumerate(zip(got, expected, strict=True)):
         assert {c: g[c] for c in CAT_COLUMNS} == e, i
@@ -143,8 +161,8 @@ def test_vocab_from_expands_new_data_to_the_same_bags(tmp_path):
         PreprocessRunConfig(input=[str(src)], output_dir=str(tmp_path / "again"), vocab_from=str(first),
                             all_into="test", preprocess=PreprocessOptions(progress=False))
     )  # fmt: skip
-    before = [row for split in ("train", "val", "test") for row in read_split(first, split)]
-    assert read_split(encoded, "test") == before
+    before = [row for split in ("train", "val", "test") for row in read_bags(first, split)]
+    assert read_bags(encoded, "test") == before
     meta = json.loads((encoded / "metadata.json").read_text())
     assert meta["preprocess"]["multi_hot_distribution"] == "pareto" and meta["multi_hot_sizes"]
     with pytest.raises(
@@ -216,6 +234,28 @@ def test_bags_of_any_length_load_in_order_and_split_over_ranks(tmp_path):
             assert torch.equal(one[c].lengths(), torch.cat([two[0][c].lengths(), two[1][c].lengths()]))
 
 
+def test_fixed_size_bags_load_as_the_same_bags_written_as_lists(tmp_path):
+    src = synth(tmp_path / "train.txt", rows=3000)
+    fixed = run([src], tmp_path / "fixed", multi_hot_sizes=SIZES, row_group_rows=700)
+    listed = tmp_path / "listed"
+    shutil.copytree(fixed, listed)
+    for part in listed.glob("*/part-*.parquet"):
+        t = pq.read_table(part)
+        for c, size in zip(CAT_COLUMNS, SIZES, strict=True):
+            ids = bag_array(t.column(c), size).reshape(-1)
+            offsets = pa.array(np.arange(0, len(ids) + 1, size, dtype=np.int32))
+            t = t.set_column(t.schema.get_field_index(c), c, pa.ListArray.from_arrays(offsets, pa.array(ids)))
+        pq.write_table(t, part, row_group_size=700)
+    for kw in ({}, {"shuffle": True, "drop_last": False}, {"rank": 1, "world_size": 2, "shuffle": True}):
+        a = list(ParquetBatches(fixed, "train", 300, **kw).batches(0))
+        b = list(ParquetBatches(listed, "train", 300, **kw).batches(0))
+        assert len(a) == len(b) > 3, kw
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x.sparse_features.values(), y.sparse_features.values()), kw
+            assert torch.equal(x.sparse_features.lengths(), y.sparse_features.lengths()), kw
+            assert torch.equal(x.dense_features, y.dense_features) and torch.equal(x.labels, y.labels)
+
+
 def test_bags_that_disagree_with_the_metadata_are_refused_before_the_first_batch(tmp_path):
     src = synth(tmp_path / "train.txt", rows=2000)
     root = run([src], tmp_path / "bags", multi_hot_sizes=SIZES)
@@ -234,21 +274,54 @@ def test_bags_that_disagree_with_the_metadata_are_refused_before_the_first_batch
     )
     with pytest.raises(ValueError, match=disagree):
         ParquetBatches(root, "train", 256)
-    beyond = t.column("cat_20").combine_chunks()
-    values = beyond.flatten().to_numpy().copy()
-    values[5] = meta["vocab_sizes"]["cat_20"]
-    rewrite("cat_20", pa.ListArray.from_arrays(beyond.offsets, pa.array(values, pa.int32())))
+    beyond = bag_array(t.column("cat_20"), 100).copy()
+    beyond[0, 5] = meta["vocab_sizes"]["cat_20"]
+    listed = pa.ListArray.from_arrays(pa.array(np.arange(0, beyond.size + 1, 100, dtype=np.int32)),
+                                      pa.array(beyond.reshape(-1), pa.int32()))  # fmt: skip
+    rewrite("cat_20", listed)  # a list column: its statistics say
     beyond_table = (
-        rf"row group 0: cat_20 holds id {values[5]}, beyond its table of {values[5]} rows \(metadata"
+        rf"row group 0: cat_20 holds id {beyond[0, 5]}, beyond its table of {beyond[0, 5]} rows \(metadata"
     )
     with pytest.raises(ValueError, match=beyond_table):
+        ParquetBatches(root, "train", 256)
+    rewrite("cat_4", pa.array([bytes(8)] * t.num_rows, pa.binary(8)))
+    narrow = (
+        r"cat_4 is fixed_size_binary\[8\], but metadata.json says bags of 6 ids \(multi_hot_sizes\): "
+        r"expected a list of integers \(24 or 48-byte binary\)"
+    )
+    with pytest.raises(ValueError, match=narrow):
         ParquetBatches(root, "train", 256)
     meta["multi_hot_sizes"] = None
     (root / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(
-        ValueError, match=r"cat_0 is list<element: int32>, but metadata.json says one id a row"
+        ValueError, match=r"cat_0 is fixed_size_binary\[12\], but metadata.json says one id a row"
     ):
         ParquetBatches(root, "train", 256)
+
+
+@pytest.mark.parametrize("bad", ["beyond", "negative", "null"])
+def test_fixed_size_bags_with_bad_ids_are_refused_as_they_are_read(tmp_path, bad):
+    src = synth(tmp_path / "train.txt", rows=2000)
+    root = run([src], tmp_path / "bags", multi_hot_sizes=SIZES)
+    part = root / "train" / "part-00000.parquet"
+    t = pq.read_table(part)
+    rows = bag_array(t.column("cat_20"), 100).copy()
+    vocab = json.loads((root / "metadata.json").read_text())["vocab_sizes"]["cat_20"]
+    rows[3, 7] = {"beyond": vocab, "negative": -2, "null": 0}[bad]
+    values = [r.tobytes() for r in rows]
+    if bad == "null":
+        values[3] = None
+    pq.write_table(
+        t.set_column(t.schema.get_field_index("cat_20"), "cat_20", pa.array(values, pa.binary(400))), part
+    )
+    batches = ParquetBatches(root, "train", 256)  # statistics of bytes tell nothing: read, then refused
+    said = {
+        "beyond": rf"holds id {vocab}, beyond its table of {vocab} rows \(metadata.json vocab_sizes\)",
+        "negative": rf"holds id -2, beyond its table of {vocab} rows",
+        "null": "holds a null bag or id",
+    }[bad]
+    with pytest.raises(ValueError, match=rf"part-00000.parquet: row group 0: cat_20 {said}"):
+        list(batches.batches(0))
 
 
 def test_dlrm_synth_writes_a_multi_hot_dataset_and_refuses_settings_that_make_none(tmp_path):

@@ -1,10 +1,13 @@
 """Buffers reused once nothing holds them: never while a tensor (a view too) still refers to them."""
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from test_multi_hot import bag_array
 
 from dlrm_cache.criteo import CAT_COLUMNS
 from dlrm_cache.data.default_dataset import synthetic_dataset
@@ -41,11 +44,15 @@ def _ids_from_parquet(root, rows: int) -> dict:
     table = pa.concat_tables(
         pq.read_table(p, columns=CAT_COLUMNS) for p in sorted((root / "train").glob("*.parquet"))
     )
+    sizes = json.loads((root / "metadata.json").read_text())["multi_hot_sizes"]
     out = {}
     for c in CAT_COLUMNS:
         col = table.column(c).combine_chunks().slice(0, rows)
         if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
             out[c] = (pc.list_value_length(col).to_numpy(), col.flatten().to_numpy().astype(np.int64))
+        elif pa.types.is_fixed_size_binary(col.type):
+            bags = bag_array(col, sizes[c])
+            out[c] = (np.full(rows, sizes[c]), bags.reshape(-1).astype(np.int64))
         else:
             out[c] = (np.ones(rows, dtype=np.int64), col.to_numpy().astype(np.int64))
     return out

@@ -16,11 +16,11 @@ import logging
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
 from dlrm_cache.config import GB
 from dlrm_cache.criteo import CAT_COLUMNS
+from dlrm_cache.data import fixed_bags
 from dlrm_cache.data.multi_hot import BagLookup, load_lookup
 from dlrm_cache.data.vocab import IdLookup
 
@@ -100,21 +100,16 @@ def ids_path(folder: Path, group: int, spill: int) -> Path:
     return folder / f"_ids-{group}-{spill}.arrow"
 
 
-def id_table(batch: pa.RecordBatch, lookups: dict[int, IdLookup | BagLookup], column_type: pa.DataType,
+def id_table(batch: pa.RecordBatch, lookups: dict[int, IdLookup | BagLookup], schema: pa.Schema,
              pool) -> pa.Table:  # fmt: skip
     """``batch``'s categorical columns of ``lookups``' features re-numbered (side by side on ``pool``:
-    the lookups release the GIL), named as the output names them: a list (a bag) per row where the
-    lookup makes bags (``BagLookup``); ``column_type``: the output's, an id or a list of ids."""
-
-    id_type = column_type.value_type if pa.types.is_list(column_type) else column_type
+    the lookups release the GIL), named and typed as ``schema`` (the output's) has them: an id a row, or
+    a bag a row (``fixed_bags``) where the lookup makes bags (``BagLookup``)."""
 
     def ids(j: int) -> pa.Array:
         got = lookups[j].transform(batch.column(CAT_COLUMNS[j]).to_numpy())
-        if got.ndim == 1:
-            return pa.array(got, type=id_type)
-        rows, size = got.shape
-        offsets = pa.array(np.arange(0, rows * size + 1, size, dtype=np.int32))
-        return pa.ListArray.from_arrays(offsets, pa.array(got.reshape(-1), type=id_type))
+        kind = schema.field(CAT_COLUMNS[j]).type
+        return pa.array(got, type=kind) if got.ndim == 1 else fixed_bags.to_array(got, kind)
 
     features = sorted(lookups)
     return pa.Table.from_arrays(list(pool.map(ids, features)), names=[CAT_COLUMNS[j] for j in features])

@@ -1,5 +1,6 @@
 """The categorical ids of a run of rows, as the loader cuts, shuffles and joins them into batches: one id
-per row and feature (``OneHotIds``, Criteo), or a bag of any length (``BagIds``: multi-hot).
+per row and feature (``OneHotIds``, Criteo), or a bag per row and feature (``BagIds``: multi-hot), of
+any length (``Bags``) or of one size (``FixedBags``).
 
 Ids stay in the integer type the Parquet columns hold (zero-copy from pyarrow) until a batch is made:
 ``kjt`` then writes them, as int64, into the buffer it is given, in one pass."""
@@ -37,42 +38,80 @@ class OneHotIds:
         return KeyedJaggedTensor(keys=keys, values=values, lengths=torch.ones(len(values), dtype=torch.int32))
 
 
-class BagIds:
-    """Per feature, the rows' bags: ``offsets[f]`` (rows + 1, from 0) into ``values[f]``."""
+class Bags:
+    """One feature's bags of any length: ``offsets`` (rows + 1, from 0) into ``values``."""
 
-    def __init__(self, offsets: list[np.ndarray], values: list[np.ndarray]):
+    def __init__(self, offsets: np.ndarray, values: np.ndarray):
         self.offsets, self.values = offsets, values
 
     def __len__(self) -> int:
-        return len(self.offsets[0]) - 1
+        return len(self.offsets) - 1
+
+    def ids(self) -> np.ndarray:
+        return self.values
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def take(self, rows: Rows) -> Bags:
+        off, val = self.offsets, self.values
+        if isinstance(rows, slice):
+            lo, hi, _ = rows.indices(len(self))
+            return Bags(off[lo : hi + 1] - off[lo], val[off[lo] : off[hi]])
+        starts, lengths = off[rows], off[rows + 1] - off[rows]
+        new = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=new[1:])
+        return Bags(new, val[np.repeat(starts - new[:-1], lengths) + np.arange(new[-1])])
+
+    def then(self, more: Bags) -> Bags:
+        return Bags(
+            np.concatenate([self.offsets, more.offsets[1:] + self.offsets[-1]]),
+            np.concatenate([self.values, more.values]),
+        )
+
+
+class FixedBags:
+    """One feature's bags of one size: a (rows, size) array."""
+
+    def __init__(self, values: np.ndarray):
+        self.values = values
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def ids(self) -> np.ndarray:
+        return self.values.reshape(-1)
+
+    def lengths(self) -> np.ndarray:
+        return np.full(len(self.values), self.values.shape[1])
+
+    def take(self, rows: Rows) -> FixedBags:
+        return FixedBags(self.values[rows])
+
+    def then(self, more: FixedBags) -> FixedBags:
+        return FixedBags(np.concatenate([self.values, more.values]))
+
+
+class BagIds:
+    """Per feature, the rows' bags (``Bags`` or ``FixedBags``)."""
+
+    def __init__(self, features: list[Bags | FixedBags]):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features[0])
 
     def size(self) -> int:
-        return sum(len(v) for v in self.values)
+        return sum(f.ids().size for f in self.features)
 
     def take(self, rows: Rows) -> BagIds:
-        offsets, values = [], []
-        for off, val in zip(self.offsets, self.values, strict=True):
-            if isinstance(rows, slice):
-                lo, hi, _ = rows.indices(len(off) - 1)
-                offsets.append(off[lo : hi + 1] - off[lo])
-                values.append(val[off[lo] : off[hi]])
-                continue
-            starts, lengths = off[rows], off[rows + 1] - off[rows]
-            new = np.zeros(len(rows) + 1, dtype=np.int64)
-            np.cumsum(lengths, out=new[1:])
-            offsets.append(new)
-            values.append(val[np.repeat(starts - new[:-1], lengths) + np.arange(new[-1])])
-        return BagIds(offsets, values)
+        return BagIds([f.take(rows) for f in self.features])
 
     def then(self, more: BagIds) -> BagIds:
-        offsets = [
-            np.concatenate([a, b[1:] + a[-1]]) for a, b in zip(self.offsets, more.offsets, strict=True)
-        ]
-        values = [np.concatenate([a, b]) for a, b in zip(self.values, more.values, strict=True)]
-        return BagIds(offsets, values)
+        return BagIds([a.then(b) for a, b in zip(self.features, more.features, strict=True)])
 
     def kjt(self, keys: list[str], values: torch.Tensor) -> KeyedJaggedTensor:
         """The batch, its ids written into ``values`` (int64, ``size()`` of them)."""
-        lengths = np.concatenate([np.diff(off) for off in self.offsets]).astype(np.int32)
-        np.concatenate(self.values, out=values.numpy(), casting="unsafe")  # checked ids
+        lengths = np.concatenate([f.lengths() for f in self.features]).astype(np.int32)
+        np.concatenate([f.ids() for f in self.features], out=values.numpy(), casting="unsafe")  # checked ids
         return KeyedJaggedTensor(keys=keys, values=values, lengths=torch.from_numpy(lengths))

@@ -3,10 +3,11 @@ thread, as TorchRec ``Batch``es (dense features, a ``KeyedJaggedTensor`` of each
 each row group is decoded by pyarrow on a thread of its own while the one before is cut into batches.
 
 The categorical columns hold one id a row (integers), or, where ``metadata.json`` has
-``multi_hot_sizes``, a bag a row (lists of integers; a size of 0 there allows bags of any length, empty
-ones too). What the footers can tell is checked before the first batch: the column types, the ids per
-row of fixed-size bags, ids beyond their table (``vocab_sizes``) from the columns' statistics; every bag's
-length is checked again as it is read.
+``multi_hot_sizes``, a bag a row: lists of integers (a size of 0 there allows bags of any length, empty
+ones too), or, for bags of one size, the fixed-size binary values ``fixed_bags`` describes (what
+``dlrm-preprocess`` writes). What the footers can tell is checked before the first batch: the column
+types, the ids per row of fixed-size bags, ids beyond their table (``vocab_sizes``) from the columns'
+statistics; every list's bag lengths, and the ids of fixed-size binary bags, are checked as they are read.
 
 Batches are global: with ``world_size`` ranks each batch of ``batch_size`` rows is cut into equal
 consecutive shares, rank 0's first, so every rank sees its part of the same global batch.
@@ -29,7 +30,8 @@ import torch
 from torchrec.datasets.utils import Batch
 
 from dlrm_cache.criteo import CAT_COLUMNS, INT_COLUMNS
-from dlrm_cache.data.id_columns import BagIds, OneHotIds
+from dlrm_cache.data import fixed_bags
+from dlrm_cache.data.id_columns import BagIds, Bags, FixedBags, OneHotIds
 from dlrm_cache.reused_buffers import ReusedBuffers
 
 SCHEMA_VERSIONS = (1,)  # metadata.json versions this loader reads
@@ -100,21 +102,30 @@ def _footer(path: Path, meta: dict) -> pq.FileMetaData:
         names = schema.names
         raise ValueError(f"{path}: columns {names[:3]}... ({len(names)}), expected {COLUMNS[:3]}... (40)")
     sizes = meta.get("multi_hot_sizes")
+    fixed = set()  # the columns of fixed-size bags (fixed_bags)
     for c in CAT_COLUMNS:
         kind = schema.field(c).type
-        bags = pa.types.is_list(kind) or pa.types.is_large_list(kind)
-        ids = kind.value_type if bags else kind
-        if bags != (sizes is not None) or not pa.types.is_integer(ids):
-            said = "bags (multi_hot_sizes)" if sizes is not None else "one id a row (no multi_hot_sizes)"
-            raise ValueError(f"{path}: {c} is {kind}, but metadata.json says {said}: expected "
-                             f"{'a list of integers' if sizes is not None else 'integers'}")  # fmt: skip
+        if sizes is None:
+            if not pa.types.is_integer(kind):
+                raise ValueError(f"{path}: {c} is {kind}, but metadata.json says one id a row (no "
+                                 "multi_hot_sizes): expected integers")  # fmt: skip
+            continue
+        if fixed_bags.id_bytes(kind, sizes[c]):
+            fixed.add(c)
+            continue
+        if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or not pa.types.is_integer(
+            kind.value_type
+        ):
+            width = f"{4 * sizes[c]} or {8 * sizes[c]}-byte binary" if sizes[c] else "no fixed-size binary"
+            raise ValueError(f"{path}: {c} is {kind}, but metadata.json says bags of {sizes[c] or 'any'} "
+                             f"ids (multi_hot_sizes): expected a list of integers ({width})")  # fmt: skip
     footer = file.metadata
     leaves = {footer.schema.column(i).path.split(".")[0]: i for i in range(footer.num_columns)}
     for g in range(footer.num_row_groups):
         group = footer.row_group(g)
         for c in CAT_COLUMNS:
             chunk = group.column(leaves[c])
-            size = sizes[c] if sizes is not None else 1
+            size = 1 if sizes is None or c in fixed else sizes[c]
             if size and group.num_rows * size != chunk.num_values:
                 raise ValueError(
                     f"{path}: row group {g}: {c} holds {chunk.num_values} ids for {group.num_rows} rows, "
@@ -122,16 +133,20 @@ def _footer(path: Path, meta: dict) -> pq.FileMetaData:
                 )
             stats = chunk.statistics
             if (
-                stats is not None
+                c not in fixed  # bytes: its ids are checked as they are read
+                and stats is not None
                 and stats.has_min_max
                 and (stats.min < 0 or stats.max >= meta["vocab_sizes"][c])
             ):
-                bad = stats.min if stats.min < 0 else stats.max
-                raise ValueError(
-                    f"{path}: row group {g}: {c} holds id {bad}, beyond its table of "
-                    f"{meta['vocab_sizes'][c]} rows (metadata.json vocab_sizes)"
-                )
+                _beyond(path, g, c, stats.min if stats.min < 0 else stats.max, meta)
     return footer
+
+
+def _beyond(path: Path, g: int, c: str, bad: int, meta: dict) -> None:
+    raise ValueError(
+        f"{path}: row group {g}: {c} holds id {bad}, beyond its table of {meta['vocab_sizes'][c]} rows "
+        "(metadata.json vocab_sizes)"
+    )
 
 
 class ParquetBatches:
@@ -158,6 +173,7 @@ class ParquetBatches:
         if not files:
             raise ValueError(f"{root / split}: no part-*.parquet files")
         meta = load_metadata(root)
+        self.meta = meta
         self.bag_sizes: dict[str, int] | None = meta.get("multi_hot_sizes")
         footers = [_footer(f, meta) for f in files]
         self.groups = [(f, g) for f, m in zip(files, footers, strict=True) for g in range(m.num_row_groups)]
@@ -250,26 +266,36 @@ class ParquetBatches:
             yield self._batch(*carry, 0, len(carry[0]))
 
     def _ids(self, t: pa.Table, path: Path, g: int) -> OneHotIds | BagIds:
-        """A row group's categorical ids; bags checked against ``multi_hot_sizes``."""
+        """A row group's categorical ids; bags checked against ``multi_hot_sizes``, fixed-size ones'
+        ids against their tables (their columns' statistics do not say)."""
         if self.bag_sizes is None:
             return OneHotIds(np.stack([t.column(c).to_numpy() for c in CAT_COLUMNS]))
-        offsets, values = [], []
+        features: list[Bags | FixedBags] = []
         for c in CAT_COLUMNS:
-            bags = t.column(c).combine_chunks()
-            ids = bags.flatten()
+            size = self.bag_sizes[c]
+            column = t.column(c).combine_chunks()
+            if column.null_count:
+                raise ValueError(f"{path}: row group {g}: {c} holds a null bag or id")
+            if pa.types.is_fixed_size_binary(column.type):
+                bags = fixed_bags.to_numpy(column, size)
+                unsigned = bags.view(f"<u{bags.itemsize}")  # a negative id: beyond any table
+                if len(bags) and unsigned.max() >= self.meta["vocab_sizes"][c]:
+                    bad = bags.reshape(-1)[np.argmax(unsigned.reshape(-1) >= self.meta["vocab_sizes"][c])]
+                    _beyond(path, g, c, int(bad), self.meta)
+                features.append(FixedBags(bags))
+                continue
+            ids = column.flatten()
             if ids.null_count:
                 raise ValueError(f"{path}: row group {g}: {c} holds a null id in a bag")
-            off = bags.offsets.to_numpy().astype(np.int64)
+            off = column.offsets.to_numpy().astype(np.int64)
             off -= off[0]
-            size = self.bag_sizes[c]
             if size and not (np.diff(off) == size).all():
                 row = int(np.flatnonzero(np.diff(off) != size)[0])
                 got = off[row + 1] - off[row]
                 raise ValueError(f"{path}: row group {g}, row {row}: {c} holds a bag of {got} ids, "
                                  f"metadata.json's multi_hot_sizes say {size}")  # fmt: skip
-            offsets.append(off)
-            values.append(ids.to_numpy())
-        return BagIds(offsets, values)
+            features.append(Bags(off, ids.to_numpy()))
+        return BagIds(features)
 
     def _batch(self, label, dense, cats, start: int, stop: int) -> Batch:
         if self.pad_shares:

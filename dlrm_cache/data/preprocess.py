@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from dlrm_cache.config import GB, PreprocessOptions, PreprocessRunConfig
 from dlrm_cache.criteo import CAT_COLUMNS, DENSE_TRANSFORM, INT_COLUMNS
+from dlrm_cache.data import fixed_bags
 from dlrm_cache.data.criteo_tsv import (
     BadLines,
     detect_columns,
@@ -250,18 +251,23 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
         coverage = _vocabularies(made, tmp / "vocab", held, multi)
         counts_dir.rmdir()
         id_type = pa.int32() if max(held.sizes) < 2**31 else pa.int64()
-        bag_type = id_type if multi is None else pa.list_(id_type)
-        schema = pa.schema(
-            [("label", pa.int8())]
-            + [(c, pa.float32()) for c in INT_COLUMNS]
-            + [(c, bag_type) for c in CAT_COLUMNS]
-        )
-        # Dictionary pages for the columns with few values (dense values, small vocabularies); ids of
-        # a vocabulary of 2^16 or more are written plain: smaller files, and less work, than a
-        # dictionary of up to a row group's worth of values.
+        ids = (
+            [pa.field(c, id_type) for c in CAT_COLUMNS]
+            if multi is None
+            else [pa.field(c, fixed_bags.bag_type(id_type, n), nullable=False)
+                  for c, n in zip(CAT_COLUMNS, multi.sizes, strict=True)]
+        )  # fmt: skip
+        schema = pa.schema([("label", pa.int8()), *((c, pa.float32()) for c in INT_COLUMNS), *ids])
+        # Dictionary pages for the columns with few values (dense values, small vocabularies: a row's
+        # bag is one of as many as its vocabulary's ids) where they fit in one (1 MiB); ids of a
+        # vocabulary of 2^16 or more are written plain: smaller files, and less work, than a dictionary
+        # of up to a row group's worth of values.
         dictionary = [c for c in schema.names if c not in CAT_COLUMNS]
-        leaf = "" if multi is None else ".list.element"  # a bag's ids: the list's values
-        dictionary += [c + leaf for c, size in zip(CAT_COLUMNS, held.sizes, strict=True) if size < 1 << 16]
+        dictionary += [
+            c
+            for c, size in zip(CAT_COLUMNS, held.sizes, strict=True)
+            if size < 1 << 16 and size * schema.field(c).type.byte_width <= 1 << 20
+        ]
         bounds = list(zip(train_ends, val_ends.result(), strict=True))
         parts = plan(spills, index, bounds, opts.max_file_rows)
         rows = {s: sum(p.rows for p in parts if p.split == s) for s in SPLITS}

@@ -134,7 +134,7 @@ class WritePass:
                 with _bar(f"ids {g + 1}/{len(groups) - 1}", total, progress) as on_rows:
                     for n, spill in enumerate(self.spills):
                         _write_ids(
-                            spill, ids_path(spill.parent, g, n), lookups, self._column_type, features, on_rows
+                            spill, ids_path(spill.parent, g, n), lookups, self.schema, features, on_rows
                         )
                 del lookups
             self._lookups = self.held.load(groups[-1])
@@ -164,10 +164,6 @@ class WritePass:
                 except BaseException:
                     pool.shutdown(wait=True, cancel_futures=True)
                     raise
-
-    @property
-    def _column_type(self) -> pa.DataType:
-        return self.schema.field(CAT_COLUMNS[0]).type
 
     def _write_part(self, part: Part, folder: Path, on_rows: Callable[[int], None]) -> None:
         path = folder / part.split / f"part-{part.number:05d}.parquet"
@@ -218,7 +214,7 @@ def renumbered(
 ) -> pa.Table:
     """``batch``'s columns, its categorical values re-numbered by ``lookups`` (feature index ->
     ``IdLookup``) or taken from ``done`` (the same rows' ids, written by earlier passes)."""
-    ids = id_table(batch, lookups, schema.field(CAT_COLUMNS[0]).type, pool)
+    ids = id_table(batch, lookups, schema, pool)
     by_name = {name: ids.column(name) for name in ids.column_names}
     for more in done:
         by_name.update({name: more.column(name) for name in more.schema.names})
@@ -227,14 +223,14 @@ def renumbered(
     return pa.Table.from_arrays(cols, schema=schema)
 
 
-def _write_ids(spill: Path, out: Path, lookups: dict, column_type: pa.DataType, pool, on_rows) -> None:
+def _write_ids(spill: Path, out: Path, lookups: dict, schema: pa.Schema, pool, on_rows) -> None:
     """The ids of ``lookups``' features for the rows of ``spill``: a batch per spilled batch, into ``out``."""
     with pa.OSFile(str(spill)) as source, naming(out), pa.OSFile(str(out), "wb") as sink:
         reader = pa.ipc.open_file(source)
         writer = None
         for i in range(reader.num_record_batches):
             batch = reader.get_batch(i)
-            ids = id_table(batch, lookups, column_type, pool)
+            ids = id_table(batch, lookups, schema, pool)
             if writer is None:
                 writer = pa.ipc.new_file(sink, ids.schema)
             writer.write_table(ids)
