@@ -55,6 +55,7 @@ import torch
 from dlrm_cache.cache.collection import CachedEmbeddingBagCollection
 from dlrm_cache.cache.optim import SparseOptimizer
 from dlrm_cache.config import MULTI_HOT_MLPERF, CacheConfig, PreprocessOptions
+from dlrm_cache.data.arrow_memory import keep_decoded_memory
 from dlrm_cache.data.default_dataset import synthetic_dataset
 from dlrm_cache.data.loader import ParquetBatches, load_metadata
 from dlrm_cache.distributed.table_stats import fit_to_batch, load_table_stats
@@ -263,6 +264,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="pipeline runs of each kind, in alternation")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # MODE:CORES:ROOT, one pipeline run
     args = ap.parse_args()
+    if "MIMALLOC_PURGE_DELAY" not in os.environ:  # as dlrm-train: set before pyarrow loads, so again
+        keep_decoded_memory()
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     if args.child:
         child(args)
         return

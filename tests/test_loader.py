@@ -1,15 +1,18 @@
 """The Parquet loader: every row once per epoch, global batches split across ranks, seeded shuffle."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+from dlrm_cache.config import MULTI_HOT_MLPERF
 from dlrm_cache.data.default_dataset import synthetic_dataset
 from dlrm_cache.data.loader import ParquetBatches
 
@@ -110,3 +113,46 @@ def test_a_process_exits_cleanly_while_an_epoch_is_still_being_read(tmp_path):
             [sys.executable, "-c", READ_AND_EXIT, str(root), "6000"], capture_output=True, text=True
         )
         assert done.returncode == 0, done.stderr[-500:]
+
+
+_READ_AGAIN = """
+import resource, sys, time
+if sys.argv[2] == "kept":
+    from dlrm_cache.data.arrow_memory import keep_decoded_memory
+    keep_decoded_memory()
+import pyarrow.parquet as pq
+file = pq.ParquetFile(sys.argv[1])
+file.read_row_group(0)  # the first read faults its pages in either way
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    time.sleep(0.3)  # a batch's work between row groups: mimalloc returns what was freed meanwhile
+    file.read_row_group(0)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_kept_decoded_memory_is_not_faulted_in_again_for_each_row_group(tmp_path):
+    if pa.default_memory_pool().backend_name != "mimalloc":
+        pytest.skip(f"pyarrow allocates with {pa.default_memory_pool().backend_name}, not mimalloc")
+    path = tmp_path / "bags.parquet"
+    rng = np.random.default_rng(0)
+    columns = {}
+    for j, size in enumerate(MULTI_HOT_MLPERF):  # a multi-hot row group's buffers, of every size
+        ids = rng.integers(0, 400_000, (32_768, size), dtype=np.int32)
+        columns[f"cat_{j}"] = pa.FixedSizeBinaryArray.from_buffers(pa.binary(4 * size), len(ids),
+                                                                   [None, pa.py_buffer(ids)])  # fmt: skip
+    pq.write_table(pa.table(columns), path)
+
+    def faults(how: str) -> int:
+        env = {k: v for k, v in os.environ.items() if k != "MIMALLOC_PURGE_DELAY"}
+        cmd = [sys.executable, "-c", _READ_AGAIN, str(path), how]
+        return int(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout)
+
+    returned, kept = faults("returned"), faults("kept")
+    assert kept * 4 < returned, (kept, returned)
+
+
+def test_the_train_command_loads_no_pyarrow_before_its_setting():
+    code = "import sys, dlrm_cache.cli.train; print('pyarrow' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "False"

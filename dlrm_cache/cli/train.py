@@ -21,13 +21,17 @@ from hydra.core.hydra_config import HydraConfig
 
 from dlrm_cache.cli.common import command
 from dlrm_cache.config import TrainRunConfig
+from dlrm_cache.data.arrow_memory import keep_decoded_memory
 from dlrm_cache.distributed.rank import current_rank
 from dlrm_cache.files import held
-from dlrm_cache.train.run_log import json_text
-from dlrm_cache.train.trainer import train
 
 
 def _train(config: TrainRunConfig) -> None:
+    keep_decoded_memory()
+    # pyarrow loads with these, after the setting
+    from dlrm_cache.train.run_log import json_text
+    from dlrm_cache.train.trainer import train
+
     hydra_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         summary = train(config, hydra_dir)
