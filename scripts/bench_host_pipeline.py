@@ -29,7 +29,9 @@ one). Then the whole pipeline, each run in a process of its own pinned to its co
   starts each step - on 1 core and on 2 (torch's intra-op threads and pyarrow's pool as many as the
   cores).
 
-The scaling is the 2-core rate over the faster of the two 1-core ones. The cache: ``--ratio`` of each
+The scaling is the 2-core rate over the faster of the two 1-core ones. Every process keeps the memory
+pyarrow decodes into, as ``dlrm-train`` does (``arrow_memory.keep_decoded_memory``: the script starts
+itself again with it set, since it must be set before pyarrow loads). The cache: ``--ratio`` of each
 table above 10,000 rows (the rest whole), the lookahead policy, ``--lookahead`` batches ahead, row-wise
 Adagrad state beside the rows, on the CPU; caches that ``--ratio`` leaves too small for a step raised to
 fit, as ``dlrm-train`` raises them.

@@ -35,10 +35,8 @@ def to_array(bags: np.ndarray, column_type: pa.DataType) -> pa.FixedSizeBinaryAr
     return pa.FixedSizeBinaryArray.from_buffers(column_type, rows, [None, pa.py_buffer(data)])
 
 
-def to_numpy(column: pa.Array | pa.ChunkedArray, size: int) -> np.ndarray:
-    """A column of bags of ``size`` ids as a (rows, size) array (a view where it is one chunk)."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
+def to_numpy(column: pa.Array, size: int) -> np.ndarray:
+    """A column of bags of ``size`` ids as a (rows, size) array: a view of its buffer."""
     width = column.type.byte_width
     data = np.frombuffer(column.buffers()[1], dtype=f"<i{width // size}")
     start = column.offset * size

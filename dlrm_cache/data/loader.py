@@ -275,7 +275,7 @@ class ParquetBatches:
         features: list[Bags | FixedBags] = []
         for c in CAT_COLUMNS:
             size = self.bag_sizes[c]
-            column = t.column(c).combine_chunks()
+            column = _one_array(t.column(c))
             if column.null_count:
                 raise ValueError(f"{path}: row group {g}: {c} holds a null bag or id")
             if pa.types.is_fixed_size_binary(column.type):
@@ -319,6 +319,11 @@ class ParquetBatches:
             sparse_features=(ids := cats.take(rows)).kjt(CAT_COLUMNS, self._values.take(ids.size())),
             labels=torch.from_numpy(labels),
         )
+
+
+def _one_array(column: pa.ChunkedArray) -> pa.Array:
+    """A column as one array: its chunk where it has one (``combine_chunks`` copies even that)."""
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
 def _joined(first: tuple, then: tuple) -> tuple:
