@@ -276,9 +276,9 @@ class ParquetBatches:
         for c in CAT_COLUMNS:
             size = self.bag_sizes[c]
             column = _one_array(t.column(c))
-            if column.null_count:
-                raise ValueError(f"{path}: row group {g}: {c} holds a null bag or id")
             if pa.types.is_fixed_size_binary(column.type):
+                if column.null_count:
+                    raise ValueError(f"{path}: row group {g}: {c} holds a null bag")
                 bags = fixed_bags.to_numpy(column, size)
                 unsigned = bags.view(f"<u{bags.itemsize}")  # a negative id: beyond any table
                 if len(bags) and unsigned.max() >= self.meta["vocab_sizes"][c]:
