@@ -124,6 +124,20 @@ def test_bags_match_an_independent_expansion(tmp_path, distribution, min_count, 
     assert sum(len(got[0][c]) for c in CAT_COLUMNS) == 214
 
 
+def test_a_multi_hot_dataset_of_list_columns_is_not_taken_for_this_runs_output(tmp_path):
+    src = synth(tmp_path / "train.txt", rows=600)
+    out = run([src], tmp_path / "out", multi_hot_sizes=SIZES)
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["bag_format"] == "fixed_size_binary"
+    stamp = (out / "metadata.json").stat().st_mtime_ns
+    run([src], tmp_path / "out", multi_hot_sizes=SIZES)
+    assert (out / "metadata.json").stat().st_mtime_ns == stamp, "the same run again does nothing"
+    del meta["bag_format"]  # as written when bags were list columns
+    (out / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(FileExistsError, match="already holds a different dataset; pass overwrite=true"):
+        run([src], tmp_path / "out", multi_hot_sizes=SIZES)
+
+
 def test_draws_follow_their_distribution():
     positions = np.arange(200_000)
     uniform = MultiHot((11,) * 26, "uniform", 0).draws(3, positions, 10).reshape(-1)

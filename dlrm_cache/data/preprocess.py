@@ -153,6 +153,9 @@ def _fingerprint(cfg: PreprocessRunConfig, files: list[Path], source: SavedVocab
         "dataset": asdict(cfg.dataset),
         "vocab_from": source.identity if source else None,
         "all_into": cfg.all_into,
+        # How bags are stored (fixed_bags): a multi-hot dataset written before, as list columns, is
+        # not this run's output.
+        "bag_format": None if cfg.preprocess.multi_hot_sizes is None else "fixed_size_binary",
         "inputs": [
             {"path": str(f.resolve()), "size": f.stat().st_size, "mtime": f.stat().st_mtime} for f in files
         ],
