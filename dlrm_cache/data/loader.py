@@ -138,13 +138,13 @@ def _footer(path: Path, meta: dict) -> pq.FileMetaData:
                 and stats.has_min_max
                 and (stats.min < 0 or stats.max >= meta["vocab_sizes"][c])
             ):
-                _beyond(path, g, c, stats.min if stats.min < 0 else stats.max, meta)
+                _beyond(path, g, c, stats.min if stats.min < 0 else stats.max, meta["vocab_sizes"][c])
     return footer
 
 
-def _beyond(path: Path, g: int, c: str, bad: int, meta: dict) -> None:
+def _beyond(path: Path, g: int, c: str, bad: int, rows: int) -> None:
     raise ValueError(
-        f"{path}: row group {g}: {c} holds id {bad}, beyond its table of {meta['vocab_sizes'][c]} rows "
+        f"{path}: row group {g}: {c} holds id {bad}, beyond its table of {rows} rows "
         "(metadata.json vocab_sizes)"
     )
 
@@ -173,7 +173,7 @@ class ParquetBatches:
         if not files:
             raise ValueError(f"{root / split}: no part-*.parquet files")
         meta = load_metadata(root)
-        self.meta = meta
+        self.vocab_sizes: dict[str, int] = meta["vocab_sizes"]
         self.bag_sizes: dict[str, int] | None = meta.get("multi_hot_sizes")
         footers = [_footer(f, meta) for f in files]
         self.groups = [(f, g) for f, m in zip(files, footers, strict=True) for g in range(m.num_row_groups)]
@@ -281,9 +281,9 @@ class ParquetBatches:
                     raise ValueError(f"{path}: row group {g}: {c} holds a null bag")
                 bags = fixed_bags.to_numpy(column, size)
                 unsigned = bags.view(f"<u{bags.itemsize}")  # a negative id: beyond any table
-                if len(bags) and unsigned.max() >= self.meta["vocab_sizes"][c]:
-                    bad = bags.reshape(-1)[np.argmax(unsigned.reshape(-1) >= self.meta["vocab_sizes"][c])]
-                    _beyond(path, g, c, int(bad), self.meta)
+                rows = self.vocab_sizes[c]
+                if len(bags) and unsigned.max() >= rows:
+                    _beyond(path, g, c, int(bags.reshape(-1)[np.argmax(unsigned.reshape(-1) >= rows)]), rows)
                 features.append(FixedBags(bags))
                 continue
             ids = column.flatten()
