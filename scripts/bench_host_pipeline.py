@@ -266,8 +266,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="pipeline runs of each kind, in alternation")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # MODE:CORES:ROOT, one pipeline run
     args = ap.parse_args()
-    if "MIMALLOC_PURGE_DELAY" not in os.environ:  # as dlrm-train: set before pyarrow loads, so again
-        keep_decoded_memory()
+    if keep_decoded_memory():  # as dlrm-train; it must be set before pyarrow loads: start again
         os.execv(sys.executable, [sys.executable, *sys.argv])
     if args.child:
         child(args)

@@ -12,6 +12,10 @@ from __future__ import annotations
 import os
 
 
-def keep_decoded_memory() -> None:
-    """Keep freed pyarrow memory for its next use; before pyarrow is imported (a user's setting stays)."""
-    os.environ.setdefault("MIMALLOC_PURGE_DELAY", "-1")
+def keep_decoded_memory() -> bool:
+    """Keep freed pyarrow memory for its next use; before pyarrow is imported (a user's setting stays).
+    Whether the setting was made now (False: the environment already had one)."""
+    if "MIMALLOC_PURGE_DELAY" in os.environ:
+        return False
+    os.environ["MIMALLOC_PURGE_DELAY"] = "-1"
+    return True
