@@ -46,10 +46,9 @@ class SpilledCounter:
         self.counter = ValueCounter()
         if not len(values):
             return
-        order = np.argsort(values, kind="stable")
-        pairs = np.empty(len(values), dtype=PAIR)
-        pairs["value"], pairs["count"] = values[order], counts[order]
-        del values, counts, order
+        pairs = np.empty(len(values), dtype=PAIR)  # in no order: fitting sums each partition by value
+        pairs["value"], pairs["count"] = values, counts
+        del values, counts
         paths = [self.folder / f"{self.name}.{p}.bin" for p in range(PARTITIONS)]
         written = append_by_key(pairs, (pairs["value"] + 1) >> _SHIFT, paths)
         self.files.update(paths[p] for p in written)

@@ -147,7 +147,10 @@ class SpilledVocabulary:
 
 def append_by_key(rows: np.ndarray, key: np.ndarray, paths: list[Path]) -> list[int]:
     """Each of ``rows`` appended to the file ``paths[key]`` (keys 0 .. len(paths) - 1), in their order
-    within each file; the keys written."""
+    within each file; the keys written. Keys of 16 bits or fewer are sorted by numpy's radix sort."""
+    narrow = np.min_scalar_type(len(paths) - 1)
+    if narrow.itemsize <= 2:
+        key = key.astype(narrow)
     order = np.argsort(key, kind="stable")
     bounds = np.searchsorted(key[order], np.arange(len(paths) + 1))
     written = np.flatnonzero(np.diff(bounds)).tolist()
