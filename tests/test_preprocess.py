@@ -389,16 +389,19 @@ def test_vocabulary_ranks_by_count_then_value(wide):
     assert [(-int(c), int(v)) for v, c in zip(vocab.raw, vocab.count, strict=True)] == expected
 
 
-def test_the_compact_lookup_gives_every_value_its_id_natively_and_in_numpy():
+@pytest.mark.parametrize("distinct", [50_000, 400_000])  # kept: under and over the 2^16 keys from
+# which vocab_map.cpp fetches each value's keys ahead
+def test_the_compact_lookup_gives_every_value_its_id_natively_and_in_numpy(distinct):
     """``IdLookup`` (sorted 32-bit keys and ids, a directory; vocab_map.cpp or numpy's binary search)
     against a plain dict of the vocabulary: kept values, values under min_count and values never counted
     (both the rare id), -1 (empty, kept here), values beyond 32 bits; and the lookup's size."""
     rng = np.random.default_rng(0)
-    values = np.unique(np.concatenate([[-1], rng.integers(0, 2**32, 50_000)]))
+    values = np.unique(np.concatenate([[-1], rng.integers(0, 2**32, distinct)]))
     counts = rng.integers(1, 6, len(values))
     counts[0] = 9  # the empty value kept
     queries = np.concatenate([values, rng.integers(0, 2**32, 20_000), [-1, 0, 2**32 - 1, 2**32, 2**40, -7]])
     rng.shuffle(queries)
+    queries = np.concatenate([queries, [2**40, -1, -7, 5]])  # the last few: no value ahead of them
     vocab = Vocabulary.fit(values, counts, min_count=2)
     by_value = {int(r): i for i, r in enumerate(vocab.raw) if i != vocab.rare_id}
     expected = np.array([by_value.get(int(q), vocab.rare_id) for q in queries])
@@ -435,8 +438,9 @@ def test_a_line_without_end_is_refused_in_bounded_memory(tmp_path):
         list(np.random.default_rng(0).integers(-1, 2**32, 5000)),
         list(np.random.default_rng(1).integers(-1, 40, 5000)),
         [2**40, -1, 3],  # not hashes: counted all the same
+        list(np.random.default_rng(2).integers(-1, 2**18, 400_000)),  # a table slots are fetched ahead in
     ],
-    ids=["none", "all-empty", "edges", "hashes", "few-values", "wider"],
+    ids=["none", "all-empty", "edges", "hashes", "few-values", "wider", "large-table"],
 )
 @pytest.mark.parametrize("native", [True, False], ids=["hash-table", "numpy"])
 def test_value_counter_counts_like_numpy(raw, native):
@@ -470,3 +474,15 @@ def test_count_lines_counts_a_last_line_without_its_newline(tmp_path, gz):
     stopped = threading.Event()
     stopped.set()  # a failed run stops a count still running beside the parse
     assert preprocess_module.count_lines(path, stopped) == (-1 if lines else 0)
+
+
+def test_dense_transform_gives_the_floats_of_computing_each_value():
+    rng = np.random.default_rng(0)
+    int64 = np.iinfo(np.int64)
+    edges = [int64.min, -(2**40), -1, 0, 1, 2**16 - 1, 2**16, 2**31, 2**62, int64.max]
+    ints = np.concatenate([edges, rng.integers(-100, 200_000, 5000), rng.integers(0, 2**63 - 1, 100)])
+    ints = np.asfortranarray(np.resize(ints, (len(ints) // 13, 13)))
+    expected = np.log1p(np.maximum(ints, 0)).astype(np.float32)
+    got = preprocess_module._dense(ints)
+    assert got.dtype == np.float32 and got.flags.f_contiguous
+    assert got.tobytes("F") == expected.tobytes("F")

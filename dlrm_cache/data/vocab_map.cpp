@@ -20,6 +20,13 @@ uint64_t hash(int64_t k) {  // splitmix64's finalizer
   return x ^ (x >> 31);
 }
 
+bool is_hash(int64_t r) { return r >= 0 && r <= 0xFFFFFFFFLL; }  // a 32-bit raw value
+
+// Fetching ahead (measured on a 2-core VM: 8 and 16 values ahead were the best of 4, 8, 16, 32).
+constexpr int64_t kLookupAhead = 8;            // values looked up while one's map entries are fetched
+constexpr int64_t kCountAhead = 16;            // values counted while one's slot is fetched
+constexpr int64_t kFetchAheadFrom = 1 << 16;   // keys or slots; smaller tables (<= 1 MiB) stay cached
+
 // Counts per distinct raw value (never kEmpty: raw values are -1 .. 2^32 - 1); doubles at load 1/2.
 struct Counter {
   struct Slot {
@@ -65,9 +72,16 @@ void* value_counter_new() { return new Counter(); }
 void value_counter_free(void* c) { delete static_cast<Counter*>(c); }
 
 // Count raw[0], raw[stride], ... (n values) into the counter: a column of a row-major chunk as is.
+// A table larger than the caches costs a miss a value: each value's slot is fetched kCountAhead values
+// before it is counted.
 void value_counter_add(void* counter, const int64_t* raw, int64_t n, int64_t stride) {
   Counter& c = *static_cast<Counter*>(counter);
-  for (int64_t i = 0; i < n; ++i) c.add(raw[i * stride]);
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + kCountAhead < n && static_cast<int64_t>(c.slots.size()) >= kFetchAheadFrom) {
+      __builtin_prefetch(&c.slots[hash(raw[(i + kCountAhead) * stride]) & c.mask]);
+    }
+    c.add(raw[i * stride]);
+  }
 }
 
 int64_t value_counter_size(const void* counter) { return static_cast<const Counter*>(counter)->size; }
@@ -87,19 +101,32 @@ void value_counter_export(const void* counter, int64_t* values, int64_t* counts)
 // them (4 bytes), and a directory of where each run of keys sharing their top `bits` bits starts (at
 // most a quarter of an entry per key). A lookup reads the directory, then searches a few keys.
 // out[i] = the id of raw[i]; `empty_id` for -1 (the empty value), `missing` for any other value not kept.
+// A map larger than the caches costs a miss in the directory, then one in the keys and one in the ids:
+// each value's are fetched ahead (its directory entry 2 * kLookupAhead values before, its keys and ids
+// kLookupAhead before), so that many misses are under way at once instead of one after another.
 void sorted_map_lookup(const uint32_t* keys, const uint32_t* ids, int64_t n, const uint32_t* dir,
                        int64_t bits, const int64_t* raw, int64_t m, int64_t missing, int64_t empty_id,
                        int64_t* out) {
   const int shift = 32 - static_cast<int>(bits);
+  const auto bucket = [&](int64_t r) -> uint64_t { return bits ? static_cast<uint32_t>(r) >> shift : 0; };
+  const bool ahead = n >= kFetchAheadFrom;
   for (int64_t i = 0; i < m; ++i) {
+    if (ahead && i + 2 * kLookupAhead < m && is_hash(raw[i + 2 * kLookupAhead])) {
+      __builtin_prefetch(dir + bucket(raw[i + 2 * kLookupAhead]));
+    }
+    if (ahead && i + kLookupAhead < m && is_hash(raw[i + kLookupAhead])) {
+      const uint32_t first = dir[bucket(raw[i + kLookupAhead])];
+      __builtin_prefetch(keys + first);
+      __builtin_prefetch(ids + first);
+    }
     const int64_t r = raw[i];
-    if (r < 0 || r > 0xFFFFFFFFLL) {
+    if (!is_hash(r)) {
       out[i] = r == -1 ? empty_id : missing;
       continue;
     }
     const uint32_t key = static_cast<uint32_t>(r);
-    const uint64_t bucket = bits ? key >> shift : 0;
-    uint32_t lo = dir[bucket], hi = dir[bucket + 1];
+    const uint64_t b = bucket(r);
+    uint32_t lo = dir[b], hi = dir[b + 1];
     while (lo < hi) {  // the first key >= key
       const uint32_t mid = lo + (hi - lo) / 2;
       if (keys[mid] < key) lo = mid + 1; else hi = mid;
