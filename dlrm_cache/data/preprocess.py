@@ -231,13 +231,10 @@ def preprocess(cfg: PreprocessRunConfig) -> Path:
                 opts.parser,
                 opts.max_ind_range,
                 counts_dir,
-                n,
                 budget.values_per_feature,
                 count=source is None,
             )  # fmt: skip
-            for n, (f, cols, train_end, spill) in enumerate(
-                zip(files, layouts, train_ends, spills, strict=True)
-            )
+            for f, cols, train_end, spill in zip(files, layouts, train_ends, spills, strict=True)
         ]
         counters, bad, index = _parse_all(jobs, workers, opts.progress)
         pa.default_memory_pool().release_unused()  # the parse's buffers, back to the system
@@ -386,16 +383,13 @@ class _ParseJob:
     parser: str
     max_ind_range: int
     counts_dir: Path  # where counters spill
-    index: int  # of the input: names its counters' spill files
     values_per_feature: int  # distinct values a counter holds before it spills
     count: bool = True  # False: the vocabularies exist already (vocab_from); nothing to count
 
     def run(self, on_progress=None) -> tuple[list[SpilledCounter], BadLines, list[BatchIndex]]:
         bad = BadLines()
         index = []
-        counters = [
-            SpilledCounter(self.counts_dir, f"{self.index}-{c}", self.values_per_feature) for c in CAT_COLUMNS
-        ]
+        counters = [SpilledCounter(self.counts_dir, c, self.values_per_feature) for c in CAT_COLUMNS]
         with (
             naming(self.spill),
             pa.OSFile(str(self.spill), "wb") as sink,

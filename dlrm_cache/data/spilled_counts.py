@@ -10,6 +10,7 @@ one in-memory counter (``Vocabulary.fit``): the same counts, ranked the same way
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,9 @@ BYTES_PER_VALUE = 100  # a counter's bytes per distinct value at its peak (hash 
 
 
 class SpilledCounter:
-    """A ``ValueCounter`` whose runs spill into ``folder/<name>.<partition>.bin`` (appended)."""
+    """A ``ValueCounter`` whose runs spill into ``folder/<name>-<process id>.<partition>.bin``
+    (appended): the counters of one feature share a process's files, whatever inputs it counts, so a
+    run creates a few files a feature and process, not a set per input."""
 
     def __init__(self, folder: Path, name: str, limit: int):
         self.folder, self.name, self.limit = folder, name, max(1, limit)
@@ -49,7 +52,7 @@ class SpilledCounter:
         pairs = np.empty(len(values), dtype=PAIR)  # in no order: fitting sums each partition by value
         pairs["value"], pairs["count"] = values, counts
         del values, counts
-        paths = [self.folder / f"{self.name}.{p}.bin" for p in range(PARTITIONS)]
+        paths = [self.folder / f"{self.name}-{os.getpid()}.{p}.bin" for p in range(PARTITIONS)]
         written = append_by_key(pairs, (pairs["value"] + 1) >> _SHIFT, paths)
         self.files.update(paths[p] for p in written)
         self.spilled_bytes += pairs.nbytes
