@@ -407,8 +407,11 @@ def test_the_compact_lookup_gives_every_value_its_id_natively_and_in_numpy(disti
     expected = np.array([by_value.get(int(q), vocab.rare_id) for q in queries])
     fast, slow = vocab.lookup(), vocab.lookup(native=False)
     assert fast._lib is not None and slow._lib is None
-    np.testing.assert_array_equal(fast.transform(queries), expected)
-    np.testing.assert_array_equal(slow.transform(queries), expected)
+    for lookup in (fast, slow):
+        for dtype in (np.int64, np.int32):  # int32: the output's ids, written as such
+            got = lookup.transform(queries, dtype)
+            assert got.dtype == dtype
+            np.testing.assert_array_equal(got, expected)
     assert (expected == vocab.rare_id).sum() > 20_000  # unseen and rare values all went to the rare id
     assert fast.nbytes <= 9 * len(vocab)  # 8 bytes a kept value, the directory at most one more
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(fast)).transform(queries), expected)

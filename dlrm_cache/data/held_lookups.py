@@ -107,9 +107,10 @@ def id_table(batch: pa.RecordBatch, lookups: dict[int, IdLookup | BagLookup], sc
     a bag a row (``fixed_bags``) where the lookup makes bags (``BagLookup``)."""
 
     def ids(j: int) -> pa.Array:
-        got = lookups[j].transform(batch.column(CAT_COLUMNS[j]).to_numpy())
-        kind = schema.field(CAT_COLUMNS[j]).type
-        return pa.array(got, type=kind) if got.ndim == 1 else fixed_bags.to_array(got, kind)
+        raw, kind = batch.column(CAT_COLUMNS[j]).to_numpy(), schema.field(CAT_COLUMNS[j]).type
+        if isinstance(lookups[j], BagLookup):
+            return fixed_bags.to_array(lookups[j].transform(raw), kind)
+        return pa.array(lookups[j].transform(raw, kind.to_pandas_dtype()), type=kind)  # no copy
 
     features = sorted(lookups)
     return pa.Table.from_arrays(list(pool.map(ids, features)), names=[CAT_COLUMNS[j] for j in features])

@@ -203,14 +203,20 @@ class IdLookup:
         self.__dict__.update(state)
         self._lib = _lookup_library() if self.keys.dtype == np.uint32 else None
 
-    def transform(self, raw: np.ndarray) -> np.ndarray:
-        """Raw values (int64) -> new ids (int64)."""
+    def transform(self, raw: np.ndarray, dtype: type = np.int64) -> np.ndarray:
+        """Raw values (int64) -> new ids, as ``dtype``: int64, or int32 (the output's column type for a
+        table of fewer than 2^31 ids) written as such, not narrowed from int64 afterwards."""
         raw = np.ascontiguousarray(raw, dtype=np.int64)
         if self._lib is not None:
-            out = np.empty(len(raw), dtype=np.int64)
-            self._lib.sorted_map_lookup(
+            out = np.empty(len(raw), dtype=dtype)
+            lookup, kind = (
+                (self._lib.sorted_map_lookup_int32, _I32)
+                if out.dtype == np.int32
+                else (self._lib.sorted_map_lookup, _I64)
+            )
+            lookup(
                 _ptr(self.keys, _U32), _ptr(self.ids, _U32), len(self.keys), _ptr(self.directory, _U32),
-                self.bits, _ptr(raw, _I64), len(raw), self.rare_id, self.empty_id, _ptr(out, _I64),
+                self.bits, _ptr(raw, _I64), len(raw), self.rare_id, self.empty_id, _ptr(out, kind),
             )  # fmt: skip
             return out
         out = np.full(len(raw), self.rare_id, dtype=np.int64)
@@ -225,7 +231,7 @@ class IdLookup:
             pos = np.minimum(np.searchsorted(self.keys, query), len(self.keys) - 1)
             hit = self.keys[pos] == query
             out[where[hit]] = self.ids[pos[hit]]
-        return out
+        return out.astype(dtype, copy=False)
 
 
 def _lookup_library() -> ctypes.CDLL | None:
@@ -261,6 +267,7 @@ def _by_rank(values: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.nda
 
 _I64 = ctypes.POINTER(ctypes.c_int64)
 _U32 = ctypes.POINTER(ctypes.c_uint32)
+_I32 = ctypes.POINTER(ctypes.c_int32)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -276,6 +283,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sorted_map_lookup.argtypes = [_U32, _U32, ctypes.c_int64, _U32, ctypes.c_int64, _I64, ctypes.c_int64,
                                       ctypes.c_int64, ctypes.c_int64, _I64]  # fmt: skip
     lib.sorted_map_lookup.restype = None
+    lib.sorted_map_lookup_int32.argtypes = [*lib.sorted_map_lookup.argtypes[:-1], _I32]
+    lib.sorted_map_lookup_int32.restype = None
 
 
 def _ptr(a: np.ndarray, kind):

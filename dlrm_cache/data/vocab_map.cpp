@@ -63,6 +63,44 @@ struct Counter {
   }
 };
 
+// The re-numbering map, compact: the kept values' 32-bit keys sorted (4 bytes each), their ids beside
+// them (4 bytes), and a directory of where each run of keys sharing their top `bits` bits starts (at
+// most a quarter of an entry per key). A lookup reads the directory, then searches a few keys.
+// out[i] = the id of raw[i]; `empty_id` for -1 (the empty value), `missing` for any other value not kept.
+// A map larger than the caches costs a miss in the directory, then one in the keys and one in the ids:
+// each value's are fetched ahead (its directory entry 2 * kLookupAhead values before, its keys and ids
+// kLookupAhead before), so that many misses are under way at once instead of one after another.
+template <typename Id>
+void lookup(const uint32_t* keys, const uint32_t* ids, int64_t n, const uint32_t* dir, int64_t bits,
+            const int64_t* raw, int64_t m, int64_t missing, int64_t empty_id, Id* out) {
+  const int shift = 32 - static_cast<int>(bits);
+  const auto bucket = [&](int64_t r) -> uint64_t { return bits ? static_cast<uint32_t>(r) >> shift : 0; };
+  const bool ahead = n >= kFetchAheadFrom;
+  for (int64_t i = 0; i < m; ++i) {
+    if (ahead && i + 2 * kLookupAhead < m && is_hash(raw[i + 2 * kLookupAhead])) {
+      __builtin_prefetch(dir + bucket(raw[i + 2 * kLookupAhead]));
+    }
+    if (ahead && i + kLookupAhead < m && is_hash(raw[i + kLookupAhead])) {
+      const uint32_t first = dir[bucket(raw[i + kLookupAhead])];
+      __builtin_prefetch(keys + first);
+      __builtin_prefetch(ids + first);
+    }
+    const int64_t r = raw[i];
+    if (!is_hash(r)) {
+      out[i] = r == -1 ? empty_id : missing;
+      continue;
+    }
+    const uint32_t key = static_cast<uint32_t>(r);
+    const uint64_t b = bucket(r);
+    uint32_t lo = dir[b], hi = dir[b + 1];
+    while (lo < hi) {  // the first key >= key
+      const uint32_t mid = lo + (hi - lo) / 2;
+      if (keys[mid] < key) lo = mid + 1; else hi = mid;
+    }
+    out[i] = (lo < n && keys[lo] == key) ? ids[lo] : missing;
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -97,42 +135,18 @@ void value_counter_export(const void* counter, int64_t* values, int64_t* counts)
   }
 }
 
-// The re-numbering map, compact: the kept values' 32-bit keys sorted (4 bytes each), their ids beside
-// them (4 bytes), and a directory of where each run of keys sharing their top `bits` bits starts (at
-// most a quarter of an entry per key). A lookup reads the directory, then searches a few keys.
-// out[i] = the id of raw[i]; `empty_id` for -1 (the empty value), `missing` for any other value not kept.
-// A map larger than the caches costs a miss in the directory, then one in the keys and one in the ids:
-// each value's are fetched ahead (its directory entry 2 * kLookupAhead values before, its keys and ids
-// kLookupAhead before), so that many misses are under way at once instead of one after another.
+// The lookup into 64-bit ids.
 void sorted_map_lookup(const uint32_t* keys, const uint32_t* ids, int64_t n, const uint32_t* dir,
                        int64_t bits, const int64_t* raw, int64_t m, int64_t missing, int64_t empty_id,
                        int64_t* out) {
-  const int shift = 32 - static_cast<int>(bits);
-  const auto bucket = [&](int64_t r) -> uint64_t { return bits ? static_cast<uint32_t>(r) >> shift : 0; };
-  const bool ahead = n >= kFetchAheadFrom;
-  for (int64_t i = 0; i < m; ++i) {
-    if (ahead && i + 2 * kLookupAhead < m && is_hash(raw[i + 2 * kLookupAhead])) {
-      __builtin_prefetch(dir + bucket(raw[i + 2 * kLookupAhead]));
-    }
-    if (ahead && i + kLookupAhead < m && is_hash(raw[i + kLookupAhead])) {
-      const uint32_t first = dir[bucket(raw[i + kLookupAhead])];
-      __builtin_prefetch(keys + first);
-      __builtin_prefetch(ids + first);
-    }
-    const int64_t r = raw[i];
-    if (!is_hash(r)) {
-      out[i] = r == -1 ? empty_id : missing;
-      continue;
-    }
-    const uint32_t key = static_cast<uint32_t>(r);
-    const uint64_t b = bucket(r);
-    uint32_t lo = dir[b], hi = dir[b + 1];
-    while (lo < hi) {  // the first key >= key
-      const uint32_t mid = lo + (hi - lo) / 2;
-      if (keys[mid] < key) lo = mid + 1; else hi = mid;
-    }
-    out[i] = (lo < n && keys[lo] == key) ? ids[lo] : missing;
-  }
+  lookup(keys, ids, n, dir, bits, raw, m, missing, empty_id, out);
+}
+
+// The same, into 32-bit ids (the output's column type where a table has fewer than 2^31 rows).
+void sorted_map_lookup_int32(const uint32_t* keys, const uint32_t* ids, int64_t n, const uint32_t* dir,
+                             int64_t bits, const int64_t* raw, int64_t m, int64_t missing,
+                             int64_t empty_id, int32_t* out) {
+  lookup(keys, ids, n, dir, bits, raw, m, missing, empty_id, out);
 }
 
 }  // extern "C"
