@@ -24,6 +24,7 @@ from dlrm_cache.data.criteo_tsv import BadLines, CriteoFormatError, read_chunks
 from dlrm_cache.data.preprocess import preprocess
 from dlrm_cache.data.synthetic import generate
 from dlrm_cache.data.vocab import ValueCounter, Vocabulary
+from dlrm_cache.native_build import NativeUnavailable
 
 # real Criteo lines, where a copy is at hand (their licence keeps them out of the repository)
 EXCERPT = Path(
@@ -466,10 +467,14 @@ def test_value_counter_counts_like_numpy(raw, native):
     assert counts[order].tolist() == (2 * want_counts).tolist()
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["in-c", "python"])
 @pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
-def test_count_lines_counts_a_last_line_without_its_newline(tmp_path, gz):
+def test_count_lines_counts_a_last_line_without_its_newline(tmp_path, gz, native, monkeypatch):
     """The line count that places the split boundaries: every line, the last one with or without
-    its newline, empty lines included."""
+    its newline, empty lines included; counted in C, or by Python where the parser does not build."""
+    if not native:
+        monkeypatch.setattr(criteo_tsv, "_parser", _unbuildable)
+    assert criteo_tsv.count_newlines(bytearray(b"x\ny\n\nz"), 2, 5) == 2  # within the bounds only
     for content, lines in [(b"", 0), (b"a", 1), (b"a\n", 1), (b"a\nb", 2), (b"a\n\nb\n", 3), (b"\n\n", 2)]:
         path = tmp_path / ("f.txt.gz" if gz else "f.txt")
         path.write_bytes(gzip.compress(content) if gz else content)
@@ -477,6 +482,10 @@ def test_count_lines_counts_a_last_line_without_its_newline(tmp_path, gz):
     stopped = threading.Event()
     stopped.set()  # a failed run stops a count still running beside the parse
     assert preprocess_module.count_lines(path, stopped) == (-1 if lines else 0)
+
+
+def _unbuildable():
+    raise NativeUnavailable("no compiler (test)")
 
 
 def test_dense_transform_gives_the_floats_of_computing_each_value():

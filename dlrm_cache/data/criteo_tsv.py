@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from dlrm_cache.criteo import CAT_COLUMNS, INT_COLUMNS, LABELED_COLUMNS, UNLABELED_COLUMNS
-from dlrm_cache.native_build import choose, load
+from dlrm_cache.native_build import NativeUnavailable, choose, load
 
 MISSING = -1  # the raw value of an empty categorical field (hashes are 0 .. 2^32 - 1)
 _HEX_VALUE = np.full(256, 255, dtype=np.uint8)
@@ -171,8 +171,20 @@ def _parser() -> ctypes.CDLL:
     def declare(lib: ctypes.CDLL) -> None:
         lib.criteo_parse.argtypes = [ctypes.POINTER(_ParseArgs)]
         lib.criteo_parse.restype = None
+        lib.count_newlines.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+        lib.count_newlines.restype = ctypes.c_int64
 
     return load(Path(__file__).with_name("criteo_parse.cpp"), declare)
+
+
+def count_newlines(data: bytearray, start: int, end: int) -> int:
+    """The newlines of ``data[start:end]``: counted in C where the parser builds (memchr, ~4x
+    ``bytearray.count``, and other threads run meanwhile: the GIL is released), else by Python."""
+    try:
+        lib = _parser()
+    except NativeUnavailable:
+        return data.count(b"\n", start, end)
+    return lib.count_newlines(ctypes.addressof(ctypes.c_char.from_buffer(data)) + start, end - start)
 
 
 def _read_chunks_native(
@@ -252,7 +264,7 @@ def _parse_block(
     address = ctypes.addressof(ctypes.c_char.from_buffer(data))  # (data is not resized meanwhile)
     jobs, first, row = [], line, 0
     for lo, hi in pairwise(bounds):
-        newlines = data.count(b"\n", lo, hi)  # every piece but the last ends with one
+        newlines = lib.count_newlines(address + lo, hi - lo)  # every piece but the last ends with one
         lines = newlines + (data[hi - 1 : hi] != b"\n")
         jobs.append((address + lo, hi - lo, first, row))
         first += newlines

@@ -50,6 +50,7 @@ from dlrm_cache.criteo import CAT_COLUMNS, DENSE_TRANSFORM, INT_COLUMNS
 from dlrm_cache.data import fixed_bags
 from dlrm_cache.data.criteo_tsv import (
     BadLines,
+    count_newlines,
     detect_columns,
     open_input,
     read_chunks,
@@ -106,7 +107,7 @@ def count_lines(path: Path, stop: threading.Event | None = None) -> int:
         while got := stream.readinto(buf):
             if stop is not None and stop.is_set():
                 return -1
-            lines += buf.count(b"\n", 0, got)
+            lines += count_newlines(buf, 0, got)
             last = buf[got - 1]
     except (OSError, pa.ArrowInvalid) as e:
         raise unreadable(path, e) from None
