@@ -467,6 +467,28 @@ def test_value_counter_counts_like_numpy(raw, native):
     assert counts[order].tolist() == (2 * want_counts).tolist()
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["hash-table", "numpy"])
+def test_a_drained_counter_hands_out_its_counts_by_part_and_counts_again(native):
+    """``drain``: every value with its count (np.unique's), grouped by part ((value + 1) >> shift; a
+    value beyond the parts in the last), the bounds of each part; then empty, and counting again in the
+    same table and buffer."""
+    rng = np.random.default_rng(3)
+    counter = ValueCounter(native)
+    for more in ([], [2**40], [2**32 - 1, -1]):
+        raw = np.concatenate([rng.integers(-1, 2**32, 30_000), rng.integers(-1, 50, 30_000), more])
+        counter.add(raw)
+        pairs, bounds = counter.drain(27, 64)
+        want_values, want_counts = np.unique(raw, return_counts=True)
+        order = np.argsort(pairs["value"])
+        assert pairs["value"][order].tolist() == want_values.tolist()
+        assert pairs["count"][order].tolist() == want_counts.tolist()
+        parts = np.minimum((pairs["value"] + 1) >> 27, 63)
+        assert bounds[0] == 0 and bounds[-1] == len(pairs) and len(bounds) == 65
+        assert all((parts[bounds[p] : bounds[p + 1]] == p).all() for p in range(64))
+        assert counter.distinct() == 0
+    assert (counter._table is not None) == native  # the path under test is the one taken
+
+
 @pytest.mark.parametrize("native", [True, False], ids=["in-c", "python"])
 @pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
 def test_count_lines_counts_a_last_line_without_its_newline(tmp_path, gz, native, monkeypatch):

@@ -108,7 +108,7 @@ import pickle, re, sys
 from pathlib import Path
 import numpy as np
 from dlrm_cache.data.saved_vocab import write_vocabulary
-from dlrm_cache.data.spilled_vocab import PAIR
+from dlrm_cache.data.vocab import PAIR
 from dlrm_cache.data.vocab import Vocabulary
 
 def kb(field):  # this process's, not its parent's (getrusage's peak survives exec)

@@ -1,5 +1,6 @@
 """Counting a feature's values in bounded memory: once its counter holds ``limit`` distinct values,
-they go to disk as a run, split by value into ``PARTITIONS`` files, and counting starts afresh.
+they go to disk as a run, split by value into ``PARTITIONS`` files, and counting starts again in the
+same memory (``ValueCounter.drain``: the hash table emptied in place, the run's buffer reused).
 
 Fitting then reads one partition at a time (every run's share of it: the values of one partition only),
 sums the counts of each value and hands those seen ``min_count`` times or more to a ``SpilledVocabulary``,
@@ -19,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dlrm_cache.data.spilled_vocab import PAIR, SpilledVocabulary, append_by_key
-from dlrm_cache.data.vocab import ValueCounter, Vocabulary
+from dlrm_cache.data.spilled_vocab import SpilledVocabulary, append_by_key
+from dlrm_cache.data.vocab import PAIR, ValueCounter, Vocabulary
+from dlrm_cache.files import naming
 
 PARTITIONS = 64
 _SHIFT = 33 - 6  # raw values -1 .. 2^32 - 1, shifted by one: 33 bits; the top 6 pick the partition
@@ -45,18 +47,15 @@ class SpilledCounter:
             self.spill()
 
     def spill(self) -> None:
-        values, counts = self.counter.result()
-        self.counter = ValueCounter()
-        if not len(values):
-            return
-        pairs = np.empty(len(values), dtype=PAIR)  # in no order: fitting sums each partition by value
-        pairs["value"], pairs["count"] = values, counts
-        del values, counts
-        paths = [self.folder / f"{self.name}-{os.getpid()}.{p}.bin" for p in range(PARTITIONS)]
-        written = append_by_key(pairs, (pairs["value"] + 1) >> _SHIFT, paths)
-        self.files.update(paths[p] for p in written)
-        self.spilled_bytes += pairs.nbytes
-        self.spills += 1
+        pairs, bounds = self.counter.drain(_SHIFT, PARTITIONS)  # in no order within a partition:
+        for p in np.flatnonzero(np.diff(bounds)).tolist():  # fitting sums each partition by value
+            path = self.folder / f"{self.name}-{os.getpid()}.{p}.bin"
+            with naming(path), open(path, "ab") as f:
+                f.write(pairs[bounds[p] : bounds[p + 1]].view(np.uint8))
+            self.files.add(path)
+        if len(pairs):
+            self.spilled_bytes += pairs.nbytes
+            self.spills += 1
 
     def merge(self, other: SpilledCounter) -> None:
         """Take in another counter of the same feature (another input file's): its runs stay on disk."""
@@ -74,6 +73,7 @@ class SpilledCounter:
         if not self.files:  # nothing spilled: the in-memory path
             return Vocabulary.fit(*self.counter.result(), min_count)
         self.spill()
+        self.counter = ValueCounter()  # its table and buffer go: nothing more is counted
         by_part: dict[int, list[Path]] = {}
         for path in self.files:
             by_part.setdefault(int(path.name.rsplit(".", 2)[1]), []).append(path)

@@ -23,10 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dlrm_cache.data.vocab import VOCAB_GROUP_ROWS, IdLookup, Vocabulary
+from dlrm_cache.data.vocab import PAIR, VOCAB_GROUP_ROWS, IdLookup, Vocabulary
 from dlrm_cache.files import naming
 
-PAIR = np.dtype([("value", "<i8"), ("count", "<i8")])  # a spilled count, and a kept value's
 _PLACED = np.dtype([("id", "<i8"), ("value", "<i8")])  # a kept value in the bucket of its id
 
 

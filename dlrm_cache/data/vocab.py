@@ -25,6 +25,9 @@ VOCAB_GROUP_ROWS = 1 << 20  # ids a row group of a vocabulary file holds
 LOOKUP_BYTES = 9  # an ``IdLookup``'s bytes a kept value, at most (32-bit raw values)
 
 
+PAIR = np.dtype([("value", "<i8"), ("count", "<i8")])  # a value and its count, as counters drain them
+
+
 class ValueCounter:
     def __init__(self, native: bool = True) -> None:
         """``native``: count in the C++ hash table where it builds (the same counts either way)."""
@@ -33,6 +36,7 @@ class ValueCounter:
         self._runs: list[tuple[np.ndarray, np.ndarray]] = []
         self._run_size = 0
         self._table = _NativeCounter.create() if native else None
+        self._drained = np.empty(0, dtype=PAIR)  # what ``drain`` hands out, reused
 
     def add(self, raw: np.ndarray) -> None:
         """Count ``raw`` (int64 raw values, -1 .. 2^32 - 1 as the parsers give them; any stride)."""
@@ -76,9 +80,30 @@ class ValueCounter:
         self._compact()
         return self.values, self.counts
 
+    def drain(self, shift: int, parts: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every distinct value with its count (``PAIR``s), grouped by part - ``(value + 1) >> shift``,
+        the last part taking any beyond - the parts in order, and where each part starts (``parts + 1``
+        offsets); the counter is left empty. The pairs are valid until the next drain: their memory,
+        like the hash table's, is used again (no new pages to fault in for every run)."""
+        if self._table is not None:
+            return self._table.drain(shift, parts, self._room)
+        values, counts = self.result()
+        key = np.minimum((values + 1) >> shift, parts - 1).astype(np.min_scalar_type(parts - 1))
+        order = np.argsort(key, kind="stable")
+        pairs = self._room(len(values))
+        pairs["value"], pairs["count"] = values[order], counts[order]
+        self.values, self.counts = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+        return pairs, np.searchsorted(key[order], np.arange(parts + 1))
+
+    def _room(self, n: int) -> np.ndarray:
+        """``n`` pairs of the reused drain buffer (made larger when needed)."""
+        if len(self._drained) < n:
+            self._drained = np.empty(n, dtype=PAIR)
+        return self._drained[:n]
+
     def __getstate__(self) -> dict:
         self._compact()  # a counter crosses a process boundary as arrays, not as a C++ table
-        return self.__dict__
+        return {**self.__dict__, "_drained": np.empty(0, dtype=PAIR)}
 
 
 def _unique_counts(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -280,6 +305,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.value_counter_size.restype = ctypes.c_int64
     lib.value_counter_export.argtypes = [ctypes.c_void_p, _I64, _I64]
     lib.value_counter_export.restype = None
+    lib.value_counter_drain.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, _I64, _I64]
+    lib.value_counter_drain.restype = None
     lib.sorted_map_lookup.argtypes = [_U32, _U32, ctypes.c_int64, _U32, ctypes.c_int64, _I64, ctypes.c_int64,
                                       ctypes.c_int64, ctypes.c_int64, _I64]  # fmt: skip
     lib.sorted_map_lookup.restype = None
@@ -322,6 +349,12 @@ class _NativeCounter:
         self._lib.value_counter_export(self._handle, values.ctypes.data_as(_I64), counts.ctypes.data_as(_I64))
         self._free()
         return values, counts
+
+    def drain(self, shift: int, parts: int, room) -> tuple[np.ndarray, np.ndarray]:
+        """``ValueCounter.drain``, into ``room(n)`` (n pairs); the table is emptied, its room kept."""
+        pairs, bounds = room(self.size()), np.empty(parts + 1, dtype=np.int64)
+        self._lib.value_counter_drain(self._handle, shift, parts, _ptr(pairs, _I64), _ptr(bounds, _I64))
+        return pairs, bounds
 
     def _free(self) -> None:
         if getattr(self, "_handle", None) is not None:

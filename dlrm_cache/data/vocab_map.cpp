@@ -5,6 +5,7 @@
 //   one of directory), a directory read and a search of a few keys per value.
 // Built by dlrm_cache/native_build.py.
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -123,6 +124,29 @@ void value_counter_add(void* counter, const int64_t* raw, int64_t n, int64_t str
 }
 
 int64_t value_counter_size(const void* counter) { return static_cast<const Counter*>(counter)->size; }
+
+// Every distinct value and its count as (value, count) pairs, grouped by part - (value + 1) >> shift,
+// the last part taking any beyond - the parts in order, each in the table's order; part p's pairs
+// start at bounds[p] (parts + 1 entries). The table is left empty with its room kept: counting starts
+// again with no new memory.
+void value_counter_drain(void* counter, int64_t shift, int64_t parts, int64_t* pairs, int64_t* bounds) {
+  Counter& c = *static_cast<Counter*>(counter);
+  const auto part = [&](int64_t key) { return std::min<int64_t>((key + 1) >> shift, parts - 1); };
+  std::fill(bounds, bounds + parts + 1, 0);
+  for (const Counter::Slot& s : c.slots) {
+    if (s.key != kEmpty) ++bounds[part(s.key) + 1];
+  }
+  for (int64_t p = 1; p <= parts; ++p) bounds[p] += bounds[p - 1];
+  std::vector<int64_t> next(bounds, bounds + parts);
+  for (Counter::Slot& s : c.slots) {
+    if (s.key == kEmpty) continue;
+    const int64_t j = next[part(s.key)]++;
+    pairs[2 * j] = s.key;
+    pairs[2 * j + 1] = s.count;
+    s = Counter::Slot{kEmpty, 0};
+  }
+  c.size = 0;
+}
 
 // The distinct values and their counts (value_counter_size of each), in the table's order.
 void value_counter_export(const void* counter, int64_t* values, int64_t* counts) {
