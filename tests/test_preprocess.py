@@ -487,6 +487,8 @@ def test_a_drained_counter_hands_out_its_counts_by_part_and_counts_again(native)
         assert all((parts[bounds[p] : bounds[p + 1]] == p).all() for p in range(64))
         assert counter.distinct() == 0
     assert (counter._table is not None) == native  # the path under test is the one taken
+    counter.result()  # counts held as arrays from here on: the drain buffer goes with the table
+    assert counter._table is None and len(counter._drained) == 0
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["in-c", "python"])

@@ -61,9 +61,9 @@ class ValueCounter:
         self._compact()
 
     def _compact(self) -> None:
-        if self._table is not None:  # from here on, counted as runs
+        if self._table is not None:  # from here on, counted as runs (and drained into new memory)
             self._runs.append(self._table.export())
-            self._table = None
+            self._table, self._drained = None, np.empty(0, dtype=PAIR)
         if not self._runs:
             return
         if len(self.values) == 0 and len(self._runs) == 1:  # one run: its values are distinct already
@@ -83,14 +83,16 @@ class ValueCounter:
     def drain(self, shift: int, parts: int) -> tuple[np.ndarray, np.ndarray]:
         """Every distinct value with its count (``PAIR``s), grouped by part - ``(value + 1) >> shift``,
         the last part taking any beyond - the parts in order, and where each part starts (``parts + 1``
-        offsets); the counter is left empty. The pairs are valid until the next drain: their memory,
-        like the hash table's, is used again (no new pages to fault in for every run)."""
+        offsets); the counter is left empty. The pairs are valid until the next drain: in the hash table's
+        case their memory, like the table's, is used again (no new pages to fault in for every run).
+        Counts held as arrays (merged counters, or no compiler) drain into new memory: a merged counter
+        spills seldom, and keeps no buffer beside its counts."""
         if self._table is not None:
             return self._table.drain(shift, parts, self._room)
         values, counts = self.result()
         key = np.minimum((values + 1) >> shift, parts - 1).astype(np.min_scalar_type(parts - 1))
         order = np.argsort(key, kind="stable")
-        pairs = self._room(len(values))
+        pairs = np.empty(len(values), dtype=PAIR)
         pairs["value"], pairs["count"] = values[order], counts[order]
         self.values, self.counts = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
         return pairs, np.searchsorted(key[order], np.arange(parts + 1))
@@ -103,7 +105,7 @@ class ValueCounter:
 
     def __getstate__(self) -> dict:
         self._compact()  # a counter crosses a process boundary as arrays, not as a C++ table
-        return {**self.__dict__, "_drained": np.empty(0, dtype=PAIR)}
+        return self.__dict__
 
 
 def _unique_counts(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
