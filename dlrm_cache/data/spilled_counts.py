@@ -20,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dlrm_cache.data.spilled_vocab import SpilledVocabulary, append_by_key
+from dlrm_cache.data.spilled_vocab import SpilledVocabulary, append_by_key, append_groups
 from dlrm_cache.data.vocab import PAIR, ValueCounter, Vocabulary
-from dlrm_cache.files import naming
 
 PARTITIONS = 64
 _SHIFT = 33 - 6  # raw values -1 .. 2^32 - 1, shifted by one: 33 bits; the top 6 pick the partition
@@ -47,12 +46,10 @@ class SpilledCounter:
             self.spill()
 
     def spill(self) -> None:
-        pairs, bounds = self.counter.drain(_SHIFT, PARTITIONS)  # in no order within a partition:
-        for p in np.flatnonzero(np.diff(bounds)).tolist():  # fitting sums each partition by value
-            path = self.folder / f"{self.name}-{os.getpid()}.{p}.bin"
-            with naming(path), open(path, "ab") as f:
-                f.write(pairs[bounds[p] : bounds[p + 1]].view(np.uint8))
-            self.files.add(path)
+        # Each partition's pairs in no order: fitting sums each partition by value.
+        pairs, bounds = self.counter.drain(_SHIFT, PARTITIONS)
+        paths = [self.folder / f"{self.name}-{os.getpid()}.{p}.bin" for p in range(PARTITIONS)]
+        self.files.update(paths[p] for p in append_groups(pairs, bounds, paths))
         if len(pairs):
             self.spilled_bytes += pairs.nbytes
             self.spills += 1

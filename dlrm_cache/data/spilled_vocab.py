@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlrm_cache.data.vocab import PAIR, VOCAB_GROUP_ROWS, IdLookup, Vocabulary
+from dlrm_cache.data.vocab import PAIR, VOCAB_GROUP_ROWS, IdLookup, Vocabulary, grouped
 from dlrm_cache.files import naming
 
 _PLACED = np.dtype([("id", "<i8"), ("value", "<i8")])  # a kept value in the bucket of its id
@@ -146,14 +146,16 @@ class SpilledVocabulary:
 
 def append_by_key(rows: np.ndarray, key: np.ndarray, paths: list[Path]) -> list[int]:
     """Each of ``rows`` appended to the file ``paths[key]`` (keys 0 .. len(paths) - 1), in their order
-    within each file; the keys written. Keys of 16 bits or fewer are sorted by numpy's radix sort."""
-    narrow = np.min_scalar_type(len(paths) - 1)
-    if narrow.itemsize <= 2:
-        key = key.astype(narrow)
-    order = np.argsort(key, kind="stable")
-    bounds = np.searchsorted(key[order], np.arange(len(paths) + 1))
+    within each file; the keys written."""
+    order, bounds = grouped(key, len(paths))
+    return append_groups(rows[order], bounds, paths)
+
+
+def append_groups(rows: np.ndarray, bounds: np.ndarray, paths: list[Path]) -> list[int]:
+    """``rows[bounds[j]:bounds[j + 1]]`` appended to the file ``paths[j]``, for each such group that is
+    not empty; the groups written."""
     written = np.flatnonzero(np.diff(bounds)).tolist()
     for j in written:
         with naming(paths[j]), open(paths[j], "ab") as f:
-            f.write(rows[order[bounds[j] : bounds[j + 1]]].tobytes())
+            f.write(rows[bounds[j] : bounds[j + 1]].view(np.uint8))
     return written

@@ -90,12 +90,11 @@ class ValueCounter:
         if self._table is not None:
             return self._table.drain(shift, parts, self._room)
         values, counts = self.result()
-        key = np.minimum((values + 1) >> shift, parts - 1).astype(np.min_scalar_type(parts - 1))
-        order = np.argsort(key, kind="stable")
+        order, bounds = grouped(np.minimum((values + 1) >> shift, parts - 1), parts)
         pairs = np.empty(len(values), dtype=PAIR)
         pairs["value"], pairs["count"] = values[order], counts[order]
         self.values, self.counts = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-        return pairs, np.searchsorted(key[order], np.arange(parts + 1))
+        return pairs, bounds
 
     def _room(self, n: int) -> np.ndarray:
         """``n`` pairs of the reused drain buffer (made larger when needed)."""
@@ -106,6 +105,16 @@ class ValueCounter:
     def __getstate__(self) -> dict:
         self._compact()  # a counter crosses a process boundary as arrays, not as a C++ table
         return self.__dict__
+
+
+def grouped(key: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """The stable order that puts ``key`` (0 .. groups - 1) in ascending groups, and where each group
+    starts in it (``groups + 1`` offsets). Keys of 16 bits or fewer are sorted by numpy's radix sort."""
+    narrow = np.min_scalar_type(groups - 1)
+    if narrow.itemsize <= 2:
+        key = key.astype(narrow)
+    order = np.argsort(key, kind="stable")
+    return order, np.searchsorted(key[order], np.arange(groups + 1))
 
 
 def _unique_counts(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
